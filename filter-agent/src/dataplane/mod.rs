@@ -1,0 +1,727 @@
+//! Compiled tables → kernel: load, pin, attach, and sync maps atomically.
+//!
+//! In: [`Compiled`] values. Out: the XDP and TC programs attached to every
+//! bound interface and the classifier maps holding the live generation.
+//! Invariant: a packet sees exactly one generation. A new policy is written
+//! into the inactive generation of every table, made live by one write to
+//! `FW_GEN1`, and only then is the old generation cleared.
+//!
+//! This is the only module that imports aya.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    maps::{
+        lpm_trie::{Key, LpmTrie},
+        Array, HashMap, MapData, PerCpuArray,
+    },
+    programs::{
+        tc::{SchedClassifierLinkId, TcAttachType},
+        xdp::XdpLinkId,
+        SchedClassifier, TestRun, TestRunOptions, Xdp, XdpMode,
+    },
+    Ebpf, EbpfLoader,
+};
+use filter_common::{
+    names, rule_slot, table_id, AddrV4Key, AddrV6Key, Bitmap, EndpointKey, PortKey, RuleMeta,
+    CLASSES_PER_GEN, GENERATIONS, PORT_KEY_ANY_PROTO_BITS, PORT_KEY_FLAG_BITS, TABLES_PER_GEN,
+    TABLE_PREFIX_BITS,
+};
+
+use crate::compile::{Compiled, PortEntry, Table};
+
+/// The kernel object, built by `cargo xtask build-ebpf` and embedded so the
+/// agent binary runs alone.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/filter-ebpf.o"));
+
+/// Default bpffs directory for pins.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/filter-agent";
+
+/// How long a packet that read the old generation may still be running
+/// when the agent starts clearing it. BPF programs run in an RCU read-side
+/// section of a few microseconds; this is generous.
+const GRACE: Duration = Duration::from_millis(20);
+
+/// Dataplane failures, naming the interface or map involved.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The binary was built without the kernel object.
+    #[error(
+        "this filter-agent was built without its kernel object; build it with `cargo xtask build`"
+    )]
+    NoObject,
+    /// Loading the object or a program failed (verifier log included).
+    #[error("loading {what}")]
+    Load {
+        /// Program or object.
+        what: String,
+        /// aya's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A map operation failed.
+    #[error("map {map}: {op}")]
+    Map {
+        /// Map name.
+        map: &'static str,
+        /// What was being done.
+        op: String,
+        /// aya's error.
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// Attaching or detaching failed.
+    #[error("{op} {program} on {iface}")]
+    Attach {
+        /// attach / detach.
+        op: &'static str,
+        /// Program name.
+        program: &'static str,
+        /// Interface name.
+        iface: String,
+        /// aya's error.
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    /// Filesystem work on bpffs failed.
+    #[error("{op} {path}")]
+    Fs {
+        /// What was being done.
+        op: &'static str,
+        /// Path involved.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The compiled policy does not fit the maps.
+    #[error("{0}")]
+    Capacity(String),
+}
+
+/// Programs attached to one interface.
+#[derive(Debug)]
+struct Attachment {
+    ifindex: u32,
+    xdp: XdpLinkId,
+    xdp_mode: &'static str,
+    tc_in: SchedClassifierLinkId,
+    tc_eg: SchedClassifierLinkId,
+}
+
+/// The loaded programs and maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    attached: BTreeMap<String, Attachment>,
+    live: u32,
+}
+
+/// Interface name → index, resolved by the caller in the agent's namespace.
+pub type Interfaces = BTreeMap<String, u32>;
+
+impl Dataplane {
+    /// Loads the programs, pins them and their maps under `pin_dir`
+    /// (mounting bpffs if needed), attaches nothing yet.
+    pub fn load(pin_dir: &Path) -> Result<Dataplane, Error> {
+        if OBJECT.is_empty() {
+            return Err(Error::NoObject);
+        }
+        ensure_bpffs(pin_dir)?;
+        if pin_dir.exists() {
+            // Pins left by an agent that died: start from fresh maps.
+            tracing::warn!(dir = %pin_dir.display(), "removing stale pins of a previous agent");
+            remove_pins(pin_dir)?;
+        }
+        std::fs::create_dir_all(pin_dir).map_err(|source| Error::Fs {
+            op: "create",
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(OBJECT)
+            .map_err(|e| Error::Load {
+                what: "kernel object".into(),
+                source: Box::new(e),
+            })?;
+        for name in [
+            names::PROG_XDP,
+            names::PROG_TC_INGRESS,
+            names::PROG_TC_EGRESS,
+        ] {
+            let prog = ebpf.program_mut(name).ok_or_else(|| Error::Load {
+                what: name.into(),
+                source: format!("program {name} missing from the object").into(),
+            })?;
+            let load = |e: aya::programs::ProgramError| Error::Load {
+                what: name.into(),
+                source: Box::new(e),
+            };
+            match prog {
+                aya::programs::Program::Xdp(p) => p.load().map_err(load)?,
+                aya::programs::Program::SchedClassifier(p) => p.load().map_err(load)?,
+                _ => {
+                    return Err(Error::Load {
+                        what: name.into(),
+                        source: "unexpected program type".into(),
+                    })
+                }
+            }
+            prog.pin(pin_dir.join(name)).map_err(|e| Error::Load {
+                what: format!("pin {name}"),
+                source: Box::new(e),
+            })?;
+        }
+        let mut dp = Dataplane {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+            attached: BTreeMap::new(),
+            live: 0,
+        };
+        dp.live = dp.generation()?;
+        Ok(dp)
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Makes `compiled` the enforced policy: tables first (atomically), then
+    /// attachments follow the bound interfaces. `ifaces` maps the bound
+    /// interfaces that exist now to their index; bound interfaces missing
+    /// from it are skipped (and retried by the caller when they appear).
+    pub fn apply(&mut self, compiled: &Compiled, ifaces: &Interfaces) -> Result<u32, Error> {
+        let next = (self.live + 1) % GENERATIONS;
+        if compiled.classes.len() > CLASSES_PER_GEN as usize {
+            return Err(Error::Capacity(format!(
+                "{} distinct rule bitmaps; a generation holds {CLASSES_PER_GEN}",
+                compiled.classes.len()
+            )));
+        }
+        // The inactive generation may still hold entries if a previous
+        // update failed half-way; start it clean.
+        self.clear_generation(next)?;
+        self.write_generation(next, compiled, ifaces)?;
+        self.set_generation(next)?;
+        let old = self.live;
+        self.live = next;
+        std::thread::sleep(GRACE);
+        self.clear_generation(old)?;
+        self.sync_attachments(compiled, ifaces)?;
+        Ok(next)
+    }
+
+    fn write_generation(
+        &mut self,
+        generation: u32,
+        compiled: &Compiled,
+        ifaces: &Interfaces,
+    ) -> Result<(), Error> {
+        let base = generation * CLASSES_PER_GEN;
+        {
+            let mut classes: Array<&mut MapData, Bitmap> = self.map(names::MAP_CLASS)?;
+            for (i, b) in compiled.classes.iter().enumerate() {
+                classes
+                    .set(base + i as u32, b, 0)
+                    .map_err(|source| Error::Map {
+                        map: names::MAP_CLASS,
+                        op: format!("set class {i}"),
+                        source,
+                    })?;
+            }
+        }
+        for t in &compiled.tables {
+            let table = table_id(generation, t.stage, t.direction);
+            self.write_table(table, base, t, ifaces)?;
+        }
+        Ok(())
+    }
+
+    fn write_table(
+        &mut self,
+        table: u32,
+        base: u32,
+        t: &Table,
+        ifaces: &Interfaces,
+    ) -> Result<(), Error> {
+        let tb = table.to_be_bytes();
+        {
+            let mut rules: Array<&mut MapData, RuleMeta> = self.map(names::MAP_RULE)?;
+            for (i, r) in t.rules.iter().enumerate() {
+                let meta = RuleMeta {
+                    action: r.action,
+                    policy: r.policy,
+                    rule: r.rule,
+                    flags: 0,
+                };
+                rules
+                    .set(rule_slot(table, i as u32), &meta, 0)
+                    .map_err(|source| Error::Map {
+                        map: names::MAP_RULE,
+                        op: format!("set rule {i}"),
+                        source,
+                    })?;
+            }
+        }
+        let v4 = |a: u128| (a as u32).to_be_bytes();
+        let v6 = |a: u128| a.to_be_bytes();
+        self.fill_trie(
+            names::MAP_SRC_V4,
+            &t.src_v4,
+            |p| {
+                Key::new(
+                    TABLE_PREFIX_BITS + u32::from(p.len),
+                    AddrV4Key {
+                        table: tb,
+                        addr: v4(p.value(32)),
+                    },
+                )
+            },
+            base,
+        )?;
+        self.fill_trie(
+            names::MAP_DST_V4,
+            &t.dst_v4,
+            |p| {
+                Key::new(
+                    TABLE_PREFIX_BITS + u32::from(p.len),
+                    AddrV4Key {
+                        table: tb,
+                        addr: v4(p.value(32)),
+                    },
+                )
+            },
+            base,
+        )?;
+        self.fill_trie(
+            names::MAP_SRC_V6,
+            &t.src_v6,
+            |p| {
+                Key::new(
+                    TABLE_PREFIX_BITS + u32::from(p.len),
+                    AddrV6Key {
+                        table: tb,
+                        addr: v6(p.value(128)),
+                    },
+                )
+            },
+            base,
+        )?;
+        self.fill_trie(
+            names::MAP_DST_V6,
+            &t.dst_v6,
+            |p| {
+                Key::new(
+                    TABLE_PREFIX_BITS + u32::from(p.len),
+                    AddrV6Key {
+                        table: tb,
+                        addr: v6(p.value(128)),
+                    },
+                )
+            },
+            base,
+        )?;
+        {
+            let mut ports: LpmTrie<&mut MapData, PortKey, u32> = self.map(names::MAP_PORT)?;
+            for e in &t.ports {
+                ports
+                    .insert(&port_key(tb, e), &(base + e.class), 0)
+                    .map_err(|source| Error::Map {
+                        map: names::MAP_PORT,
+                        op: format!("insert {e:?}"),
+                        source,
+                    })?;
+            }
+        }
+        let mut eps: HashMap<&mut MapData, EndpointKey, Bitmap> = self.map(names::MAP_ENDPOINT)?;
+        for (iface, mask) in &t.masks {
+            let Some(&ifindex) = ifaces.get(iface) else {
+                continue;
+            };
+            eps.insert(&EndpointKey { ifindex, table }, mask, 0)
+                .map_err(|source| Error::Map {
+                    map: names::MAP_ENDPOINT,
+                    op: format!("insert {iface}"),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    fn fill_trie<K: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        entries: &[(crate::compile::prefix::Prefix, u32)],
+        key: impl Fn(&crate::compile::prefix::Prefix) -> Key<K>,
+        base: u32,
+    ) -> Result<(), Error> {
+        let mut trie: LpmTrie<&mut MapData, K, u32> = self.map(name)?;
+        for (p, class) in entries {
+            trie.insert(&key(p), &(base + class), 0)
+                .map_err(|source| Error::Map {
+                    map: name,
+                    op: format!("insert {p:?}"),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Removes every trie and endpoint entry of `generation`.
+    fn clear_generation(&mut self, generation: u32) -> Result<(), Error> {
+        let tables = generation * TABLES_PER_GEN..(generation + 1) * TABLES_PER_GEN;
+        let in_gen = |t: [u8; 4]| tables.contains(&u32::from_be_bytes(t));
+        self.clear_trie::<AddrV4Key>(names::MAP_SRC_V4, |k| in_gen(k.table))?;
+        self.clear_trie::<AddrV4Key>(names::MAP_DST_V4, |k| in_gen(k.table))?;
+        self.clear_trie::<AddrV6Key>(names::MAP_SRC_V6, |k| in_gen(k.table))?;
+        self.clear_trie::<AddrV6Key>(names::MAP_DST_V6, |k| in_gen(k.table))?;
+        self.clear_trie::<PortKey>(names::MAP_PORT, |k| in_gen(k.table))?;
+        let mut eps: HashMap<&mut MapData, EndpointKey, Bitmap> = self.map(names::MAP_ENDPOINT)?;
+        let stale: Vec<EndpointKey> = eps
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| tables.contains(&k.table))
+            .collect();
+        for k in stale {
+            eps.remove(&k).map_err(|source| Error::Map {
+                map: names::MAP_ENDPOINT,
+                op: "remove".into(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn clear_trie<K: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        stale: impl Fn(&K) -> bool,
+    ) -> Result<(), Error> {
+        let mut trie: LpmTrie<&mut MapData, K, u32> = self.map(name)?;
+        let keys: Vec<Key<K>> = trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| stale(&k.data()))
+            .collect();
+        for k in keys {
+            trie.remove(&k).map_err(|source| Error::Map {
+                map: name,
+                op: "remove".into(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn generation(&mut self) -> Result<u32, Error> {
+        let gen: Array<&mut MapData, u32> = self.map(names::MAP_GENERATION)?;
+        gen.get(&0, 0).map_err(|source| Error::Map {
+            map: names::MAP_GENERATION,
+            op: "get".into(),
+            source,
+        })
+    }
+
+    fn set_generation(&mut self, generation: u32) -> Result<(), Error> {
+        let mut gen: Array<&mut MapData, u32> = self.map(names::MAP_GENERATION)?;
+        gen.set(0, &generation, 0).map_err(|source| Error::Map {
+            map: names::MAP_GENERATION,
+            op: "flip".into(),
+            source,
+        })
+    }
+
+    fn map<'a, M>(&'a mut self, name: &'static str) -> Result<M, Error>
+    where
+        M: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self.ebpf.map_mut(name).ok_or(Error::Map {
+            map: name,
+            op: "find".into(),
+            source: aya::maps::MapError::InvalidName { name: name.into() },
+        })?;
+        M::try_from(map).map_err(|source| Error::Map {
+            map: name,
+            op: "open".into(),
+            source,
+        })
+    }
+
+    /// Attaches to bound interfaces that lack programs, detaches from
+    /// interfaces no longer bound (or gone).
+    fn sync_attachments(&mut self, compiled: &Compiled, ifaces: &Interfaces) -> Result<(), Error> {
+        let wanted: BTreeMap<&str, u32> = compiled
+            .endpoints
+            .iter()
+            .filter_map(|e| ifaces.get(&e.iface).map(|i| (e.iface.as_str(), *i)))
+            .collect();
+        let stale: Vec<String> = self
+            .attached
+            .iter()
+            .filter(|(name, a)| wanted.get(name.as_str()) != Some(&a.ifindex))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            self.detach(&name)?;
+        }
+        for (name, ifindex) in wanted {
+            if !self.attached.contains_key(name) {
+                self.attach(name, ifindex)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn attach(&mut self, iface: &str, ifindex: u32) -> Result<(), Error> {
+        let attach_err = |program, source| Error::Attach {
+            op: "attach",
+            program,
+            iface: iface.to_owned(),
+            source,
+        };
+        let xdp: &mut Xdp = self.program(names::PROG_XDP)?;
+        // Native where the driver has it, generic otherwise.
+        let (xdp_link, xdp_mode) = match xdp.attach(
+            aya::programs::NetworkInterface::Index(ifindex),
+            XdpMode::Driver,
+        ) {
+            Ok(l) => (l, "native"),
+            Err(native) => {
+                tracing::warn!(iface, cause = %native, "native XDP unavailable, using generic mode");
+                let l = xdp
+                    .attach(
+                        aya::programs::NetworkInterface::Index(ifindex),
+                        XdpMode::Skb,
+                    )
+                    .map_err(|e| attach_err(names::PROG_XDP, e))?;
+                (l, "generic")
+            }
+        };
+        let tc_in: &mut SchedClassifier = self.program(names::PROG_TC_INGRESS)?;
+        let tc_in = tc_in
+            .attach(
+                aya::programs::NetworkInterface::Index(ifindex),
+                TcAttachType::Ingress,
+            )
+            .map_err(|e| attach_err(names::PROG_TC_INGRESS, e))?;
+        let tc_eg: &mut SchedClassifier = self.program(names::PROG_TC_EGRESS)?;
+        let tc_eg = tc_eg
+            .attach(
+                aya::programs::NetworkInterface::Index(ifindex),
+                TcAttachType::Egress,
+            )
+            .map_err(|e| attach_err(names::PROG_TC_EGRESS, e))?;
+        tracing::info!(iface, ifindex, xdp_mode, "programs attached");
+        self.attached.insert(
+            iface.to_owned(),
+            Attachment {
+                ifindex,
+                xdp: xdp_link,
+                xdp_mode,
+                tc_in,
+                tc_eg,
+            },
+        );
+        Ok(())
+    }
+
+    fn detach(&mut self, iface: &str) -> Result<(), Error> {
+        let Some(a) = self.attached.remove(iface) else {
+            return Ok(());
+        };
+        let detach_err = |program, source| Error::Attach {
+            op: "detach",
+            program,
+            iface: iface.to_owned(),
+            source,
+        };
+        // An interface that vanished took its attachments with it; aya then
+        // reports an error we can ignore, so only log it.
+        let xdp: &mut Xdp = self.program(names::PROG_XDP)?;
+        if let Err(e) = xdp.detach(a.xdp) {
+            tracing::debug!(iface, cause = %detach_err(names::PROG_XDP, e), "detach");
+        }
+        let tc: &mut SchedClassifier = self.program(names::PROG_TC_INGRESS)?;
+        if let Err(e) = tc.detach(a.tc_in) {
+            tracing::debug!(iface, cause = %detach_err(names::PROG_TC_INGRESS, e), "detach");
+        }
+        let tc: &mut SchedClassifier = self.program(names::PROG_TC_EGRESS)?;
+        if let Err(e) = tc.detach(a.tc_eg) {
+            tracing::debug!(iface, cause = %detach_err(names::PROG_TC_EGRESS, e), "detach");
+        }
+        tracing::info!(iface, "programs detached");
+        Ok(())
+    }
+
+    fn program<'a, P>(&'a mut self, name: &'static str) -> Result<&'a mut P, Error>
+    where
+        &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
+        let prog = self.ebpf.program_mut(name).ok_or_else(|| Error::Load {
+            what: name.into(),
+            source: "program missing".into(),
+        })?;
+        <&mut P>::try_from(prog).map_err(|e| Error::Load {
+            what: name.into(),
+            source: Box::new(e),
+        })
+    }
+
+    /// Interfaces with programs attached, and their XDP mode.
+    pub fn attachments(&self) -> Vec<(String, u32, &'static str)> {
+        self.attached
+            .iter()
+            .map(|(n, a)| (n.clone(), a.ifindex, a.xdp_mode))
+            .collect()
+    }
+
+    /// Packets counted per `filter_common::reason`, summed over CPUs.
+    pub fn reason_counts(&mut self) -> Result<Vec<u64>, Error> {
+        let stats: PerCpuArray<&mut MapData, u64> = self.map(names::MAP_STATS)?;
+        (0..filter_common::reason::COUNT)
+            .map(|i| {
+                stats
+                    .get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .map_err(|source| Error::Map {
+                        map: names::MAP_STATS,
+                        op: "get".into(),
+                        source,
+                    })
+            })
+            .collect()
+    }
+
+    /// Runs `fw_xdp` once on `frame` with `BPF_PROG_TEST_RUN`, as if it
+    /// arrived on `ifindex` (which must exist in this namespace; the
+    /// loopback, 1, always does). Returns the XDP action.
+    pub fn test_run_xdp(&mut self, frame: &[u8], ifindex: u32) -> Result<u32, Error> {
+        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
+        let mut ctx = [0u8; 24];
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let xdp: &mut Xdp = self.program(names::PROG_XDP)?;
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        };
+        xdp.test_run(opts)
+            .map(|r| r.return_value)
+            .map_err(|e| Error::Load {
+                what: "test run of fw_xdp".into(),
+                source: Box::new(e),
+            })
+    }
+
+    /// Detaches everything and removes the pins.
+    pub fn shutdown(mut self) -> Result<(), Error> {
+        let names: Vec<String> = self.attached.keys().cloned().collect();
+        for n in names {
+            self.detach(&n)?;
+        }
+        let dir = self.pin_dir.clone();
+        drop(self);
+        remove_pins(&dir)
+    }
+}
+
+fn port_key(table: [u8; 4], e: &PortEntry) -> Key<PortKey> {
+    match (e.proto, e.has_ports) {
+        (None, _) => Key::new(
+            PORT_KEY_ANY_PROTO_BITS,
+            PortKey {
+                table,
+                proto: 0,
+                has_ports: 0,
+                port: [0; 2],
+            },
+        ),
+        (Some(proto), Some(false)) => Key::new(
+            PORT_KEY_FLAG_BITS,
+            PortKey {
+                table,
+                proto,
+                has_ports: 0,
+                port: [0; 2],
+            },
+        ),
+        (Some(proto), _) => Key::new(
+            PORT_KEY_FLAG_BITS + u32::from(e.port_len),
+            PortKey {
+                table,
+                proto,
+                has_ports: 1,
+                port: e.port.to_be_bytes(),
+            },
+        ),
+    }
+}
+
+/// Mounts bpffs on /sys/fs/bpf when the pin directory lives there and it is
+/// not mounted (a fresh VM, or a container without the host's bpffs).
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), Error> {
+    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    let root = Path::new("/sys/fs/bpf");
+    if !pin_dir.starts_with(root) {
+        return Ok(());
+    }
+    let is_bpffs =
+        nix::sys::statfs::statfs(root).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC);
+    if is_bpffs {
+        return Ok(());
+    }
+    std::fs::create_dir_all(root).map_err(|source| Error::Fs {
+        op: "create",
+        path: root.to_owned(),
+        source,
+    })?;
+    nix::mount::mount(
+        Some("bpf"),
+        root,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| Error::Fs {
+        op: "mount bpffs on",
+        path: root.to_owned(),
+        source: std::io::Error::from(e),
+    })?;
+    tracing::info!(path = %root.display(), "mounted bpffs");
+    Ok(())
+}
+
+/// Unpins everything in `dir` (unlinking a bpffs entry is unpinning) and
+/// removes the directory.
+fn remove_pins(dir: &Path) -> Result<(), Error> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(Error::Fs {
+                op: "read",
+                path: dir.to_owned(),
+                source,
+            })
+        }
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        std::fs::remove_file(&path).map_err(|source| Error::Fs {
+            op: "unpin",
+            path: path.clone(),
+            source,
+        })?;
+    }
+    std::fs::remove_dir(dir).map_err(|source| Error::Fs {
+        op: "remove",
+        path: dir.to_owned(),
+        source,
+    })
+}

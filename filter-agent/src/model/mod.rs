@@ -1,0 +1,467 @@
+//! Calico v3 resources: YAML files in, validated resources out.
+//!
+//! In: files of multi-document YAML (`---` separated, `List` kinds
+//! allowed). Out: a [`Store`] of resources, each knowing the file and line it
+//! came from, or every [`Error`] found, each naming file, line and field
+//! path. Invariant: a resource in a [`Store`] has passed validation, so the
+//! compiler never meets a malformed one.
+
+mod locate;
+pub mod types;
+pub mod validate;
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
+
+use serde::{de::DeserializeOwned, Deserialize};
+
+pub use types::*;
+
+/// Where a resource or error comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// File path as given.
+    pub file: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// A resource that failed to load, with where and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{origin}: {field}: {message}")]
+pub struct Error {
+    /// File and line of the offending field (or of its document).
+    pub origin: Origin,
+    /// Field path such as `spec.ingress[0].destination.ports[1]`; the kind
+    /// and name when the whole resource is at fault.
+    pub field: String,
+    /// What is wrong, in the user's terms.
+    pub message: String,
+}
+
+/// A loaded resource with its name, labels and spec.
+#[derive(Debug, Clone)]
+pub struct Resource<S> {
+    /// `metadata`.
+    pub meta: Metadata,
+    /// `spec`.
+    pub spec: S,
+    /// Where the resource starts.
+    pub origin: Origin,
+}
+
+/// Everything loaded from a policy source.
+#[derive(Debug, Clone, Default)]
+pub struct Store {
+    /// Global network policies.
+    pub global_policies: Vec<Resource<GlobalNetworkPolicySpec>>,
+    /// Namespaced network policies (never applied to host endpoints).
+    pub network_policies: Vec<Resource<NetworkPolicySpec>>,
+    /// Host endpoints of every node.
+    pub host_endpoints: Vec<Resource<HostEndpointSpec>>,
+    /// Global network sets.
+    pub global_network_sets: Vec<Resource<NetworkSetSpec>>,
+}
+
+const CALICO_V3: &str = "projectcalico.org/v3";
+const CALICO_CRD: &str = "crd.projectcalico.org/v1";
+
+/// The two fields every document has; read first to pick the spec type.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Header {
+    #[serde(default)]
+    api_version: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+}
+
+/// A whole resource document with a typed spec.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Document<S> {
+    #[serde(rename = "apiVersion")]
+    _api_version: String,
+    #[serde(rename = "kind")]
+    _kind: String,
+    #[serde(default)]
+    metadata: Metadata,
+    #[serde(default = "Option::default")]
+    spec: Option<S>,
+    /// Exported resources may carry a status block; it is ignored.
+    #[serde(default, rename = "status")]
+    _status: Option<serde_yaml::Value>,
+}
+
+#[derive(Deserialize)]
+struct ListDocument {
+    #[serde(default)]
+    items: Vec<serde_yaml::Value>,
+}
+
+impl Store {
+    /// Loads every `*.yaml`, `*.yml` and `*.json` file under `dir`
+    /// (recursively, in name order). Returns the store only if every file
+    /// loaded; otherwise every error found.
+    pub fn load_dir(dir: &Path) -> Result<Store, Vec<Error>> {
+        let mut files = Vec::new();
+        collect_files(dir, &mut files).map_err(|e| {
+            vec![Error {
+                origin: Origin {
+                    file: dir.to_owned(),
+                    line: 0,
+                },
+                field: "-".into(),
+                message: format!("cannot read directory: {e}"),
+            }]
+        })?;
+        Self::load_files(&files)
+    }
+
+    /// Loads the given files into one store.
+    pub fn load_files(files: &[PathBuf]) -> Result<Store, Vec<Error>> {
+        let mut store = Store::default();
+        let mut errors = Vec::new();
+        for file in files {
+            match std::fs::read_to_string(file) {
+                Ok(text) => store.add_text(file, &text, &mut errors),
+                Err(e) => errors.push(Error {
+                    origin: Origin {
+                        file: file.clone(),
+                        line: 0,
+                    },
+                    field: "-".into(),
+                    message: format!("cannot read file: {e}"),
+                }),
+            }
+        }
+        if errors.is_empty() {
+            validate::store(&store, &mut errors);
+        }
+        if errors.is_empty() {
+            Ok(store)
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// Parses one file's text into the store, appending errors.
+    pub fn add_text(&mut self, file: &Path, text: &str, errors: &mut Vec<Error>) {
+        for (first_line, doc) in split_documents(text) {
+            self.add_document(file, first_line, doc, errors);
+        }
+    }
+
+    fn add_document(&mut self, file: &Path, first_line: usize, doc: &str, errors: &mut Vec<Error>) {
+        let origin = |line: usize| Origin {
+            file: file.to_owned(),
+            line: first_line + line.saturating_sub(1),
+        };
+        let header: Header = match serde_yaml::from_str(doc) {
+            Ok(h) => h,
+            Err(e) => {
+                let line = e.location().map_or(1, |l| l.line());
+                errors.push(Error {
+                    origin: origin(line),
+                    field: "-".into(),
+                    message: yaml_message(&e),
+                });
+                return;
+            }
+        };
+        let (api_version, kind) = match (header.api_version, header.kind) {
+            (Some(a), Some(k)) => (a, k),
+            (a, k) => {
+                let missing = if a.is_none() { "apiVersion" } else { "kind" };
+                let _ = k;
+                errors.push(Error {
+                    origin: origin(1),
+                    field: missing.into(),
+                    message: format!("missing {missing}: not a Kubernetes resource"),
+                });
+                return;
+            }
+        };
+        if api_version == "v1"
+            && matches!(
+                kind.as_str(),
+                "policy" | "hostEndpoint" | "profile" | "workloadEndpoint"
+            )
+        {
+            errors.push(Error {
+                origin: origin(1),
+                field: "apiVersion".into(),
+                message: format!(
+                    "this is the old Calico v1 format (apiVersion: v1, kind: {kind}), which Calico \
+                     v3 no longer accepts; convert it with `calicoctl convert` to \
+                     apiVersion: projectcalico.org/v3"
+                ),
+            });
+            return;
+        }
+        if kind.ends_with("List") {
+            match serde_yaml::from_str::<ListDocument>(doc) {
+                Ok(list) => {
+                    for item in list.items {
+                        match serde_yaml::to_string(&item) {
+                            Ok(text) => self.add_document(file, first_line, &text, errors),
+                            Err(e) => errors.push(Error {
+                                origin: origin(1),
+                                field: "items".into(),
+                                message: e.to_string(),
+                            }),
+                        }
+                    }
+                }
+                Err(e) => errors.push(Error {
+                    origin: origin(e.location().map_or(1, |l| l.line())),
+                    field: "items".into(),
+                    message: yaml_message(&e),
+                }),
+            }
+            return;
+        }
+        if api_version != CALICO_V3 && api_version != CALICO_CRD {
+            // Kubernetes objects that may share a directory with policy
+            // (Services arrive with the dataplane work) are not ours to judge.
+            if api_version == "v1"
+                || api_version.contains(".k8s.io/")
+                || !api_version.contains("projectcalico")
+            {
+                tracing::debug!(file = %file.display(), kind, api_version, "skipping non-Calico resource");
+                return;
+            }
+            errors.push(Error {
+                origin: origin(1),
+                field: "apiVersion".into(),
+                message: format!(
+                    "unsupported apiVersion {api_version:?}: expected {CALICO_V3} or {CALICO_CRD}"
+                ),
+            });
+            return;
+        }
+        let ctx = DocContext {
+            file,
+            first_line,
+            text: doc,
+        };
+        match kind.as_str() {
+            "GlobalNetworkPolicy" => ctx.parse(errors, &mut self.global_policies),
+            "NetworkPolicy" => ctx.parse(errors, &mut self.network_policies),
+            "HostEndpoint" => ctx.parse(errors, &mut self.host_endpoints),
+            "GlobalNetworkSet" => ctx.parse(errors, &mut self.global_network_sets),
+            "NetworkSet"
+            | "Tier"
+            | "Profile"
+            | "FelixConfiguration"
+            | "StagedGlobalNetworkPolicy"
+            | "StagedNetworkPolicy"
+            | "StagedKubernetesNetworkPolicy" => {
+                tracing::debug!(file = %file.display(), kind, "resource kind not enforced yet, skipped");
+            }
+            other => errors.push(Error {
+                origin: origin(1),
+                field: "kind".into(),
+                message: format!("unknown Calico kind {other:?}"),
+            }),
+        }
+    }
+}
+
+/// One document being parsed, for error positions.
+struct DocContext<'a> {
+    file: &'a Path,
+    first_line: usize,
+    text: &'a str,
+}
+
+impl DocContext<'_> {
+    fn parse<S: DeserializeOwned + Default>(
+        &self,
+        errors: &mut Vec<Error>,
+        out: &mut Vec<Resource<S>>,
+    ) {
+        let de = serde_yaml::Deserializer::from_str(self.text);
+        match serde_path_to_error::deserialize::<_, Document<S>>(de) {
+            Ok(doc) => out.push(Resource {
+                meta: doc.metadata,
+                spec: doc.spec.unwrap_or_default(),
+                origin: Origin {
+                    file: self.file.to_owned(),
+                    line: self.first_line,
+                },
+            }),
+            Err(e) => {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                let line = inner
+                    .location()
+                    .map(|l| l.line())
+                    .unwrap_or_else(|| locate::line_of(self.text, &path));
+                errors.push(Error {
+                    origin: Origin {
+                        file: self.file.to_owned(),
+                        line: self.first_line + line - 1,
+                    },
+                    field: path,
+                    message: yaml_message(&inner),
+                });
+            }
+        }
+    }
+}
+
+/// serde_yaml's message without its own field prefix and " at line N
+/// column M" suffix, since [`Error`] carries both already.
+fn yaml_message(e: &serde_yaml::Error) -> String {
+    let s = e.to_string();
+    let s = match s.find(" at line ") {
+        Some(i) => &s[..i],
+        None => &s[..],
+    };
+    match s.split_once(": ") {
+        Some((path, rest)) if !path.contains(' ') && !path.contains('"') && !path.contains('`') => {
+            rest.to_owned()
+        }
+        _ => s.to_owned(),
+    }
+}
+
+/// Splits multi-document YAML on `---` lines; yields (first line, text) of
+/// every document that holds more than comments and blanks.
+pub fn split_documents(text: &str) -> Vec<(usize, &str)> {
+    let mut docs = Vec::new();
+    let mut start_byte = 0;
+    let mut start_line = 1;
+    let mut offset = 0;
+    for (i, line) in text.split_inclusive('\n').enumerate() {
+        let trimmed = line.trim_end();
+        if trimmed == "---" || trimmed.starts_with("--- ") || trimmed == "..." {
+            docs.push((start_line, &text[start_byte..offset]));
+            start_byte = offset + line.len();
+            start_line = i + 2;
+        }
+        offset += line.len();
+    }
+    docs.push((start_line, &text[start_byte..]));
+    docs.into_iter()
+        .filter(|(_, d)| {
+            d.lines().any(|l| {
+                let t = l.trim();
+                !t.is_empty() && !t.starts_with('#')
+            })
+        })
+        .collect()
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        let name = entry.file_name();
+        if name.to_string_lossy().starts_with('.') {
+            // Editors' swap files and Kubernetes ConfigMap "..data" links.
+            continue;
+        }
+        if entry.file_type()?.is_dir() {
+            collect_files(&path, out)?;
+        } else if matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml" | "json")
+        ) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Store, Vec<Error>> {
+        let mut store = Store::default();
+        let mut errors = Vec::new();
+        store.add_text(Path::new("t.yaml"), text, &mut errors);
+        if errors.is_empty() {
+            validate::store(&store, &mut errors);
+        }
+        if errors.is_empty() {
+            Ok(store)
+        } else {
+            Err(errors)
+        }
+    }
+
+    #[test]
+    fn unquoted_port_range_is_a_range_not_a_sexagesimal_number() {
+        let store = load(
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata:\n  name: deny-nodeports\n\
+             spec:\n  applyOnForward: true\n  preDNAT: true\n  selector: ibm.role=='worker_public'\n  ingress:\n\
+             \x20 - action: Deny\n    protocol: TCP\n    destination:\n      ports:\n      - 30000:32767\n",
+        )
+        .expect("loads");
+        let rule = &store.global_policies[0].spec.ingress[0];
+        assert_eq!(
+            rule.destination.ports,
+            vec![Port::Range {
+                first: 30000,
+                last: 32767
+            }]
+        );
+    }
+
+    #[test]
+    fn errors_name_file_line_and_field_across_documents() {
+        let err = load(
+            "# first\napiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata:\n  name: a\nspec:\n  node: n\n  interfaceName: eth0\n\
+             ---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata:\n  name: b\nspec:\n  ingress:\n\
+             \x20 - action: Allow\n    protocol: TCP\n    destination:\n      nets:\n      - 10.0.0.1/8\n",
+        )
+        .expect_err("bad CIDR");
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert_eq!(err[0].origin.line, 20, "{}", err[0]);
+        assert_eq!(err[0].field, "spec.ingress[0].destination.nets[0]");
+        assert!(err[0].message.contains("host bits"), "{}", err[0]);
+    }
+
+    #[test]
+    fn v1_format_is_rejected_by_name() {
+        let err =
+            load("apiVersion: v1\nkind: policy\nmetadata:\n  name: x\nspec: {}\n").expect_err("v1");
+        assert!(
+            err[0].message.contains("old Calico v1 format"),
+            "{}",
+            err[0]
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = load(
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata:\n  name: x\nspec:\n  ingres: []\n",
+        )
+        .expect_err("typo");
+        assert_eq!(err[0].origin.line, 6, "{}", err[0]);
+        assert!(
+            err[0].message.contains("unknown field `ingres`"),
+            "{}",
+            err[0]
+        );
+    }
+
+    #[test]
+    fn split_keeps_line_numbers() {
+        let docs = split_documents("a: 1\n---\n# c\n---\nb: 2\n");
+        assert_eq!(docs, vec![(1, "a: 1\n"), (5, "b: 2\n")]);
+    }
+}

@@ -1,0 +1,200 @@
+//! The classifier: a packet and a table → the first rule that matches.
+//!
+//! In: a parsed [`Packet`], the stage, direction and interface. Out: the
+//! deciding rule's action and slot, or no verdict. One LPM lookup per field
+//! gives a class; each class names a bitmap of the rules that field allows;
+//! the first bit of `endpoint & src & dst & port` is the rule that decides
+//! (design.md, "The classifier"). The cost does not depend on the number of
+//! CIDRs, and grows with rules only by `WORDS` word ANDs.
+//!
+//! Invariant kept by the agent: every table it publishes has a `/0` entry in
+//! each address trie and an any-protocol entry in the port trie, so a lookup
+//! that misses means an unpublished table, reported as
+//! `reason::PASS_TABLE_ERROR`.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
+};
+use filter_common::{
+    action, reason, rule_slot, table_id, AddrV4Key, AddrV6Key, Bitmap, EndpointKey, PortKey,
+    RuleMeta, GENERATIONS, MAX_CLASSES, MAX_ENDPOINT_ENTRIES, MAX_RULE_SLOTS, MAX_TRIE_ENTRIES,
+    PORT_KEY_FULL_BITS, TABLE_PREFIX_BITS, WORDS,
+};
+
+use crate::parse::{Family, Packet};
+
+#[map(name = "FW_GEN1")]
+static FW_GEN1: Array<u32> = Array::pinned(1, 0);
+
+#[map(name = "FW_SRC4_1")]
+static FW_SRC4_1: LpmTrie<AddrV4Key, u32> = LpmTrie::pinned(MAX_TRIE_ENTRIES, 0);
+
+#[map(name = "FW_DST4_1")]
+static FW_DST4_1: LpmTrie<AddrV4Key, u32> = LpmTrie::pinned(MAX_TRIE_ENTRIES, 0);
+
+#[map(name = "FW_SRC6_1")]
+static FW_SRC6_1: LpmTrie<AddrV6Key, u32> = LpmTrie::pinned(MAX_TRIE_ENTRIES, 0);
+
+#[map(name = "FW_DST6_1")]
+static FW_DST6_1: LpmTrie<AddrV6Key, u32> = LpmTrie::pinned(MAX_TRIE_ENTRIES, 0);
+
+#[map(name = "FW_PORT1")]
+static FW_PORT1: LpmTrie<PortKey, u32> = LpmTrie::pinned(MAX_TRIE_ENTRIES, 0);
+
+#[map(name = "FW_CLASS1")]
+static FW_CLASS1: Array<Bitmap> = Array::pinned(MAX_CLASSES, 0);
+
+#[map(name = "FW_EP1")]
+static FW_EP1: HashMap<EndpointKey, Bitmap> = HashMap::pinned(MAX_ENDPOINT_ENTRIES, 0);
+
+#[map(name = "FW_RULE1")]
+static FW_RULE1: Array<RuleMeta> = Array::pinned(MAX_RULE_SLOTS, 0);
+
+/// The rule that decided a packet.
+#[derive(Clone, Copy)]
+pub struct Decision {
+    /// One of `filter_common::action`.
+    pub action: u32,
+    /// Index into `FW_RULE1` / `FW_RULE_CTR1`.
+    pub slot: u32,
+}
+
+/// Outcome of one stage: a decision, or a reason there is none.
+pub type StageResult = Result<Decision, u32>;
+
+/// Runs `stage` in `direction` for `pkt` arriving on or leaving by `ifindex`.
+/// `Err` carries the `reason` when no rule decided.
+#[inline(always)]
+pub fn classify(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> StageResult {
+    let generation = match FW_GEN1.get(0) {
+        Some(g) if *g < GENERATIONS => *g,
+        _ => return Err(reason::PASS_TABLE_ERROR),
+    };
+    let table = table_id(generation, stage, direction);
+    let endpoint = EndpointKey { ifindex, table };
+    // SAFETY: values of FW_EP1 are only replaced whole by the agent, and a
+    // reader that races a replacement sees the old or the new mask; both are
+    // masks of the live generation (the agent writes the inactive one).
+    let mask = match unsafe { FW_EP1.get(&endpoint) } {
+        Some(m) => m,
+        None => return Err(reason::PASS_NO_POLICY),
+    };
+    let table_be = table.to_be_bytes();
+    let (src, dst) = match pkt.family {
+        Family::V4 => {
+            let mut s = [0u8; 4];
+            s.copy_from_slice(&pkt.src[..4]);
+            let mut d = [0u8; 4];
+            d.copy_from_slice(&pkt.dst[..4]);
+            (
+                FW_SRC4_1.get(&Key::new(
+                    TABLE_PREFIX_BITS + 32,
+                    AddrV4Key {
+                        table: table_be,
+                        addr: s,
+                    },
+                )),
+                FW_DST4_1.get(&Key::new(
+                    TABLE_PREFIX_BITS + 32,
+                    AddrV4Key {
+                        table: table_be,
+                        addr: d,
+                    },
+                )),
+            )
+        }
+        Family::V6 => (
+            FW_SRC6_1.get(&Key::new(
+                TABLE_PREFIX_BITS + 128,
+                AddrV6Key {
+                    table: table_be,
+                    addr: pkt.src,
+                },
+            )),
+            FW_DST6_1.get(&Key::new(
+                TABLE_PREFIX_BITS + 128,
+                AddrV6Key {
+                    table: table_be,
+                    addr: pkt.dst,
+                },
+            )),
+        ),
+    };
+    let port_key = PortKey {
+        table: table_be,
+        proto: pkt.proto,
+        has_ports: pkt.has_ports as u8,
+        port: if pkt.has_ports {
+            pkt.dport.to_be_bytes()
+        } else {
+            [0; 2]
+        },
+    };
+    let port = FW_PORT1.get(&Key::new(PORT_KEY_FULL_BITS, port_key));
+    let (src, dst, port) = match (src, dst, port) {
+        (Some(s), Some(d), Some(p)) => (class(*s)?, class(*d)?, class(*p)?),
+        _ => return Err(reason::PASS_TABLE_ERROR),
+    };
+    for w in 0..WORDS {
+        let hits = mask.words[w] & src.words[w] & dst.words[w] & port.words[w];
+        if hits != 0 {
+            let rule = (w as u32) * 64 + lowest_bit(hits);
+            let slot = rule_slot(table, rule);
+            let meta = FW_RULE1.get(slot).ok_or(reason::PASS_TABLE_ERROR)?;
+            return match meta.action {
+                action::ALLOW | action::DENY => Ok(Decision {
+                    action: meta.action,
+                    slot,
+                }),
+                // Log and Pass are not compiled into tables yet; the agent
+                // refuses policies that use them.
+                _ => Err(reason::PASS_TABLE_ERROR),
+            };
+        }
+    }
+    Err(reason::PASS_NO_VERDICT)
+}
+
+#[inline(always)]
+fn class(id: u32) -> Result<&'static Bitmap, u32> {
+    // The array lookup checks the bound too; checking here first keeps a
+    // corrupt trie value from reading a class of the other generation's
+    // range by accident of wrap-around.
+    if id >= MAX_CLASSES {
+        return Err(reason::PASS_TABLE_ERROR);
+    }
+    FW_CLASS1.get(id).ok_or(reason::PASS_TABLE_ERROR)
+}
+
+/// Index of the lowest set bit of a non-zero word. BPF has no count-trailing-
+/// zeros instruction and LLVM's expansion wants a lookup table in .rodata; a
+/// six-step binary search needs neither.
+#[inline(always)]
+fn lowest_bit(mut x: u64) -> u32 {
+    let mut n = 0;
+    if x & 0xffff_ffff == 0 {
+        n += 32;
+        x >>= 32;
+    }
+    if x & 0xffff == 0 {
+        n += 16;
+        x >>= 16;
+    }
+    if x & 0xff == 0 {
+        n += 8;
+        x >>= 8;
+    }
+    if x & 0xf == 0 {
+        n += 4;
+        x >>= 4;
+    }
+    if x & 0x3 == 0 {
+        n += 2;
+        x >>= 2;
+    }
+    if x & 0x1 == 0 {
+        n += 1;
+    }
+    n
+}
