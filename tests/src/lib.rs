@@ -1,1 +1,440 @@
+//! Test hosts in network namespaces, real traffic between them, and the
+//! agent as a child process.
+//!
+//! Everything created here is owned by a guard that removes it on drop, also
+//! when a test panics: [`Netns`] deletes its namespace (and with it every
+//! veth inside), [`Agent`] stops its process and removes its pins, servers
+//! stop their threads. Traffic only ever goes to addresses these namespaces
+//! hold.
 
+pub mod demo;
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+/// Whether the caller may run privileged tests. Without root: under
+/// `cargo xtask test` (which sets `FILTER_REQUIRE_PRIVILEGED=1`) this panics,
+/// so a privileged test can never pass by not running; elsewhere it prints a
+/// loud SKIPPED line and returns false.
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("FILTER_REQUIRE_PRIVILEGED").as_deref() == Ok("1") {
+        panic!("{test} needs root and FILTER_REQUIRE_PRIVILEGED=1: refusing to skip it");
+    }
+    eprintln!("SKIPPED {test}: needs root (network namespaces, BPF); run `sudo cargo xtask test`");
+    false
+}
+
+/// Runs a command, panicking with its output when it fails.
+pub fn sh(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("start {program}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{program} {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+static UNIQUE: AtomicUsize = AtomicUsize::new(0);
+
+/// A name unique to this process and call: `<prefix><pid>x<n>`, short enough
+/// for namespace and pin directory names.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        UNIQUE.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `name` with its loopback up.
+    pub fn new(name: &str) -> Netns {
+        // A namespace left by an interrupted run of the same name goes first.
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
+        sh("ip", &["netns", "add", name]);
+        let ns = Netns {
+            name: name.to_owned(),
+        };
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// The namespace name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Path of the namespace file, for `setns` and `nsenter --net=`.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// `ip -n <ns> <args>`.
+    pub fn ip(&self, args: &[&str]) -> String {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
+    /// Runs `f` on a thread that lives in this namespace: sockets it opens
+    /// belong to the namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.spawn(f).join().expect("namespace thread panicked")
+    }
+
+    /// Like [`Netns::run`], without waiting.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> JoinHandle<T> {
+        let path = self.path();
+        std::thread::spawn(move || {
+            enter(&path);
+            f()
+        })
+    }
+}
+
+/// Moves the calling thread into the network namespace at `path`.
+fn enter(path: &Path) {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .unwrap_or_else(|e| panic!("setns {}: {e}", path.display()));
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace destroys the veths inside it.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Joins `a` and `b` with a veth pair named `a_if` / `b_if` (names are per
+/// namespace, so they can repeat across tests) and brings both ends up.
+pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
+    sh(
+        "ip",
+        &[
+            "link",
+            "add",
+            a_if,
+            "netns",
+            a.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            b_if,
+            "netns",
+            b.name(),
+        ],
+    );
+    a.ip(&["link", "set", a_if, "up"]);
+    b.ip(&["link", "set", b_if, "up"]);
+}
+
+/// A TCP server in a namespace that greets every connection with `name`,
+/// stopped on drop.
+pub struct TcpServer {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl TcpServer {
+    /// Listens on `addr` inside `ns` (the address must exist there).
+    pub fn start(ns: &Netns, addr: SocketAddr, name: &str) -> TcpServer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let greeting = format!("{name}\n");
+        let flag = stop.clone();
+        let handle = ns.spawn(move || {
+            let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            listener
+                .set_nonblocking(true)
+                .expect("nonblocking listener");
+            ready_tx.send(()).expect("test alive");
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.write_all(greeting.as_bytes());
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("server started");
+        TcpServer {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A UDP server in a namespace that answers every datagram with `name`.
+pub struct UdpServer {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl UdpServer {
+    /// Binds `addr` inside `ns`.
+    pub fn start(ns: &Netns, addr: SocketAddr, name: &str) -> UdpServer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let reply = name.as_bytes().to_vec();
+        let flag = stop.clone();
+        let handle = ns.spawn(move || {
+            let sock =
+                std::net::UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+            sock.set_read_timeout(Some(Duration::from_millis(20)))
+                .expect("timeout");
+            ready_tx.send(()).expect("test alive");
+            let mut buf = [0u8; 512];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((_, peer)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(&reply, peer);
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("server started");
+        UdpServer {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for UdpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Connects from `ns` to `addr` and reads the greeting; `Err` says why
+/// (timeout: the SYN or its answer was dropped).
+pub fn tcp_probe(ns: &Netns, addr: SocketAddr, timeout: Duration) -> Result<String, String> {
+    ns.run(move || {
+        let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).map_err(|e| e.to_string())?;
+        Ok(buf.trim().to_owned())
+    })
+}
+
+/// Sends one datagram from `ns` to `addr` and waits for the answer.
+pub fn udp_probe(ns: &Netns, addr: SocketAddr, timeout: Duration) -> Result<String, String> {
+    ns.run(move || {
+        let bind: SocketAddr = if addr.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        }
+        .parse()
+        .expect("constant");
+        let s = std::net::UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        s.send_to(b"ping", addr).map_err(|e| e.to_string())?;
+        let mut buf = [0u8; 512];
+        let (n, _) = s.recv_from(&mut buf).map_err(|e| e.to_string())?;
+        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    })
+}
+
+/// The agent binary: `FILTER_AGENT_BIN`, else the workspace's debug or
+/// release build.
+pub fn agent_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("FILTER_AGENT_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for profile in ["debug", "release"] {
+        let p = root.join("target").join(profile).join("filter-agent");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("no filter-agent binary: run `cargo xtask build` (or set FILTER_AGENT_BIN)");
+}
+
+/// `filter-agent run` inside a namespace, its log captured; stopped (and
+/// its pins removed) on drop.
+pub struct Agent {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    pin_dir: PathBuf,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Agent {
+    /// Starts the agent in `ns` on `policy_dir` as node `node`.
+    pub fn start(
+        binary: &Path,
+        ns: &Netns,
+        policy_dir: &Path,
+        node: &str,
+        pin_dir: &Path,
+    ) -> Agent {
+        // `ip netns exec` remounts /sys and would hide bpffs: enter the
+        // network namespace only.
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net={}", ns.path().display()))
+            .arg(binary)
+            .args(["run", "--interface-poll", "1", "--node", node])
+            .arg("--policy-dir")
+            .arg(policy_dir)
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let sink = log.clone();
+        let stderr = child.stderr.take().expect("piped");
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().expect("log lock").push(line);
+            }
+        });
+        Agent {
+            child,
+            log,
+            pin_dir: pin_dir.to_owned(),
+            reader: Some(reader),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Lines logged so far containing `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .expect("log lock")
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits until `needle` has been logged more than `seen` times.
+    pub fn wait_for(&mut self, needle: &str, seen: usize, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.count(needle) > seen {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "agent exited ({status}) before logging {needle:?}:\n{}",
+                    self.log_text()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(format!(
+            "agent did not log {needle:?} within {timeout:?}:\n{}",
+            self.log_text()
+        ))
+    }
+
+    /// The whole log so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().expect("log lock").join("\n")
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns the exit status.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.terminate().expect("agent stops")
+    }
+
+    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        if let Ok(Some(s)) = self.child.try_wait() {
+            return Some(s);
+        }
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                if let Some(r) = self.reader.take() {
+                    let _ = r.join();
+                }
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.terminate();
+        // Pins of an agent that had to be killed.
+        if self.pin_dir.exists() {
+            if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
+                for e in entries.flatten() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+            let _ = std::fs::remove_dir(&self.pin_dir);
+        }
+    }
+}

@@ -1,1 +1,293 @@
-fn main() {}
+//! Developer commands: `cargo xtask build-ebpf | build | test | demo`.
+//!
+//! The kernel toolchain recipe lives here, not in anyone's memory: every
+//! command that builds first checks each prerequisite (Debian packages, the
+//! pinned Rust toolchain with rust-src, bpf-linker linked against LLVM 22)
+//! and installs what is missing, idempotently, saying what it does.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+/// The toolchain of rust-toolchain.toml: its LLVM (22.1) is the one
+/// bpf-linker links against.
+const TOOLCHAIN: &str = "1.98.0";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const DEBIAN_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "clang-22",
+    "bpftool",
+    "iproute2",
+    "iputils-ping",
+    "util-linux",
+];
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Check and install prerequisites only.
+    Prereqs,
+    /// Build the kernel object (filter-ebpf) for bpfel-unknown-none.
+    BuildEbpf,
+    /// Build the kernel object, then the agent (release) embedding it.
+    Build,
+    /// Run unit, kernel and end-to-end tests (needs root; fails if a
+    /// privileged test could not run).
+    Test {
+        /// Extra arguments for `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Replay the seed tutorial in network namespaces with real traffic.
+    Demo,
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let root = workspace_root();
+    match cli.command {
+        Cmd::Prereqs => prereqs(),
+        Cmd::BuildEbpf => prereqs().and_then(|()| build_ebpf(&root)),
+        Cmd::Build => {
+            prereqs()?;
+            build_ebpf(&root)?;
+            cargo(
+                &root,
+                &[
+                    "build",
+                    "--release",
+                    "-p",
+                    "filter-agent",
+                    "-p",
+                    "filter-tests",
+                ],
+            )
+        }
+        Cmd::Test { args } => {
+            require_root("cargo xtask test")?;
+            prereqs()?;
+            build_ebpf(&root)?;
+            // The end-to-end tests drive the real binary.
+            cargo(&root, &["build", "-p", "filter-agent"])?;
+            let agent = root.join("target/debug/filter-agent");
+            let mut cmd = Command::new("cargo");
+            cmd.current_dir(&root)
+                .args(["test", "--workspace"])
+                .env("FILTER_REQUIRE_PRIVILEGED", "1")
+                .env("FILTER_AGENT_BIN", &agent);
+            if !args.is_empty() {
+                cmd.arg("--").args(&args);
+            }
+            status(&mut cmd, "cargo test --workspace")
+        }
+        Cmd::Demo => {
+            require_root("cargo xtask demo")?;
+            prereqs()?;
+            build_ebpf(&root)?;
+            cargo(
+                &root,
+                &[
+                    "build",
+                    "--release",
+                    "-p",
+                    "filter-agent",
+                    "-p",
+                    "filter-tests",
+                ],
+            )?;
+            let mut cmd = Command::new(root.join("target/release/fw-demo"));
+            cmd.current_dir(&root)
+                .arg("--agent")
+                .arg(root.join("target/release/filter-agent"))
+                .arg("--examples")
+                .arg(root.join("examples"));
+            status(&mut cmd, "fw-demo")
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+fn require_root(what: &str) -> Result<()> {
+    if nix_is_root() {
+        Ok(())
+    } else {
+        bail!("{what} needs root (network namespaces, BPF programs, bpffs); run it as root or with sudo")
+    }
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn status(cmd: &mut Command, what: &str) -> Result<()> {
+    let st = cmd.status().with_context(|| format!("start {what}"))?;
+    if !st.success() {
+        bail!("{what} failed ({st})");
+    }
+    Ok(())
+}
+
+fn cargo(root: &Path, args: &[&str]) -> Result<()> {
+    status(
+        Command::new("cargo").current_dir(root).args(args),
+        &format!("cargo {}", args.join(" ")),
+    )
+}
+
+fn output(cmd: &str, args: &[&str]) -> Option<String> {
+    let out = Command::new(cmd).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Checks each prerequisite and installs what is missing.
+fn prereqs() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output("dpkg-query", &["-W", "-f=${Status}", p])
+                .is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+        require_root("installing Debian packages")?;
+        status(Command::new("apt-get").arg("update"), "apt-get update")?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+            "apt-get install",
+        )?;
+    }
+
+    let has_toolchain = output("rustup", &["toolchain", "list"])
+        .is_some_and(|s| s.lines().any(|l| l.starts_with(TOOLCHAIN)));
+    let has_src = has_toolchain
+        && output(
+            "rustup",
+            &["component", "list", "--installed", "--toolchain", TOOLCHAIN],
+        )
+        .is_some_and(|s| s.lines().any(|l| l.starts_with("rust-src")));
+    if !has_src {
+        eprintln!("xtask: installing Rust {TOOLCHAIN} with rust-src");
+        status(
+            Command::new("rustup").args([
+                "toolchain",
+                "install",
+                TOOLCHAIN,
+                "--profile",
+                "minimal",
+                "-c",
+                "rust-src",
+                "-c",
+                "rustfmt",
+                "-c",
+                "clippy",
+            ]),
+            "rustup toolchain install",
+        )?;
+    }
+
+    if !bpf_linker_ok() {
+        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (takes a few minutes)");
+        status(
+            Command::new("cargo")
+                .arg(format!("+{TOOLCHAIN}"))
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                    "--force",
+                ])
+                .env("LLVM_PREFIX", LLVM_PREFIX),
+            "cargo install bpf-linker",
+        )?;
+        if !bpf_linker_ok() {
+            bail!("bpf-linker {BPF_LINKER_VERSION} is installed but not linked against {LLVM_PREFIX}; is ~/.cargo/bin on PATH?");
+        }
+    }
+    Ok(())
+}
+
+/// bpf-linker of the pinned version, dynamically linked to LLVM 22.
+fn bpf_linker_ok() -> bool {
+    let Some(version) = output("bpf-linker", &["--version"]) else {
+        return false;
+    };
+    if !version.contains(BPF_LINKER_VERSION) {
+        return false;
+    }
+    let Some(path) = output("sh", &["-c", "command -v bpf-linker"]) else {
+        return false;
+    };
+    output("ldd", &[path.trim()]).is_some_and(|l| l.contains("libLLVM.so.22"))
+}
+
+fn build_ebpf(root: &Path) -> Result<()> {
+    let dir = root.join("filter-ebpf");
+    eprintln!("xtask: building the kernel object (filter-ebpf, bpfel-unknown-none)");
+    status(
+        Command::new("cargo")
+            .current_dir(&dir)
+            .arg(format!("+{TOOLCHAIN}"))
+            .args([
+                "build",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+            ])
+            // build-std is unstable; the pinned stable toolchain allows it so.
+            .env("RUSTC_BOOTSTRAP", "1")
+            // Only the kernel crate's own flags apply.
+            .env_remove("RUSTFLAGS")
+            .env_remove("CARGO_ENCODED_RUSTFLAGS"),
+        "build filter-ebpf",
+    )?;
+    let object = dir.join("target/bpfel-unknown-none/release/filter-ebpf");
+    if !object.exists() {
+        bail!(
+            "the kernel build succeeded but {} is missing",
+            object.display()
+        );
+    }
+    Ok(())
+}
