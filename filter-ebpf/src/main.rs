@@ -11,6 +11,10 @@
 //! reason for passing, and one exit path counts it.
 #![no_std]
 #![no_main]
+#![expect(
+    clippy::not_unsafe_ptr_arg_deref,
+    reason = "aya's #[classifier] expansion hands the kernel's raw __sk_buff pointer to a safe fn"
+)]
 
 mod classify;
 mod counters;

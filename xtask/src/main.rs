@@ -89,6 +89,7 @@ fn run(cli: Cli) -> Result<()> {
             require_root("cargo xtask test")?;
             prereqs()?;
             build_ebpf(&root)?;
+            lint(&root)?;
             // The end-to-end tests drive the real binary.
             cargo(&root, &["build", "-p", "filter-agent"])?;
             let agent = root.join("target/debug/filter-agent");
@@ -100,7 +101,7 @@ fn run(cli: Cli) -> Result<()> {
             if !args.is_empty() {
                 cmd.arg("--").args(&args);
             }
-            status(&mut cmd, "cargo test --workspace")
+            run_tests(&mut cmd)
         }
         Cmd::Demo => {
             require_root("cargo xtask demo")?;
@@ -128,6 +129,48 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// `cargo fmt --check` and `clippy -D warnings` on the workspace and the
+/// kernel crate: the bar every commit meets.
+fn lint(root: &Path) -> Result<()> {
+    cargo(root, &["fmt", "--all", "--check"])?;
+    cargo(
+        root,
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    let ebpf = root.join("filter-ebpf");
+    status(
+        Command::new("cargo")
+            .current_dir(&ebpf)
+            .args(["fmt", "--check"]),
+        "cargo fmt --check (filter-ebpf)",
+    )?;
+    status(
+        Command::new("cargo")
+            .current_dir(&ebpf)
+            .arg(format!("+{TOOLCHAIN}"))
+            .args([
+                "clippy",
+                "--release",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ])
+            .env("RUSTC_BOOTSTRAP", "1"),
+        "cargo clippy (filter-ebpf)",
+    )
+}
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -152,6 +195,47 @@ fn status(cmd: &mut Command, what: &str) -> Result<()> {
     let st = cmd.status().with_context(|| format!("start {what}"))?;
     if !st.success() {
         bail!("{what} failed ({st})");
+    }
+    Ok(())
+}
+
+/// Runs `cargo test`, echoing its output, and closes with one total line
+/// (`tests: N passed, M failed`), since cargo's own last line belongs to
+/// whichever test binary ran last.
+fn run_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("start cargo test")?;
+    let (mut passed, mut failed) = (0u64, 0u64);
+    let stdout = child.stdout.take().expect("piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("read cargo test output")?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let st = child.wait().context("wait for cargo test")?;
+    println!("tests: {passed} passed, {failed} failed");
+    if !st.success() {
+        bail!("cargo test failed ({st})");
+    }
+    if passed == 0 {
+        bail!("no test ran");
     }
     Ok(())
 }

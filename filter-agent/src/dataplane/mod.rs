@@ -72,7 +72,7 @@ pub enum Error {
         op: String,
         /// aya's error.
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     /// Attaching or detaching failed.
     #[error("{op} {program} on {iface}")]
@@ -85,7 +85,7 @@ pub enum Error {
         iface: String,
         /// aya's error.
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     /// Filesystem work on bpffs failed.
     #[error("{op} {path}")]
@@ -197,6 +197,14 @@ impl Dataplane {
     /// interfaces that exist now to their index; bound interfaces missing
     /// from it are skipped (and retried by the caller when they appear).
     pub fn apply(&mut self, compiled: &Compiled, ifaces: &Interfaces) -> Result<u32, Error> {
+        let generation = self.publish(compiled, ifaces)?;
+        self.sync_attachments(compiled, ifaces)?;
+        Ok(generation)
+    }
+
+    /// Writes `compiled` into the inactive generation, makes it live, and
+    /// clears the old one; attaches nothing. Returns the live generation.
+    pub fn publish(&mut self, compiled: &Compiled, ifaces: &Interfaces) -> Result<u32, Error> {
         let next = (self.live + 1) % GENERATIONS;
         if compiled.classes.len() > CLASSES_PER_GEN as usize {
             return Err(Error::Capacity(format!(
@@ -213,7 +221,6 @@ impl Dataplane {
         self.live = next;
         std::thread::sleep(GRACE);
         self.clear_generation(old)?;
-        self.sync_attachments(compiled, ifaces)?;
         Ok(next)
     }
 
@@ -229,11 +236,7 @@ impl Dataplane {
             for (i, b) in compiled.classes.iter().enumerate() {
                 classes
                     .set(base + i as u32, b, 0)
-                    .map_err(|source| Error::Map {
-                        map: names::MAP_CLASS,
-                        op: format!("set class {i}"),
-                        source,
-                    })?;
+                    .map_err(map_error(names::MAP_CLASS, format!("set class {i}")))?;
             }
         }
         for t in &compiled.tables {
@@ -262,11 +265,7 @@ impl Dataplane {
                 };
                 rules
                     .set(rule_slot(table, i as u32), &meta, 0)
-                    .map_err(|source| Error::Map {
-                        map: names::MAP_RULE,
-                        op: format!("set rule {i}"),
-                        source,
-                    })?;
+                    .map_err(map_error(names::MAP_RULE, format!("set rule {i}")))?;
             }
         }
         let v4 = |a: u128| (a as u32).to_be_bytes();
@@ -332,11 +331,7 @@ impl Dataplane {
             for e in &t.ports {
                 ports
                     .insert(&port_key(tb, e), &(base + e.class), 0)
-                    .map_err(|source| Error::Map {
-                        map: names::MAP_PORT,
-                        op: format!("insert {e:?}"),
-                        source,
-                    })?;
+                    .map_err(map_error(names::MAP_PORT, format!("insert {e:?}")))?;
             }
         }
         let mut eps: HashMap<&mut MapData, EndpointKey, Bitmap> = self.map(names::MAP_ENDPOINT)?;
@@ -345,11 +340,7 @@ impl Dataplane {
                 continue;
             };
             eps.insert(&EndpointKey { ifindex, table }, mask, 0)
-                .map_err(|source| Error::Map {
-                    map: names::MAP_ENDPOINT,
-                    op: format!("insert {iface}"),
-                    source,
-                })?;
+                .map_err(map_error(names::MAP_ENDPOINT, format!("insert {iface}")))?;
         }
         Ok(())
     }
@@ -364,11 +355,7 @@ impl Dataplane {
         let mut trie: LpmTrie<&mut MapData, K, u32> = self.map(name)?;
         for (p, class) in entries {
             trie.insert(&key(p), &(base + class), 0)
-                .map_err(|source| Error::Map {
-                    map: name,
-                    op: format!("insert {p:?}"),
-                    source,
-                })?;
+                .map_err(map_error(name, format!("insert {p:?}")))?;
         }
         Ok(())
     }
@@ -389,11 +376,8 @@ impl Dataplane {
             .filter(|k| tables.contains(&k.table))
             .collect();
         for k in stale {
-            eps.remove(&k).map_err(|source| Error::Map {
-                map: names::MAP_ENDPOINT,
-                op: "remove".into(),
-                source,
-            })?;
+            eps.remove(&k)
+                .map_err(map_error(names::MAP_ENDPOINT, "remove"))?;
         }
         Ok(())
     }
@@ -410,31 +394,21 @@ impl Dataplane {
             .filter(|k| stale(&k.data()))
             .collect();
         for k in keys {
-            trie.remove(&k).map_err(|source| Error::Map {
-                map: name,
-                op: "remove".into(),
-                source,
-            })?;
+            trie.remove(&k).map_err(map_error(name, "remove"))?;
         }
         Ok(())
     }
 
     fn generation(&mut self) -> Result<u32, Error> {
         let gen: Array<&mut MapData, u32> = self.map(names::MAP_GENERATION)?;
-        gen.get(&0, 0).map_err(|source| Error::Map {
-            map: names::MAP_GENERATION,
-            op: "get".into(),
-            source,
-        })
+        gen.get(&0, 0)
+            .map_err(map_error(names::MAP_GENERATION, "get"))
     }
 
     fn set_generation(&mut self, generation: u32) -> Result<(), Error> {
         let mut gen: Array<&mut MapData, u32> = self.map(names::MAP_GENERATION)?;
-        gen.set(0, &generation, 0).map_err(|source| Error::Map {
-            map: names::MAP_GENERATION,
-            op: "flip".into(),
-            source,
-        })
+        gen.set(0, &generation, 0)
+            .map_err(map_error(names::MAP_GENERATION, "flip"))
     }
 
     fn map<'a, M>(&'a mut self, name: &'static str) -> Result<M, Error>
@@ -444,13 +418,9 @@ impl Dataplane {
         let map = self.ebpf.map_mut(name).ok_or(Error::Map {
             map: name,
             op: "find".into(),
-            source: aya::maps::MapError::InvalidName { name: name.into() },
+            source: Box::new(aya::maps::MapError::InvalidName { name: name.into() }),
         })?;
-        M::try_from(map).map_err(|source| Error::Map {
-            map: name,
-            op: "open".into(),
-            source,
-        })
+        M::try_from(map).map_err(map_error(name, "open"))
     }
 
     /// Attaches to bound interfaces that lack programs, detaches from
@@ -479,11 +449,11 @@ impl Dataplane {
     }
 
     fn attach(&mut self, iface: &str, ifindex: u32) -> Result<(), Error> {
-        let attach_err = |program, source| Error::Attach {
+        let attach_err = |program, source: aya::programs::ProgramError| Error::Attach {
             op: "attach",
             program,
             iface: iface.to_owned(),
-            source,
+            source: Box::new(source),
         };
         let xdp: &mut Xdp = self.program(names::PROG_XDP)?;
         // Native where the driver has it, generic otherwise.
@@ -535,11 +505,11 @@ impl Dataplane {
         let Some(a) = self.attached.remove(iface) else {
             return Ok(());
         };
-        let detach_err = |program, source| Error::Attach {
+        let detach_err = |program, source: aya::programs::ProgramError| Error::Attach {
             op: "detach",
             program,
             iface: iface.to_owned(),
-            source,
+            source: Box::new(source),
         };
         // An interface that vanished took its attachments with it; aya then
         // reports an error we can ignore, so only log it.
@@ -589,11 +559,7 @@ impl Dataplane {
                 stats
                     .get(&i, 0)
                     .map(|v| v.iter().sum())
-                    .map_err(|source| Error::Map {
-                        map: names::MAP_STATS,
-                        op: "get".into(),
-                        source,
-                    })
+                    .map_err(map_error(names::MAP_STATS, "get"))
             })
             .collect()
     }
@@ -603,7 +569,9 @@ impl Dataplane {
     /// loopback, 1, always does). Returns the XDP action.
     pub fn test_run_xdp(&mut self, frame: &[u8], ifindex: u32) -> Result<u32, Error> {
         // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
+        // The kernel requires data = 0 and data_end = the frame's length.
         let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
         ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
         let xdp: &mut Xdp = self.program(names::PROG_XDP)?;
         let opts = TestRunOptions {
@@ -628,6 +596,18 @@ impl Dataplane {
         let dir = self.pin_dir.clone();
         drop(self);
         remove_pins(&dir)
+    }
+}
+
+/// Wraps aya's map error with the map and what was being done.
+fn map_error(
+    map: &'static str,
+    op: impl Into<String>,
+) -> impl FnOnce(aya::maps::MapError) -> Error {
+    move |source| Error::Map {
+        map,
+        op: op.into(),
+        source: Box::new(source),
     }
 }
 
@@ -672,7 +652,7 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), Error> {
         return Ok(());
     }
     let is_bpffs =
-        nix::sys::statfs::statfs(root).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC);
+        nix::sys::statfs::statfs(root).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
     if is_bpffs {
         return Ok(());
     }

@@ -1,0 +1,180 @@
+//! End to end: the real agent in network namespaces, real TCP and UDP.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use filter_tests::{
+    agent_binary, demo, privileged, sh, tcp_probe, unique, veth, Agent, Netns, TcpServer,
+};
+
+fn examples() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+#[test]
+fn tutorial_lessons_hold_with_real_connections() {
+    if !privileged("tutorial_lessons_hold_with_real_connections") {
+        return;
+    }
+    let mut out = Vec::new();
+    let reports = demo::run(&agent_binary(), &examples(), &unique("fwt"), &mut out)
+        .unwrap_or_else(|e| panic!("{e}\n{}", String::from_utf8_lossy(&out)));
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(reports.len(), 5, "{text}");
+    for r in &reports {
+        for p in &r.probes {
+            assert_eq!(p.observed, p.expected, "{}: {}\n{text}", r.title, p.what);
+        }
+    }
+    // Both outcomes occurred: the lessons really blocked and really reached.
+    let all: Vec<_> = reports.iter().flat_map(|r| &r.probes).collect();
+    assert!(all.iter().any(|p| p.observed == demo::Outcome::Blocked));
+    assert!(all.iter().any(|p| p.observed == demo::Outcome::Reached));
+}
+
+/// A worker with one host endpoint and one client, for the tests below.
+struct Pair {
+    client: Netns,
+    worker: Netns,
+}
+
+fn pair() -> Pair {
+    let client = Netns::new(&unique("fwpc"));
+    let worker = Netns::new(&unique("fwpw"));
+    veth(&client, "eth0", &worker, "eth1");
+    client.ip(&["addr", "add", "192.0.2.10/24", "dev", "eth0"]);
+    worker.ip(&["addr", "add", "192.0.2.1/24", "dev", "eth1"]);
+    Pair { client, worker }
+}
+
+const HEP_AND_DENY: &str = "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: w, labels: {role: pub}}\nspec: {node: pair, interfaceName: eth1}\n---\n\
+apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: deny-7000}\nspec:\n  preDNAT: true\n  applyOnForward: true\n  selector: role == 'pub'\n  ingress:\n  - action: Deny\n    protocol: TCP\n    destination: {ports: [7000]}\n";
+
+#[test]
+fn programs_and_tables_are_visible_to_bpftool_and_gone_after_sigterm() {
+    if !privileged("programs_and_tables_are_visible_to_bpftool_and_gone_after_sigterm") {
+        return;
+    }
+    let p = pair();
+    let dir = demo::TempDir::new(&unique("fwbpftool"));
+    std::fs::write(dir.0.join("policy.yaml"), HEP_AND_DENY).expect("write policy");
+    let pins = Path::new("/sys/fs/bpf").join(unique("fwb"));
+    let mut agent = Agent::start(&agent_binary(), &p.worker, &dir.0, "pair", &pins);
+    agent
+        .wait_for("policy applied", 0, Duration::from_secs(15))
+        .expect("applied");
+
+    let progs = sh("bpftool", &["prog", "show"]);
+    let links = sh("bpftool", &["link", "show"]);
+    let mut ids = Vec::new();
+    for name in ["fw_xdp", "fw_tc_in", "fw_tc_eg"] {
+        assert!(
+            progs.contains(&format!("name {name} ")),
+            "bpftool prog show lacks {name}:\n{progs}"
+        );
+        // This agent's copy (other tests run their own), by its pin.
+        let pinned = sh(
+            "bpftool",
+            &["prog", "show", "pinned", &pins.join(name).to_string_lossy()],
+        );
+        let id = pinned.split(':').next().expect("id").trim().to_owned();
+        assert!(pinned.contains(&format!("name {name} ")), "{pinned}");
+        // XDP and TCX attachments are links to the program.
+        assert!(
+            links.contains(&format!("prog {id}")),
+            "{name} (id {id}) is not attached:\n{links}"
+        );
+        ids.push(id);
+    }
+    let ports = sh(
+        "bpftool",
+        &[
+            "map",
+            "dump",
+            "pinned",
+            &pins.join("FW_PORT1").to_string_lossy(),
+        ],
+    );
+    assert!(ports.contains("key:"), "FW_PORT1 is empty:\n{ports}");
+    let gen = sh(
+        "bpftool",
+        &[
+            "map",
+            "dump",
+            "pinned",
+            &pins.join("FW_GEN1").to_string_lossy(),
+        ],
+    );
+    assert!(
+        gen.contains("value: 01 00 00 00"),
+        "first policy lives in generation 1:\n{gen}"
+    );
+
+    let status = agent.stop();
+    assert!(status.success(), "agent exit {status}");
+    assert!(!pins.exists(), "pins left after SIGTERM");
+    let links = sh("bpftool", &["link", "show"]);
+    for id in ids {
+        assert!(
+            !links.contains(&format!("prog {id}\n")) && !links.contains(&format!("prog {id} ")),
+            "program {id} still attached:\n{links}"
+        );
+    }
+}
+
+#[test]
+fn a_bad_edit_keeps_the_last_good_policy_and_a_fix_applies() {
+    if !privileged("a_bad_edit_keeps_the_last_good_policy_and_a_fix_applies") {
+        return;
+    }
+    let p = pair();
+    let _s7000 = TcpServer::start(&p.worker, "0.0.0.0:7000".parse().expect("addr"), "7000");
+    let _s7001 = TcpServer::start(&p.worker, "0.0.0.0:7001".parse().expect("addr"), "7001");
+    let dir = demo::TempDir::new(&unique("fwedit"));
+    let file = dir.0.join("policy.yaml");
+    std::fs::write(&file, HEP_AND_DENY).expect("write policy");
+    let pins = Path::new("/sys/fs/bpf").join(unique("fwe"));
+    let mut agent = Agent::start(&agent_binary(), &p.worker, &dir.0, "pair", &pins);
+    agent
+        .wait_for("policy applied", 0, Duration::from_secs(15))
+        .expect("applied");
+    let to = |port: u16| SocketAddr::from(([192, 0, 2, 1], port));
+    let t = Duration::from_millis(1500);
+    assert!(tcp_probe(&p.client, to(7000), t).is_err(), "7000 denied");
+    assert_eq!(tcp_probe(&p.client, to(7001), t).as_deref(), Ok("7001"));
+
+    // A typo: the agent names file, line and field, and keeps enforcing.
+    std::fs::write(
+        &file,
+        HEP_AND_DENY.replace("ports: [7000]", "ports: [\"7001-7002\"]"),
+    )
+    .expect("write");
+    agent
+        .wait_for("policy rejected", 0, Duration::from_secs(10))
+        .expect("rejected");
+    let log = agent.log_text();
+    assert!(
+        log.contains("policy.yaml:16: spec.ingress[0].destination.ports[0]"),
+        "{log}"
+    );
+    assert!(
+        tcp_probe(&p.client, to(7000), t).is_err(),
+        "last good policy still denies 7000"
+    );
+
+    // The fix moves the deny to 7001.
+    let applied = agent.count("policy applied");
+    std::fs::write(
+        &file,
+        HEP_AND_DENY.replace("ports: [7000]", "ports: [7001]"),
+    )
+    .expect("write");
+    agent
+        .wait_for("policy applied", applied, Duration::from_secs(10))
+        .expect("applied");
+    assert_eq!(tcp_probe(&p.client, to(7000), t).as_deref(), Ok("7000"));
+    assert!(
+        tcp_probe(&p.client, to(7001), t).is_err(),
+        "7001 denied now"
+    );
+    assert!(agent.stop().success());
+}

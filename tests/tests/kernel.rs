@@ -1,0 +1,369 @@
+//! The real `fw_xdp` under BPF_PROG_TEST_RUN, on crafted frames.
+//!
+//! Each test loads the embedded kernel object, publishes a compiled policy
+//! for the loopback interface (ifindex 1, which test runs may name without
+//! attaching anything to it), runs the program on frames built byte by byte,
+//! and asserts the XDP action and the reason counters.
+
+use std::{collections::BTreeMap, path::Path};
+
+use etherparse::{PacketBuilder, VlanId};
+use filter_agent::{
+    compile::{self, Node},
+    dataplane::{Dataplane, Interfaces},
+    model::Store,
+};
+use filter_common::reason;
+use filter_tests::{privileged, unique};
+
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+const LO: u32 = 1;
+
+const MAC_A: [u8; 6] = [2, 0, 0, 0, 0, 1];
+const MAC_B: [u8; 6] = [2, 0, 0, 0, 0, 2];
+const CLIENT: [u8; 4] = [198, 51, 100, 10];
+const OTHER: [u8; 4] = [198, 51, 100, 20];
+const WORKER: [u8; 4] = [198, 51, 100, 1];
+const LB: [u8; 4] = [203, 0, 113, 80];
+const CLIENT6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+];
+const WORKER6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01,
+];
+
+/// The tutorial's policies bound to `lo`, plus an ICMP rule.
+const POLICY: &str = r#"
+apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata: {name: test-hep, labels: {ibm.role: worker_public}}
+spec: {node: kernel-test, interfaceName: lo}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: deny-nodeports}
+spec:
+  applyOnForward: true
+  preDNAT: true
+  selector: ibm.role=='worker_public'
+  order: 1100
+  ingress:
+  - action: Deny
+    protocol: TCP
+    destination: {ports: ["30000:32767"]}
+  - action: Deny
+    protocol: UDP
+    destination: {ports: ["30000:32767"]}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: deny-lb-port-80}
+spec:
+  applyOnForward: true
+  preDNAT: true
+  selector: ibm.role=='worker_public'
+  order: 800
+  ingress:
+  - action: Deny
+    protocol: TCP
+    destination: {nets: [203.0.113.80/32], ports: [80]}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: whitelist}
+spec:
+  applyOnForward: true
+  preDNAT: true
+  selector: ibm.role=='worker_public'
+  order: 500
+  ingress:
+  - action: Allow
+    protocol: TCP
+    source: {nets: [198.51.100.10/32]}
+    destination: {nets: [203.0.113.80/32], ports: [80]}
+  - action: Deny
+    protocol: ICMP
+    icmp: {type: 8}
+"#;
+
+/// A loaded dataplane with [`POLICY`] published; unpinned on drop, also
+/// when the test fails.
+struct Loaded {
+    dp: Option<Dataplane>,
+    pin_dir: std::path::PathBuf,
+}
+
+impl Loaded {
+    fn new(policy: &str) -> Loaded {
+        let pin_dir = Path::new("/sys/fs/bpf").join(unique("fwk"));
+        let mut dp = Dataplane::load(&pin_dir).expect("load the kernel object");
+        let mut store = Store::default();
+        let mut errors = Vec::new();
+        store.add_text(Path::new("kernel-test.yaml"), policy, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let node = Node {
+            name: "kernel-test".into(),
+            interfaces: BTreeMap::new(),
+        };
+        let compiled = compile::compile(&store, &node).expect("compiles");
+        let ifaces: Interfaces = [("lo".to_string(), LO)].into();
+        dp.publish(&compiled, &ifaces).expect("publish");
+        Loaded {
+            dp: Some(dp),
+            pin_dir,
+        }
+    }
+
+    fn run(&mut self, frame: &[u8]) -> u32 {
+        self.dp
+            .as_mut()
+            .expect("loaded")
+            .test_run_xdp(frame, LO)
+            .expect("BPF_PROG_TEST_RUN")
+    }
+
+    fn reasons(&mut self) -> Vec<u64> {
+        self.dp
+            .as_mut()
+            .expect("loaded")
+            .reason_counts()
+            .expect("read FW_STATS1")
+    }
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        if let Some(dp) = self.dp.take() {
+            let _ = dp.shutdown();
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+fn tcp4(src: [u8; 4], dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src, dst, 64)
+        .tcp(40000, dport, 1, 1024)
+        .syn();
+    let mut v = Vec::new();
+    b.write(&mut v, &[]).expect("build");
+    v
+}
+
+fn udp4(src: [u8; 4], dst: [u8; 4], dport: u16) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src, dst, 64)
+        .udp(40000, dport)
+        .write(&mut v, b"ping")
+        .expect("build");
+    v
+}
+
+fn tcp6(dport: u16) -> Vec<u8> {
+    let mut v = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv6(CLIENT6, WORKER6, 64)
+        .tcp(40000, dport, 1, 1024)
+        .syn()
+        .write(&mut v, &[])
+        .expect("build");
+    v
+}
+
+/// Ethernet (14) + IPv4 (20) offsets of a frame built above.
+const IP4: usize = 14;
+const IP6: usize = 14;
+
+#[test]
+fn pre_dnat_lessons_decide_at_xdp() {
+    if !privileged("pre_dnat_lessons_decide_at_xdp") {
+        return;
+    }
+    let mut k = Loaded::new(POLICY);
+    // Lesson 2: node ports, TCP and UDP, from anyone.
+    assert_eq!(
+        k.run(&tcp4(OTHER, WORKER, 31000)),
+        XDP_DROP,
+        "tcp node port"
+    );
+    assert_eq!(
+        k.run(&tcp4(OTHER, WORKER, 30000)),
+        XDP_DROP,
+        "first node port"
+    );
+    assert_eq!(
+        k.run(&tcp4(OTHER, WORKER, 32767)),
+        XDP_DROP,
+        "last node port"
+    );
+    assert_eq!(
+        k.run(&tcp4(OTHER, WORKER, 29999)),
+        XDP_PASS,
+        "below the range"
+    );
+    assert_eq!(
+        k.run(&tcp4(OTHER, WORKER, 32768)),
+        XDP_PASS,
+        "above the range"
+    );
+    assert_eq!(
+        k.run(&udp4(OTHER, WORKER, 31000)),
+        XDP_DROP,
+        "udp node port"
+    );
+    // Lesson 3: allow-list (order 500) before the deny (order 800).
+    assert_eq!(
+        k.run(&tcp4(CLIENT, LB, 80)),
+        XDP_PASS,
+        "allow-listed client"
+    );
+    assert_eq!(k.run(&tcp4(OTHER, LB, 80)), XDP_DROP, "other client");
+    assert_eq!(
+        k.run(&tcp4(OTHER, WORKER, 80)),
+        XDP_PASS,
+        "port 80 of another address"
+    );
+    // IPv6: the node-port rules have no nets, so they hold for both families.
+    assert_eq!(k.run(&tcp6(31000)), XDP_DROP, "ipv6 node port");
+    assert_eq!(k.run(&tcp6(8080)), XDP_PASS, "ipv6 other port");
+    let r = k.reasons();
+    assert_eq!(r[reason::DROP_RULE as usize], 6, "{r:?}");
+    assert_eq!(r[reason::ALLOW_RULE as usize], 1, "{r:?}");
+    assert_eq!(r[reason::PASS_NO_VERDICT as usize], 4, "{r:?}");
+}
+
+#[test]
+fn parser_reads_vlan_tags_options_and_extension_headers() {
+    if !privileged("parser_reads_vlan_tags_options_and_extension_headers") {
+        return;
+    }
+    let mut k = Loaded::new(POLICY);
+    let mut single = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .single_vlan(VlanId::try_new(10).expect("vid"))
+        .ipv4(OTHER, WORKER, 64)
+        .tcp(40000, 31000, 1, 1024)
+        .write(&mut single, &[])
+        .expect("build");
+    assert_eq!(k.run(&single), XDP_DROP, "802.1Q");
+    let mut double = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .double_vlan(
+            VlanId::try_new(100).expect("vid"),
+            VlanId::try_new(10).expect("vid"),
+        )
+        .ipv4(OTHER, WORKER, 64)
+        .tcp(40000, 31000, 1, 1024)
+        .write(&mut double, &[])
+        .expect("build");
+    assert_eq!(k.run(&double), XDP_DROP, "QinQ");
+
+    // IPv4 with 8 bytes of options (IHL 7): ports sit after the options.
+    let mut opts = tcp4(OTHER, WORKER, 31000);
+    opts.splice(IP4 + 20..IP4 + 20, [1u8, 1, 1, 1, 1, 1, 1, 0]);
+    opts[IP4] = 0x47;
+    let total = u16::from_be_bytes([opts[IP4 + 2], opts[IP4 + 3]]) + 8;
+    opts[IP4 + 2..IP4 + 4].copy_from_slice(&total.to_be_bytes());
+    assert_eq!(k.run(&opts), XDP_DROP, "IPv4 options");
+    // The same options with an allowed port: the parser must not read the
+    // options as ports.
+    let mut opts_ok = opts.clone();
+    opts_ok[IP4 + 28 + 2..IP4 + 28 + 4].copy_from_slice(&8080u16.to_be_bytes());
+    opts_ok[IP4 + 20..IP4 + 28].copy_from_slice(&[0x75, 0x30, 0x75, 0x30, 1, 1, 1, 0]);
+    assert_eq!(
+        k.run(&opts_ok),
+        XDP_PASS,
+        "options that look like node ports"
+    );
+
+    // IPv6 with a hop-by-hop header (8 bytes) before TCP.
+    let mut hbh = tcp6(31000);
+    hbh.splice(IP6 + 40..IP6 + 40, [6u8, 0, 1, 4, 0, 0, 0, 0]);
+    hbh[IP6 + 6] = 0; // next header: hop-by-hop
+    let plen = u16::from_be_bytes([hbh[IP6 + 4], hbh[IP6 + 5]]) + 8;
+    hbh[IP6 + 4..IP6 + 6].copy_from_slice(&plen.to_be_bytes());
+    assert_eq!(k.run(&hbh), XDP_DROP, "IPv6 hop-by-hop");
+}
+
+#[test]
+fn fragments_truncation_and_other_protocols_pass_or_match_by_protocol() {
+    if !privileged("fragments_truncation_and_other_protocols_pass_or_match_by_protocol") {
+        return;
+    }
+    let mut k = Loaded::new(POLICY);
+    // First fragment (MF set, offset 0) has the ports: judged.
+    let mut first = tcp4(OTHER, WORKER, 31000);
+    first[IP4 + 6] = 0x20;
+    assert_eq!(k.run(&first), XDP_DROP, "first fragment");
+    // A later fragment has no L4 header: port rules cannot match it.
+    let mut later = tcp4(OTHER, WORKER, 31000);
+    later[IP4 + 6..IP4 + 8].copy_from_slice(&[0x00, 0x10]);
+    assert_eq!(k.run(&later), XDP_PASS, "non-first fragment");
+
+    let before = k.reasons()[reason::PASS_TRUNCATED as usize];
+    let full = tcp4(OTHER, WORKER, 31000);
+    // (BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header.)
+    for cut in [IP4 + 10, IP4 + 20 + 2] {
+        assert_eq!(k.run(&full[..cut]), XDP_PASS, "truncated at {cut}");
+    }
+    let mut tagged = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .single_vlan(VlanId::try_new(10).expect("vid"))
+        .ipv4(OTHER, WORKER, 64)
+        .tcp(40000, 31000, 1, 1024)
+        .write(&mut tagged, &[])
+        .expect("build");
+    assert_eq!(
+        k.run(&tagged[..16]),
+        XDP_PASS,
+        "truncated inside the VLAN tag"
+    );
+    let mut bad_ihl = full.clone();
+    bad_ihl[IP4] = 0x43;
+    assert_eq!(k.run(&bad_ihl), XDP_PASS, "IHL below 5");
+    assert_eq!(k.reasons()[reason::PASS_TRUNCATED as usize] - before, 4);
+
+    // ARP is not IP: passed, counted as such.
+    let mut arp = vec![0xffu8; 6];
+    arp.extend_from_slice(&MAC_A);
+    arp.extend_from_slice(&[0x08, 0x06]);
+    arp.extend_from_slice(&[0u8; 28]);
+    let not_ip = k.reasons()[reason::PASS_NOT_IP as usize];
+    assert_eq!(k.run(&arp), XDP_PASS, "ARP");
+    assert_eq!(k.reasons()[reason::PASS_NOT_IP as usize], not_ip + 1);
+
+    // ICMP type/code ride in the port bits: echo request denied, reply not.
+    let mut echo = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(OTHER, WORKER, 64)
+        .icmpv4_echo_request(1, 1)
+        .write(&mut echo, &[])
+        .expect("build");
+    assert_eq!(k.run(&echo), XDP_DROP, "echo request");
+    let mut reply = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(OTHER, WORKER, 64)
+        .icmpv4_echo_reply(1, 1)
+        .write(&mut reply, &[])
+        .expect("build");
+    assert_eq!(k.run(&reply), XDP_PASS, "echo reply");
+}
+
+#[test]
+fn interface_without_a_selected_endpoint_is_not_judged() {
+    if !privileged("interface_without_a_selected_endpoint_is_not_judged") {
+        return;
+    }
+    // The endpoint's label no longer matches any policy selector.
+    let mut k =
+        Loaded::new(&POLICY.replace("ibm.role: worker_public}", "ibm.role: worker_private}"));
+    assert_eq!(k.run(&tcp4(OTHER, WORKER, 31000)), XDP_PASS);
+    assert_eq!(
+        k.reasons()[reason::PASS_NO_POLICY as usize],
+        1,
+        "{:?}",
+        k.reasons()
+    );
+}
