@@ -23,7 +23,14 @@ fn main() -> ExitCode {
     let agent = agent.unwrap_or_else(filter_tests::agent_binary);
     let examples = examples.unwrap_or_else(|| PathBuf::from("examples"));
     if let Err(e) = ctrlc::set_handler(|| {
-        eprintln!("\ninterrupted: cleaning up namespaces, agent and pins");
+        // Hold both streams until exit: probes failing because their hosts
+        // are being removed must not print misleading results meanwhile.
+        let _out = std::io::stdout().lock();
+        let mut err = std::io::stderr().lock();
+        let _ = std::io::Write::write_all(
+            &mut err,
+            b"\ninterrupted: cleaning up namespaces, agent and pins\n",
+        );
         demo::emergency_cleanup(PREFIX);
         std::process::exit(130);
     }) {
