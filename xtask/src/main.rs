@@ -18,6 +18,15 @@ use clap::{Parser, Subcommand};
 const TOOLCHAIN: &str = "1.98.0";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// The release binaries: the agent and the demo.
+const RELEASE_BUILD: &[&str] = &[
+    "build",
+    "--release",
+    "-p",
+    "filter-agent",
+    "-p",
+    "filter-tests",
+];
 const DEBIAN_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -73,17 +82,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Build => {
             prereqs()?;
             build_ebpf(&root)?;
-            cargo(
-                &root,
-                &[
-                    "build",
-                    "--release",
-                    "-p",
-                    "filter-agent",
-                    "-p",
-                    "filter-tests",
-                ],
-            )
+            cargo(&root, RELEASE_BUILD)
         }
         Cmd::Test { args } => {
             require_root("cargo xtask test")?;
@@ -107,17 +106,7 @@ fn run(cli: Cli) -> Result<()> {
             require_root("cargo xtask demo")?;
             prereqs()?;
             build_ebpf(&root)?;
-            cargo(
-                &root,
-                &[
-                    "build",
-                    "--release",
-                    "-p",
-                    "filter-agent",
-                    "-p",
-                    "filter-tests",
-                ],
-            )?;
+            cargo(&root, RELEASE_BUILD)?;
             let mut cmd = Command::new(root.join("target/release/fw-demo"));
             cmd.current_dir(&root)
                 .arg("--agent")

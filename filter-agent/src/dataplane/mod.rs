@@ -32,7 +32,7 @@ use filter_common::{
     TABLE_PREFIX_BITS,
 };
 
-use crate::compile::{Compiled, PortEntry, Table};
+use crate::compile::{prefix::Prefix, Compiled, PortEntry, Table};
 
 /// The kernel object, built by `cargo xtask build-ebpf` and embedded so the
 /// agent binary runs alone.
@@ -268,64 +268,47 @@ impl Dataplane {
                     .map_err(map_error(names::MAP_RULE, format!("set rule {i}")))?;
             }
         }
-        let v4 = |a: u128| (a as u32).to_be_bytes();
-        let v6 = |a: u128| a.to_be_bytes();
-        self.fill_trie(
-            names::MAP_SRC_V4,
-            &t.src_v4,
-            |p| {
-                Key::new(
-                    TABLE_PREFIX_BITS + u32::from(p.len),
-                    AddrV4Key {
-                        table: tb,
-                        addr: v4(p.value(32)),
-                    },
-                )
-            },
-            base,
-        )?;
-        self.fill_trie(
-            names::MAP_DST_V4,
-            &t.dst_v4,
-            |p| {
-                Key::new(
-                    TABLE_PREFIX_BITS + u32::from(p.len),
-                    AddrV4Key {
-                        table: tb,
-                        addr: v4(p.value(32)),
-                    },
-                )
-            },
-            base,
-        )?;
-        self.fill_trie(
-            names::MAP_SRC_V6,
-            &t.src_v6,
-            |p| {
-                Key::new(
-                    TABLE_PREFIX_BITS + u32::from(p.len),
-                    AddrV6Key {
-                        table: tb,
-                        addr: v6(p.value(128)),
-                    },
-                )
-            },
-            base,
-        )?;
-        self.fill_trie(
-            names::MAP_DST_V6,
-            &t.dst_v6,
-            |p| {
-                Key::new(
-                    TABLE_PREFIX_BITS + u32::from(p.len),
-                    AddrV6Key {
-                        table: tb,
-                        addr: v6(p.value(128)),
-                    },
-                )
-            },
-            base,
-        )?;
+        let bits = |p: &Prefix| TABLE_PREFIX_BITS + u32::from(p.len);
+        for (name, entries) in [
+            (names::MAP_SRC_V4, &t.src_v4),
+            (names::MAP_DST_V4, &t.dst_v4),
+        ] {
+            let addr = |p: &Prefix| (p.value(32) as u32).to_be_bytes();
+            self.fill_trie(
+                name,
+                entries,
+                |p| {
+                    Key::new(
+                        bits(p),
+                        AddrV4Key {
+                            table: tb,
+                            addr: addr(p),
+                        },
+                    )
+                },
+                base,
+            )?;
+        }
+        for (name, entries) in [
+            (names::MAP_SRC_V6, &t.src_v6),
+            (names::MAP_DST_V6, &t.dst_v6),
+        ] {
+            let addr = |p: &Prefix| p.value(128).to_be_bytes();
+            self.fill_trie(
+                name,
+                entries,
+                |p| {
+                    Key::new(
+                        bits(p),
+                        AddrV6Key {
+                            table: tb,
+                            addr: addr(p),
+                        },
+                    )
+                },
+                base,
+            )?;
+        }
         {
             let mut ports: LpmTrie<&mut MapData, PortKey, u32> = self.map(names::MAP_PORT)?;
             for e in &t.ports {
@@ -348,8 +331,8 @@ impl Dataplane {
     fn fill_trie<K: aya::Pod>(
         &mut self,
         name: &'static str,
-        entries: &[(crate::compile::prefix::Prefix, u32)],
-        key: impl Fn(&crate::compile::prefix::Prefix) -> Key<K>,
+        entries: &[(Prefix, u32)],
+        key: impl Fn(&Prefix) -> Key<K>,
         base: u32,
     ) -> Result<(), Error> {
         let mut trie: LpmTrie<&mut MapData, K, u32> = self.map(name)?;
