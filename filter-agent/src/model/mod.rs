@@ -56,6 +56,9 @@ pub struct Resource<S> {
     pub spec: S,
     /// Where the resource starts.
     pub origin: Origin,
+    /// Line where its YAML document starts, and its path inside the document
+    /// (empty, or `items[3]` in a List), to place later errors.
+    pub doc: (usize, String),
 }
 
 /// Everything loaded from a policy source.
@@ -69,20 +72,37 @@ pub struct Store {
     pub host_endpoints: Vec<Resource<HostEndpointSpec>>,
     /// Global network sets.
     pub global_network_sets: Vec<Resource<NetworkSetSpec>>,
+    /// Namespaced network sets.
+    pub network_sets: Vec<Resource<NetworkSetSpec>>,
+    /// Tiers.
+    pub tiers: Vec<Resource<TierSpec>>,
+    /// Profiles.
+    pub profiles: Vec<Resource<ProfileSpec>>,
+    /// Felix configurations (`default` is the cluster-wide one).
+    pub felix_configs: Vec<Resource<FelixConfigurationSpec>>,
 }
 
 const CALICO_V3: &str = "projectcalico.org/v3";
 const CALICO_CRD: &str = "crd.projectcalico.org/v1";
 
-/// The two fields every document has; read first to pick the spec type.
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Header {
-    #[serde(default)]
-    api_version: Option<String>,
-    #[serde(default)]
-    kind: Option<String>,
-}
+/// Calico kinds that exist but say nothing about host-endpoint policy.
+const IGNORED_CALICO_KINDS: &[&str] = &[
+    "BGPConfiguration",
+    "BGPFilter",
+    "BGPPeer",
+    "BlockAffinity",
+    "CalicoNodeStatus",
+    "ClusterInformation",
+    "IPAMConfiguration",
+    "IPPool",
+    "IPReservation",
+    "KubeControllersConfiguration",
+    "Node",
+    "StagedGlobalNetworkPolicy",
+    "StagedKubernetesNetworkPolicy",
+    "StagedNetworkPolicy",
+    "WorkloadEndpoint",
+];
 
 /// A whole resource document with a typed spec.
 #[derive(Deserialize)]
@@ -99,12 +119,6 @@ struct Document<S> {
     /// Exported resources may carry a status block; it is ignored.
     #[serde(default, rename = "status")]
     _status: Option<serde_yaml::Value>,
-}
-
-#[derive(Deserialize)]
-struct ListDocument {
-    #[serde(default)]
-    items: Vec<serde_yaml::Value>,
 }
 
 impl Store {
@@ -156,123 +170,125 @@ impl Store {
     /// Parses one file's text into the store, appending errors.
     pub fn add_text(&mut self, file: &Path, text: &str, errors: &mut Vec<Error>) {
         for (first_line, doc) in split_documents(text) {
-            self.add_document(file, first_line, doc, errors);
+            let ctx = DocContext {
+                file,
+                first_line,
+                text: doc,
+            };
+            match serde_yaml::from_str::<serde_yaml::Value>(doc) {
+                Ok(value) => self.add_value(&ctx, value, "", errors),
+                Err(e) => {
+                    let line = e.location().map_or(1, |l| l.line());
+                    errors.push(ctx.error(line, "-", yaml_message(&e)));
+                }
+            }
         }
     }
 
-    fn add_document(&mut self, file: &Path, first_line: usize, doc: &str, errors: &mut Vec<Error>) {
-        let origin = |line: usize| Origin {
-            file: file.to_owned(),
-            line: first_line + line.saturating_sub(1),
-        };
-        let header: Header = match serde_yaml::from_str(doc) {
-            Ok(h) => h,
-            Err(e) => {
-                let line = e.location().map_or(1, |l| l.line());
-                errors.push(Error {
-                    origin: origin(line),
-                    field: "-".into(),
-                    message: yaml_message(&e),
-                });
+    /// Adds the resource(s) in `value`, found at `path` in the document.
+    fn add_value(
+        &mut self,
+        ctx: &DocContext<'_>,
+        value: serde_yaml::Value,
+        path: &str,
+        errors: &mut Vec<Error>,
+    ) {
+        use serde_yaml::Value;
+        let at = |field: &str| join_path(path, field);
+        let map = match value {
+            Value::Null => return,
+            Value::Sequence(items) => {
+                // calicoctl accepts a bare YAML/JSON list of resources.
+                for (i, item) in items.into_iter().enumerate() {
+                    self.add_value(ctx, item, &format!("{path}[{i}]"), errors);
+                }
+                return;
+            }
+            Value::Mapping(m) => m,
+            _ => {
+                errors.push(ctx.error_at(
+                    "-",
+                    "expected a resource (a mapping with apiVersion and kind)".into(),
+                ));
                 return;
             }
         };
-        let (api_version, kind) = match (header.api_version, header.kind) {
-            (Some(a), Some(k)) => (a, k),
-            (a, k) => {
-                let missing = if a.is_none() { "apiVersion" } else { "kind" };
-                let _ = k;
-                errors.push(Error {
-                    origin: origin(1),
-                    field: missing.into(),
-                    message: format!("missing {missing}: not a Kubernetes resource"),
-                });
-                return;
-            }
+        let text = |k: &str| map.get(k).and_then(Value::as_str).map(str::to_owned);
+        let (Some(api_version), Some(kind)) = (text("apiVersion"), text("kind")) else {
+            let missing = if text("apiVersion").is_none() {
+                "apiVersion"
+            } else {
+                "kind"
+            };
+            errors.push(ctx.error_at(
+                &at(missing),
+                format!("missing {missing}: not a Kubernetes resource"),
+            ));
+            return;
         };
         if api_version == "v1"
             && matches!(
                 kind.as_str(),
-                "policy" | "hostEndpoint" | "profile" | "workloadEndpoint"
+                "policy" | "hostEndpoint" | "profile" | "workloadEndpoint" | "tier"
             )
         {
-            errors.push(Error {
-                origin: origin(1),
-                field: "apiVersion".into(),
-                message: format!(
-                    "this is the old Calico v1 format (apiVersion: v1, kind: {kind}), which Calico \
-                     v3 no longer accepts; convert it with `calicoctl convert` to \
-                     apiVersion: projectcalico.org/v3"
+            errors.push(ctx.error_at(&at("apiVersion"),
+                format!(
+                    "this is the old Calico v1 format (apiVersion: v1, kind: {kind}), which Calico v3 no longer \
+                     accepts; convert it with `calicoctl convert` to apiVersion: {CALICO_V3}"
                 ),
-            });
+            ));
             return;
         }
         if kind.ends_with("List") {
-            match serde_yaml::from_str::<ListDocument>(doc) {
-                Ok(list) => {
-                    for item in list.items {
-                        match serde_yaml::to_string(&item) {
-                            Ok(text) => self.add_document(file, first_line, &text, errors),
-                            Err(e) => errors.push(Error {
-                                origin: origin(1),
-                                field: "items".into(),
-                                message: e.to_string(),
-                            }),
-                        }
+            match map.get("items") {
+                Some(Value::Sequence(items)) => {
+                    for (i, item) in items.clone().into_iter().enumerate() {
+                        self.add_value(ctx, item, &at(&format!("items[{i}]")), errors);
                     }
                 }
-                Err(e) => errors.push(Error {
-                    origin: origin(e.location().map_or(1, |l| l.line())),
-                    field: "items".into(),
-                    message: yaml_message(&e),
-                }),
+                None | Some(Value::Null) => {}
+                Some(_) => errors.push(ctx.error_at(&at("items"), "items must be a list".into())),
             }
             return;
         }
         if api_version != CALICO_V3 && api_version != CALICO_CRD {
-            // Kubernetes objects that may share a directory with policy
-            // (Services arrive with the dataplane work) are not ours to judge.
-            if api_version == "v1"
-                || api_version.contains(".k8s.io/")
-                || !api_version.contains("projectcalico")
-            {
-                tracing::debug!(file = %file.display(), kind, api_version, "skipping non-Calico resource");
-                return;
+            if api_version.contains("projectcalico.org") {
+                errors.push(ctx.error_at(&at("apiVersion"),
+                    format!("unsupported apiVersion {api_version:?}: expected {CALICO_V3} or {CALICO_CRD}"),
+                ));
+            } else {
+                // Kubernetes objects that share the directory are not ours.
+                tracing::debug!(file = %ctx.file.display(), kind, api_version, "skipping non-Calico resource");
             }
-            errors.push(Error {
-                origin: origin(1),
-                field: "apiVersion".into(),
-                message: format!(
-                    "unsupported apiVersion {api_version:?}: expected {CALICO_V3} or {CALICO_CRD}"
-                ),
-            });
             return;
         }
-        let ctx = DocContext {
-            file,
-            first_line,
-            text: doc,
-        };
+        let value = Value::Mapping(map);
         match kind.as_str() {
-            "GlobalNetworkPolicy" => ctx.parse(errors, &mut self.global_policies),
-            "NetworkPolicy" => ctx.parse(errors, &mut self.network_policies),
-            "HostEndpoint" => ctx.parse(errors, &mut self.host_endpoints),
-            "GlobalNetworkSet" => ctx.parse(errors, &mut self.global_network_sets),
-            "NetworkSet"
-            | "Tier"
-            | "Profile"
-            | "FelixConfiguration"
-            | "StagedGlobalNetworkPolicy"
-            | "StagedNetworkPolicy"
-            | "StagedKubernetesNetworkPolicy" => {
-                tracing::debug!(file = %file.display(), kind, "resource kind not enforced yet, skipped");
+            "GlobalNetworkPolicy" => ctx.parse(value, path, errors, &mut self.global_policies),
+            "NetworkPolicy" => ctx.parse(value, path, errors, &mut self.network_policies),
+            "HostEndpoint" => ctx.parse(value, path, errors, &mut self.host_endpoints),
+            "GlobalNetworkSet" => ctx.parse(value, path, errors, &mut self.global_network_sets),
+            "NetworkSet" => ctx.parse(value, path, errors, &mut self.network_sets),
+            "Tier" => ctx.parse(value, path, errors, &mut self.tiers),
+            "Profile" => ctx.parse(value, path, errors, &mut self.profiles),
+            "FelixConfiguration" => ctx.parse(value, path, errors, &mut self.felix_configs),
+            k if IGNORED_CALICO_KINDS.contains(&k) => {
+                tracing::debug!(file = %ctx.file.display(), kind = k, "Calico kind without host-endpoint policy meaning, skipped");
             }
-            other => errors.push(Error {
-                origin: origin(1),
-                field: "kind".into(),
-                message: format!("unknown Calico kind {other:?}"),
-            }),
+            other => {
+                errors.push(ctx.error_at(&at("kind"), format!("unknown Calico kind {other:?}")))
+            }
         }
+    }
+}
+
+/// `a.b` + `c` → `a.b.c`; an empty prefix adds nothing.
+pub(crate) fn join_path(prefix: &str, field: &str) -> String {
+    if prefix.is_empty() {
+        field.to_owned()
+    } else {
+        format!("{prefix}.{field}")
     }
 }
 
@@ -284,37 +300,67 @@ struct DocContext<'a> {
 }
 
 impl DocContext<'_> {
+    fn error(&self, line_in_doc: usize, field: &str, message: String) -> Error {
+        Error {
+            origin: Origin {
+                file: self.file.to_owned(),
+                line: self.first_line + line_in_doc.max(1) - 1,
+            },
+            field: field.to_owned(),
+            message,
+        }
+    }
+
+    /// An error about `field`, placed by walking the document to it.
+    fn error_at(&self, field: &str, message: String) -> Error {
+        self.error(locate::line_of(self.text, field), field, message)
+    }
+
     fn parse<S: DeserializeOwned + Default>(
         &self,
+        value: serde_yaml::Value,
+        path: &str,
         errors: &mut Vec<Error>,
         out: &mut Vec<Resource<S>>,
     ) {
-        let de = serde_yaml::Deserializer::from_str(self.text);
-        match serde_path_to_error::deserialize::<_, Document<S>>(de) {
+        // A plain document is parsed again from its text, so errors carry
+        // serde_yaml's exact position; items of lists are parsed from their
+        // value and placed by their path.
+        let parsed = if path.is_empty() {
+            serde_path_to_error::deserialize::<_, Document<S>>(serde_yaml::Deserializer::from_str(
+                self.text,
+            ))
+            .map_err(|e| {
+                let field = e.path().to_string();
+                let inner = e.into_inner();
+                let line = inner
+                    .location()
+                    .map(|l| l.line())
+                    .unwrap_or_else(|| locate::line_of(self.text, &field));
+                self.error(line, &field, yaml_message(&inner))
+            })
+        } else {
+            serde_path_to_error::deserialize::<_, Document<S>>(value).map_err(|e| {
+                let field = join_path(path, &e.path().to_string());
+                self.error_at(&field, yaml_message(e.inner()))
+            })
+        };
+        match parsed {
             Ok(doc) => out.push(Resource {
                 meta: doc.metadata,
                 spec: doc.spec.unwrap_or_default(),
                 origin: Origin {
                     file: self.file.to_owned(),
-                    line: self.first_line,
+                    line: self.first_line
+                        + if path.is_empty() {
+                            0
+                        } else {
+                            locate::line_of(self.text, path) - 1
+                        },
                 },
+                doc: (self.first_line, path.to_owned()),
             }),
-            Err(e) => {
-                let path = e.path().to_string();
-                let inner = e.into_inner();
-                let line = inner
-                    .location()
-                    .map(|l| l.line())
-                    .unwrap_or_else(|| locate::line_of(self.text, &path));
-                errors.push(Error {
-                    origin: Origin {
-                        file: self.file.to_owned(),
-                        line: self.first_line + line - 1,
-                    },
-                    field: path,
-                    message: yaml_message(&inner),
-                });
-            }
+            Err(e) => errors.push(e),
         }
     }
 }

@@ -439,3 +439,77 @@ enum IntOrString {
     Int(i64),
     Str(String),
 }
+
+/// `spec` of a Tier (calico-semantics.md 1.5).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TierSpec {
+    /// Lower runs first; unset runs last.
+    #[serde(default)]
+    pub order: Option<f64>,
+    /// What a tier does when its policies applied but none decided.
+    #[serde(default)]
+    pub default_action: Option<TierAction>,
+}
+
+/// A tier's end action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum TierAction {
+    /// Drop (the default).
+    Deny,
+    /// Go on with the next tier.
+    Pass,
+}
+
+/// `spec` of a Profile (1.5): rule lists applied after all tiers, and labels
+/// its endpoints inherit.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProfileSpec {
+    /// Ingress rules.
+    #[serde(default)]
+    pub ingress: Vec<Rule>,
+    /// Egress rules.
+    #[serde(default)]
+    pub egress: Vec<Rule>,
+    /// Labels applied to endpoints that use the profile.
+    #[serde(default)]
+    pub labels_to_apply: BTreeMap<String, String>,
+}
+
+/// The FelixConfiguration fields this dataplane honours (4, 6). Felix has a
+/// hundred more; they configure Felix's own dataplanes and are accepted and
+/// ignored here.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FelixConfigurationSpec {
+    /// Inbound failsafe ports; `[]` disables them.
+    #[serde(default)]
+    pub failsafe_inbound_host_ports: Option<Vec<ProtoPort>>,
+    /// Outbound failsafe ports; `[]` disables them.
+    #[serde(default)]
+    pub failsafe_outbound_host_ports: Option<Vec<ProtoPort>>,
+    /// Prefix of Log-action lines; Calico appends ": ".
+    #[serde(default)]
+    pub log_prefix: Option<String>,
+}
+
+/// A failsafe entry: protocol, port, and an optional CIDR.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtoPort {
+    /// TCP or UDP (SCTP passes the API validator but not Felix).
+    #[serde(default = "ProtoPort::default_protocol")]
+    pub protocol: String,
+    /// Destination port.
+    pub port: u16,
+    /// Inbound: source CIDR; outbound: destination CIDR.
+    #[serde(default)]
+    pub net: Option<String>,
+}
+
+impl ProtoPort {
+    fn default_protocol() -> String {
+        "TCP".into()
+    }
+}

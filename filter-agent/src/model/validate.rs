@@ -17,7 +17,7 @@ pub fn store(store: &Store, errors: &mut Vec<Error>) {
         global_policy(p, errors);
     }
     for p in &store.network_policies {
-        let mut report = reporter(&p.origin, errors);
+        let mut report = reporter(p, errors);
         name(&p.meta.name, "NetworkPolicy", &mut report);
         if let Some(s) = &p.spec.selector {
             selector(s, "spec.selector", &mut report);
@@ -49,16 +49,19 @@ pub fn effective_types(spec: &GlobalNetworkPolicySpec) -> Vec<PolicyType> {
     t
 }
 
-/// Collects errors of one resource; `field` is a path inside the document.
+/// Collects errors of one resource; `field` is a path inside the resource.
 struct Reporter<'a> {
     origin: &'a Origin,
+    /// Line where the resource's document starts, and its path in it.
+    doc: &'a (usize, String),
     text: Option<String>,
     errors: &'a mut Vec<Error>,
 }
 
-fn reporter<'a>(origin: &'a Origin, errors: &'a mut Vec<Error>) -> Reporter<'a> {
+fn reporter<'a, S>(r: &'a Resource<S>, errors: &'a mut Vec<Error>) -> Reporter<'a> {
     Reporter {
-        origin,
+        origin: &r.origin,
+        doc: &r.doc,
         text: None,
         errors,
     }
@@ -68,10 +71,10 @@ impl Reporter<'_> {
     fn error(&mut self, field: &str, message: impl Into<String>) {
         // Read the document again only when there is an error to place.
         if self.text.is_none() {
-            self.text = Some(document_text(self.origin).unwrap_or_default());
+            self.text = Some(document_text(&self.origin.file, self.doc.0).unwrap_or_default());
         }
         let text = self.text.as_deref().unwrap_or_default();
-        let line = self.origin.line + locate::line_of(text, field) - 1;
+        let line = self.doc.0 + locate::line_of(text, &super::join_path(&self.doc.1, field)) - 1;
         self.errors.push(Error {
             origin: Origin {
                 file: self.origin.file.clone(),
@@ -83,12 +86,12 @@ impl Reporter<'_> {
     }
 }
 
-/// The text of the document that starts at `origin`.
-fn document_text(origin: &Origin) -> Option<String> {
-    let text = std::fs::read_to_string(&origin.file).ok()?;
+/// The text of the document of `file` that starts at `line`.
+fn document_text(file: &std::path::Path, line: usize) -> Option<String> {
+    let text = std::fs::read_to_string(file).ok()?;
     super::split_documents(&text)
         .into_iter()
-        .find(|(line, _)| *line == origin.line)
+        .find(|(l, _)| *l == line)
         .map(|(_, d)| d.to_owned())
 }
 
@@ -124,7 +127,7 @@ fn selector(expr: &str, field: &str, report: &mut Reporter<'_>) {
 }
 
 fn global_policy(p: &Resource<GlobalNetworkPolicySpec>, errors: &mut Vec<Error>) {
-    let mut report = reporter(&p.origin, errors);
+    let mut report = reporter(p, errors);
     let s = &p.spec;
     name(&p.meta.name, "GlobalNetworkPolicy", &mut report);
     if let Some(sel) = &s.selector {
@@ -277,7 +280,7 @@ fn rule(r: &Rule, path: &str, direction: &str, report: &mut Reporter<'_>) {
 }
 
 fn host_endpoint(h: &Resource<HostEndpointSpec>, errors: &mut Vec<Error>) {
-    let mut report = reporter(&h.origin, errors);
+    let mut report = reporter(h, errors);
     let s = &h.spec;
     if s.node.is_empty() {
         report.error("spec.node", "a HostEndpoint needs spec.node");
