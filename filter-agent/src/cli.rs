@@ -228,9 +228,11 @@ fn reload(
             return;
         }
     };
-    if !compiled.not_enforced.is_empty() {
-        tracing::info!(policies = ?compiled.not_enforced, "loaded; only pre-DNAT policies are enforced by this version");
-    }
+    let rules: Vec<usize> = compiled.tables.iter().map(|t| t.rules.len()).collect();
+    tracing::info!(
+        ?rules,
+        "compiled every stage (rules per table, untracked/pre-DNAT/normal/forward × ingress/egress); this version's kernel enforces the pre-DNAT stage"
+    );
     for e in compiled
         .endpoints
         .iter()

@@ -10,5 +10,6 @@ pub mod compile;
 pub mod dataplane;
 pub mod model;
 pub mod node;
+pub mod reference;
 pub mod selector;
 pub mod source;

@@ -20,7 +20,8 @@
 //! * `FW_CLASS1`: array, class number → [`Bitmap`].
 //! * `FW_EP1`: hash, [`EndpointKey`] → [`Bitmap`] of the rules whose policy
 //!   selects the endpoint on that interface. No entry: no policy applies.
-//! * `FW_RULE1`: array, [`rule_slot`] → [`RuleMeta`].
+//! * `FW_SPORT1`: like `FW_PORT1`, keyed by the source port.
+//! * `FW_RULE2`: array, [`rule_slot`] → [`RuleMeta`].
 //! * `FW_GEN1`: array of one `u32`, the live generation. The agent writes a
 //!   whole new generation, then flips this word: a packet reads it once and
 //!   so sees one policy version, never half of two.
@@ -46,6 +47,9 @@ pub const TABLE_PREFIX_BITS: u32 = 32;
 
 /// Entries in each LPM trie (shared by all tables and both generations).
 pub const MAX_TRIE_ENTRIES: u32 = 262_144;
+/// Log and Pass rules one packet may meet in one stage before the program
+/// gives up on the stage (counted as `reason::PASS_TOO_MANY_HOPS`).
+pub const MAX_HOPS: u32 = 32;
 /// Entries in the endpoint map: (interface, table) pairs.
 pub const MAX_ENDPOINT_ENTRIES: u32 = 4096;
 
@@ -88,7 +92,7 @@ pub const fn table_id(generation: u32, stage: u32, direction: u32) -> u32 {
     (generation * TABLES_PER_GEN) + (stage << 1) + direction
 }
 
-/// Index of a rule in `FW_RULE1` and `FW_RULE_CTR1`.
+/// Index of a rule in `FW_RULE2` and `FW_RULE_CTR1`.
 #[inline(always)]
 pub const fn rule_slot(table: u32, rule: u32) -> u32 {
     table * MAX_RULES + rule
@@ -178,8 +182,9 @@ pub struct RuleMeta {
     pub policy: u32,
     /// Index of the rule within its policy's rule list.
     pub rule: u32,
-    /// Reserved, zero.
-    pub flags: u32,
+    /// For Log: the rule to go on with (past the other parts of the same
+    /// rule); for Pass: the first rule after the tier (or profile).
+    pub next: u32,
 }
 
 /// Per-rule counters (per CPU).
@@ -213,6 +218,9 @@ pub mod reason {
     pub const PASS_TABLE_ERROR: u32 = 6;
     /// Seen by a TC program that does not enforce yet.
     pub const PASS_TC_OBSERVED: u32 = 7;
+    /// More than `MAX_HOPS` Log/Pass rules matched: the stage gives no
+    /// verdict (the agent warns when a policy can lead there).
+    pub const PASS_TOO_MANY_HOPS: u32 = 8;
     /// Number of reason slots in `FW_STATS1`.
     pub const COUNT: u32 = 16;
 }
@@ -239,24 +247,27 @@ pub mod names {
     pub const MAP_DST_V6: &str = "FW_DST6_1";
     /// Protocol / destination port trie.
     pub const MAP_PORT: &str = "FW_PORT1";
+    /// Protocol / source port trie.
+    pub const MAP_SPORT: &str = "FW_SPORT1";
     /// Class → bitmap.
     pub const MAP_CLASS: &str = "FW_CLASS1";
     /// Endpoint masks.
     pub const MAP_ENDPOINT: &str = "FW_EP1";
     /// Rule metadata.
-    pub const MAP_RULE: &str = "FW_RULE1";
+    pub const MAP_RULE: &str = "FW_RULE2";
     /// Per-rule counters.
     pub const MAP_RULE_COUNTERS: &str = "FW_RULE_CTR1";
     /// Per-reason packet counters.
     pub const MAP_STATS: &str = "FW_STATS1";
     /// Every map, for pinning and clean-up.
-    pub const ALL_MAPS: [&str; 11] = [
+    pub const ALL_MAPS: [&str; 12] = [
         MAP_GENERATION,
         MAP_SRC_V4,
         MAP_DST_V4,
         MAP_SRC_V6,
         MAP_DST_V6,
         MAP_PORT,
+        MAP_SPORT,
         MAP_CLASS,
         MAP_ENDPOINT,
         MAP_RULE,

@@ -27,11 +27,14 @@ pub fn and_not(a: &mut Bitmap, b: &Bitmap) {
     a.words.iter_mut().zip(&b.words).for_each(|(x, y)| *x &= !y);
 }
 
-/// The lowest rule set in `a & b & c & d`, as the kernel's verdict loop
-/// finds it.
-pub fn first_common(maps: [&Bitmap; 4]) -> Option<usize> {
-    (0..maps[0].words.len()).find_map(|w| {
-        let x = maps.iter().fold(u64::MAX, |acc, m| acc & m.words[w]);
+/// The lowest rule at or after `start` that is set, as the kernel's verdict
+/// loop finds it.
+pub fn first_from(b: &Bitmap, start: usize) -> Option<usize> {
+    (start / 64..b.words.len()).find_map(|w| {
+        let mut x = b.words[w];
+        if w == start / 64 {
+            x &= u64::MAX << (start % 64);
+        }
         (x != 0).then(|| w * 64 + x.trailing_zeros() as usize)
     })
 }

@@ -1,17 +1,27 @@
 //! Store → classifier tables: pure functions, no I/O, no kernel.
 //!
 //! In: a validated [`Store`], this node's name and its interfaces. Out: a
-//! [`Compiled`] value: the interfaces to attach to, and for each enforced
-//! stage and direction the ordered rule list and the trie contents of
-//! filter-common's layout, with every distinct bitmap stored once as a class.
+//! [`Compiled`] value: the interfaces to attach to, and for every stage and
+//! direction the ordered rule list and the trie contents of filter-common's
+//! layout, with every distinct bitmap stored once as a class.
 //!
-//! Rule order within a table is the evaluation order of
-//! calico-semantics.md 3.3: policies by `order` (unset last), then name,
-//! then rule index. This issue enforces the pre-DNAT ingress stage; policies
-//! of the other stages are loaded and validated, and reported as not yet
-//! enforced.
+//! Rule order in a table is the evaluation order of calico-semantics.md 3.3:
+//! tiers by order (unset last) then name; in a tier, the policies that have a
+//! rule list for the stage and direction, by order (unset last) then name,
+//! each rule in turn; after a tier of the normal and forward stages whose end
+//! action is Deny, a match-all Deny; after the last tier of the normal stage,
+//! each endpoint's profiles and a final Deny. Which of these rules concern an
+//! endpoint is its mask: a tier's end rule is in the mask of the endpoints
+//! some policy of the tier applies to, so a tier with no applying policy is
+//! skipped entirely (3.3 step 1).
+//!
+//! Rule selectors, network sets and named ports become address sets here;
+//! a named port couples address and port, so such a rule is split into
+//! adjacent parts that share its action (a Log part continues past its
+//! siblings, so a packet is logged once per rule).
 
 pub mod bits;
+pub mod emulate;
 pub mod prefix;
 
 use std::{
@@ -21,20 +31,34 @@ use std::{
 };
 
 use filter_common::{action, direction, stage, Bitmap, MAX_RULES, WORDS};
+use ipnetwork::IpNetwork;
 
 use crate::{
     model::{
-        self, Action, GlobalNetworkPolicySpec, HostEndpointSpec, PolicyType, Port, Resource, Rule,
-        Store,
+        self, Action, EntityRule, GlobalNetworkPolicySpec, HostEndpointSpec, PolicyType, Port,
+        ProfileSpec, Resource, Rule, Store, TierAction,
     },
     selector::Selector,
 };
 use prefix::{FieldMatch, Prefix};
 
+/// The built-in profile that allows everything (1.3).
+pub const DEFAULT_ALLOW_PROFILE: &str = "projectcalico-default-allow";
+/// Order of the implicit `default` tier (1.5).
+pub const DEFAULT_TIER_ORDER: f64 = 1_000_000.0;
+
+/// Stages in pipeline order, with their names as CLI and JSON spell them.
+pub const STAGES: [(u32, &str); 4] = [
+    (stage::UNTRACKED, "untracked"),
+    (stage::PRE_DNAT, "pre-dnat"),
+    (stage::NORMAL, "normal"),
+    (stage::FORWARD, "forward"),
+];
+
 /// Why a store cannot be compiled.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
-    /// A policy uses something this dataplane does not enforce yet; it is
+    /// A policy uses something this dataplane cannot enforce exactly; it is
     /// refused rather than enforced differently from Calico.
     #[error("{origin}: {field}: {message}")]
     Unsupported {
@@ -68,19 +92,47 @@ pub struct BoundEndpoint {
     pub hep: String,
 }
 
+/// Who wrote a rule of a table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owner {
+    /// Rule `rule` of a policy's rule list.
+    Policy {
+        /// Tier name.
+        tier: String,
+        /// Policy name.
+        policy: String,
+        /// Index in the policy's ingress or egress list.
+        rule: usize,
+    },
+    /// A tier's end action (Deny) when none of its policies decided.
+    TierEnd {
+        /// Tier name.
+        tier: String,
+    },
+    /// Rule `rule` of a profile.
+    Profile {
+        /// Profile name.
+        profile: String,
+        /// Index in its rule list.
+        rule: usize,
+    },
+    /// The normal stage's final drop: no profile allowed (3.3 step 5).
+    NoProfileAllowed,
+}
+
 /// A rule as the kernel sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RuleInfo {
     /// One of `filter_common::action`.
     pub action: u32,
-    /// Index into [`Compiled::policies`].
-    pub policy: u32,
-    /// Index of the rule in its policy.
-    pub rule: u32,
+    /// Where Log and Pass go on (see `RuleMeta::next`).
+    pub next: u32,
+    /// Index into [`Compiled::owners`].
+    pub owner: u32,
 }
 
 /// A port-trie entry: protocol (`None`: any), the has-ports flag (`None`:
-/// either) and a destination port prefix under it.
+/// either) and a port prefix under it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortEntry {
     /// IP protocol, or any.
@@ -112,10 +164,12 @@ pub struct Table {
     pub src_v6: Vec<(Prefix, u32)>,
     /// IPv6 destination prefixes → class.
     pub dst_v6: Vec<(Prefix, u32)>,
-    /// Protocol/port entries.
-    pub ports: Vec<PortEntry>,
-    /// Interface name → rules whose policies select its endpoint. Absent:
-    /// no policy of this table applies.
+    /// Protocol / destination port (or ICMP type and code) entries.
+    pub dports: Vec<PortEntry>,
+    /// Protocol / source port entries.
+    pub sports: Vec<PortEntry>,
+    /// Interface name → rules that concern its endpoint. Absent: nothing of
+    /// this stage and direction applies.
     pub masks: BTreeMap<String, Bitmap>,
 }
 
@@ -126,12 +180,17 @@ pub struct Compiled {
     pub endpoints: Vec<BoundEndpoint>,
     /// Class number → bitmap; class 0 is the empty bitmap.
     pub classes: Vec<Bitmap>,
-    /// Policy names by number.
-    pub policies: Vec<String>,
-    /// Enforced tables.
+    /// Rule owners, shared by all tables.
+    pub owners: Vec<Owner>,
+    /// One table per stage and direction, at `stage * 2 + direction`.
     pub tables: Vec<Table>,
-    /// Policies loaded but not enforced by this version, for one warning.
-    pub not_enforced: Vec<String>,
+}
+
+impl Compiled {
+    /// The table of `stage` and `direction`.
+    pub fn table(&self, stage: u32, direction: u32) -> &Table {
+        &self.tables[(stage * 2 + direction) as usize]
+    }
 }
 
 /// What the compiler needs to know about the node.
@@ -182,8 +241,24 @@ pub fn bind_endpoints<'a>(
     bound.into_iter().collect()
 }
 
+/// Labels a host endpoint shows selectors: its own, over those its
+/// profiles apply (1.3: the HEP's own labels win on a clash).
+pub fn endpoint_labels(
+    store: &Store,
+    hep: &Resource<HostEndpointSpec>,
+) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    for name in &hep.spec.profiles {
+        if let Some(p) = store.profiles.iter().find(|p| &p.meta.name == name) {
+            labels.extend(p.spec.labels_to_apply.clone());
+        }
+    }
+    labels.extend(hep.meta.labels.clone());
+    labels
+}
+
 /// Whether a global policy's selectors pick a host endpoint with `labels`.
-fn applies_to_host_endpoint(
+pub fn applies_to_host_endpoint(
     spec: &GlobalNetworkPolicySpec,
     labels: &BTreeMap<String, String>,
 ) -> bool {
@@ -205,24 +280,178 @@ fn applies_to_host_endpoint(
     selected && scoped(&spec.namespace_selector) && scoped(&spec.service_account_selector)
 }
 
-fn policy_order(
+/// The stages a global policy takes part in (3.1).
+pub fn policy_stages(spec: &GlobalNetworkPolicySpec) -> Vec<u32> {
+    if spec.do_not_track {
+        vec![stage::UNTRACKED]
+    } else if spec.pre_dnat {
+        vec![stage::PRE_DNAT]
+    } else if spec.apply_on_forward {
+        vec![stage::NORMAL, stage::FORWARD]
+    } else {
+        vec![stage::NORMAL]
+    }
+}
+
+/// The rules of `spec` for `direction` if the policy governs it.
+pub fn policy_rules(spec: &GlobalNetworkPolicySpec, direction: u32) -> Option<&[Rule]> {
+    let types = model::validate::effective_types(spec);
+    match direction {
+        direction::INGRESS if types.contains(&PolicyType::Ingress) => Some(&spec.ingress),
+        direction::EGRESS if types.contains(&PolicyType::Egress) && !spec.pre_dnat => {
+            Some(&spec.egress)
+        }
+        _ => None,
+    }
+}
+
+/// A tier as evaluated: name, order and end action.
+#[derive(Debug, Clone)]
+pub struct TierInfo {
+    /// Name.
+    pub name: String,
+    /// Order (unset: last).
+    pub order: Option<f64>,
+    /// End action in the normal and forward stages.
+    pub default_action: TierAction,
+}
+
+/// All tiers in evaluation order, the implicit `default` included.
+pub fn tiers(store: &Store) -> Vec<TierInfo> {
+    let mut out: Vec<TierInfo> = store
+        .tiers
+        .iter()
+        .map(|t| TierInfo {
+            name: t.meta.name.clone(),
+            order: t.spec.order,
+            default_action: t.spec.default_action.unwrap_or(TierAction::Deny),
+        })
+        .collect();
+    if !out.iter().any(|t| t.name == "default") {
+        out.push(TierInfo {
+            name: "default".into(),
+            order: Some(DEFAULT_TIER_ORDER),
+            default_action: TierAction::Deny,
+        });
+    }
+    out.sort_by(|a, b| order_cmp(a.order, b.order).then_with(|| a.name.cmp(&b.name)));
+    out
+}
+
+/// The tier a policy belongs to.
+pub fn policy_tier(spec: &GlobalNetworkPolicySpec) -> &str {
+    spec.tier.as_deref().unwrap_or("default")
+}
+
+fn order_cmp(a: Option<f64>, b: Option<f64>) -> Ordering {
+    a.unwrap_or(f64::INFINITY)
+        .total_cmp(&b.unwrap_or(f64::INFINITY))
+}
+
+/// Policy evaluation order within a tier: order (unset last), then name.
+pub fn policy_order(
     a: &Resource<GlobalNetworkPolicySpec>,
     b: &Resource<GlobalNetworkPolicySpec>,
 ) -> Ordering {
-    let key = |p: &Resource<GlobalNetworkPolicySpec>| p.spec.order.unwrap_or(f64::INFINITY);
-    key(a)
-        .total_cmp(&key(b))
-        .then_with(|| a.meta.name.cmp(&b.meta.name))
+    order_cmp(a.spec.order, b.spec.order).then_with(|| a.meta.name.cmp(&b.meta.name))
 }
 
 /// Compiles `store` for `node`.
 pub fn compile(store: &Store, node: &Node) -> Result<Compiled, Error> {
     let bound = bind_endpoints(store, node);
+    let labels: Vec<BTreeMap<String, String>> = bound
+        .iter()
+        .map(|(_, h)| endpoint_labels(store, h))
+        .collect();
     let mut policies: Vec<&Resource<GlobalNetworkPolicySpec>> =
         store.global_policies.iter().collect();
     policies.sort_by(|a, b| policy_order(a, b));
+    let tiers = tiers(store);
+    let resolver = Resolver::new(store);
 
-    let mut out = Compiled {
+    let mut owners = Vec::new();
+    let mut interner = Interner::default();
+    let mut tables = Vec::new();
+    for (stage, stage_name) in STAGES {
+        for (direction, direction_name) in [
+            (direction::INGRESS, "ingress"),
+            (direction::EGRESS, "egress"),
+        ] {
+            let mut b = TableBuilder::default();
+            for tier in &tiers {
+                let members: Vec<_> = policies
+                    .iter()
+                    .filter(|p| {
+                        policy_tier(&p.spec) == tier.name && policy_stages(&p.spec).contains(&stage)
+                    })
+                    .filter_map(|p| policy_rules(&p.spec, direction).map(|r| (*p, r)))
+                    .collect();
+                let mut tier_eps = BTreeSet::new();
+                let mut pass_rules = Vec::new();
+                for (p, rules) in members {
+                    let eps: BTreeSet<usize> = (0..bound.len())
+                        .filter(|&e| applies_to_host_endpoint(&p.spec, &labels[e]))
+                        .filter(|&e| {
+                            stage != stage::UNTRACKED || bound[e].1.spec.interface_name != "*"
+                        })
+                        .collect();
+                    if eps.is_empty() {
+                        continue;
+                    }
+                    tier_eps.extend(&eps);
+                    for (i, r) in rules.iter().enumerate() {
+                        let owner = push_owner(
+                            &mut owners,
+                            Owner::Policy {
+                                tier: tier.name.clone(),
+                                policy: p.meta.name.clone(),
+                                rule: i,
+                            },
+                        );
+                        let field = format!("spec.{direction_name}[{i}]");
+                        let parts = resolver
+                            .rule(r)
+                            .map_err(|m| unsupported(&p.origin, &p.meta.name, &field, &m))?;
+                        let range = b.push(r.action, owner, parts, &eps);
+                        if r.action == Action::Pass {
+                            pass_rules.push(range);
+                        }
+                    }
+                }
+                if tier_eps.is_empty() {
+                    continue;
+                }
+                let end_deny = matches!(stage, stage::NORMAL | stage::FORWARD)
+                    && tier.default_action == TierAction::Deny;
+                if end_deny {
+                    let owner = push_owner(
+                        &mut owners,
+                        Owner::TierEnd {
+                            tier: tier.name.clone(),
+                        },
+                    );
+                    b.push(Action::Deny, owner, vec![RuleMatch::all()], &tier_eps);
+                }
+                let after = b.rules.len() as u32;
+                for range in pass_rules {
+                    b.set_next(range, after);
+                }
+            }
+            if stage == stage::NORMAL {
+                push_profiles(store, &resolver, &bound, direction, &mut b, &mut owners)?;
+            }
+            if b.rules.len() > MAX_RULES as usize {
+                return Err(Error::TooManyRules {
+                    stage: stage_name,
+                    direction: direction_name,
+                    count: b.rules.len(),
+                    max: MAX_RULES,
+                });
+            }
+            tables.push(b.build(stage, direction, &bound, &mut interner));
+        }
+    }
+    Ok(Compiled {
         endpoints: bound
             .iter()
             .map(|(iface, h)| BoundEndpoint {
@@ -230,69 +459,97 @@ pub fn compile(store: &Store, node: &Node) -> Result<Compiled, Error> {
                 hep: h.meta.name.clone(),
             })
             .collect(),
-        classes: vec![Bitmap::EMPTY],
-        policies: policies.iter().map(|p| p.meta.name.clone()).collect(),
-        tables: Vec::new(),
-        not_enforced: Vec::new(),
-    };
-    let mut interner = Interner::default();
+        classes: interner.classes,
+        owners,
+        tables,
+    })
+}
 
-    // The pre-DNAT ingress table: every pre-DNAT policy's ingress rules.
-    let mut rules = Vec::new();
-    let mut matches = Vec::new();
-    let mut masks: BTreeMap<String, Bitmap> = BTreeMap::new();
-    for (policy_index, p) in policies.iter().enumerate() {
-        if !p.spec.pre_dnat {
-            out.not_enforced.push(p.meta.name.clone());
-            continue;
-        }
-        if p.spec.tier.as_deref().is_some_and(|t| t != "default") {
-            return Err(unsupported(
-                p,
-                "spec.tier",
-                "tiers other than \"default\" are not enforced yet",
-            ));
-        }
-        if !model::validate::effective_types(&p.spec).contains(&PolicyType::Ingress) {
-            continue;
-        }
-        let first = rules.len();
-        for (i, r) in p.spec.ingress.iter().enumerate() {
-            let m = rule_match(p, i, r)?;
-            rules.push(RuleInfo {
-                action: action_code(r.action),
-                policy: policy_index as u32,
-                rule: i as u32,
-            });
-            matches.push(m);
-        }
-        for (iface, hep) in &bound {
-            if applies_to_host_endpoint(&p.spec, &hep.meta.labels) {
-                let mask = masks.entry(iface.clone()).or_insert(Bitmap::EMPTY);
-                for r in first..rules.len() {
-                    bits::set(mask, r);
+fn push_owner(owners: &mut Vec<Owner>, o: Owner) -> u32 {
+    owners.push(o);
+    (owners.len() - 1) as u32
+}
+
+fn unsupported(origin: &model::Origin, name: &str, field: &str, message: &str) -> Error {
+    Error::Unsupported {
+        origin: origin.clone(),
+        field: field.to_owned(),
+        message: format!("{name:?}: {message}"),
+    }
+}
+
+/// Profiles of each endpoint, in its list order, then the final drop (3.3
+/// step 5). Endpoints with the same list share one block of rules.
+fn push_profiles(
+    store: &Store,
+    resolver: &Resolver<'_>,
+    bound: &[(String, &Resource<HostEndpointSpec>)],
+    direction: u32,
+    b: &mut TableBuilder,
+    owners: &mut Vec<Owner>,
+) -> Result<(), Error> {
+    let mut by_list: BTreeMap<&[String], BTreeSet<usize>> = BTreeMap::new();
+    for (e, (_, h)) in bound.iter().enumerate() {
+        by_list.entry(&h.spec.profiles).or_default().insert(e);
+    }
+    let allow_all = ProfileSpec {
+        ingress: vec![Rule {
+            action: Action::Allow,
+            ..Default::default()
+        }],
+        egress: vec![Rule {
+            action: Action::Allow,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    for (list, eps) in by_list {
+        for name in list {
+            let (spec, origin) = match store.profiles.iter().find(|p| &p.meta.name == name) {
+                Some(p) => (&p.spec, Some(&p.origin)),
+                None if name == DEFAULT_ALLOW_PROFILE => (&allow_all, None),
+                // A profile that does not exist contributes no rules.
+                None => continue,
+            };
+            let rules = if direction == direction::INGRESS {
+                &spec.ingress
+            } else {
+                &spec.egress
+            };
+            let mut passes = Vec::new();
+            for (i, r) in rules.iter().enumerate() {
+                let owner = push_owner(
+                    owners,
+                    Owner::Profile {
+                        profile: name.clone(),
+                        rule: i,
+                    },
+                );
+                let parts = resolver.rule(r).map_err(|m| {
+                    let origin = origin.cloned().unwrap_or(model::Origin {
+                        file: "<built-in>".into(),
+                        line: 0,
+                    });
+                    unsupported(&origin, name, &format!("spec.rules[{i}]"), &m)
+                })?;
+                let range = b.push(r.action, owner, parts, &eps);
+                if r.action == Action::Pass {
+                    passes.push(range);
                 }
+            }
+            // Pass in a profile goes on with the next profile.
+            let after = b.rules.len() as u32;
+            for range in passes {
+                b.set_next(range, after);
             }
         }
     }
-    if rules.len() > MAX_RULES as usize {
-        return Err(Error::TooManyRules {
-            stage: "pre_dnat",
-            direction: "ingress",
-            count: rules.len(),
-            max: MAX_RULES,
-        });
+    if !bound.is_empty() {
+        let owner = push_owner(owners, Owner::NoProfileAllowed);
+        let all: BTreeSet<usize> = (0..bound.len()).collect();
+        b.push(Action::Deny, owner, vec![RuleMatch::all()], &all);
     }
-    out.tables.push(build_table(
-        stage::PRE_DNAT,
-        direction::INGRESS,
-        rules,
-        &matches,
-        masks,
-        &mut interner,
-    ));
-    out.classes = interner.classes;
-    Ok(out)
+    Ok(())
 }
 
 fn action_code(a: Action) -> u32 {
@@ -304,18 +561,10 @@ fn action_code(a: Action) -> u32 {
     }
 }
 
-fn unsupported(p: &Resource<GlobalNetworkPolicySpec>, field: &str, message: &str) -> Error {
-    Error::Unsupported {
-        origin: p.origin.clone(),
-        field: field.to_owned(),
-        message: format!("policy {:?}: {message}", p.meta.name),
-    }
-}
-
-/// One rule's constraints, per field, as prefix lists.
+/// One rule part's constraints, per field, as prefix lists.
 #[derive(Debug, Clone, Default)]
-struct RuleMatch {
-    /// Families the rule takes part in (2.4).
+pub(crate) struct RuleMatch {
+    /// Families the part takes part in (2.4, and empty address sets).
     v4: bool,
     v6: bool,
     src4: FieldMatch,
@@ -325,125 +574,478 @@ struct RuleMatch {
     protocol: Option<u8>,
     not_protocol: Option<u8>,
     /// Destination port (or ICMP type/code) constraint; `None`: none.
-    port: Option<FieldMatch>,
+    dport: Option<FieldMatch>,
+    /// Source port constraint.
+    sport: Option<FieldMatch>,
 }
 
-fn rule_match(
-    p: &Resource<GlobalNetworkPolicySpec>,
-    i: usize,
-    r: &Rule,
-) -> Result<RuleMatch, Error> {
-    let field = |f: &str| format!("spec.ingress[{i}].{f}");
-    if r.action == Action::Log {
-        return Err(unsupported(
-            p,
-            &field("action"),
-            "the Log action is not enforced yet",
-        ));
-    }
-    for (side, e) in [("source", &r.source), ("destination", &r.destination)] {
-        if e.has_identity_match() {
-            return Err(unsupported(
-                p,
-                &field(side),
-                "selectors, service accounts and services in rules are not enforced yet",
-            ));
-        }
-        if e.ports
-            .iter()
-            .chain(&e.not_ports)
-            .any(|p| matches!(p, Port::Named(_)))
-        {
-            return Err(unsupported(
-                p,
-                &field(side),
-                "named ports are not enforced yet",
-            ));
+impl RuleMatch {
+    fn all() -> RuleMatch {
+        RuleMatch {
+            v4: true,
+            v6: true,
+            ..Default::default()
         }
     }
-    if !r.source.ports.is_empty() || !r.source.not_ports.is_empty() {
-        return Err(unsupported(
-            p,
-            &field("source.ports"),
-            "source ports are not enforced yet",
-        ));
-    }
-    if r.http.is_some() {
-        tracing::warn!(policy = %p.meta.name, rule = i, "http match ignored: an L3/L4 dataplane enforces the rest of the rule, as Felix's iptables dataplane does");
+}
+
+/// Turns rule selectors, network sets and named ports into address sets.
+struct Resolver<'a> {
+    store: &'a Store,
+}
+
+/// A positive address constraint: `None` = none; `Some(empty)` = nothing
+/// can match.
+type AddrSet = Option<Vec<IpNetwork>>;
+
+impl<'a> Resolver<'a> {
+    fn new(store: &'a Store) -> Self {
+        Resolver { store }
     }
 
-    let mut m = RuleMatch {
-        protocol: r.protocol.map(|p| p.0),
-        not_protocol: r.not_protocol.map(|p| p.0),
-        ..Default::default()
-    };
-    let nets = |l: &[model::Cidr], v4: bool| -> Vec<Prefix> {
-        l.iter()
-            .filter_map(|c| match (c.0.ip(), v4) {
-                (IpAddr::V4(a), true) => {
-                    Some(Prefix::new(u128::from(u32::from(a)), 32, c.0.prefix()))
+    /// Addresses of the known resources a rule's selector picks, within the
+    /// scope its `namespaceSelector` sets (2.5). Host endpoints count by
+    /// their expectedIPs only.
+    fn selected(&self, e: &EntityRule, sel: &Selector) -> Vec<IpNetwork> {
+        let mut out = Vec::new();
+        let global = match e.namespace_selector.as_deref().map(str::trim) {
+            None | Some("") => true,
+            Some("global()") => true,
+            Some(_) => false,
+        };
+        let namespaced = match e.namespace_selector.as_deref().map(str::trim) {
+            None | Some("") => Some(None),
+            Some("global()") => None,
+            Some(ns) => Some(Selector::parse(ns).ok()),
+        };
+        if global {
+            for h in &self.store.host_endpoints {
+                if sel.matches(&endpoint_labels(self.store, h)) {
+                    out.extend(
+                        h.spec
+                            .expected_ips
+                            .iter()
+                            .filter_map(|ip| ip.parse::<IpAddr>().ok())
+                            .map(IpNetwork::from),
+                    );
                 }
-                (IpAddr::V6(a), false) => Some(Prefix::new(u128::from(a), 128, c.0.prefix())),
-                _ => None,
-            })
-            .collect()
-    };
-    // Felix FilterRuleToIPVersion: a list that was non-empty but has no CIDR
-    // of this family drops the whole rule for the family (2.4).
-    let lists = [
-        &r.source.nets,
-        &r.source.not_nets,
-        &r.destination.nets,
-        &r.destination.not_nets,
-    ];
-    let family_ok = |v4: bool| {
-        lists
-            .iter()
-            .all(|l| l.is_empty() || !nets(l, v4).is_empty())
-    };
-    m.v4 = r.ip_version != Some(6) && family_ok(true);
-    m.v6 = r.ip_version != Some(4) && family_ok(false);
-    let entity = |e: &model::EntityRule, v4: bool| FieldMatch {
-        pos: nets(&e.nets, v4),
-        neg: nets(&e.not_nets, v4),
-    };
-    m.src4 = entity(&r.source, true);
-    m.dst4 = entity(&r.destination, true);
-    m.src6 = entity(&r.source, false);
-    m.dst6 = entity(&r.destination, false);
-
-    let ranges = |ports: &[Port]| -> Vec<Prefix> {
-        ports
-            .iter()
-            .flat_map(|p| match p {
-                Port::Range { first, last } => {
-                    prefix::range_to_prefixes(u32::from(*first), u32::from(*last), 16)
-                }
-                Port::Named(_) => Vec::new(),
-            })
-            .collect()
-    };
-    let icmp = |f: &Option<model::IcmpFields>| -> Vec<Prefix> {
-        match f {
-            Some(model::IcmpFields {
-                icmp_type: Some(t),
-                code: None,
-            }) => vec![Prefix::new(u128::from(*t) << 8, 16, 8)],
-            Some(model::IcmpFields {
-                icmp_type: Some(t),
-                code: Some(c),
-            }) => {
-                vec![Prefix::new((u128::from(*t) << 8) | u128::from(*c), 16, 16)]
             }
-            _ => Vec::new(),
+            for s in &self.store.global_network_sets {
+                if sel.matches(&s.meta.labels) {
+                    out.extend(s.spec.nets.iter().filter_map(|n| lenient_net(n)));
+                }
+            }
+        }
+        if let Some(ns_sel) = namespaced {
+            for s in &self.store.network_sets {
+                let ns = s.meta.namespace.clone().unwrap_or_else(|| "default".into());
+                let ns_labels: BTreeMap<String, String> =
+                    [("projectcalico.org/name".to_string(), ns)].into();
+                if ns_sel.as_ref().is_none_or(|n| n.matches(&ns_labels))
+                    && sel.matches(&s.meta.labels)
+                {
+                    out.extend(s.spec.nets.iter().filter_map(|n| lenient_net(n)));
+                }
+            }
+        }
+        out
+    }
+
+    /// The entity's positive and negative address constraints.
+    fn addresses(&self, e: &EntityRule) -> (AddrSet, Vec<IpNetwork>) {
+        let all = Selector::parse("all()").expect("constant");
+        let mut pos: AddrSet = (!e.nets.is_empty()).then(|| e.nets.iter().map(|c| c.0).collect());
+        let mut neg: Vec<IpNetwork> = e.not_nets.iter().map(|c| c.0).collect();
+        let scoped = e
+            .namespace_selector
+            .as_deref()
+            .is_some_and(|s| !s.trim().is_empty());
+        if let Some(sel) = e.selector.as_deref().and_then(|s| Selector::parse(s).ok()) {
+            pos = Some(intersect(pos, self.selected(e, &sel)));
+        } else if scoped {
+            // A namespaceSelector alone (or with notSelector) limits the
+            // peer to the scoped resources.
+            pos = Some(intersect(pos, self.selected(e, &all)));
+        }
+        if let Some(sel) = e
+            .not_selector
+            .as_deref()
+            .and_then(|s| Selector::parse(s).ok())
+        {
+            neg.extend(self.selected(e, &sel));
+        }
+        if e.service_accounts.is_some() || e.services.is_some() {
+            // Pods only: no host endpoint or network set ever matches.
+            pos = Some(Vec::new());
+        }
+        (pos, neg)
+    }
+
+    /// `(address, port)` pairs a named port stands for, for `protocol`,
+    /// limited by the entity's selector (2.5 "Named ports").
+    fn named_port(&self, e: &EntityRule, name: &str, protocol: Option<u8>) -> Vec<(IpAddr, u16)> {
+        let sel = e.selector.as_deref().and_then(|s| Selector::parse(s).ok());
+        let mut out = Vec::new();
+        for h in &self.store.host_endpoints {
+            if sel
+                .as_ref()
+                .is_some_and(|s| !s.matches(&endpoint_labels(self.store, h)))
+            {
+                continue;
+            }
+            for p in h
+                .spec
+                .ports
+                .iter()
+                .filter(|p| p.name == name && protocol.is_none_or(|x| x == p.protocol.0))
+            {
+                for ip in h
+                    .spec
+                    .expected_ips
+                    .iter()
+                    .filter_map(|ip| ip.parse::<IpAddr>().ok())
+                {
+                    out.push((ip, p.port));
+                }
+            }
+        }
+        out
+    }
+
+    /// The parts of `r`: one, or several when named ports couple addresses
+    /// and ports. An empty list: the rule can match nothing.
+    fn rule(&self, r: &Rule) -> Result<Vec<RuleMatch>, String> {
+        let named = |ports: &[Port]| ports.iter().any(|p| matches!(p, Port::Named(_)));
+        if named(&r.destination.not_ports) || named(&r.source.not_ports) {
+            return Err("named ports in notPorts are not supported".into());
+        }
+        if named(&r.source.ports) {
+            return Err("named source ports are not supported".into());
+        }
+        if r.not_icmp.is_some() && !matches!(r.protocol.map(|p| p.0), Some(1 | 58)) {
+            return Err("notICMP without protocol ICMP or ICMPv6 is not supported".into());
+        }
+        let protocol = r.protocol.map(|p| p.0);
+        let (src_pos, src_neg) = self.addresses(&r.source);
+        let (dst_pos, dst_neg) = self.addresses(&r.destination);
+        let numeric = |ports: &[Port]| -> Vec<Prefix> {
+            ports
+                .iter()
+                .flat_map(|p| match p {
+                    Port::Range { first, last } => {
+                        prefix::range_to_prefixes(u32::from(*first), u32::from(*last), 16)
+                    }
+                    Port::Named(_) => Vec::new(),
+                })
+                .collect()
+        };
+        let icmp = |f: &Option<model::IcmpFields>| -> Vec<Prefix> {
+            match f {
+                Some(model::IcmpFields {
+                    icmp_type: Some(t),
+                    code: None,
+                }) => vec![Prefix::new(u128::from(*t) << 8, 16, 8)],
+                Some(model::IcmpFields {
+                    icmp_type: Some(t),
+                    code: Some(c),
+                }) => {
+                    vec![Prefix::new((u128::from(*t) << 8) | u128::from(*c), 16, 16)]
+                }
+                _ => Vec::new(),
+            }
+        };
+        let port_field = |pos: Vec<Prefix>, neg: Vec<Prefix>, constrained: bool| {
+            constrained.then_some(FieldMatch { pos, neg })
+        };
+        let sport = port_field(
+            numeric(&r.source.ports),
+            numeric(&r.source.not_ports),
+            !r.source.ports.is_empty() || !r.source.not_ports.is_empty(),
+        );
+        let dneg = [numeric(&r.destination.not_ports), icmp(&r.not_icmp)].concat();
+
+        // Destination ports: the numeric part with the rule's destination,
+        // and one part per port value of each named port, its addresses
+        // joined to the destination constraint.
+        let mut dst_parts: Vec<(AddrSet, Option<FieldMatch>)> = Vec::new();
+        let dnumeric = [numeric(&r.destination.ports), icmp(&r.icmp)].concat();
+        let has_named = named(&r.destination.ports);
+        if !dnumeric.is_empty() || !has_named {
+            let constrained = !dnumeric.is_empty() || !dneg.is_empty();
+            dst_parts.push((
+                dst_pos.clone(),
+                port_field(dnumeric, dneg.clone(), constrained),
+            ));
+        }
+        let mut by_port: BTreeMap<u16, Vec<IpNetwork>> = BTreeMap::new();
+        for p in &r.destination.ports {
+            if let Port::Named(n) = p {
+                for (ip, port) in self.named_port(&r.destination, n, protocol) {
+                    by_port.entry(port).or_default().push(IpNetwork::from(ip));
+                }
+            }
+        }
+        for (port, ips) in by_port {
+            let pos = Some(intersect(dst_pos.clone(), ips));
+            let ports = vec![Prefix::new(u128::from(port), 16, 16)];
+            dst_parts.push((
+                pos,
+                Some(FieldMatch {
+                    pos: ports,
+                    neg: dneg.clone(),
+                }),
+            ));
+        }
+
+        let mut parts = Vec::new();
+        for (dpos, dport) in dst_parts {
+            let mut m = RuleMatch {
+                protocol,
+                not_protocol: r.not_protocol.map(|p| p.0),
+                dport,
+                sport: sport.clone(),
+                ..Default::default()
+            };
+            // Felix FilterRuleToIPVersion: a nets/notNets list that was
+            // non-empty but has no CIDR of a family drops the rule for that
+            // family (2.4); an address set with nothing of a family matches
+            // nothing of it.
+            let lists = [
+                &r.source.nets,
+                &r.source.not_nets,
+                &r.destination.nets,
+                &r.destination.not_nets,
+            ];
+            for v4 in [true, false] {
+                let family_lists_ok = lists
+                    .iter()
+                    .all(|l| l.is_empty() || l.iter().any(|c| c.0.is_ipv4() == v4));
+                let version_ok = r.ip_version.is_none_or(|v| (v == 4) == v4);
+                let proto_ok = !matches!((protocol, v4), (Some(1), false) | (Some(58), true));
+                let src = field(&src_pos, &src_neg, v4);
+                let dst = field(&dpos, &dst_neg, v4);
+                let ok =
+                    family_lists_ok && version_ok && proto_ok && src.is_some() && dst.is_some();
+                let (src, dst) = (src.unwrap_or_default(), dst.unwrap_or_default());
+                if v4 {
+                    (m.v4, m.src4, m.dst4) = (ok, src, dst);
+                } else {
+                    (m.v6, m.src6, m.dst6) = (ok, src, dst);
+                }
+            }
+            if m.v4 || m.v6 {
+                parts.push(m);
+            }
+        }
+        Ok(parts)
+    }
+}
+
+/// A family's view of an address constraint; `None` when a positive
+/// constraint has nothing of this family (the part cannot match).
+fn field(pos: &AddrSet, neg: &[IpNetwork], v4: bool) -> Option<FieldMatch> {
+    let to_prefix = |n: &IpNetwork| match n {
+        IpNetwork::V4(n) => Prefix::new(u128::from(u32::from(n.network())), 32, n.prefix()),
+        IpNetwork::V6(n) => Prefix::new(u128::from(n.network()), 128, n.prefix()),
+    };
+    let of_family = |l: &[IpNetwork]| {
+        l.iter()
+            .filter(|n| n.is_ipv4() == v4)
+            .map(to_prefix)
+            .collect::<Vec<_>>()
+    };
+    let pos = match pos {
+        None => Vec::new(),
+        Some(l) => {
+            let p = of_family(l);
+            if p.is_empty() {
+                return None;
+            }
+            p
         }
     };
-    let pos = [ranges(&r.destination.ports), icmp(&r.icmp)].concat();
-    let neg = [ranges(&r.destination.not_ports), icmp(&r.not_icmp)].concat();
-    if !pos.is_empty() || !neg.is_empty() {
-        m.port = Some(FieldMatch { pos, neg });
+    Some(FieldMatch {
+        pos,
+        neg: of_family(neg),
+    })
+}
+
+/// The addresses in both `a` (if constrained) and `b`.
+fn intersect(a: AddrSet, b: Vec<IpNetwork>) -> Vec<IpNetwork> {
+    let Some(a) = a else { return b };
+    let mut out = Vec::new();
+    for x in &a {
+        for y in &b {
+            if x.is_ipv4() != y.is_ipv4() {
+                continue;
+            }
+            if x.prefix() <= y.prefix() && x.contains(y.network()) {
+                out.push(*y);
+            } else if y.prefix() < x.prefix() && y.contains(x.network()) {
+                out.push(*x);
+            }
+        }
     }
-    Ok(m)
+    out
+}
+
+/// A network set entry: host bits may be set (1.4).
+pub fn lenient_net(s: &str) -> Option<IpNetwork> {
+    let n = model::parse_net(s).ok()?;
+    IpNetwork::new(n.network(), n.prefix()).ok()
+}
+
+/// Rules of one table in order, with the endpoints each concerns.
+#[derive(Default)]
+struct TableBuilder {
+    rules: Vec<RuleInfo>,
+    matches: Vec<RuleMatch>,
+    endpoints: Vec<BTreeSet<usize>>,
+}
+
+impl TableBuilder {
+    /// Appends the parts of one rule; returns their index range.
+    fn push(
+        &mut self,
+        a: Action,
+        owner: u32,
+        parts: Vec<RuleMatch>,
+        eps: &BTreeSet<usize>,
+    ) -> std::ops::Range<u32> {
+        let start = self.rules.len() as u32;
+        let end = start + parts.len() as u32;
+        for m in parts {
+            // A Log part goes on past its siblings: one record per rule.
+            self.rules.push(RuleInfo {
+                action: action_code(a),
+                next: end,
+                owner,
+            });
+            self.matches.push(m);
+            self.endpoints.push(eps.clone());
+        }
+        start..end
+    }
+
+    fn set_next(&mut self, range: std::ops::Range<u32>, next: u32) {
+        for r in range {
+            self.rules[r as usize].next = next;
+        }
+    }
+
+    fn build(
+        self,
+        stage: u32,
+        direction: u32,
+        bound: &[(String, &Resource<HostEndpointSpec>)],
+        interner: &mut Interner,
+    ) -> Table {
+        let mut masks: BTreeMap<String, Bitmap> = BTreeMap::new();
+        for (r, eps) in self.endpoints.iter().enumerate() {
+            for &e in eps {
+                bits::set(masks.entry(bound[e].0.clone()).or_insert(Bitmap::EMPTY), r);
+            }
+        }
+        let matches = &self.matches;
+        let (mut v4, mut v6) = (Bitmap::EMPTY, Bitmap::EMPTY);
+        for (r, m) in matches.iter().enumerate() {
+            if m.v4 {
+                bits::set(&mut v4, r);
+            }
+            if m.v6 {
+                bits::set(&mut v6, r);
+            }
+        }
+        let mut addr = |f: fn(&RuleMatch) -> &FieldMatch, active: &Bitmap| -> Vec<(Prefix, u32)> {
+            let fm: Vec<FieldMatch> = matches.iter().map(|m| f(m).clone()).collect();
+            prefix::classify(&fm, active)
+                .into_iter()
+                .map(|(p, b)| (p, interner.class(b)))
+                .collect()
+        };
+        let src_v4 = addr(|m| &m.src4, &v4);
+        let dst_v4 = addr(|m| &m.dst4, &v4);
+        let src_v6 = addr(|m| &m.src6, &v6);
+        let dst_v6 = addr(|m| &m.dst6, &v6);
+        let dports = port_entries(matches, |m| &m.dport, interner);
+        let sports = port_entries(matches, |m| &m.sport, interner);
+        Table {
+            stage,
+            direction,
+            rules: self.rules,
+            src_v4,
+            dst_v4,
+            src_v6,
+            dst_v6,
+            dports,
+            sports,
+            masks,
+        }
+    }
+}
+
+/// The entries of a port trie for one port field.
+fn port_entries(
+    matches: &[RuleMatch],
+    field: fn(&RuleMatch) -> &Option<FieldMatch>,
+    interner: &mut Interner,
+) -> Vec<PortEntry> {
+    // Every protocol any rule names gets its own subtree.
+    let protos: BTreeSet<u8> = matches
+        .iter()
+        .flat_map(|m| m.protocol.into_iter().chain(m.not_protocol))
+        .collect();
+    let proto_ok = |m: &RuleMatch, p: Option<u8>| {
+        // `p == None` stands for a protocol no rule names.
+        m.protocol.is_none_or(|want| Some(want) == p)
+            && m.not_protocol.is_none_or(|not| Some(not) != p)
+    };
+    let mut out = Vec::new();
+    let mut any = Bitmap::EMPTY;
+    for (r, m) in matches.iter().enumerate() {
+        if proto_ok(m, None) && field(m).is_none() {
+            bits::set(&mut any, r);
+        }
+    }
+    out.push(PortEntry {
+        proto: None,
+        has_ports: None,
+        port: 0,
+        port_len: 0,
+        class: interner.class(any),
+    });
+    for &p in &protos {
+        // No L4 ports known (non-first fragments, protocols without ports):
+        // only rules with no port constraint can match.
+        let (mut no_ports, mut all) = (Bitmap::EMPTY, Bitmap::EMPTY);
+        let mut fms = Vec::new();
+        for (r, m) in matches.iter().enumerate() {
+            if proto_ok(m, Some(p)) {
+                bits::set(&mut all, r);
+                if field(m).is_none() {
+                    bits::set(&mut no_ports, r);
+                }
+            }
+            fms.push(field(m).clone().unwrap_or_default());
+        }
+        out.push(PortEntry {
+            proto: Some(p),
+            has_ports: Some(false),
+            port: 0,
+            port_len: 0,
+            class: interner.class(no_ports),
+        });
+        for (prefix, b) in prefix::classify(&fms, &all) {
+            out.push(PortEntry {
+                proto: Some(p),
+                has_ports: Some(true),
+                port: prefix.value(16) as u16,
+                port_len: prefix.len,
+                class: interner.class(b),
+            });
+        }
+    }
+    out
 }
 
 /// Interns bitmaps: each distinct bitmap gets one class number.
@@ -470,105 +1072,6 @@ impl Interner {
             self.classes.push(b);
             next
         })
-    }
-}
-
-fn build_table(
-    stage: u32,
-    direction: u32,
-    rules: Vec<RuleInfo>,
-    matches: &[RuleMatch],
-    masks: BTreeMap<String, Bitmap>,
-    interner: &mut Interner,
-) -> Table {
-    let (mut v4, mut v6) = (Bitmap::EMPTY, Bitmap::EMPTY);
-    for (r, m) in matches.iter().enumerate() {
-        if m.v4 {
-            bits::set(&mut v4, r);
-        }
-        if m.v6 {
-            bits::set(&mut v6, r);
-        }
-    }
-    let mut addr = |field: fn(&RuleMatch) -> &FieldMatch, active: &Bitmap| -> Vec<(Prefix, u32)> {
-        let fm: Vec<FieldMatch> = matches.iter().map(|m| field(m).clone()).collect();
-        prefix::classify(&fm, active)
-            .into_iter()
-            .map(|(p, b)| (p, interner.class(b)))
-            .collect()
-    };
-    let src_v4 = addr(|m| &m.src4, &v4);
-    let dst_v4 = addr(|m| &m.dst4, &v4);
-    let src_v6 = addr(|m| &m.src6, &v6);
-    let dst_v6 = addr(|m| &m.dst6, &v6);
-
-    // Protocols: every protocol any rule names gets its own subtree.
-    let protos: BTreeSet<u8> = matches
-        .iter()
-        .flat_map(|m| m.protocol.into_iter().chain(m.not_protocol))
-        .collect();
-    let proto_ok = |m: &RuleMatch, p: Option<u8>| {
-        // `p == None` is a protocol no rule names.
-        m.protocol.is_none_or(|want| Some(want) == p)
-            && m.not_protocol.is_none_or(|not| Some(not) != p)
-    };
-    let mut ports = Vec::new();
-    let mut any = Bitmap::EMPTY;
-    for (r, m) in matches.iter().enumerate() {
-        if proto_ok(m, None) && m.port.is_none() {
-            bits::set(&mut any, r);
-        }
-    }
-    ports.push(PortEntry {
-        proto: None,
-        has_ports: None,
-        port: 0,
-        port_len: 0,
-        class: interner.class(any),
-    });
-    for &p in &protos {
-        // No L4 ports known (non-first fragments, other protocols): only
-        // rules with no port constraint can match.
-        let mut no_ports = Bitmap::EMPTY;
-        let mut all = Bitmap::EMPTY;
-        let mut fms = Vec::new();
-        for (r, m) in matches.iter().enumerate() {
-            let ok = proto_ok(m, Some(p));
-            if ok {
-                bits::set(&mut all, r);
-                if m.port.is_none() {
-                    bits::set(&mut no_ports, r);
-                }
-            }
-            fms.push(m.port.clone().unwrap_or_default());
-        }
-        ports.push(PortEntry {
-            proto: Some(p),
-            has_ports: Some(false),
-            port: 0,
-            port_len: 0,
-            class: interner.class(no_ports),
-        });
-        for (prefix, b) in prefix::classify(&fms, &all) {
-            ports.push(PortEntry {
-                proto: Some(p),
-                has_ports: Some(true),
-                port: prefix.value(16) as u16,
-                port_len: prefix.len,
-                class: interner.class(b),
-            });
-        }
-    }
-    Table {
-        stage,
-        direction,
-        rules,
-        src_v4,
-        dst_v4,
-        src_v6,
-        dst_v6,
-        ports,
-        masks,
     }
 }
 

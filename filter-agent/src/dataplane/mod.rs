@@ -259,9 +259,9 @@ impl Dataplane {
             for (i, r) in t.rules.iter().enumerate() {
                 let meta = RuleMeta {
                     action: r.action,
-                    policy: r.policy,
-                    rule: r.rule,
-                    flags: 0,
+                    policy: r.owner,
+                    rule: i as u32,
+                    next: r.next,
                 };
                 rules
                     .set(rule_slot(table, i as u32), &meta, 0)
@@ -309,12 +309,12 @@ impl Dataplane {
                 base,
             )?;
         }
-        {
-            let mut ports: LpmTrie<&mut MapData, PortKey, u32> = self.map(names::MAP_PORT)?;
-            for e in &t.ports {
+        for (name, entries) in [(names::MAP_PORT, &t.dports), (names::MAP_SPORT, &t.sports)] {
+            let mut ports: LpmTrie<&mut MapData, PortKey, u32> = self.map(name)?;
+            for e in entries {
                 ports
                     .insert(&port_key(tb, e), &(base + e.class), 0)
-                    .map_err(map_error(names::MAP_PORT, format!("insert {e:?}")))?;
+                    .map_err(map_error(name, format!("insert {e:?}")))?;
             }
         }
         let mut eps: HashMap<&mut MapData, EndpointKey, Bitmap> = self.map(names::MAP_ENDPOINT)?;
@@ -352,6 +352,7 @@ impl Dataplane {
         self.clear_trie::<AddrV6Key>(names::MAP_SRC_V6, |k| in_gen(k.table))?;
         self.clear_trie::<AddrV6Key>(names::MAP_DST_V6, |k| in_gen(k.table))?;
         self.clear_trie::<PortKey>(names::MAP_PORT, |k| in_gen(k.table))?;
+        self.clear_trie::<PortKey>(names::MAP_SPORT, |k| in_gen(k.table))?;
         let mut eps: HashMap<&mut MapData, EndpointKey, Bitmap> = self.map(names::MAP_ENDPOINT)?;
         let stale: Vec<EndpointKey> = eps
             .keys()
