@@ -1,125 +1,18 @@
-//! Command line: `run` (the daemon) and `check` (validate files).
-//!
-//! Exit codes (style.md): 0 success, 1 input rejected, 2 the tool failed.
+//! `filter-agent run`: the daemon.
 
-use std::{
-    collections::BTreeMap,
-    path::{Path, PathBuf},
-    process::ExitCode,
-    time::Duration,
-};
+use std::{collections::BTreeMap, path::Path, process::ExitCode, time::Duration};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     compile::{self, Compiled},
-    dataplane::{self, Dataplane},
+    dataplane::Dataplane,
     model::Store,
     node,
 };
 
-/// Calico v3 host-endpoint policy, enforced with XDP and TC.
-#[derive(Debug, Parser)]
-#[command(name = "filter-agent", version)]
-pub struct Cli {
-    /// Log line format on stderr.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
-    pub log_format: LogFormat,
-    /// What to do.
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-/// Log formats.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
-}
-
-/// Subcommands.
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Enforce the policy of a directory on this node's host endpoints.
-    Run(RunArgs),
-    /// Validate policy files; print every error; exit 1 if any.
-    Check(CheckArgs),
-}
-
-/// `filter-agent run`.
-#[derive(Debug, clap::Args)]
-pub struct RunArgs {
-    /// Directory of Calico v3 YAML (watched; re-applied on change).
-    #[arg(long)]
-    pub policy_dir: PathBuf,
-    /// Node name that picks this node's HostEndpoints [default: $NODE_NAME,
-    /// then the hostname].
-    #[arg(long)]
-    pub node: Option<String>,
-    /// bpffs directory where programs and maps are pinned.
-    #[arg(long, default_value = dataplane::DEFAULT_PIN_DIR)]
-    pub pin_dir: PathBuf,
-    /// How often to look for interfaces that appeared or went.
-    #[arg(long, default_value = "2", value_name = "SECONDS")]
-    pub interface_poll: u64,
-}
-
-/// `filter-agent check`.
-#[derive(Debug, clap::Args)]
-pub struct CheckArgs {
-    /// Files or directories to validate.
-    #[arg(required = true)]
-    pub paths: Vec<PathBuf>,
-}
-
-/// Runs the parsed command line.
-pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    match cli.command {
-        Command::Check(args) => check(args),
-        Command::Run(args) => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            rt.block_on(run_agent(args))
-        }
-    }
-}
-
-fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let mut all_errors = Vec::new();
-    let mut loaded = 0;
-    for path in &args.paths {
-        let result = if path.is_dir() {
-            Store::load_dir(path)
-        } else {
-            Store::load_files(std::slice::from_ref(path))
-        };
-        match result {
-            Ok(store) => {
-                loaded += store.global_policies.len()
-                    + store.network_policies.len()
-                    + store.host_endpoints.len()
-                    + store.global_network_sets.len()
-            }
-            Err(errors) => all_errors.extend(errors),
-        }
-    }
-    for e in &all_errors {
-        println!("{e}");
-    }
-    if all_errors.is_empty() {
-        eprintln!("ok: {loaded} resources valid");
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!("{} error(s)", all_errors.len());
-        Ok(ExitCode::from(1))
-    }
-}
+use super::RunArgs;
 
 /// Loads and compiles the directory for this node.
 fn load_and_compile(
@@ -152,7 +45,8 @@ fn load_and_compile(
     Ok((compiled, indexes))
 }
 
-async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
+/// Runs until SIGTERM or SIGINT.
+pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
     let node_name = node::node_name(args.node.as_deref());
     tracing::info!(node = %node_name, policy_dir = %args.policy_dir.display(), pin_dir = %args.pin_dir.display(), "starting");
     let mut dp = Dataplane::load(&args.pin_dir).context("load the kernel programs")?;

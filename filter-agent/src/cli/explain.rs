@@ -1,0 +1,272 @@
+//! `filter-agent explain`: what each stage does to one packet, and who
+//! decided, from the reference evaluator.
+//!
+//! The JSON form (`--output json`) is one object, stable and documented in
+//! docs/explain.md:
+//! `{"verdict": "allow"|"deny", "stages": [{"stage", "verdict", "tier",
+//! "policy", "rule", "kind"}], "logged": [{"tier", "policy", "rule",
+//! "kind"}]}`.
+
+use std::{net::IpAddr, path::PathBuf, process::ExitCode};
+
+use clap::ValueEnum;
+use serde_json::{json, Value};
+
+use crate::{
+    model::{Protocol, Store},
+    reference::{Direction, Explanation, Failsafe, Packet, Reference, Verdict, Who},
+};
+
+/// Text or JSON.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Output {
+    /// Readable lines.
+    Text,
+    /// One JSON object.
+    Json,
+}
+
+/// Direction as typed on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Dir {
+    /// Arriving on the endpoint.
+    Ingress,
+    /// Leaving by the endpoint.
+    Egress,
+}
+
+/// Arguments of `explain`.
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    /// Directory of Calico v3 YAML.
+    #[arg(long)]
+    pub policy_dir: PathBuf,
+    /// HostEndpoint name.
+    #[arg(long)]
+    pub endpoint: String,
+    /// Direction relative to the endpoint.
+    #[arg(long, value_enum)]
+    pub direction: Dir,
+    /// Protocol: TCP, UDP, ICMP, ICMPv6, SCTP, UDPLite or a number.
+    #[arg(long)]
+    pub proto: String,
+    /// Source address.
+    #[arg(long)]
+    pub src: IpAddr,
+    /// Destination address (before DNAT).
+    #[arg(long)]
+    pub dst: IpAddr,
+    /// Source port.
+    #[arg(long)]
+    pub sport: Option<u16>,
+    /// Destination port.
+    #[arg(long)]
+    pub dport: Option<u16>,
+    /// ICMP type.
+    #[arg(long)]
+    pub icmp_type: Option<u8>,
+    /// ICMP code.
+    #[arg(long)]
+    pub icmp_code: Option<u8>,
+    /// TCP flags, e.g. SYN or SYN,ACK (shown; conntrack state comes from
+    /// --established).
+    #[arg(long, value_delimiter = ',')]
+    pub tcp_flags: Vec<String>,
+    /// The packet belongs to a flow conntrack knows (ESTABLISHED/RELATED).
+    #[arg(long)]
+    pub established: bool,
+    /// The packet is routed through the node, not to or from it.
+    #[arg(long)]
+    pub forwarded: bool,
+    /// Where kube-proxy's DNAT sends the packet (IP:PORT).
+    #[arg(long)]
+    pub dnat_to: Option<std::net::SocketAddr>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// Explains one packet; exit 2 when the input cannot be explained.
+pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
+    let fail = |msg: String| {
+        eprintln!("filter-agent explain: {msg}");
+        Ok(ExitCode::from(2))
+    };
+    let store = match Store::load_dir(&args.policy_dir) {
+        Ok(s) => s,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            return fail(format!(
+                "{} error(s) in {}",
+                errors.len(),
+                args.policy_dir.display()
+            ));
+        }
+    };
+    let Some(hep) = store
+        .host_endpoints
+        .iter()
+        .find(|h| h.meta.name == args.endpoint)
+    else {
+        return fail(format!(
+            "no HostEndpoint named {:?} in {}",
+            args.endpoint,
+            args.policy_dir.display()
+        ));
+    };
+    let proto: Protocol = match serde_yaml::from_str(&args.proto) {
+        Ok(p) => p,
+        Err(e) => return fail(format!("--proto {:?}: {e}", args.proto)),
+    };
+    if args.src.is_ipv4() != args.dst.is_ipv4() {
+        return fail("--src and --dst must be of one IP family".into());
+    }
+    let ported = proto.supports_ports();
+    let icmp = matches!(proto.0, 1 | 58);
+    if !ported && (args.sport.is_some() || args.dport.is_some()) {
+        return fail(format!(
+            "--sport/--dport need TCP, UDP or SCTP, not {proto}"
+        ));
+    }
+    let packet = Packet {
+        src: args.src,
+        dst: args.dst,
+        proto: proto.0,
+        sport: if ported {
+            Some(args.sport.unwrap_or(40000))
+        } else {
+            None
+        },
+        dport: if ported { args.dport } else { None },
+        icmp: if icmp {
+            Some((args.icmp_type.unwrap_or(8), args.icmp_code.unwrap_or(0)))
+        } else {
+            None
+        },
+        established: args.established,
+        forwarded: args.forwarded,
+        dnat_to: args.dnat_to,
+    };
+    if ported && packet.dport.is_none() {
+        return fail(format!("--dport is needed for {proto}"));
+    }
+    let direction = match args.direction {
+        Dir::Ingress => Direction::Ingress,
+        Dir::Egress => Direction::Egress,
+    };
+    let failsafe = Failsafe::from_store(&store, &hep.spec.node);
+    let e = Reference::new(&store).explain(hep, direction, &packet, &failsafe);
+    match args.output {
+        Output::Json => println!("{}", to_json(&e)),
+        Output::Text => print_text(&args, &hep.spec.interface_name, &e),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verdict_name(v: Verdict) -> &'static str {
+    match v {
+        Verdict::Allow => "allow",
+        Verdict::Deny => "deny",
+        Verdict::Continue => "continue",
+        Verdict::NotEvaluated => "not-evaluated",
+    }
+}
+
+/// `(kind, tier, policy, rule)` of who decided.
+fn who_fields(w: Option<&Who>) -> (Value, Value, Value, Value) {
+    match w {
+        None => (Value::Null, Value::Null, Value::Null, Value::Null),
+        Some(Who::Policy { tier, policy, rule }) => {
+            (json!("policy"), json!(tier), json!(policy), json!(rule))
+        }
+        Some(Who::TierEnd { tier }) => (
+            json!("tier-default-action"),
+            json!(tier),
+            Value::Null,
+            Value::Null,
+        ),
+        Some(Who::Profile { profile, rule }) => {
+            (json!("profile"), Value::Null, json!(profile), json!(rule))
+        }
+        Some(Who::NoProfileAllowed) => (
+            json!("no-profile-allowed"),
+            Value::Null,
+            Value::Null,
+            Value::Null,
+        ),
+        Some(Who::Failsafe) => (json!("failsafe"), Value::Null, Value::Null, Value::Null),
+        Some(Who::Conntrack) => (json!("conntrack"), Value::Null, Value::Null, Value::Null),
+        Some(Who::Default) => (json!("default"), Value::Null, Value::Null, Value::Null),
+    }
+}
+
+/// The documented JSON form.
+pub fn to_json(e: &Explanation) -> Value {
+    let stages: Vec<Value> = e
+        .stages
+        .iter()
+        .map(|s| {
+            let (kind, tier, policy, rule) = who_fields(s.by.as_ref());
+            json!({"stage": s.stage.name(), "verdict": verdict_name(s.verdict), "kind": kind, "tier": tier, "policy": policy, "rule": rule})
+        })
+        .collect();
+    let logged: Vec<Value> = e
+        .stages
+        .iter()
+        .flat_map(|s| s.logged.iter().map(move |w| (s.stage.name(), w)))
+        .map(|(stage, w)| {
+            let (kind, tier, policy, rule) = who_fields(Some(w));
+            json!({"stage": stage, "kind": kind, "tier": tier, "policy": policy, "rule": rule})
+        })
+        .collect();
+    json!({"verdict": verdict_name(e.verdict), "stages": stages, "logged": logged})
+}
+
+fn describe(w: Option<&Who>) -> String {
+    match w {
+        None => String::new(),
+        Some(Who::Policy { tier, policy, rule }) => {
+            format!("tier {tier}, policy {policy}, rule {rule}")
+        }
+        Some(Who::TierEnd { tier }) => {
+            format!("tier {tier}: its policies applied, none decided (default action Deny)")
+        }
+        Some(Who::Profile { profile, rule }) => format!("profile {profile}, rule {rule}"),
+        Some(Who::NoProfileAllowed) => {
+            "no policy or profile allowed it (host endpoint default deny)".into()
+        }
+        Some(Who::Failsafe) => "failsafe port".into(),
+        Some(Who::Conntrack) => "established flow (conntrack)".into(),
+        Some(Who::Default) => {
+            "no applyOnForward policy applies: forwarded traffic is allowed".into()
+        }
+    }
+}
+
+fn print_text(args: &ExplainArgs, iface: &str, e: &Explanation) {
+    let port = |p: Option<u16>| p.map(|p| format!(":{p}")).unwrap_or_default();
+    println!(
+        "endpoint {} ({iface}) {:?} {} {}{} -> {}{}",
+        args.endpoint,
+        args.direction,
+        args.proto,
+        args.src,
+        port(args.sport),
+        args.dst,
+        port(args.dport)
+    );
+    for s in &e.stages {
+        println!(
+            "  {:<10} {:<14} {}",
+            s.stage.name(),
+            verdict_name(s.verdict),
+            describe(s.by.as_ref())
+        );
+        for l in &s.logged {
+            println!("  {:<10} {:<14} {}", "", "logged", describe(Some(l)));
+        }
+    }
+    println!("verdict: {}", verdict_name(e.verdict));
+}

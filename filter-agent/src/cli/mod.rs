@@ -1,0 +1,94 @@
+//! Command line: `run` (the daemon), `check` (validate files), `selector`
+//! (evaluate one selector) and `explain` (what the policy does to a packet).
+//!
+//! Exit codes (style.md): 0 success, 1 input rejected, 2 the tool failed.
+
+mod check;
+mod explain;
+mod run;
+mod selector;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::dataplane;
+
+pub use explain::{to_json as explain_json, ExplainArgs};
+pub use selector::SelectorArgs;
+
+/// Calico v3 host-endpoint policy, enforced with XDP and TC.
+#[derive(Debug, Parser)]
+#[command(name = "filter-agent", version)]
+pub struct Cli {
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log formats.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Enforce the policy of a directory on this node's host endpoints.
+    Run(RunArgs),
+    /// Validate policy files; print every error; exit 1 if any.
+    Check(CheckArgs),
+    /// Evaluate a Calico selector against labels; print true or false.
+    Selector(SelectorArgs),
+    /// Show what each stage of the policy does to one packet, and why.
+    Explain(ExplainArgs),
+}
+
+/// `filter-agent run`.
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Directory of Calico v3 YAML (watched; re-applied on change).
+    #[arg(long)]
+    pub policy_dir: PathBuf,
+    /// Node name that picks this node's HostEndpoints [default: $NODE_NAME,
+    /// then the hostname].
+    #[arg(long)]
+    pub node: Option<String>,
+    /// bpffs directory where programs and maps are pinned.
+    #[arg(long, default_value = dataplane::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// How often to look for interfaces that appeared or went.
+    #[arg(long, default_value = "2", value_name = "SECONDS")]
+    pub interface_poll: u64,
+}
+
+/// `filter-agent check`.
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// Files or directories to validate.
+    #[arg(required = true)]
+    pub paths: Vec<PathBuf>,
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Check(args) => check::check(args),
+        Command::Selector(args) => selector::run(args),
+        Command::Explain(args) => explain::run(args),
+        Command::Run(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(run::run_agent(args))
+        }
+    }
+}

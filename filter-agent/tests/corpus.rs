@@ -1,0 +1,155 @@
+//! The real-world policy files: IBM's public samples must load and
+//! compile; the old Calico v1 files must be rejected by the name of their
+//! format. The corpus lives in ../shared/corpus beside the repository (CI
+//! clones it there); its absence is a failure, not a skip.
+
+use std::path::{Path, PathBuf};
+
+use filter_agent::{
+    compile::{self, Node},
+    model::Store,
+};
+
+fn corpus(sub: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/corpus")
+        .join(sub);
+    assert!(
+        p.is_dir(),
+        "corpus {} is missing: the tests need ../shared/corpus beside the repository",
+        p.display()
+    );
+    p
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).expect("read corpus dir") {
+        let p = e.expect("dir entry").path();
+        if p.is_dir() {
+            yaml_files(&p, out);
+        } else if p
+            .extension()
+            .is_some_and(|x| x == "yaml" || x == "yml" || x == "json")
+        {
+            out.push(p);
+        }
+    }
+    out.sort();
+}
+
+#[test]
+fn every_kube_sample_loads_and_compiles() {
+    let mut files = Vec::new();
+    yaml_files(&corpus("kube-samples"), &mut files);
+    assert_eq!(files.len(), 209, "the corpus holds 209 policy files");
+    let mut resources = 0;
+    for f in &files {
+        let store = Store::load_files(std::slice::from_ref(f))
+            .unwrap_or_else(|e| panic!("{}: {e:?}", f.display()));
+        resources +=
+            store.global_policies.len() + store.network_policies.len() + store.host_endpoints.len();
+        // Compile for every node the file's endpoints name, and for a node
+        // with none (policies only).
+        let mut nodes: Vec<String> = store
+            .host_endpoints
+            .iter()
+            .map(|h| h.spec.node.clone())
+            .collect();
+        nodes.push("node-without-endpoints".into());
+        for n in nodes {
+            compile::compile(
+                &store,
+                &Node {
+                    name: n,
+                    ..Default::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+        }
+    }
+    assert!(resources >= 228, "{resources} resources");
+}
+
+const SYNTHETIC_HEPS: &str = "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: pub, labels: {ibm.role: worker_public}}\nspec: {node: corpus-node, interfaceName: eth1, expectedIPs: [169.60.1.1]}\n---\napiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: priv, labels: {ibm.role: worker_private}}\nspec: {node: corpus-node, interfaceName: eth0, expectedIPs: [10.1.1.1]}\n";
+
+#[test]
+fn each_region_directory_loads_as_one_policy_set() {
+    for side in ["private-network-isolation", "public-network-isolation"] {
+        for region in std::fs::read_dir(corpus("kube-samples").join(side)).expect("read") {
+            let dir = region.expect("entry").path();
+            if dir.is_dir() {
+                let store =
+                    Store::load_dir(&dir).unwrap_or_else(|e| panic!("{}: {e:?}", dir.display()));
+                // Endpoints of both roles on one node, so every policy that
+                // selects a worker goes through the compiler.
+                let mut store = store;
+                let mut errors = Vec::new();
+                store.add_text(Path::new("synthetic.yaml"), SYNTHETIC_HEPS, &mut errors);
+                assert!(errors.is_empty(), "{errors:?}");
+                let c = compile::compile(
+                    &store,
+                    &Node {
+                        name: "corpus-node".into(),
+                        ..Default::default()
+                    },
+                )
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+                let rules: usize = c.tables.iter().map(|t| t.rules.len()).sum();
+                assert!(rules > 10, "{}: only {rules} rules compiled", dir.display());
+            }
+        }
+    }
+}
+
+#[test]
+fn old_v1_format_files_are_rejected_naming_the_format() {
+    let mut files = Vec::new();
+    yaml_files(
+        &corpus("kube-samples-history/private-network-isolation/calico-v2"),
+        &mut files,
+    );
+    assert_eq!(files.len(), 6);
+    for f in &files {
+        let errors =
+            Store::load_files(std::slice::from_ref(f)).expect_err("v1 format must be rejected");
+        for e in &errors {
+            let text = e.to_string();
+            assert!(
+                text.contains("old Calico v1 format") && text.contains(&f.display().to_string()),
+                "{text}"
+            );
+            assert!(e.origin.line > 0, "{text}");
+        }
+    }
+}
+
+#[test]
+fn history_files_in_v3_format_are_valid_v3() {
+    // The history folder also keeps pre-regional files that are genuine
+    // projectcalico.org/v3 resources; Calico accepts them, and so do we.
+    let store = Store::load_dir(&corpus(
+        "kube-samples-history/private-network-isolation/calico-v3",
+    ))
+    .unwrap_or_else(|e| panic!("{e:?}"));
+    assert!(!store.global_policies.is_empty());
+}
+
+#[test]
+fn cluster_export_loads_except_the_name_calico_rejects() {
+    let dump = corpus("iks-cluster-dump");
+    let mut files = Vec::new();
+    yaml_files(&dump, &mut files);
+    for f in &files {
+        let result = Store::load_files(std::slice::from_ref(f));
+        if f.ends_with("testcase20-1-empty-globalNetworkpolicy.yaml") {
+            // Calico's validator rejects upper case in policy names.
+            let e = result.expect_err("upper-case name");
+            assert!(e[0].to_string().contains("metadata.name"), "{}", e[0]);
+        } else {
+            result.unwrap_or_else(|e| panic!("{}: {e:?}", f.display()));
+        }
+    }
+    let store = Store::load_files(&[dump.join("hep_and_wep.json")]).expect("json lists");
+    assert_eq!(store.host_endpoints.len(), 3);
+    assert_eq!(store.global_network_sets.len(), 2);
+}
