@@ -24,12 +24,57 @@ pub fn store(store: &Store, errors: &mut Vec<Error>) {
         }
         for (dir, rules) in [("ingress", &p.spec.ingress), ("egress", &p.spec.egress)] {
             for (i, r) in rules.iter().enumerate() {
-                rule(r, &format!("spec.{dir}[{i}]"), dir, &mut report);
+                rule(r, &format!("spec.{dir}[{i}]"), dir, false, &mut report);
             }
         }
     }
     for h in &store.host_endpoints {
         host_endpoint(h, errors);
+    }
+    for p in &store.profiles {
+        let mut report = reporter(p, errors);
+        for (dir, rules) in [("ingress", &p.spec.ingress), ("egress", &p.spec.egress)] {
+            for (i, r) in rules.iter().enumerate() {
+                rule(r, &format!("spec.{dir}[{i}]"), dir, true, &mut report);
+            }
+        }
+    }
+    for g in &store.global_network_sets {
+        if g.meta.labels.contains_key("projectcalico.org/namespace") {
+            reporter(g, errors).error(
+                "metadata.labels",
+                "a GlobalNetworkSet may not carry the label projectcalico.org/namespace",
+            );
+        }
+    }
+    for t in &store.tiers {
+        let mut report = reporter(t, errors);
+        if t.meta.name.contains('.') || t.meta.name.is_empty() {
+            report.error(
+                "metadata.name",
+                format!(
+                    "invalid Tier name {:?}: a DNS label without dots",
+                    t.meta.name
+                ),
+            );
+        }
+        if t.meta.name == "default" && t.spec.default_action == Some(super::TierAction::Pass) {
+            report.error(
+                "spec.defaultAction",
+                "the default tier must keep defaultAction Deny",
+            );
+        }
+    }
+    // A policy's tier must exist (the default tier always does).
+    for p in &store.global_policies {
+        if let Some(tier) = p.spec.tier.as_deref().filter(|t| *t != "default") {
+            if !store.tiers.iter().any(|t| t.meta.name == tier) {
+                reporter(p, errors).error(
+                    "spec.tier",
+                    format!("tier {tier:?} does not exist (no Tier resource of that name)"),
+                );
+            }
+        }
     }
 }
 
@@ -130,17 +175,20 @@ fn global_policy(p: &Resource<GlobalNetworkPolicySpec>, errors: &mut Vec<Error>)
     let mut report = reporter(p, errors);
     let s = &p.spec;
     name(&p.meta.name, "GlobalNetworkPolicy", &mut report);
-    if let Some(sel) = &s.selector {
-        selector(sel, "spec.selector", &mut report);
-        if sel.contains("global()") {
-            report.error(
-                "spec.selector",
-                "global() is allowed only in a rule's namespaceSelector",
-            );
+    for (field, sel) in [
+        ("spec.selector", &s.selector),
+        ("spec.namespaceSelector", &s.namespace_selector),
+        ("spec.serviceAccountSelector", &s.service_account_selector),
+    ] {
+        if let Some(sel) = sel {
+            selector(sel, field, &mut report);
+            if sel.contains("global()") {
+                report.error(
+                    field,
+                    "global() is allowed only in a rule's namespaceSelector",
+                );
+            }
         }
-    }
-    if let Some(sel) = &s.namespace_selector {
-        selector(sel, "spec.namespaceSelector", &mut report);
     }
     let mut seen = Vec::new();
     for t in &s.types {
@@ -168,12 +216,12 @@ fn global_policy(p: &Resource<GlobalNetworkPolicySpec>, errors: &mut Vec<Error>)
     }
     for (dir, rules) in [("ingress", &s.ingress), ("egress", &s.egress)] {
         for (i, r) in rules.iter().enumerate() {
-            rule(r, &format!("spec.{dir}[{i}]"), dir, &mut report);
+            rule(r, &format!("spec.{dir}[{i}]"), dir, true, &mut report);
         }
     }
 }
 
-fn rule(r: &Rule, path: &str, direction: &str, report: &mut Reporter<'_>) {
+fn rule(r: &Rule, path: &str, direction: &str, global: bool, report: &mut Reporter<'_>) {
     use std::net::IpAddr;
     if let Some(v) = r.ip_version {
         if v != 4 && v != 6 {
@@ -271,11 +319,62 @@ fn rule(r: &Rule, path: &str, direction: &str, report: &mut Reporter<'_>) {
         ),
         _ => {}
     }
-    if r.http.is_some() && (r.action != super::Action::Allow || direction != "ingress") {
+    if r.http.is_some()
+        && (r.action != super::Action::Allow
+            || direction != "ingress"
+            || r.protocol.is_some_and(|p| p.0 != 6))
+    {
         report.error(
             &format!("{path}.http"),
-            "http matches are allowed only on Allow rules of ingress",
+            "http matches are allowed only on Allow rules of ingress, with protocol TCP or unset",
         );
+    }
+    for (side, e) in [("source", &r.source), ("destination", &r.destination)] {
+        if let Some(ns) = e.namespace_selector.as_deref() {
+            if ns.contains("global()") && ns.trim() != "global()" {
+                report.error(
+                    &format!("{path}.{side}.namespaceSelector"),
+                    "global() must be the whole namespaceSelector",
+                );
+            }
+        }
+        let Some(services) = &e.services else {
+            continue;
+        };
+        let field = format!("{path}.{side}.services");
+        let others = e.selector.is_some()
+            || e.not_selector.is_some()
+            || e.namespace_selector.is_some()
+            || !e.nets.is_empty()
+            || !e.not_nets.is_empty()
+            || e.service_accounts.is_some();
+        if others {
+            report.error(&field, "services cannot be combined with selector, notSelector, namespaceSelector, nets, notNets or serviceAccounts");
+        }
+        match (side, direction) {
+            ("destination", "ingress") => report.error(
+                &field,
+                "destination services are allowed only in egress rules",
+            ),
+            ("source", "egress") => {
+                report.error(&field, "source services are allowed only in ingress rules")
+            }
+            _ => {}
+        }
+        if side == "destination" && (!e.ports.is_empty() || !e.not_ports.is_empty()) {
+            report.error(
+                &field,
+                "ports may be set with services only for source services on ingress",
+            );
+        }
+        if global
+            && services
+                .get("namespace")
+                .and_then(|v| v.as_str())
+                .is_none_or(str::is_empty)
+        {
+            report.error(&field, "a GlobalNetworkPolicy must give services.namespace");
+        }
     }
 }
 
@@ -334,4 +433,418 @@ fn host_endpoint(h: &Resource<HostEndpointSpec>, errors: &mut Vec<Error>) {
 /// operator to fill in; they are not addresses, but not malformed either.
 fn looks_like_template(s: &str) -> bool {
     s.starts_with('<') && s.ends_with('>')
+}
+
+#[cfg(test)]
+mod tests {
+    //! One test per rule of calico-semantics.md 2.7 (and the grammar
+    //! checks made while parsing), each asserting the field named.
+
+    use std::path::Path;
+
+    use crate::model::Store;
+
+    /// Errors of a document, as `field: message` lines.
+    fn errors(yaml: &str) -> Vec<String> {
+        let mut store = Store::default();
+        let mut errors = Vec::new();
+        store.add_text(Path::new("v.yaml"), yaml, &mut errors);
+        if errors.is_empty() {
+            super::store(&store, &mut errors);
+        }
+        errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.message))
+            .collect()
+    }
+
+    fn gnp(spec: &str) -> String {
+        format!("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata:\n  name: p\nspec:\n{spec}")
+    }
+
+    fn rule(r: &str) -> String {
+        gnp(&format!("  ingress:\n  - {r}\n"))
+    }
+
+    #[track_caller]
+    fn rejects(yaml: &str, field: &str, message: &str) {
+        let e = errors(yaml);
+        assert!(
+            e.iter()
+                .any(|l| l.starts_with(field) && l.contains(message)),
+            "want {field}: ..{message}.. in {e:?}\n{yaml}"
+        );
+    }
+
+    #[track_caller]
+    fn accepts(yaml: &str) {
+        let e = errors(yaml);
+        assert!(e.is_empty(), "{e:?}\n{yaml}");
+    }
+
+    #[test]
+    fn pre_dnat_and_do_not_track_are_exclusive() {
+        rejects(
+            &gnp("  preDNAT: true\n  doNotTrack: true\n  applyOnForward: true\n"),
+            "spec.preDNAT",
+            "cannot both",
+        );
+    }
+
+    #[test]
+    fn pre_dnat_has_no_egress() {
+        rejects(
+            &gnp("  preDNAT: true\n  applyOnForward: true\n  egress:\n  - action: Allow\n"),
+            "spec.preDNAT",
+            "ingress rules only",
+        );
+        rejects(
+            &gnp("  preDNAT: true\n  applyOnForward: true\n  types: [Egress]\n"),
+            "spec.preDNAT",
+            "ingress rules only",
+        );
+    }
+
+    #[test]
+    fn pre_dnat_and_do_not_track_need_apply_on_forward() {
+        rejects(
+            &gnp("  preDNAT: true\n"),
+            "spec.applyOnForward",
+            "preDNAT policies must set",
+        );
+        rejects(
+            &gnp("  doNotTrack: true\n"),
+            "spec.applyOnForward",
+            "doNotTrack policies must set",
+        );
+        accepts(&gnp("  doNotTrack: true\n  applyOnForward: true\n"));
+    }
+
+    #[test]
+    fn global_is_only_for_rule_namespace_selectors() {
+        rejects(&gnp("  selector: global()\n"), "spec.selector", "global()");
+        rejects(
+            &gnp("  namespaceSelector: global()\n"),
+            "spec.namespaceSelector",
+            "global()",
+        );
+        accepts(&rule(
+            "action: Allow\n    source: {namespaceSelector: global(), selector: \"a == 'b'\"}",
+        ));
+        rejects(
+            &rule("action: Allow\n    source: {namespaceSelector: \"global() && a == 'b'\"}"),
+            "spec.ingress[0].source.namespaceSelector",
+            "whole",
+        );
+    }
+
+    #[test]
+    fn types_are_unique_ingress_or_egress() {
+        rejects(
+            &gnp("  types: [Ingress, Ingress]\n"),
+            "spec.types",
+            "listed twice",
+        );
+        rejects(
+            &gnp("  types: [ingress]\n"),
+            "spec.types[0]",
+            "unknown variant",
+        );
+    }
+
+    #[test]
+    fn types_default_from_the_rules() {
+        use super::effective_types;
+        use crate::model::PolicyType::*;
+        let spec = |y: &str| -> crate::model::GlobalNetworkPolicySpec {
+            serde_yaml::from_str(y).expect("spec")
+        };
+        assert_eq!(effective_types(&spec("{}")), vec![Ingress]);
+        assert_eq!(
+            effective_types(&spec("egress: [{action: Allow}]")),
+            vec![Egress]
+        );
+        assert_eq!(
+            effective_types(&spec(
+                "ingress: [{action: Allow}]\negress: [{action: Allow}]"
+            )),
+            vec![Ingress, Egress]
+        );
+        assert_eq!(effective_types(&spec("types: [Egress]")), vec![Egress]);
+    }
+
+    #[test]
+    fn ports_only_with_tcp_udp_sctp_and_numeric_ports_need_a_protocol() {
+        rejects(
+            &rule("action: Allow\n    protocol: ICMP\n    destination: {ports: [80]}"),
+            "spec.ingress[0].protocol",
+            "does not support ports",
+        );
+        rejects(
+            &rule("action: Allow\n    protocol: UDPLite\n    destination: {ports: [80]}"),
+            "spec.ingress[0].protocol",
+            "does not support ports",
+        );
+        rejects(
+            &rule("action: Allow\n    destination: {ports: [80]}"),
+            "spec.ingress[0].destination.ports",
+            "must set protocol",
+        );
+        rejects(
+            &rule("action: Allow\n    source: {notPorts: [80]}"),
+            "spec.ingress[0].source.ports",
+            "must set protocol",
+        );
+        accepts(&rule(
+            "action: Allow\n    protocol: SCTP\n    destination: {ports: [80]}",
+        ));
+    }
+
+    #[test]
+    fn protocol_names_are_case_sensitive_and_numbers_1_to_255() {
+        rejects(
+            &rule("action: Allow\n    protocol: tcp"),
+            "spec.ingress[0].protocol",
+            "case-sensitive",
+        );
+        rejects(
+            &rule("action: Allow\n    protocol: 0"),
+            "spec.ingress[0].protocol",
+            "1-255",
+        );
+        rejects(
+            &rule("action: Allow\n    protocol: 256"),
+            "spec.ingress[0].protocol",
+            "1-255",
+        );
+        accepts(&rule("action: Allow\n    protocol: \"6\""));
+        accepts(&rule("action: Allow\n    protocol: 47"));
+    }
+
+    #[test]
+    fn icmp_fields_need_icmp_and_a_type_for_a_code() {
+        rejects(
+            &rule("action: Allow\n    protocol: TCP\n    icmp: {type: 8}"),
+            "spec.ingress[0].icmp",
+            "needs protocol ICMP",
+        );
+        rejects(
+            &rule("action: Allow\n    protocol: ICMP\n    icmp: {code: 0}"),
+            "spec.ingress[0].icmp.code",
+            "needs a type",
+        );
+        rejects(
+            &rule("action: Allow\n    protocol: ICMP\n    icmp: {type: 255}"),
+            "spec.ingress[0].icmp.type",
+            "0-254",
+        );
+        rejects(
+            &rule("action: Allow\n    protocol: ICMP\n    icmp: {type: 3, code: 256}"),
+            "spec.ingress[0].icmp.code",
+            "",
+        );
+        rejects(
+            &rule("action: Allow\n    protocol: ICMP\n    ipVersion: 6"),
+            "spec.ingress[0].protocol",
+            "use ICMPv6",
+        );
+        rejects(
+            &rule("action: Allow\n    protocol: ICMPv6\n    ipVersion: 4"),
+            "spec.ingress[0].protocol",
+            "use ICMP",
+        );
+    }
+
+    #[test]
+    fn one_family_per_rule_agreeing_with_ip_version_and_strict_cidrs() {
+        rejects(&rule("action: Allow\n    source: {nets: [10.0.0.0/8]}\n    destination: {nets: [\"fd00::/8\"]}"), "spec.ingress[0]", "mix IPv4 and IPv6");
+        rejects(
+            &rule("action: Allow\n    ipVersion: 6\n    source: {nets: [10.0.0.0/8]}"),
+            "spec.ingress[0].ipVersion",
+            "other IP family",
+        );
+        rejects(
+            &rule("action: Allow\n    source: {nets: [10.0.0.1/8]}"),
+            "spec.ingress[0].source.nets[0]",
+            "host bits",
+        );
+        rejects(
+            &rule("action: Allow\n    source: {notNets: [0.0.0.0/0]}"),
+            "spec.ingress[0].source.notNets[0]",
+            "catch-all",
+        );
+        accepts(&rule("action: Allow\n    source: {nets: [10.0.0.1]}"));
+    }
+
+    #[test]
+    fn selectors_must_parse() {
+        rejects(
+            &gnp("  selector: \"a = 'b'\"\n"),
+            "spec.selector",
+            "position",
+        );
+        rejects(
+            &rule("action: Allow\n    source: {selector: \"has(a\"}"),
+            "spec.ingress[0].source.selector",
+            "position",
+        );
+    }
+
+    #[test]
+    fn actions_and_ip_versions_are_enumerated() {
+        rejects(
+            &rule("action: allow"),
+            "spec.ingress[0].action",
+            "unknown variant",
+        );
+        rejects(
+            &gnp("  ingress:\n  - protocol: TCP\n"),
+            "spec.ingress[0]",
+            "missing field `action`",
+        );
+        rejects(
+            &rule("action: Allow\n    ipVersion: 5"),
+            "spec.ingress[0].ipVersion",
+            "4 or 6",
+        );
+    }
+
+    #[test]
+    fn http_only_on_allow_ingress_tcp() {
+        rejects(
+            &rule("action: Deny\n    http: {methods: [GET]}"),
+            "spec.ingress[0].http",
+            "only on Allow",
+        );
+        rejects(
+            &rule("action: Allow\n    protocol: UDP\n    http: {methods: [GET]}"),
+            "spec.ingress[0].http",
+            "TCP",
+        );
+        rejects(
+            &gnp("  egress:\n  - action: Allow\n    http: {methods: [GET]}\n"),
+            "spec.egress[0].http",
+            "ingress",
+        );
+        accepts(&rule("action: Allow\n    http: {methods: [GET]}"));
+    }
+
+    #[test]
+    fn services_are_exclusive_and_directional() {
+        rejects(&rule("action: Allow\n    source: {services: {name: s, namespace: n}, nets: [10.0.0.0/8]}"), "spec.ingress[0].source.services", "cannot be combined");
+        rejects(
+            &rule("action: Allow\n    destination: {services: {name: s, namespace: n}}"),
+            "spec.ingress[0].destination.services",
+            "only in egress",
+        );
+        rejects(
+            &gnp("  egress:\n  - action: Allow\n    source: {services: {name: s, namespace: n}}\n"),
+            "spec.egress[0].source.services",
+            "only in ingress",
+        );
+        rejects(
+            &rule("action: Allow\n    source: {services: {name: s}}"),
+            "spec.ingress[0].source.services",
+            "services.namespace",
+        );
+        accepts(&rule(
+            "action: Allow\n    source: {services: {name: s, namespace: n}}",
+        ));
+    }
+
+    #[test]
+    fn policy_names_are_dns_labels_with_an_optional_tier() {
+        let named = |n: &str| {
+            format!("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata:\n  name: {n}\nspec: {{}}\n")
+        };
+        rejects(
+            &named("Allow-All"),
+            "metadata.name",
+            "invalid GlobalNetworkPolicy name",
+        );
+        rejects(&named("allow_all"), "metadata.name", "invalid");
+        rejects(&named(&"a".repeat(254)), "metadata.name", "invalid");
+        accepts(&named("security.allow-all"));
+    }
+
+    #[test]
+    fn unknown_fields_are_errors() {
+        rejects(&gnp("  ingres: []\n"), "spec", "unknown field `ingres`");
+        rejects(
+            &rule("action: Allow\n    destination: {port: [80]}"),
+            "spec.ingress[0].destination",
+            "unknown field `port`",
+        );
+    }
+
+    #[test]
+    fn port_values_and_ranges() {
+        rejects(
+            &rule("action: Allow\n    protocol: TCP\n    destination: {ports: [0]}"),
+            "spec.ingress[0].destination.ports[0]",
+            "1-65535",
+        );
+        rejects(
+            &rule("action: Allow\n    protocol: TCP\n    destination: {ports: [\"9000:8000\"]}"),
+            "spec.ingress[0].destination.ports[0]",
+            "above the last",
+        );
+        rejects(
+            &rule("action: Allow\n    protocol: TCP\n    destination: {ports: [70000]}"),
+            "spec.ingress[0].destination.ports[0]",
+            "1-65535",
+        );
+        rejects(
+            &rule("action: Allow\n    protocol: TCP\n    destination: {ports: [\"80-90\"]}"),
+            "spec.ingress[0].destination.ports[0]",
+            "port name",
+        );
+        accepts(&rule("action: Allow\n    protocol: TCP\n    destination: {ports: [\"http-alt\", 30000:32767]}"));
+    }
+
+    #[test]
+    fn host_endpoints_need_a_node_and_an_interface_or_addresses() {
+        let hep = |spec: &str| {
+            format!("apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata:\n  name: h\nspec:\n{spec}")
+        };
+        rejects(
+            &hep("  interfaceName: eth0\n"),
+            "spec.node",
+            "needs spec.node",
+        );
+        rejects(
+            &hep("  node: n\n"),
+            "spec.interfaceName",
+            "interfaceName or expectedIPs",
+        );
+        rejects(
+            &hep("  node: n\n  interfaceName: this-name-is-too-long\n"),
+            "spec.interfaceName",
+            "1-15",
+        );
+        rejects(
+            &hep("  node: n\n  expectedIPs: [10.0.0.0/8]\n"),
+            "spec.expectedIPs[0]",
+            "invalid IP address",
+        );
+        rejects(&hep("  node: n\n  interfaceName: eth0\n  ports: [{name: HTTP, protocol: TCP, port: 80}]\n"), "spec.ports[0].name", "port name");
+        rejects(&hep("  node: n\n  interfaceName: eth0\n  ports: [{name: dns, protocol: ICMP, port: 53}]\n"), "spec.ports[0].protocol", "TCP, UDP or SCTP");
+        accepts(&hep("  node: n\n  interfaceName: \"*\"\n  ports: [{name: dns, protocol: UDP, port: 53}, {name: dns, protocol: TCP, port: 53}]\n"));
+    }
+
+    #[test]
+    fn tiers_must_exist_and_the_default_tier_keeps_deny() {
+        rejects(&gnp("  tier: security\n"), "spec.tier", "does not exist");
+        let tier = "apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata:\n  name: default\nspec:\n  defaultAction: Pass\n";
+        rejects(tier, "spec.defaultAction", "must keep");
+    }
+
+    #[test]
+    fn global_network_sets_may_not_claim_a_namespace() {
+        rejects(
+            "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata:\n  name: s\n  labels: {projectcalico.org/namespace: x}\nspec:\n  nets: [10.0.0.1/8]\n",
+            "metadata.labels",
+            "may not carry",
+        );
+    }
 }
