@@ -386,4 +386,65 @@ mod tests {
         }
         assert_eq!(Selector::parse("a == b").unwrap_err().position, 5);
     }
+
+    #[test]
+    fn only_space_and_tab_are_blanks() {
+        assert!(eval("\ta == 'b'\t&&\thas(c)", &[("a", "b"), ("c", "")]));
+        assert!(Selector::parse("a == 'b'\r").is_err());
+        // A folded YAML selector is one line; a literal (|) one has a newline.
+        assert!(Selector::parse("a == 'b' &&\nhas(c)").is_err());
+    }
+
+    #[test]
+    fn labels_may_start_with_digits_dots_slashes_and_dashes() {
+        assert!(eval("1abc == 'x'", &[("1abc", "x")]));
+        assert!(eval("projectcalico.org/name == 'default'", &[("projectcalico.org/name", "default")]));
+        assert!(eval("-x == 'y'", &[("-x", "y")]));
+        assert!(eval("in in {'a'}", &[("in", "a")]), "a label may be called in");
+        assert!(eval("has(has)", &[("has", "")]));
+        let long = "a".repeat(513);
+        assert!(Selector::parse(&format!("{long} == 'x'")).is_err(), "labels are at most 512 characters");
+        assert!(Selector::parse(&format!("{} == 'x'", "a".repeat(512))).is_ok());
+    }
+
+    #[test]
+    fn literals_have_no_escapes_and_take_either_quote() {
+        assert!(eval(r#"k == "it's""#, &[("k", "it's")]));
+        assert!(eval(r"k == 'a\'", &[("k", r"a\")]), "backslash is a plain character");
+        assert!(eval("k == 'żółw'", &[("k", "żółw")]));
+        assert!(eval("k == ''", &[("k", "")]), "empty value is a value");
+        assert!(!eval("k == ''", &[]));
+    }
+
+    #[test]
+    fn empty_substring_matches_any_present_value() {
+        assert!(eval("k contains ''", &[("k", "v")]));
+        assert!(!eval("k starts with ''", &[]));
+    }
+
+    #[test]
+    fn word_operators_need_a_word_boundary() {
+        // `k inx {…}`: "inx" is not the operator "in".
+        assert!(Selector::parse("k inx {'a'}").is_err());
+        assert!(Selector::parse("k containsx 'a'").is_err());
+        assert!(eval("k not  in {'a'}", &[("k", "b")]));
+    }
+
+    #[test]
+    fn set_literals() {
+        assert!(eval("k in {'a','a'}", &[("k", "a")]), "duplicates collapse");
+        assert!(Selector::parse("k in ('a')").is_err(), "parentheses are not braces");
+        assert!(Selector::parse("k in {a}").is_err(), "members are quoted");
+        assert!(Selector::parse("k in {'a',,}").is_err());
+    }
+
+    #[test]
+    fn functions_are_lower_case_without_a_blank_before_the_parenthesis() {
+        assert!(Selector::parse("global()").is_ok());
+        assert!(Selector::parse("Has(a)").is_err());
+        assert!(Selector::parse("all ()").is_err());
+        assert!(Selector::parse("has(a) == 'b'").is_err());
+        assert!(Selector::parse("()").is_err());
+        assert!(Selector::parse("\"b\" == a").is_err());
+    }
 }
