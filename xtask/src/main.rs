@@ -62,6 +62,8 @@ enum Cmd {
     },
     /// Replay the seed tutorial in network namespaces with real traffic.
     Demo,
+    /// Benchmarks (numbers for docs/performance.md, not pass/fail).
+    Bench,
 }
 
 fn main() -> ExitCode {
@@ -102,6 +104,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             run_tests(&mut cmd)
         }
+        Cmd::Bench => cargo(
+            &root,
+            &["bench", "-p", "filter-agent", "--bench", "compile"],
+        ),
         Cmd::Demo => {
             require_root("cargo xtask demo")?;
             prereqs()?;

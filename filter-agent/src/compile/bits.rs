@@ -1,40 +1,120 @@
-//! Bit operations on [`Bitmap`]s: bit `r` is rule `r`.
+//! Sets of rules as bits: bit `r` is rule `r` of a table.
+//!
+//! [`RuleSet`] is dense and trimmed (no trailing zero words), so equal sets
+//! are equal vectors whatever the table size, and interning them finds
+//! every duplicate. The dataplane widens them to the kernel's fixed
+//! `Bitmap` and checks its capacity.
 
-use filter_common::Bitmap;
-
-/// Sets rule `r`.
-pub fn set(b: &mut Bitmap, r: usize) {
-    b.words[r / 64] |= 1 << (r % 64);
+/// A set of rule numbers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RuleSet {
+    words: Vec<u64>,
 }
 
-/// Whether rule `r` is set.
-pub fn get(b: &Bitmap, r: usize) -> bool {
-    b.words[r / 64] & (1 << (r % 64)) != 0
-}
+impl RuleSet {
+    /// No rule.
+    pub const fn new() -> RuleSet {
+        RuleSet { words: Vec::new() }
+    }
 
-/// `a |= b`.
-pub fn or(a: &mut Bitmap, b: &Bitmap) {
-    a.words.iter_mut().zip(&b.words).for_each(|(x, y)| *x |= y);
-}
+    /// The 64-bit words, rule 0 in the lowest bit of word 0.
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
 
-/// `a &= b`.
-pub fn and(a: &mut Bitmap, b: &Bitmap) {
-    a.words.iter_mut().zip(&b.words).for_each(|(x, y)| *x &= y);
-}
-
-/// `a &= !b`.
-pub fn and_not(a: &mut Bitmap, b: &Bitmap) {
-    a.words.iter_mut().zip(&b.words).for_each(|(x, y)| *x &= !y);
-}
-
-/// The lowest rule at or after `start` that is set, as the kernel's verdict
-/// loop finds it.
-pub fn first_from(b: &Bitmap, start: usize) -> Option<usize> {
-    (start / 64..b.words.len()).find_map(|w| {
-        let mut x = b.words[w];
-        if w == start / 64 {
-            x &= u64::MAX << (start % 64);
+    /// Adds rule `r`.
+    pub fn insert(&mut self, r: usize) {
+        let w = r / 64;
+        if self.words.len() <= w {
+            self.words.resize(w + 1, 0);
         }
-        (x != 0).then(|| w * 64 + x.trailing_zeros() as usize)
-    })
+        self.words[w] |= 1 << (r % 64);
+    }
+
+    /// Whether rule `r` is in the set.
+    pub fn contains(&self, r: usize) -> bool {
+        self.words
+            .get(r / 64)
+            .is_some_and(|w| w & (1 << (r % 64)) != 0)
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+
+    /// `self |= other`.
+    pub fn union_with(&mut self, other: &RuleSet) {
+        if self.words.len() < other.words.len() {
+            self.words.resize(other.words.len(), 0);
+        }
+        self.words
+            .iter_mut()
+            .zip(&other.words)
+            .for_each(|(x, y)| *x |= y);
+    }
+
+    /// `self &= other`.
+    pub fn intersect_with(&mut self, other: &RuleSet) {
+        self.words.truncate(other.words.len());
+        self.words
+            .iter_mut()
+            .zip(&other.words)
+            .for_each(|(x, y)| *x &= y);
+        self.trim();
+    }
+
+    /// `self &= !other`.
+    pub fn subtract(&mut self, other: &RuleSet) {
+        self.words
+            .iter_mut()
+            .zip(&other.words)
+            .for_each(|(x, y)| *x &= !y);
+        self.trim();
+    }
+
+    fn trim(&mut self) {
+        while self.words.last() == Some(&0) {
+            self.words.pop();
+        }
+    }
+
+    /// The lowest rule at or after `start`, as the kernel's verdict loop
+    /// finds it.
+    pub fn first_from(&self, start: usize) -> Option<usize> {
+        (start / 64..self.words.len()).find_map(|w| {
+            let mut x = self.words[w];
+            if w == start / 64 {
+                x &= u64::MAX << (start % 64);
+            }
+            (x != 0).then(|| w * 64 + x.trailing_zeros() as usize)
+        })
+    }
+}
+
+impl FromIterator<usize> for RuleSet {
+    fn from_iter<I: IntoIterator<Item = usize>>(iter: I) -> Self {
+        let mut s = RuleSet::new();
+        for r in iter {
+            s.insert(r);
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RuleSet;
+
+    #[test]
+    fn sets_stay_trimmed_so_equal_sets_are_equal() {
+        let mut a: RuleSet = [1, 200].into_iter().collect();
+        a.subtract(&[200].into_iter().collect());
+        assert_eq!(a, [1].into_iter().collect());
+        let mut b: RuleSet = [1, 5].into_iter().collect();
+        b.intersect_with(&[5, 700].into_iter().collect());
+        assert_eq!(b, [5].into_iter().collect());
+        assert_eq!(b.first_from(0), Some(5));
+        assert_eq!(b.first_from(6), None);
+    }
 }

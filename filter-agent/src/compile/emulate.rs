@@ -10,7 +10,7 @@ use std::net::IpAddr;
 
 use filter_common::{action, MAX_HOPS};
 
-use super::{bits, prefix::Prefix, Compiled, PortEntry, Table};
+use super::{prefix::Prefix, Compiled, PortEntry, Table};
 
 /// The packet fields the classifier reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,9 +88,9 @@ pub fn lookup(c: &Compiled, t: &Table, iface: &str, f: Fields) -> Option<Outcome
         class(port_class(&t.dports, f.proto, f.dport)),
         class(port_class(&t.sports, f.proto, f.sport)),
     ];
-    let mut hits = *mask;
+    let mut hits = mask.clone();
     for m in &maps[1..] {
-        bits::and(&mut hits, m);
+        hits.intersect_with(m);
     }
     let mut out = Outcome {
         decided: None,
@@ -98,7 +98,7 @@ pub fn lookup(c: &Compiled, t: &Table, iface: &str, f: Fields) -> Option<Outcome
     };
     let mut start = 0usize;
     for _ in 0..MAX_HOPS {
-        let Some(r) = bits::first_from(&hits, start) else {
+        let Some(r) = hits.first_from(start) else {
             return Some(out);
         };
         let info = t.rules[r];

@@ -30,7 +30,7 @@ use std::{
     net::IpAddr,
 };
 
-use filter_common::{action, direction, stage, Bitmap, MAX_RULES, WORDS};
+use filter_common::{action, direction, stage};
 use ipnetwork::IpNetwork;
 
 use crate::{
@@ -40,6 +40,7 @@ use crate::{
     },
     selector::Selector,
 };
+use bits::RuleSet;
 use prefix::{FieldMatch, Prefix};
 
 /// The built-in profile that allows everything (1.3).
@@ -68,18 +69,6 @@ pub enum Error {
         field: String,
         /// What is not supported.
         message: String,
-    },
-    /// More rules than a table holds.
-    #[error("{stage} {direction}: {count} rules, more than the {max} a table holds")]
-    TooManyRules {
-        /// Stage name.
-        stage: &'static str,
-        /// Direction name.
-        direction: &'static str,
-        /// Rules compiled.
-        count: usize,
-        /// Table capacity.
-        max: u32,
     },
 }
 
@@ -170,7 +159,7 @@ pub struct Table {
     pub sports: Vec<PortEntry>,
     /// Interface name → rules that concern its endpoint. Absent: nothing of
     /// this stage and direction applies.
-    pub masks: BTreeMap<String, Bitmap>,
+    pub masks: BTreeMap<String, RuleSet>,
 }
 
 /// Everything one generation of the dataplane needs.
@@ -178,8 +167,8 @@ pub struct Table {
 pub struct Compiled {
     /// Endpoints of this node, one per interface.
     pub endpoints: Vec<BoundEndpoint>,
-    /// Class number → bitmap; class 0 is the empty bitmap.
-    pub classes: Vec<Bitmap>,
+    /// Class number → rule set; class 0 is the empty set.
+    pub classes: Vec<RuleSet>,
     /// Rule owners, shared by all tables.
     pub owners: Vec<Owner>,
     /// One table per stage and direction, at `stage * 2 + direction`.
@@ -372,7 +361,7 @@ pub fn compile(store: &Store, node: &Node) -> Result<Compiled, Error> {
     let mut owners = Vec::new();
     let mut interner = Interner::default();
     let mut tables = Vec::new();
-    for (stage, stage_name) in STAGES {
+    for (stage, _) in STAGES {
         for (direction, direction_name) in [
             (direction::INGRESS, "ingress"),
             (direction::EGRESS, "egress"),
@@ -439,14 +428,6 @@ pub fn compile(store: &Store, node: &Node) -> Result<Compiled, Error> {
             }
             if stage == stage::NORMAL {
                 push_profiles(store, &resolver, &bound, direction, &mut b, &mut owners)?;
-            }
-            if b.rules.len() > MAX_RULES as usize {
-                return Err(Error::TooManyRules {
-                    stage: stage_name,
-                    direction: direction_name,
-                    count: b.rules.len(),
-                    max: MAX_RULES,
-                });
             }
             tables.push(b.build(stage, direction, &bound, &mut interner));
         }
@@ -940,28 +921,28 @@ impl TableBuilder {
         bound: &[(String, &Resource<HostEndpointSpec>)],
         interner: &mut Interner,
     ) -> Table {
-        let mut masks: BTreeMap<String, Bitmap> = BTreeMap::new();
+        let mut masks: BTreeMap<String, RuleSet> = BTreeMap::new();
         for (r, eps) in self.endpoints.iter().enumerate() {
             for &e in eps {
-                bits::set(masks.entry(bound[e].0.clone()).or_insert(Bitmap::EMPTY), r);
+                masks.entry(bound[e].0.clone()).or_default().insert(r);
             }
         }
         let matches = &self.matches;
-        let (mut v4, mut v6) = (Bitmap::EMPTY, Bitmap::EMPTY);
-        for (r, m) in matches.iter().enumerate() {
-            if m.v4 {
-                bits::set(&mut v4, r);
-            }
-            if m.v6 {
-                bits::set(&mut v6, r);
-            }
-        }
-        let mut addr = |f: fn(&RuleMatch) -> &FieldMatch, active: &Bitmap| -> Vec<(Prefix, u32)> {
+        let v4: RuleSet = matches
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.v4)
+            .map(|(r, _)| r)
+            .collect();
+        let v6: RuleSet = matches
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.v6)
+            .map(|(r, _)| r)
+            .collect();
+        let mut addr = |f: fn(&RuleMatch) -> &FieldMatch, active: &RuleSet| -> Vec<(Prefix, u32)> {
             let fm: Vec<FieldMatch> = matches.iter().map(|m| f(m).clone()).collect();
-            prefix::classify(&fm, active)
-                .into_iter()
-                .map(|(p, b)| (p, interner.class(b)))
-                .collect()
+            prefix::classify(&fm, active, &mut |s| interner.class(s))
         };
         let src_v4 = addr(|m| &m.src4, &v4);
         let dst_v4 = addr(|m| &m.dst4, &v4);
@@ -1000,13 +981,16 @@ fn port_entries(
         m.protocol.is_none_or(|want| Some(want) == p)
             && m.not_protocol.is_none_or(|not| Some(not) != p)
     };
+    let rules_where = |ok: &dyn Fn(&RuleMatch) -> bool| -> RuleSet {
+        matches
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| ok(m))
+            .map(|(r, _)| r)
+            .collect()
+    };
     let mut out = Vec::new();
-    let mut any = Bitmap::EMPTY;
-    for (r, m) in matches.iter().enumerate() {
-        if proto_ok(m, None) && field(m).is_none() {
-            bits::set(&mut any, r);
-        }
-    }
+    let any = rules_where(&|m| proto_ok(m, None) && field(m).is_none());
     out.push(PortEntry {
         proto: None,
         has_ports: None,
@@ -1014,20 +998,14 @@ fn port_entries(
         port_len: 0,
         class: interner.class(any),
     });
+    let fms: Vec<FieldMatch> = matches
+        .iter()
+        .map(|m| field(m).clone().unwrap_or_default())
+        .collect();
     for &p in &protos {
         // No L4 ports known (non-first fragments, protocols without ports):
         // only rules with no port constraint can match.
-        let (mut no_ports, mut all) = (Bitmap::EMPTY, Bitmap::EMPTY);
-        let mut fms = Vec::new();
-        for (r, m) in matches.iter().enumerate() {
-            if proto_ok(m, Some(p)) {
-                bits::set(&mut all, r);
-                if field(m).is_none() {
-                    bits::set(&mut no_ports, r);
-                }
-            }
-            fms.push(field(m).clone().unwrap_or_default());
-        }
+        let no_ports = rules_where(&|m| proto_ok(m, Some(p)) && field(m).is_none());
         out.push(PortEntry {
             proto: Some(p),
             has_ports: Some(false),
@@ -1035,43 +1013,44 @@ fn port_entries(
             port_len: 0,
             class: interner.class(no_ports),
         });
-        for (prefix, b) in prefix::classify(&fms, &all) {
+        let all = rules_where(&|m| proto_ok(m, Some(p)));
+        for (prefix, class) in prefix::classify(&fms, &all, &mut |s| interner.class(s)) {
             out.push(PortEntry {
                 proto: Some(p),
                 has_ports: Some(true),
                 port: prefix.value(16) as u16,
                 port_len: prefix.len,
-                class: interner.class(b),
+                class,
             });
         }
     }
     out
 }
 
-/// Interns bitmaps: each distinct bitmap gets one class number.
+/// Interns rule sets: each distinct set gets one class number.
 struct Interner {
-    classes: Vec<Bitmap>,
-    index: HashMap<[u64; WORDS], u32>,
+    classes: Vec<RuleSet>,
+    index: HashMap<RuleSet, u32>,
 }
 
 impl Default for Interner {
     fn default() -> Self {
-        let mut index = HashMap::new();
-        index.insert(Bitmap::EMPTY.words, 0);
         Interner {
-            classes: vec![Bitmap::EMPTY],
-            index,
+            classes: vec![RuleSet::new()],
+            index: HashMap::from([(RuleSet::new(), 0)]),
         }
     }
 }
 
 impl Interner {
-    fn class(&mut self, b: Bitmap) -> u32 {
+    fn class(&mut self, set: RuleSet) -> u32 {
+        if let Some(c) = self.index.get(&set) {
+            return *c;
+        }
         let next = self.classes.len() as u32;
-        *self.index.entry(b.words).or_insert_with(|| {
-            self.classes.push(b);
-            next
-        })
+        self.classes.push(set.clone());
+        self.index.insert(set, next);
+        next
     }
 }
 

@@ -12,9 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use filter_common::Bitmap;
-
-use super::bits;
+use super::bits::RuleSet;
 
 /// A prefix of a `width`-bit value, left-aligned in a `u128`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -66,47 +64,57 @@ pub struct FieldMatch {
     pub neg: Vec<Prefix>,
 }
 
-/// Computes the bitmap of every prefix named by `rules` (plus the root).
-/// `active` holds the rules that take part at all (for an address field: the
-/// rules not dropped for this family); the others are in no bitmap.
-pub fn classify(rules: &[FieldMatch], active: &Bitmap) -> BTreeMap<Prefix, Bitmap> {
-    let mut direct_pos: BTreeMap<Prefix, Bitmap> = BTreeMap::new();
-    let mut direct_neg: BTreeMap<Prefix, Bitmap> = BTreeMap::new();
-    let mut no_pos = Bitmap::EMPTY;
-    direct_pos.entry(Prefix::ROOT).or_insert(Bitmap::EMPTY);
+/// Computes the rule set of every prefix named by `rules` (plus the root)
+/// and hands each to `class`, which interns it; returns prefix → class in
+/// prefix order. `active` holds the rules that take part at all (for an
+/// address field: the rules not dropped for this family).
+///
+/// Inputs are sparse (each prefix lists the rules naming it), and each
+/// prefix's dense set is built from its parent's and interned at once, so
+/// memory follows the trie depth, not the number of prefixes.
+pub fn classify(
+    rules: &[FieldMatch],
+    active: &RuleSet,
+    class: &mut impl FnMut(RuleSet) -> u32,
+) -> Vec<(Prefix, u32)> {
+    let mut direct: BTreeMap<Prefix, (Vec<usize>, Vec<usize>)> = BTreeMap::new();
+    let mut no_pos = RuleSet::new();
+    direct.entry(Prefix::ROOT).or_default();
     for (r, m) in rules.iter().enumerate() {
         if m.pos.is_empty() {
-            bits::set(&mut no_pos, r);
+            no_pos.insert(r);
         }
         for p in &m.pos {
-            bits::set(direct_pos.entry(*p).or_insert(Bitmap::EMPTY), r);
+            direct.entry(*p).or_default().0.push(r);
         }
         for p in &m.neg {
-            bits::set(direct_neg.entry(*p).or_insert(Bitmap::EMPTY), r);
-            direct_pos.entry(*p).or_insert(Bitmap::EMPTY);
+            direct.entry(*p).or_default().1.push(r);
         }
     }
     // BTreeMap order on (bits, len) visits every prefix after all prefixes
     // that contain it, so a stack of open ancestors gives each its parent.
-    let mut out = BTreeMap::new();
-    let mut stack: Vec<(Prefix, Bitmap, Bitmap)> = Vec::new();
-    for (p, pos) in &direct_pos {
-        while stack.last().is_some_and(|(q, _, _)| !q.contains(*p)) {
+    let mut out = Vec::with_capacity(direct.len());
+    let mut stack: Vec<(Prefix, RuleSet, RuleSet)> = Vec::new();
+    for (p, (pos, neg)) in direct {
+        while stack.last().is_some_and(|(q, _, _)| !q.contains(p)) {
             stack.pop();
         }
         let (mut hit, mut miss) = stack
             .last()
-            .map_or((Bitmap::EMPTY, Bitmap::EMPTY), |(_, h, m)| (*h, *m));
-        bits::or(&mut hit, pos);
-        if let Some(n) = direct_neg.get(p) {
-            bits::or(&mut miss, n);
+            .map(|(_, h, m)| (h.clone(), m.clone()))
+            .unwrap_or_default();
+        for r in pos {
+            hit.insert(r);
         }
-        let mut result = no_pos;
-        bits::or(&mut result, &hit);
-        bits::and_not(&mut result, &miss);
-        bits::and(&mut result, active);
-        out.insert(*p, result);
-        stack.push((*p, hit, miss));
+        for r in neg {
+            miss.insert(r);
+        }
+        let mut result = no_pos.clone();
+        result.union_with(&hit);
+        result.subtract(&miss);
+        result.intersect_with(active);
+        out.push((p, class(result)));
+        stack.push((p, hit, miss));
     }
     out
 }
@@ -167,11 +175,8 @@ mod tests {
     }
 
     #[test]
-    fn bitmaps_follow_longest_match() {
-        let mut all = Bitmap::EMPTY;
-        for r in 0..3 {
-            bits::set(&mut all, r);
-        }
+    fn rule_sets_follow_longest_match() {
+        let all: RuleSet = (0..3).collect();
         let rules = vec![
             FieldMatch {
                 pos: vec![v4("10.0.0.0/8")],
@@ -183,10 +188,17 @@ mod tests {
             },
             FieldMatch::default(),
         ];
-        let m = classify(&rules, &all);
+        let mut sets = Vec::new();
+        let m: std::collections::BTreeMap<Prefix, u32> = classify(&rules, &all, &mut |s| {
+            sets.push(s);
+            (sets.len() - 1) as u32
+        })
+        .into_iter()
+        .collect();
         let get = |s: &str| {
-            let b = m[&v4(s)];
-            (0..3).filter(|r| bits::get(&b, *r)).collect::<Vec<_>>()
+            (0..3)
+                .filter(|r| sets[m[&v4(s)] as usize].contains(*r))
+                .collect::<Vec<_>>()
         };
         assert_eq!(get("0.0.0.0/0"), vec![1, 2]);
         assert_eq!(get("10.0.0.0/8"), vec![0, 1, 2]);

@@ -28,8 +28,8 @@ use aya::{
 };
 use filter_common::{
     names, rule_slot, table_id, AddrV4Key, AddrV6Key, Bitmap, EndpointKey, PortKey, RuleMeta,
-    CLASSES_PER_GEN, GENERATIONS, PORT_KEY_ANY_PROTO_BITS, PORT_KEY_FLAG_BITS, TABLES_PER_GEN,
-    TABLE_PREFIX_BITS,
+    CLASSES_PER_GEN, GENERATIONS, MAX_RULES, PORT_KEY_ANY_PROTO_BITS, PORT_KEY_FLAG_BITS,
+    TABLES_PER_GEN, TABLE_PREFIX_BITS,
 };
 
 use crate::compile::{prefix::Prefix, Compiled, PortEntry, Table};
@@ -206,6 +206,7 @@ impl Dataplane {
     /// clears the old one; attaches nothing. Returns the live generation.
     pub fn publish(&mut self, compiled: &Compiled, ifaces: &Interfaces) -> Result<u32, Error> {
         let next = (self.live + 1) % GENERATIONS;
+        check_capacity(compiled)?;
         if compiled.classes.len() > CLASSES_PER_GEN as usize {
             return Err(Error::Capacity(format!(
                 "{} distinct rule bitmaps; a generation holds {CLASSES_PER_GEN}",
@@ -235,7 +236,7 @@ impl Dataplane {
             let mut classes: Array<&mut MapData, Bitmap> = self.map(names::MAP_CLASS)?;
             for (i, b) in compiled.classes.iter().enumerate() {
                 classes
-                    .set(base + i as u32, b, 0)
+                    .set(base + i as u32, &to_bitmap(b), 0)
                     .map_err(map_error(names::MAP_CLASS, format!("set class {i}")))?;
             }
         }
@@ -322,7 +323,7 @@ impl Dataplane {
             let Some(&ifindex) = ifaces.get(iface) else {
                 continue;
             };
-            eps.insert(&EndpointKey { ifindex, table }, mask, 0)
+            eps.insert(&EndpointKey { ifindex, table }, &to_bitmap(mask), 0)
                 .map_err(map_error(names::MAP_ENDPOINT, format!("insert {iface}")))?;
         }
         Ok(())
@@ -581,6 +582,39 @@ impl Dataplane {
         drop(self);
         remove_pins(&dir)
     }
+}
+
+/// The kernel's fixed-size bitmap of a rule set that fits (checked by
+/// [`check_capacity`] before anything is written).
+fn to_bitmap(set: &crate::compile::bits::RuleSet) -> Bitmap {
+    let mut b = Bitmap::EMPTY;
+    for (w, word) in set.words().iter().enumerate().take(b.words.len()) {
+        b.words[w] = *word;
+    }
+    b
+}
+
+/// Whether every table fits the kernel's tables: at most `MAX_RULES` rules
+/// per stage and direction. The compiler has no such limit.
+fn check_capacity(compiled: &Compiled) -> Result<(), Error> {
+    for t in &compiled.tables {
+        if t.rules.len() > MAX_RULES as usize {
+            let stage = crate::compile::STAGES
+                .iter()
+                .find(|(s, _)| *s == t.stage)
+                .map_or("?", |(_, n)| n);
+            let direction = if t.direction == 0 {
+                "ingress"
+            } else {
+                "egress"
+            };
+            return Err(Error::Capacity(format!(
+                "the {stage} {direction} table has {} rules; the kernel tables hold {MAX_RULES} per stage and direction",
+                t.rules.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Wraps aya's map error with the map and what was being done.

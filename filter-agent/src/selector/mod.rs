@@ -398,19 +398,31 @@ mod tests {
     #[test]
     fn labels_may_start_with_digits_dots_slashes_and_dashes() {
         assert!(eval("1abc == 'x'", &[("1abc", "x")]));
-        assert!(eval("projectcalico.org/name == 'default'", &[("projectcalico.org/name", "default")]));
+        assert!(eval(
+            "projectcalico.org/name == 'default'",
+            &[("projectcalico.org/name", "default")]
+        ));
         assert!(eval("-x == 'y'", &[("-x", "y")]));
-        assert!(eval("in in {'a'}", &[("in", "a")]), "a label may be called in");
+        assert!(
+            eval("in in {'a'}", &[("in", "a")]),
+            "a label may be called in"
+        );
         assert!(eval("has(has)", &[("has", "")]));
         let long = "a".repeat(513);
-        assert!(Selector::parse(&format!("{long} == 'x'")).is_err(), "labels are at most 512 characters");
+        assert!(
+            Selector::parse(&format!("{long} == 'x'")).is_err(),
+            "labels are at most 512 characters"
+        );
         assert!(Selector::parse(&format!("{} == 'x'", "a".repeat(512))).is_ok());
     }
 
     #[test]
     fn literals_have_no_escapes_and_take_either_quote() {
         assert!(eval(r#"k == "it's""#, &[("k", "it's")]));
-        assert!(eval(r"k == 'a\'", &[("k", r"a\")]), "backslash is a plain character");
+        assert!(
+            eval(r"k == 'a\'", &[("k", r"a\")]),
+            "backslash is a plain character"
+        );
         assert!(eval("k == 'żółw'", &[("k", "żółw")]));
         assert!(eval("k == ''", &[("k", "")]), "empty value is a value");
         assert!(!eval("k == ''", &[]));
@@ -433,7 +445,10 @@ mod tests {
     #[test]
     fn set_literals() {
         assert!(eval("k in {'a','a'}", &[("k", "a")]), "duplicates collapse");
-        assert!(Selector::parse("k in ('a')").is_err(), "parentheses are not braces");
+        assert!(
+            Selector::parse("k in ('a')").is_err(),
+            "parentheses are not braces"
+        );
         assert!(Selector::parse("k in {a}").is_err(), "members are quoted");
         assert!(Selector::parse("k in {'a',,}").is_err());
     }
