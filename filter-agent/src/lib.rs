@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod compile;
 pub mod dataplane;
+pub mod fuzzing;
 pub mod model;
 pub mod node;
 pub mod reference;

@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand};
 const TOOLCHAIN: &str = "1.98.0";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+const CARGO_FUZZ_VERSION: &str = "0.13.1";
 /// The release binaries: the agent and the demo.
 const RELEASE_BUILD: &[&str] = &[
     "build",
@@ -64,6 +65,14 @@ enum Cmd {
     Demo,
     /// Benchmarks (numbers for docs/performance.md, not pass/fail).
     Bench,
+    /// Fuzz one target for a while (see fuzz/README.md).
+    Fuzz {
+        /// yaml_loader or selector_parser.
+        target: String,
+        /// How long to run.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -102,12 +111,29 @@ fn run(cli: Cli) -> Result<()> {
             if !args.is_empty() {
                 cmd.arg("--").args(&args);
             }
-            run_tests(&mut cmd)
+            let (passed, failed) = run_tests(&mut cmd)?;
+            // A short smoke run of each fuzz target (long runs: cargo xtask fuzz).
+            fuzz(
+                &root,
+                "selector_parser",
+                &["-runs=20000".into(), "-max_total_time=60".into()],
+            )?;
+            fuzz(
+                &root,
+                "yaml_loader",
+                &["-runs=5000".into(), "-max_total_time=60".into()],
+            )?;
+            println!("tests: {passed} passed, {failed} failed");
+            Ok(())
         }
         Cmd::Bench => cargo(
             &root,
             &["bench", "-p", "filter-agent", "--bench", "compile"],
         ),
+        Cmd::Fuzz { target, seconds } => {
+            prereqs()?;
+            fuzz(&root, &target, &[format!("-max_total_time={seconds}")])
+        }
         Cmd::Demo => {
             require_root("cargo xtask demo")?;
             prereqs()?;
@@ -194,10 +220,10 @@ fn status(cmd: &mut Command, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Runs `cargo test`, echoing its output, and closes with one total line
-/// (`tests: N passed, M failed`), since cargo's own last line belongs to
-/// whichever test binary ran last.
-fn run_tests(cmd: &mut Command) -> Result<()> {
+/// Runs `cargo test`, echoing its output; returns the totals, which the
+/// caller prints as the closing line (`tests: N passed, M failed`), since
+/// cargo's own last line belongs to whichever test binary ran last.
+fn run_tests(cmd: &mut Command) -> Result<(u64, u64)> {
     use std::io::{BufRead, BufReader};
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
@@ -225,14 +251,14 @@ fn run_tests(cmd: &mut Command) -> Result<()> {
         }
     }
     let st = child.wait().context("wait for cargo test")?;
-    println!("tests: {passed} passed, {failed} failed");
     if !st.success() {
+        println!("tests: {passed} passed, {failed} failed");
         bail!("cargo test failed ({st})");
     }
     if passed == 0 {
         bail!("no test ran");
     }
-    Ok(())
+    Ok((passed, failed))
 }
 
 fn cargo(root: &Path, args: &[&str]) -> Result<()> {
@@ -300,6 +326,20 @@ fn prereqs() -> Result<()> {
         )?;
     }
 
+    if !output("cargo", &["fuzz", "--version"]).is_some_and(|v| v.contains(CARGO_FUZZ_VERSION)) {
+        eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+        status(
+            Command::new("cargo").arg(format!("+{TOOLCHAIN}")).args([
+                "install",
+                "cargo-fuzz",
+                "--version",
+                CARGO_FUZZ_VERSION,
+                "--locked",
+            ]),
+            "cargo install cargo-fuzz",
+        )?;
+    }
+
     if !bpf_linker_ok() {
         eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (takes a few minutes)");
         status(
@@ -318,11 +358,52 @@ fn prereqs() -> Result<()> {
                 .env("LLVM_PREFIX", LLVM_PREFIX),
             "cargo install bpf-linker",
         )?;
+        if !output("cargo", &["fuzz", "--version"]).is_some_and(|v| v.contains(CARGO_FUZZ_VERSION))
+        {
+            eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+            status(
+                Command::new("cargo").arg(format!("+{TOOLCHAIN}")).args([
+                    "install",
+                    "cargo-fuzz",
+                    "--version",
+                    CARGO_FUZZ_VERSION,
+                    "--locked",
+                ]),
+                "cargo install cargo-fuzz",
+            )?;
+        }
+
         if !bpf_linker_ok() {
             bail!("bpf-linker {BPF_LINKER_VERSION} is installed but not linked against {LLVM_PREFIX}; is ~/.cargo/bin on PATH?");
         }
     }
     Ok(())
+}
+
+/// Runs a cargo-fuzz target on a scratch copy of its seed corpus (libFuzzer
+/// adds inputs to the corpus it is given; the seeds in git stay as they are).
+fn fuzz(root: &Path, target: &str, libfuzzer_args: &[String]) -> Result<()> {
+    let dir = root.join("fuzz");
+    let scratch = dir.join("target/scratch-corpus").join(target);
+    let _ = std::fs::remove_dir_all(&scratch);
+    std::fs::create_dir_all(&scratch).with_context(|| format!("create {}", scratch.display()))?;
+    let seeds = dir.join("corpus").join(target);
+    for e in std::fs::read_dir(&seeds).with_context(|| format!("read {}", seeds.display()))? {
+        let e = e?;
+        std::fs::copy(e.path(), scratch.join(e.file_name()))?;
+    }
+    eprintln!("xtask: fuzzing {target} ({})", libfuzzer_args.join(" "));
+    status(
+        Command::new("cargo")
+            .current_dir(&dir)
+            .arg(format!("+{TOOLCHAIN}"))
+            .args(["fuzz", "run", "--sanitizer", "none", target])
+            .arg(&scratch)
+            .arg("--")
+            .args(libfuzzer_args)
+            .env("RUSTC_BOOTSTRAP", "1"),
+        &format!("cargo fuzz run {target}"),
+    )
 }
 
 /// bpf-linker of the pinned version, dynamically linked to LLVM 22.
