@@ -18,6 +18,13 @@ pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         };
         match result {
             Ok(store) => {
+                if !store.network_policies.is_empty() {
+                    eprintln!(
+                        "warning: {}: {} NetworkPolicy resource(s) select pods, never host endpoints: valid, but not enforced by this firewall",
+                        path.display(),
+                        store.network_policies.len()
+                    );
+                }
                 loaded += store.global_policies.len()
                     + store.network_policies.len()
                     + store.host_endpoints.len()
