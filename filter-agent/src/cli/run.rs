@@ -26,11 +26,13 @@ fn load_and_compile(
             .collect::<Vec<_>>()
             .join("\n")
     })?;
+    // Said once per agent: the same files are reloaded on every change.
+    static WARNED: std::sync::Once = std::sync::Once::new();
     if !store.network_policies.is_empty() {
-        tracing::warn!(
+        WARNED.call_once(|| tracing::warn!(
             count = store.network_policies.len(),
             "NetworkPolicy resources select pods, never host endpoints: loaded and validated, not enforced here"
-        );
+        ));
     }
     let ifaces = node::interfaces();
     let cnode = compile::Node {
