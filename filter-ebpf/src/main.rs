@@ -56,6 +56,13 @@ fn try_xdp(ctx: &XdpContext) -> (u32, u32) {
     }
 }
 
+/// Returns XDP_PASS and nothing else: the baseline of `cargo xtask bench`
+/// (loaded only by the benchmark).
+#[xdp]
+pub fn fw_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 #[classifier]
 pub fn fw_tc_in(ctx: TcContext) -> i32 {
     counters::count_reason(observe(&ctx));

@@ -572,6 +572,41 @@ impl Dataplane {
             })
     }
 
+    /// Per-packet cost of `fw_xdp` (or, with `baseline`, of a program that
+    /// only returns XDP_PASS) on `frame`, from BPF_PROG_TEST_RUN repeated
+    /// `repeat` times: the kernel reports the mean per run.
+    pub fn time_xdp(
+        &mut self,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+        baseline: bool,
+    ) -> Result<(u32, Duration), Error> {
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let name = if baseline { "fw_pass" } else { names::PROG_XDP };
+        let xdp: &mut Xdp = self.program(name)?;
+        if baseline && xdp.fd().is_err() {
+            xdp.load().map_err(|e| Error::Load {
+                what: name.into(),
+                source: Box::new(e),
+            })?;
+        }
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..Default::default()
+        };
+        xdp.test_run(opts)
+            .map(|r| (r.return_value, r.duration))
+            .map_err(|e| Error::Load {
+                what: format!("test run of {name}"),
+                source: Box::new(e),
+            })
+    }
+
     /// Detaches everything and removes the pins.
     pub fn shutdown(mut self) -> Result<(), Error> {
         let names: Vec<String> = self.attached.keys().cloned().collect();

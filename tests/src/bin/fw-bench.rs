@@ -1,0 +1,103 @@
+//! `cargo xtask bench` (part 2, needs root): per-packet cost of `fw_xdp`
+//! under BPF_PROG_TEST_RUN beside a program that only returns XDP_PASS, in
+//! one run. A 64-byte TCP SYN whose deciding rule is the last one.
+
+use std::{collections::BTreeMap, path::Path};
+
+use etherparse::PacketBuilder;
+use filter_agent::{
+    compile::{self, Node},
+    dataplane::{Dataplane, Interfaces},
+    model::Store,
+};
+
+const REPEAT: u32 = 1_000_000;
+const CIDRS: usize = 100_000;
+
+/// `rules` pre-DNAT Deny rules for TCP, each with its own destination port
+/// and its share of `CIDRS` /32 sources; the benchmark packet matches only
+/// the last one.
+fn policy(rules: usize) -> String {
+    let mut y = String::from(
+        "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: hep, labels: {role: pub}}\nspec: {node: bench, interfaceName: lo}\n",
+    );
+    if rules == 0 {
+        return y;
+    }
+    let per_rule = CIDRS / rules;
+    y += "---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: bench}\nspec:\n  preDNAT: true\n  applyOnForward: true\n  selector: role == 'pub'\n  ingress:\n";
+    let mut n: u32 = 0;
+    for r in 0..rules {
+        let nets: Vec<String> = (0..per_rule)
+            .map(|_| {
+                n += 1;
+                let a = 0x0a00_0000u32 + n;
+                format!(
+                    "{}.{}.{}.{}",
+                    a >> 24,
+                    (a >> 16) & 255,
+                    (a >> 8) & 255,
+                    a & 255
+                )
+            })
+            .collect();
+        y += &format!("  - action: Deny\n    protocol: TCP\n    source: {{nets: [{}]}}\n    destination: {{ports: [{}]}}\n", nets.join(", "), 1000 + r);
+    }
+    y
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("fw-bench needs root (BPF_PROG_TEST_RUN)");
+        std::process::exit(2);
+    }
+    let pin_dir = Path::new("/sys/fs/bpf").join(format!("fwbench{}", std::process::id()));
+    let mut dp = Dataplane::load(&pin_dir).expect("load the kernel object");
+    println!("| rules | CIDRs | fw_xdp ns/packet | XDP_PASS ns/packet | verdict |");
+    println!("|---:|---:|---:|---:|---|");
+    for rules in [0usize, 1, 100, 1000] {
+        let text = policy(rules);
+        let mut store = Store::default();
+        let mut errors = Vec::new();
+        store.add_text(Path::new("bench.yaml"), &text, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let compiled = compile::compile(
+            &store,
+            &Node {
+                name: "bench".into(),
+                interfaces: BTreeMap::new(),
+            },
+        )
+        .expect("compiles");
+        let ifaces: Interfaces = [("lo".to_string(), 1)].into();
+        dp.publish(&compiled, &ifaces).expect("publish");
+        // Source: the last CIDR of the last rule; port: the last rule's.
+        let last = CIDRS
+            .checked_div(rules)
+            .map_or(1, |per| (per * rules) as u32);
+        let a = 0x0a00_0000u32 + last;
+        let mut frame = Vec::new();
+        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4(a.to_be_bytes(), [192, 0, 2, 1], 64)
+            .tcp(40000, 1000 + rules.saturating_sub(1) as u16, 1, 1024)
+            .syn()
+            .write(&mut frame, &[0u8; 10])
+            .expect("build");
+        frame.resize(64, 0);
+        let (ret, t) = dp.time_xdp(&frame, 1, REPEAT, false).expect("run fw_xdp");
+        let (_, base) = dp.time_xdp(&frame, 1, REPEAT, true).expect("run fw_pass");
+        let verdict = match ret {
+            1 => "drop",
+            2 => "pass",
+            _ => "other",
+        };
+        println!(
+            "| {rules} | {} | {} | {} | {verdict} |",
+            if rules == 0 { 0 } else { CIDRS },
+            t.as_nanos(),
+            base.as_nanos()
+        );
+    }
+    let _ = dp.shutdown();
+}
