@@ -178,3 +178,67 @@ fn a_bad_edit_keeps_the_last_good_policy_and_a_fix_applies() {
     );
     assert!(agent.stop().success());
 }
+
+#[test]
+fn stats_count_the_packets_each_rule_decided() {
+    if !privileged("stats_count_the_packets_each_rule_decided") {
+        return;
+    }
+    let p = pair();
+    let _s7001 = TcpServer::start(&p.worker, "0.0.0.0:7001".parse().expect("addr"), "7001");
+    let dir = demo::TempDir::new(&unique("fwstats"));
+    std::fs::write(dir.0.join("policy.yaml"), HEP_AND_DENY).expect("write policy");
+    let pins = Path::new("/sys/fs/bpf").join(unique("fws"));
+    let mut agent = Agent::start(&agent_binary(), &p.worker, &dir.0, "pair", &pins);
+    agent
+        .wait_for("policy applied", 0, Duration::from_secs(15))
+        .expect("applied");
+    let to = |port: u16| SocketAddr::from(([192, 0, 2, 1], port));
+    assert!(
+        tcp_probe(&p.client, to(7000), Duration::from_millis(1500)).is_err(),
+        "7000 denied"
+    );
+    assert_eq!(
+        tcp_probe(&p.client, to(7001), Duration::from_millis(1500)).as_deref(),
+        Ok("7001")
+    );
+
+    let out = std::process::Command::new(agent_binary())
+        .args(["stats", "--output", "json", "--pin-dir"])
+        .arg(&pins)
+        .output()
+        .expect("run stats");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+    let deny = json["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .find(|r| r["policy"] == "deny-7000" && r["stage"] == "pre-dnat" && r["rule"] == 0)
+        .unwrap_or_else(|| panic!("no deny-7000 rule in {json}"));
+    // The SYN and its retransmissions, each dropped at XDP.
+    assert!(deny["packets"].as_u64().expect("packets") >= 1, "{json}");
+    assert!(deny["bytes"].as_u64().expect("bytes") >= 54, "{json}");
+    assert_eq!(deny["action"], "deny");
+    assert!(
+        json["reasons"]["drop_rule"].as_u64().expect("drop_rule") >= 1,
+        "{json}"
+    );
+    // Port 7001 went through with no pre-DNAT verdict.
+    assert!(
+        json["reasons"]["pass_no_verdict"]
+            .as_u64()
+            .expect("pass_no_verdict")
+            >= 1,
+        "{json}"
+    );
+
+    let state = Path::new("/run/filter-agent").join(pins.file_name().expect("name"));
+    assert!(state.join("rules.json").exists());
+    assert!(agent.stop().success());
+    assert!(!state.exists(), "state left after SIGTERM");
+}

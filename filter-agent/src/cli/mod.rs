@@ -7,6 +7,7 @@ mod check;
 mod explain;
 mod run;
 mod selector;
+mod stats;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -16,6 +17,7 @@ use crate::dataplane;
 
 pub use explain::{to_json as explain_json, ExplainArgs};
 pub use selector::SelectorArgs;
+pub use stats::StatsArgs;
 
 /// Calico v3 host-endpoint policy, enforced with XDP and TC.
 #[derive(Debug, Parser)]
@@ -49,6 +51,8 @@ pub enum Command {
     Selector(SelectorArgs),
     /// Show what each stage of the policy does to one packet, and why.
     Explain(ExplainArgs),
+    /// Per-rule packet and byte counters of the running agent.
+    Stats(StatsArgs),
 }
 
 /// `filter-agent run`.
@@ -64,6 +68,10 @@ pub struct RunArgs {
     /// bpffs directory where programs and maps are pinned.
     #[arg(long, default_value = dataplane::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
+    /// Where the agent writes what `stats` needs [default:
+    /// /run/filter-agent/<pin dir name>].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
     /// How often to look for interfaces that appeared or went.
     #[arg(long, default_value = "2", value_name = "SECONDS")]
     pub interface_poll: u64,
@@ -83,6 +91,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Check(args) => check::check(args),
         Command::Selector(args) => selector::run(args),
         Command::Explain(args) => explain::run(args),
+        Command::Stats(args) => stats::run(args),
         Command::Run(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -1,6 +1,11 @@
 //! `filter-agent run`: the daemon.
 
-use std::{collections::BTreeMap, path::Path, process::ExitCode, time::Duration};
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
 
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
@@ -50,36 +55,38 @@ fn load_and_compile(
 /// Runs until SIGTERM or SIGINT.
 pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
     let node_name = node::node_name(args.node.as_deref());
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| super::stats::default_state_dir(&args.pin_dir));
     tracing::info!(node = %node_name, policy_dir = %args.policy_dir.display(), pin_dir = %args.pin_dir.display(), "starting");
-    let mut dp = Dataplane::load(&args.pin_dir).context("load the kernel programs")?;
+    let dp = Dataplane::load(&args.pin_dir).context("load the kernel programs")?;
     let (_watcher, mut changes) = crate::source::watch(&args.policy_dir)
         .with_context(|| format!("watch {}", args.policy_dir.display()))?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut poll = tokio::time::interval(Duration::from_secs(args.interface_poll.max(1)));
-    let mut last_good: Option<Compiled> = None;
-    let mut last_ifaces = BTreeMap::new();
-
-    reload(
-        &mut dp,
-        &args.policy_dir,
-        &node_name,
-        &mut last_good,
-        &mut last_ifaces,
-    );
+    let mut agent = Agent {
+        dp,
+        policy_dir: args.policy_dir.clone(),
+        node_name,
+        state_dir,
+        last_good: None,
+        last_ifaces: BTreeMap::new(),
+    };
+    agent.reload();
     loop {
         tokio::select! {
             Some(()) = changes.recv() => {
                 // Editors write in several steps: let the burst settle.
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 while changes.try_recv().is_ok() {}
-                reload(&mut dp, &args.policy_dir, &node_name, &mut last_good, &mut last_ifaces);
+                agent.reload();
             }
             _ = poll.tick() => {
-                let ifaces: BTreeMap<String, u32> = node::interfaces().into_iter().map(|(n, (i, _))| (n, i)).collect();
-                if ifaces != last_ifaces {
+                if current_interfaces() != agent.last_ifaces {
                     tracing::debug!("interfaces changed");
-                    reload(&mut dp, &args.policy_dir, &node_name, &mut last_good, &mut last_ifaces);
+                    agent.reload();
                 }
             }
             _ = sigterm.recv() => break,
@@ -87,71 +94,94 @@ pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     }
     tracing::info!("stopping: detaching programs and removing pins");
-    dp.shutdown().context("detach and unpin")?;
+    let _ = std::fs::remove_dir_all(&agent.state_dir);
+    agent.dp.shutdown().context("detach and unpin")?;
     Ok(ExitCode::SUCCESS)
 }
 
-/// Loads, compiles and applies; on any error keeps the last good policy.
-fn reload(
-    dp: &mut Dataplane,
-    dir: &Path,
-    node_name: &str,
-    last_good: &mut Option<Compiled>,
-    last_ifaces: &mut BTreeMap<String, u32>,
-) {
-    let _span = tracing::info_span!("sync").entered();
-    let (compiled, ifaces) = match load_and_compile(dir, node_name) {
-        Ok(c) => c,
-        Err(errors) => {
-            for line in errors.lines() {
-                tracing::error!(error = %line, "invalid policy");
-            }
-            tracing::error!(
-                kept = last_good.is_some(),
-                "policy rejected; the last good policy stays enforced"
-            );
-            // Interfaces may still have changed: re-apply the last good one.
-            let ifaces: BTreeMap<String, u32> = node::interfaces()
-                .into_iter()
-                .map(|(n, (i, _))| (n, i))
-                .collect();
-            if let Some(good) = last_good.as_ref().filter(|_| ifaces != *last_ifaces) {
-                if let Err(e) = dp.apply(good, &ifaces) {
-                    tracing::error!(error = %format!("{e:#}"), "re-applying the last good policy failed");
+fn current_interfaces() -> BTreeMap<String, u32> {
+    node::interfaces()
+        .into_iter()
+        .map(|(n, (i, _))| (n, i))
+        .collect()
+}
+
+/// The daemon's state between reloads.
+struct Agent {
+    dp: Dataplane,
+    policy_dir: PathBuf,
+    node_name: String,
+    /// Where `rules.json` goes for `filter-agent stats`.
+    state_dir: PathBuf,
+    /// The policy in force, re-applied when interfaces change.
+    last_good: Option<Compiled>,
+    last_ifaces: BTreeMap<String, u32>,
+}
+
+impl Agent {
+    /// Loads, compiles and applies; on any error keeps the last good policy.
+    fn reload(&mut self) {
+        let _span = tracing::info_span!("sync").entered();
+        match load_and_compile(&self.policy_dir, &self.node_name) {
+            Ok((compiled, ifaces)) => {
+                let rules: Vec<usize> = compiled.tables.iter().map(|t| t.rules.len()).collect();
+                tracing::info!(
+                    ?rules,
+                    "compiled every stage (rules per table, untracked/pre-DNAT/normal/forward × ingress/egress); this version's kernel enforces the pre-DNAT stage"
+                );
+                for e in compiled
+                    .endpoints
+                    .iter()
+                    .filter(|e| !ifaces.contains_key(&e.iface))
+                {
+                    tracing::warn!(iface = %e.iface, hep = %e.hep, "interface of a host endpoint does not exist (yet)");
                 }
-                *last_ifaces = ifaces;
+                self.apply(compiled, ifaces);
             }
-            return;
+            Err(errors) => {
+                for line in errors.lines() {
+                    tracing::error!(error = %line, "invalid policy");
+                }
+                tracing::error!(
+                    kept = self.last_good.is_some(),
+                    "policy rejected; the last good policy stays enforced"
+                );
+                // Interfaces may still have changed: re-apply the last good one.
+                let ifaces = current_interfaces();
+                if ifaces != self.last_ifaces {
+                    if let Some(good) = self.last_good.clone() {
+                        self.apply(good, ifaces);
+                    }
+                }
+            }
         }
-    };
-    let rules: Vec<usize> = compiled.tables.iter().map(|t| t.rules.len()).collect();
-    tracing::info!(
-        ?rules,
-        "compiled every stage (rules per table, untracked/pre-DNAT/normal/forward × ingress/egress); this version's kernel enforces the pre-DNAT stage"
-    );
-    for e in compiled
-        .endpoints
-        .iter()
-        .filter(|e| !ifaces.contains_key(&e.iface))
-    {
-        tracing::warn!(iface = %e.iface, hep = %e.hep, "interface of a host endpoint does not exist (yet)");
     }
-    match dp.apply(&compiled, &ifaces) {
-        Ok(generation) => {
-            let rules: usize = compiled.tables.iter().map(|t| t.rules.len()).sum();
-            tracing::info!(
-                generation,
-                rules,
-                classes = compiled.classes.len(),
-                endpoints = ?dp.attachments(),
-                "policy applied"
-            );
-            *last_good = Some(compiled);
-            *last_ifaces = ifaces;
-        }
-        Err(e) => {
-            let chain = anyhow::Error::from(e);
-            tracing::error!(error = %format!("{chain:#}"), "applying the policy to the kernel failed");
+
+    /// Makes `compiled` live; on failure the previous policy stays.
+    fn apply(&mut self, compiled: Compiled, ifaces: BTreeMap<String, u32>) {
+        match self.dp.apply(&compiled, &ifaces) {
+            Ok(generation) => {
+                if let Err(e) = super::stats::write_state(
+                    &self.state_dir,
+                    &super::stats::state(&compiled, generation),
+                ) {
+                    tracing::warn!(dir = %self.state_dir.display(), error = %e, "cannot write the rule index: stats will be unavailable");
+                }
+                let rules: usize = compiled.tables.iter().map(|t| t.rules.len()).sum();
+                tracing::info!(
+                    generation,
+                    rules,
+                    classes = compiled.classes.len(),
+                    endpoints = ?self.dp.attachments(),
+                    "policy applied"
+                );
+                self.last_good = Some(compiled);
+                self.last_ifaces = ifaces;
+            }
+            Err(e) => {
+                let chain = anyhow::Error::from(e);
+                tracing::error!(error = %format!("{chain:#}"), "applying the policy to the kernel failed");
+            }
         }
     }
 }

@@ -27,8 +27,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use filter_common::{
-    names, rule_slot, table_id, AddrV4Key, AddrV6Key, Bitmap, EndpointKey, PortKey, RuleMeta,
-    CLASSES_PER_GEN, GENERATIONS, MAX_RULES, PORT_KEY_ANY_PROTO_BITS, PORT_KEY_FLAG_BITS,
+    names, rule_slot, table_id, AddrV4Key, AddrV6Key, Bitmap, EndpointKey, PortKey, RuleCounter,
+    RuleMeta, CLASSES_PER_GEN, GENERATIONS, MAX_RULES, PORT_KEY_ANY_PROTO_BITS, PORT_KEY_FLAG_BITS,
     TABLES_PER_GEN, TABLE_PREFIX_BITS,
 };
 
@@ -137,6 +137,13 @@ impl Dataplane {
             tracing::warn!(dir = %pin_dir.display(), "removing stale pins of a previous agent");
             remove_pins(pin_dir)?;
         }
+        // A load that fails half-way (the verifier, say) leaves no pins.
+        Self::load_pinned(pin_dir).inspect_err(|_| {
+            let _ = remove_pins(pin_dir);
+        })
+    }
+
+    fn load_pinned(pin_dir: &Path) -> Result<Dataplane, Error> {
         std::fs::create_dir_all(pin_dir).map_err(|source| Error::Fs {
             op: "create",
             path: pin_dir.to_owned(),
@@ -254,6 +261,7 @@ impl Dataplane {
         t: &Table,
         ifaces: &Interfaces,
     ) -> Result<(), Error> {
+        self.zero_counters(table, t.rules.len())?;
         let tb = table.to_be_bytes();
         {
             let mut rules: Array<&mut MapData, RuleMeta> = self.map(names::MAP_RULE)?;
@@ -340,6 +348,25 @@ impl Dataplane {
         for (p, class) in entries {
             trie.insert(&key(p), &(base + class), 0)
                 .map_err(map_error(name, format!("insert {p:?}")))?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes the counters of a table's first `rules` slots: a slot counts
+    /// for the rule the live generation puts there, from when it went live.
+    fn zero_counters(&mut self, table: u32, rules: usize) -> Result<(), Error> {
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n.get() as usize);
+        let mut ctr: PerCpuArray<&mut MapData, RuleCounter> = self.map(names::MAP_RULE_COUNTERS)?;
+        for i in 0..rules as u32 {
+            // PerCpuValues is not Clone: one per slot.
+            let zeros = aya::maps::PerCpuValues::try_from(vec![RuleCounter::default(); cpus])
+                .map_err(|e| Error::Fs {
+                    op: "size per-CPU values for",
+                    path: names::MAP_RULE_COUNTERS.into(),
+                    source: e,
+                })?;
+            ctr.set(rule_slot(table, i), zeros, 0)
+                .map_err(map_error(names::MAP_RULE_COUNTERS, "zero"))?;
         }
         Ok(())
     }
@@ -528,6 +555,11 @@ impl Dataplane {
         })
     }
 
+    /// The live generation.
+    pub fn live_generation(&self) -> u32 {
+        self.live
+    }
+
     /// Interfaces with programs attached, and their XDP mode.
     pub fn attachments(&self) -> Vec<(String, u32, &'static str)> {
         self.attached
@@ -616,6 +648,54 @@ impl Dataplane {
         let dir = self.pin_dir.clone();
         drop(self);
         remove_pins(&dir)
+    }
+}
+
+/// Counters read from the pins of a running agent, from another process.
+pub struct PinnedCounters {
+    rules: PerCpuArray<MapData, RuleCounter>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl PinnedCounters {
+    /// Opens `FW_RULE_CTR1` and `FW_STATS1` under `pin_dir`.
+    pub fn open(pin_dir: &Path) -> Result<PinnedCounters, Error> {
+        let open = |name: &'static str| -> Result<aya::maps::Map, Error> {
+            let data = MapData::from_pin(pin_dir.join(name)).map_err(map_error(
+                name,
+                format!("open pin in {}", pin_dir.display()),
+            ))?;
+            Ok(aya::maps::Map::PerCpuArray(data))
+        };
+        let rules = PerCpuArray::try_from(open(names::MAP_RULE_COUNTERS)?)
+            .map_err(map_error(names::MAP_RULE_COUNTERS, "open"))?;
+        let stats = PerCpuArray::try_from(open(names::MAP_STATS)?)
+            .map_err(map_error(names::MAP_STATS, "open"))?;
+        Ok(PinnedCounters { rules, stats })
+    }
+
+    /// Packets and bytes of the rule in `slot`, summed over CPUs.
+    pub fn rule(&self, slot: u32) -> Result<RuleCounter, Error> {
+        let v = self
+            .rules
+            .get(&slot, 0)
+            .map_err(map_error(names::MAP_RULE_COUNTERS, "get"))?;
+        Ok(v.iter().fold(RuleCounter::default(), |a, c| RuleCounter {
+            packets: a.packets + c.packets,
+            bytes: a.bytes + c.bytes,
+        }))
+    }
+
+    /// Packets per `filter_common::reason`, summed over CPUs.
+    pub fn reasons(&self) -> Result<Vec<u64>, Error> {
+        (0..filter_common::reason::COUNT)
+            .map(|i| {
+                self.stats
+                    .get(&i, 0)
+                    .map(|v| v.iter().sum())
+                    .map_err(map_error(names::MAP_STATS, "get"))
+            })
+            .collect()
     }
 }
 

@@ -1,0 +1,242 @@
+//! `filter-agent stats`: per-rule packet and byte counters by policy and
+//! rule, and per-reason packet counts, read from a running agent's pins.
+//!
+//! Counter slots are numbered per table and generation; which rule a slot
+//! holds is known only to the agent that compiled it, so after every apply
+//! the agent writes `rules.json` into its state directory (bpffs holds no
+//! regular files). `stats` joins that file with the pinned per-CPU maps.
+//! Counters count from the moment their policy version went live.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use clap::ValueEnum;
+use filter_common::{action, reason, rule_slot, table_id};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    compile::{Compiled, Owner, STAGES},
+    dataplane::{self, PinnedCounters},
+};
+
+/// Text or JSON.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Output {
+    /// A table.
+    Text,
+    /// One JSON object.
+    Json,
+}
+
+/// Arguments of `stats`.
+#[derive(Debug, clap::Args)]
+pub struct StatsArgs {
+    /// The agent's bpffs pin directory.
+    #[arg(long, default_value = dataplane::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// The agent's state directory [default: /run/filter-agent/<pin dir name>].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+/// The state directory of an agent pinned at `pin_dir`.
+pub fn default_state_dir(pin_dir: &Path) -> PathBuf {
+    let name = pin_dir.file_name().map_or_else(
+        || "filter-agent".into(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    Path::new("/run/filter-agent").join(name)
+}
+
+/// One rule slot of the live generation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SlotInfo {
+    /// Counter slot.
+    pub slot: u32,
+    /// untracked, pre-dnat, normal, forward.
+    pub stage: String,
+    /// ingress or egress.
+    pub direction: String,
+    /// allow, deny, log, pass.
+    pub action: String,
+    /// policy, tier-default-action, profile, no-profile-allowed.
+    pub kind: String,
+    /// Tier, for policy rules and tier ends.
+    pub tier: Option<String>,
+    /// Policy or profile name.
+    pub policy: Option<String>,
+    /// Rule index in its policy or profile.
+    pub rule: Option<usize>,
+}
+
+/// `rules.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateFile {
+    /// The live generation.
+    pub generation: u32,
+    /// Every rule slot of it.
+    pub rules: Vec<SlotInfo>,
+}
+
+/// What `compiled`, live as `generation`, puts in each counter slot.
+pub fn state(compiled: &Compiled, generation: u32) -> StateFile {
+    let mut rules = Vec::new();
+    for t in &compiled.tables {
+        let table = table_id(generation, t.stage, t.direction);
+        let stage = STAGES
+            .iter()
+            .find(|(s, _)| *s == t.stage)
+            .map_or("?", |(_, n)| n);
+        let direction = if t.direction == filter_common::direction::INGRESS {
+            "ingress"
+        } else {
+            "egress"
+        };
+        for (i, r) in t.rules.iter().enumerate() {
+            let (kind, tier, policy, rule) = match &compiled.owners[r.owner as usize] {
+                Owner::Policy { tier, policy, rule } => (
+                    "policy",
+                    Some(tier.clone()),
+                    Some(policy.clone()),
+                    Some(*rule),
+                ),
+                Owner::TierEnd { tier } => ("tier-default-action", Some(tier.clone()), None, None),
+                Owner::Profile { profile, rule } => {
+                    ("profile", None, Some(profile.clone()), Some(*rule))
+                }
+                Owner::NoProfileAllowed => ("no-profile-allowed", None, None, None),
+            };
+            let action = match r.action {
+                action::ALLOW => "allow",
+                action::DENY => "deny",
+                action::LOG => "log",
+                _ => "pass",
+            };
+            rules.push(SlotInfo {
+                slot: rule_slot(table, i as u32),
+                stage: stage.into(),
+                direction: direction.into(),
+                action: action.into(),
+                kind: kind.into(),
+                tier,
+                policy,
+                rule,
+            });
+        }
+    }
+    StateFile { generation, rules }
+}
+
+/// Writes `rules.json` atomically (a reader never sees half of it).
+pub fn write_state(dir: &Path, state: &StateFile) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join("rules.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(state)?)?;
+    std::fs::rename(tmp, dir.join("rules.json"))
+}
+
+/// Names of `filter_common::reason` values, as JSON keys.
+const REASONS: [(u32, &str); 9] = [
+    (reason::PASS_NOT_IP, "pass_not_ip"),
+    (reason::PASS_TRUNCATED, "pass_truncated"),
+    (reason::PASS_NO_POLICY, "pass_no_policy"),
+    (reason::PASS_NO_VERDICT, "pass_no_verdict"),
+    (reason::ALLOW_RULE, "allow_rule"),
+    (reason::DROP_RULE, "drop_rule"),
+    (reason::PASS_TABLE_ERROR, "pass_table_error"),
+    (reason::PASS_TC_OBSERVED, "pass_tc_observed"),
+    (reason::PASS_TOO_MANY_HOPS, "pass_too_many_hops"),
+];
+
+/// Prints the counters; exit 2 when the agent's pins or state are missing.
+pub fn run(args: StatsArgs) -> anyhow::Result<ExitCode> {
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| default_state_dir(&args.pin_dir));
+    let file = state_dir.join("rules.json");
+    let state: StateFile = match std::fs::read(&file)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("filter-agent stats: {}: {e} (is the agent running with this --pin-dir/--state-dir?)", file.display());
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let counters = match PinnedCounters::open(&args.pin_dir) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("filter-agent stats: {:#}", anyhow::Error::from(e));
+            return Ok(ExitCode::from(2));
+        }
+    };
+    // Parts of one rule (named ports split a rule) count together: the key
+    // is the slot's description without the slot; rows keep the first slot's
+    // place.
+    let mut totals: BTreeMap<SlotInfo, (u64, u64, u32)> = BTreeMap::new();
+    for s in &state.rules {
+        let c = counters.rule(s.slot)?;
+        let e = totals
+            .entry(SlotInfo {
+                slot: 0,
+                ..s.clone()
+            })
+            .or_insert((0, 0, s.slot));
+        e.0 += c.packets;
+        e.1 += c.bytes;
+    }
+    let mut rows: Vec<_> = totals.into_iter().collect();
+    rows.sort_by_key(|(_, (_, _, slot))| *slot);
+    let reasons = counters.reasons()?;
+    match args.output {
+        Output::Json => {
+            let rules: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|(s, (packets, bytes, _))| {
+                    serde_json::json!({"stage": s.stage, "direction": s.direction, "kind": s.kind, "action": s.action,
+                        "tier": s.tier, "policy": s.policy, "rule": s.rule, "packets": packets, "bytes": bytes})
+                })
+                .collect();
+            let reasons: serde_json::Map<String, serde_json::Value> = REASONS
+                .iter()
+                .map(|(i, n)| (n.to_string(), serde_json::json!(reasons[*i as usize])))
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({"generation": state.generation, "rules": rules, "reasons": reasons})
+            );
+        }
+        Output::Text => {
+            println!(
+                "{:<9} {:<8} {:<6} {:>10} {:>12}  rule",
+                "stage", "dir", "action", "packets", "bytes"
+            );
+            for (s, (packets, bytes, _)) in &rows {
+                let (stage, direction, action) = (&s.stage, &s.direction, &s.action);
+                let who = match (s.kind.as_str(), &s.tier, &s.policy, s.rule) {
+                    ("policy", Some(t), Some(p), Some(r)) => {
+                        format!("tier {t}, policy {p}, rule {r}")
+                    }
+                    ("profile", _, Some(p), Some(r)) => format!("profile {p}, rule {r}"),
+                    ("tier-default-action", Some(t), _, _) => format!("tier {t}: default action"),
+                    _ => "no profile allowed".into(),
+                };
+                println!("{stage:<9} {direction:<8} {action:<6} {packets:>10} {bytes:>12}  {who}");
+            }
+            let line: Vec<String> = REASONS
+                .iter()
+                .map(|(i, n)| format!("{n}={}", reasons[*i as usize]))
+                .collect();
+            println!("packets by reason: {}", line.join(" "));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
