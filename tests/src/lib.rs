@@ -314,16 +314,31 @@ pub struct Agent {
     log: Arc<Mutex<Vec<String>>>,
     pin_dir: PathBuf,
     reader: Option<JoinHandle<()>>,
+    /// Set by [`Agent::crash`]: the pins are the point.
+    keep_pins: bool,
 }
 
 impl Agent {
-    /// Starts the agent in `ns` on `policy_dir` as node `node`.
+    /// Starts the agent in `ns` on `policy_dir` as node `node`, with
+    /// `--detach-on-exit` so a stopped agent leaves nothing behind.
     pub fn start(
         binary: &Path,
         ns: &Netns,
         policy_dir: &Path,
         node: &str,
         pin_dir: &Path,
+    ) -> Agent {
+        Self::start_with(binary, ns, policy_dir, node, pin_dir, &["--detach-on-exit"])
+    }
+
+    /// Like [`Agent::start`], with other extra arguments.
+    pub fn start_with(
+        binary: &Path,
+        ns: &Netns,
+        policy_dir: &Path,
+        node: &str,
+        pin_dir: &Path,
+        extra: &[&str],
     ) -> Agent {
         // `ip netns exec` remounts /sys and would hide bpffs: enter the
         // network namespace only.
@@ -335,6 +350,7 @@ impl Agent {
             .arg(policy_dir)
             .arg("--pin-dir")
             .arg(pin_dir)
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -353,7 +369,16 @@ impl Agent {
             log,
             pin_dir: pin_dir.to_owned(),
             reader: Some(reader),
+            keep_pins: false,
         }
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would, and leaves its pins
+    /// (and so its attached programs) for the next agent.
+    pub fn crash(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.keep_pins = true;
     }
 
     /// The process id.
@@ -428,7 +453,7 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.terminate();
         // Pins of an agent that had to be killed.
-        if self.pin_dir.exists() {
+        if !self.keep_pins && self.pin_dir.exists() {
             if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
                 for e in entries.flatten() {
                     let _ = std::fs::remove_file(e.path());

@@ -242,3 +242,73 @@ fn stats_count_the_packets_each_rule_decided() {
     assert!(agent.stop().success());
     assert!(!state.exists(), "state left after SIGTERM");
 }
+
+#[test]
+fn a_crashed_agent_leaves_the_node_enforced_and_the_next_one_adopts_it() {
+    if !privileged("a_crashed_agent_leaves_the_node_enforced_and_the_next_one_adopts_it") {
+        return;
+    }
+    let p = pair();
+    let _s7000 = TcpServer::start(&p.worker, "0.0.0.0:7000".parse().expect("addr"), "7000");
+    let _s7001 = TcpServer::start(&p.worker, "0.0.0.0:7001".parse().expect("addr"), "7001");
+    let dir = demo::TempDir::new(&unique("fwrestart"));
+    std::fs::write(dir.0.join("policy.yaml"), HEP_AND_DENY).expect("write policy");
+    let pins = Path::new("/sys/fs/bpf").join(unique("fwr"));
+    let to = |port: u16| SocketAddr::from(([192, 0, 2, 1], port));
+    let t = Duration::from_millis(1500);
+    let enforced = |what: &str| {
+        assert!(
+            tcp_probe(&p.client, to(7000), t).is_err(),
+            "{what}: 7000 must stay denied"
+        );
+        assert_eq!(
+            tcp_probe(&p.client, to(7001), t).as_deref(),
+            Ok("7001"),
+            "{what}: 7001 must stay open"
+        );
+    };
+
+    // No --detach-on-exit: the agent an operator runs.
+    let mut first = Agent::start_with(&agent_binary(), &p.worker, &dir.0, "pair", &pins, &[]);
+    first
+        .wait_for("policy applied", 0, Duration::from_secs(15))
+        .expect("applied");
+    enforced("first agent");
+    first.crash();
+    let link_pins = std::fs::read_dir(&pins)
+        .expect("pins")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains('@'))
+        .count();
+    assert_eq!(
+        link_pins, 3,
+        "fw_xdp, fw_tc_in and fw_tc_eg links stay pinned"
+    );
+    enforced("no agent running");
+
+    let mut second = Agent::start(&agent_binary(), &p.worker, &dir.0, "pair", &pins);
+    second
+        .wait_for("policy applied", 0, Duration::from_secs(15))
+        .expect("applied");
+    let log = second.log_text();
+    assert!(log.contains("adopting the pinned maps and links"), "{log}");
+    assert!(log.contains("xdp_mode=\"adopted\""), "{log}");
+    enforced("second agent");
+    // A policy change still takes effect through the adopted links.
+    let applied = second.count("policy applied");
+    std::fs::write(
+        dir.0.join("policy.yaml"),
+        HEP_AND_DENY.replace("ports: [7000]", "ports: [7001]"),
+    )
+    .expect("write");
+    second
+        .wait_for("policy applied", applied, Duration::from_secs(10))
+        .expect("applied");
+    assert_eq!(tcp_probe(&p.client, to(7000), t).as_deref(), Ok("7000"));
+    assert!(
+        tcp_probe(&p.client, to(7001), t).is_err(),
+        "7001 denied now"
+    );
+    assert!(second.stop().success());
+    assert!(!pins.exists(), "--detach-on-exit removes the pins");
+}

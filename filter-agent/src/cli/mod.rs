@@ -72,6 +72,11 @@ pub struct RunArgs {
     /// /run/filter-agent/<pin dir name>].
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// On SIGTERM/SIGINT, detach the programs and remove the pins. Without
+    /// it the programs stay attached and pinned (the node stays enforced)
+    /// and the next agent adopts them.
+    #[arg(long)]
+    pub detach_on_exit: bool,
     /// How often to look for interfaces that appeared or went.
     #[arg(long, default_value = "2", value_name = "SECONDS")]
     pub interface_poll: u64,

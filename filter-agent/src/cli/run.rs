@@ -93,9 +93,13 @@ pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
             _ = sigint.recv() => break,
         }
     }
-    tracing::info!("stopping: detaching programs and removing pins");
-    let _ = std::fs::remove_dir_all(&agent.state_dir);
-    agent.dp.shutdown().context("detach and unpin")?;
+    if args.detach_on_exit {
+        tracing::info!("stopping: detaching programs and removing pins");
+        let _ = std::fs::remove_dir_all(&agent.state_dir);
+        agent.dp.shutdown().context("detach and unpin")?;
+    } else {
+        agent.dp.leave();
+    }
     Ok(ExitCode::SUCCESS)
 }
 

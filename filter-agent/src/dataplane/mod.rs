@@ -20,8 +20,9 @@ use aya::{
         Array, HashMap, MapData, PerCpuArray,
     },
     programs::{
-        tc::{SchedClassifierLinkId, TcAttachType},
-        xdp::XdpLinkId,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachType},
+        xdp::XdpLink,
         SchedClassifier, TestRun, TestRunOptions, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
@@ -103,14 +104,28 @@ pub enum Error {
     Capacity(String),
 }
 
-/// Programs attached to one interface.
+/// Programs attached to one interface, through links pinned on bpffs so
+/// they outlive the agent.
 #[derive(Debug)]
 struct Attachment {
     ifindex: u32,
-    xdp: XdpLinkId,
     xdp_mode: &'static str,
-    tc_in: SchedClassifierLinkId,
-    tc_eg: SchedClassifierLinkId,
+    /// (link, its pin) for fw_xdp, fw_tc_in, fw_tc_eg.
+    links: Vec<(FdLink, PathBuf)>,
+}
+
+/// Pin file of the link of `program` on interface `iface` (`ifindex`),
+/// e.g. `fw_xdp@eth1@2`. bpffs refuses dots in names, so a VLAN's `eth0.100`
+/// becomes `eth0_100`; the index keeps names unique, and is there because an
+/// interface deleted and created again is a new attachment point.
+fn link_pin(dir: &Path, iface: &str, ifindex: u32, program: &str) -> PathBuf {
+    dir.join(format!("{program}@{}@{ifindex}", iface.replace('.', "_")))
+}
+
+/// Whether a pin in the pin directory is a link (see [`link_pin`]).
+fn is_link_pin(path: &Path) -> bool {
+    path.file_name()
+        .is_some_and(|n| n.to_string_lossy().contains('@'))
 }
 
 /// The loaded programs and maps.
@@ -132,14 +147,16 @@ impl Dataplane {
             return Err(Error::NoObject);
         }
         ensure_bpffs(pin_dir)?;
-        if pin_dir.exists() {
-            // Pins left by an agent that died: start from fresh maps.
-            tracing::warn!(dir = %pin_dir.display(), "removing stale pins of a previous agent");
-            remove_pins(pin_dir)?;
+        let adopting = pin_dir.join(names::MAP_GENERATION).exists();
+        if adopting {
+            tracing::info!(dir = %pin_dir.display(), "adopting the pinned maps and links of a previous agent");
         }
-        // A load that fails half-way (the verifier, say) leaves no pins.
+        // A first load that fails half-way (the verifier, say) leaves no
+        // pins; an adopting one never touches what enforces.
         Self::load_pinned(pin_dir).inspect_err(|_| {
-            let _ = remove_pins(pin_dir);
+            if !adopting {
+                let _ = remove_pins(pin_dir);
+            }
         })
     }
 
@@ -179,7 +196,17 @@ impl Dataplane {
                     })
                 }
             }
-            prog.pin(pin_dir.join(name)).map_err(|e| Error::Load {
+            // A previous agent's program stays alive while its links hold it;
+            // its pin makes way for this one.
+            let pin = pin_dir.join(name);
+            if pin.exists() {
+                std::fs::remove_file(&pin).map_err(|source| Error::Fs {
+                    op: "unpin old",
+                    path: pin.clone(),
+                    source,
+                })?;
+            }
+            prog.pin(&pin).map_err(|e| Error::Load {
                 what: format!("pin {name}"),
                 source: Box::new(e),
             })?;
@@ -435,8 +462,9 @@ impl Dataplane {
         M::try_from(map).map_err(map_error(name, "open"))
     }
 
-    /// Attaches to bound interfaces that lack programs, detaches from
-    /// interfaces no longer bound (or gone).
+    /// Attaches to bound interfaces that lack programs (adopting links a
+    /// previous agent pinned), detaches from interfaces no longer bound (or
+    /// gone), and removes link pins nobody claims.
     fn sync_attachments(&mut self, compiled: &Compiled, ifaces: &Interfaces) -> Result<(), Error> {
         let wanted: BTreeMap<&str, u32> = compiled
             .endpoints
@@ -457,85 +485,136 @@ impl Dataplane {
                 self.attach(name, ifindex)?;
             }
         }
+        // Links of interfaces this policy no longer binds (or that went):
+        // unpinning the last reference detaches them.
+        let claimed: Vec<&PathBuf> = self
+            .attached
+            .values()
+            .flat_map(|a| a.links.iter().map(|(_, p)| p))
+            .collect();
+        let entries = std::fs::read_dir(&self.pin_dir).map_err(|source| Error::Fs {
+            op: "read",
+            path: self.pin_dir.clone(),
+            source,
+        })?;
+        for e in entries.flatten() {
+            let path = e.path();
+            if is_link_pin(&path) && !claimed.contains(&&path) {
+                tracing::info!(pin = %path.display(), "detaching a link no endpoint claims");
+                std::fs::remove_file(&path).map_err(|source| Error::Fs {
+                    op: "unpin",
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+        }
         Ok(())
     }
 
+    /// Attaches the three programs to `iface`. A link pinned by a previous
+    /// agent is kept and its program swapped for ours in one update, so
+    /// enforcement never lapses (design.md, "Atomic updates and restarts").
     fn attach(&mut self, iface: &str, ifindex: u32) -> Result<(), Error> {
-        let attach_err = |program, source: aya::programs::ProgramError| Error::Attach {
-            op: "attach",
-            program,
-            iface: iface.to_owned(),
-            source: Box::new(source),
-        };
-        let xdp: &mut Xdp = self.program(names::PROG_XDP)?;
-        // Native where the driver has it, generic otherwise.
-        let (xdp_link, xdp_mode) = match xdp.attach(
-            aya::programs::NetworkInterface::Index(ifindex),
-            XdpMode::Driver,
-        ) {
-            Ok(l) => (l, "native"),
-            Err(native) => {
-                tracing::warn!(iface, cause = %native, "native XDP unavailable, using generic mode");
-                let l = xdp
-                    .attach(
+        let err =
+            |program: &'static str, e: Box<dyn std::error::Error + Send + Sync>| Error::Load {
+                what: format!("attach {program} on {iface}"),
+                source: e,
+            };
+        let dir = self.pin_dir.clone();
+        let mut links = Vec::new();
+        let mut xdp_mode = "native";
+        for program in [
+            names::PROG_XDP,
+            names::PROG_TC_INGRESS,
+            names::PROG_TC_EGRESS,
+        ] {
+            let pin = link_pin(&dir, iface, ifindex, program);
+            let fd = if pin.exists() {
+                let old = FdLink::from(
+                    PinnedLink::from_pin(&pin).map_err(|e| err(program, Box::new(e)))?,
+                );
+                xdp_mode = "adopted";
+                if program == names::PROG_XDP {
+                    let xdp: &mut Xdp = self.program(program)?;
+                    let link = XdpLink::try_from(old).map_err(|e| err(program, Box::new(e)))?;
+                    let id = xdp
+                        .attach_to_link(link)
+                        .map_err(|e| err(program, Box::new(e)))?;
+                    FdLink::try_from(xdp.take_link(id).map_err(|e| err(program, Box::new(e)))?)
+                        .map_err(|e| err(program, Box::new(e)))?
+                } else {
+                    let tc: &mut SchedClassifier = self.program(program)?;
+                    let link = SchedClassifierLink::try_from(old)
+                        .map_err(|e| err(program, Box::new(e)))?;
+                    let id = tc
+                        .attach_to_link(link)
+                        .map_err(|e| err(program, Box::new(e)))?;
+                    FdLink::try_from(tc.take_link(id).map_err(|e| err(program, Box::new(e)))?)
+                        .map_err(|e| err(program, Box::new(e)))?
+                }
+            } else {
+                let fd = if program == names::PROG_XDP {
+                    let xdp: &mut Xdp = self.program(program)?;
+                    // Native where the driver has it, generic otherwise.
+                    let id = match xdp.attach(
                         aya::programs::NetworkInterface::Index(ifindex),
-                        XdpMode::Skb,
-                    )
-                    .map_err(|e| attach_err(names::PROG_XDP, e))?;
-                (l, "generic")
-            }
-        };
-        let tc_in: &mut SchedClassifier = self.program(names::PROG_TC_INGRESS)?;
-        let tc_in = tc_in
-            .attach(
-                aya::programs::NetworkInterface::Index(ifindex),
-                TcAttachType::Ingress,
-            )
-            .map_err(|e| attach_err(names::PROG_TC_INGRESS, e))?;
-        let tc_eg: &mut SchedClassifier = self.program(names::PROG_TC_EGRESS)?;
-        let tc_eg = tc_eg
-            .attach(
-                aya::programs::NetworkInterface::Index(ifindex),
-                TcAttachType::Egress,
-            )
-            .map_err(|e| attach_err(names::PROG_TC_EGRESS, e))?;
+                        XdpMode::Driver,
+                    ) {
+                        Ok(id) => id,
+                        Err(native) => {
+                            tracing::warn!(iface, cause = %native, "native XDP unavailable, using generic mode");
+                            xdp_mode = "generic";
+                            xdp.attach(
+                                aya::programs::NetworkInterface::Index(ifindex),
+                                XdpMode::Skb,
+                            )
+                            .map_err(|e| err(program, Box::new(e)))?
+                        }
+                    };
+                    FdLink::try_from(xdp.take_link(id).map_err(|e| err(program, Box::new(e)))?)
+                        .map_err(|e| err(program, Box::new(e)))?
+                } else {
+                    let tc: &mut SchedClassifier = self.program(program)?;
+                    let kind = if program == names::PROG_TC_INGRESS {
+                        TcAttachType::Ingress
+                    } else {
+                        TcAttachType::Egress
+                    };
+                    let id = tc
+                        .attach(aya::programs::NetworkInterface::Index(ifindex), kind)
+                        .map_err(|e| err(program, Box::new(e)))?;
+                    FdLink::try_from(tc.take_link(id).map_err(|e| err(program, Box::new(e)))?)
+                        .map_err(|e| err(program, Box::new(e)))?
+                };
+                FdLink::from(fd.pin(&pin).map_err(|e| err(program, Box::new(e)))?)
+            };
+            links.push((fd, pin));
+        }
         tracing::info!(iface, ifindex, xdp_mode, "programs attached");
         self.attached.insert(
             iface.to_owned(),
             Attachment {
                 ifindex,
-                xdp: xdp_link,
                 xdp_mode,
-                tc_in,
-                tc_eg,
+                links,
             },
         );
         Ok(())
     }
 
+    /// Detaches the programs from `iface`: unpinning a link and closing its
+    /// last descriptor destroys it.
     fn detach(&mut self, iface: &str) -> Result<(), Error> {
         let Some(a) = self.attached.remove(iface) else {
             return Ok(());
         };
-        let detach_err = |program, source: aya::programs::ProgramError| Error::Attach {
-            op: "detach",
-            program,
-            iface: iface.to_owned(),
-            source: Box::new(source),
-        };
-        // An interface that vanished took its attachments with it; aya then
-        // reports an error we can ignore, so only log it.
-        let xdp: &mut Xdp = self.program(names::PROG_XDP)?;
-        if let Err(e) = xdp.detach(a.xdp) {
-            tracing::debug!(iface, cause = %detach_err(names::PROG_XDP, e), "detach");
-        }
-        let tc: &mut SchedClassifier = self.program(names::PROG_TC_INGRESS)?;
-        if let Err(e) = tc.detach(a.tc_in) {
-            tracing::debug!(iface, cause = %detach_err(names::PROG_TC_INGRESS, e), "detach");
-        }
-        let tc: &mut SchedClassifier = self.program(names::PROG_TC_EGRESS)?;
-        if let Err(e) = tc.detach(a.tc_eg) {
-            tracing::debug!(iface, cause = %detach_err(names::PROG_TC_EGRESS, e), "detach");
+        for (fd, pin) in a.links {
+            if let Err(e) = std::fs::remove_file(&pin) {
+                // An interface that vanished may have taken its pins' meaning
+                // with it; nothing else to undo.
+                tracing::debug!(iface, pin = %pin.display(), error = %e, "unpin");
+            }
+            drop(fd);
         }
         tracing::info!(iface, "programs detached");
         Ok(())
@@ -560,7 +639,8 @@ impl Dataplane {
         self.live
     }
 
-    /// Interfaces with programs attached, and their XDP mode.
+    /// Interfaces with programs attached, and their XDP mode (`adopted`
+    /// when a previous agent attached them).
     pub fn attachments(&self) -> Vec<(String, u32, &'static str)> {
         self.attached
             .iter()
@@ -639,7 +719,7 @@ impl Dataplane {
             })
     }
 
-    /// Detaches everything and removes the pins.
+    /// Detaches everything and removes the pins (`--detach-on-exit`).
     pub fn shutdown(mut self) -> Result<(), Error> {
         let names: Vec<String> = self.attached.keys().cloned().collect();
         for n in names {
@@ -648,6 +728,12 @@ impl Dataplane {
         let dir = self.pin_dir.clone();
         drop(self);
         remove_pins(&dir)
+    }
+
+    /// Leaves programs attached and everything pinned: the node stays
+    /// enforced, and the next agent adopts it all.
+    pub fn leave(self) {
+        tracing::info!(dir = %self.pin_dir.display(), "leaving programs attached and pinned for the next agent");
     }
 }
 
