@@ -162,6 +162,34 @@ pub const PORT_KEY_FLAG_BITS: u32 = TABLE_PREFIX_BITS + 16;
 /// Prefix length of a full [`PortKey`].
 pub const PORT_KEY_FULL_BITS: u32 = TABLE_PREFIX_BITS + 32;
 
+/// Data part of a failsafe trie key (`FW_FAILSAFE1`, calico-semantics.md
+/// 4). An entry without a net fixes direction, protocol and port (prefix
+/// [`FAILSAFE_PORT_BITS`]); one with a net adds the family and the net's
+/// prefix of `addr` (the source for inbound, the destination for outbound).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FailsafeKey {
+    /// `direction::INGRESS` or `direction::EGRESS`.
+    pub direction: u8,
+    /// 6 (TCP) or 17 (UDP).
+    pub proto: u8,
+    /// Destination port, network order.
+    pub port: [u8; 2],
+    /// 4 or 6.
+    pub family: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+    /// Peer address, network order; IPv4 in the first four bytes.
+    pub addr: [u8; 16],
+}
+
+/// Prefix length of a [`FailsafeKey`] with no net.
+pub const FAILSAFE_PORT_BITS: u32 = 32;
+/// Prefix length of a [`FailsafeKey`] up to the address.
+pub const FAILSAFE_ADDR_OFFSET_BITS: u32 = 64;
+/// Entries in the failsafe trie.
+pub const MAX_FAILSAFE_ENTRIES: u32 = 256;
+
 /// Key of the endpoint map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -221,6 +249,8 @@ pub mod reason {
     /// More than `MAX_HOPS` Log/Pass rules matched: the stage gives no
     /// verdict (the agent warns when a policy can lead there).
     pub const PASS_TOO_MANY_HOPS: u32 = 8;
+    /// An inbound failsafe port: the pre-DNAT stage is skipped (4).
+    pub const PASS_FAILSAFE: u32 = 9;
     /// Number of reason slots in `FW_STATS1`.
     pub const COUNT: u32 = 16;
 }
@@ -259,8 +289,10 @@ pub mod names {
     pub const MAP_RULE_COUNTERS: &str = "FW_RULE_CTR1";
     /// Per-reason packet counters.
     pub const MAP_STATS: &str = "FW_STATS1";
+    /// Failsafe ports.
+    pub const MAP_FAILSAFE: &str = "FW_FAILSAFE1";
     /// Every map, for pinning and clean-up.
-    pub const ALL_MAPS: [&str; 12] = [
+    pub const ALL_MAPS: [&str; 13] = [
         MAP_GENERATION,
         MAP_SRC_V4,
         MAP_DST_V4,
@@ -273,6 +305,7 @@ pub mod names {
         MAP_RULE,
         MAP_RULE_COUNTERS,
         MAP_STATS,
+        MAP_FAILSAFE,
     ];
 }
 
@@ -282,6 +315,7 @@ const _: () = assert!(core::mem::size_of::<AddrV4Key>() == 8);
 const _: () = assert!(core::mem::size_of::<AddrV6Key>() == 20);
 const _: () = assert!(core::mem::size_of::<PortKey>() == 8);
 const _: () = assert!(core::mem::size_of::<EndpointKey>() == 8);
+const _: () = assert!(core::mem::size_of::<FailsafeKey>() == 24);
 const _: () = assert!(core::mem::size_of::<RuleMeta>() == 16);
 const _: () = assert!(core::mem::size_of::<RuleCounter>() == 16);
 const _: () = assert!(
@@ -299,6 +333,7 @@ mod pod {
     unsafe impl aya::Pod for AddrV6Key {}
     unsafe impl aya::Pod for PortKey {}
     unsafe impl aya::Pod for EndpointKey {}
+    unsafe impl aya::Pod for FailsafeKey {}
     unsafe impl aya::Pod for RuleMeta {}
     unsafe impl aya::Pod for RuleCounter {}
 }

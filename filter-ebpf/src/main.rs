@@ -1,8 +1,8 @@
 //! Kernel programs of the host-endpoint firewall: entry points only.
 //!
-//! * `fw_xdp` (XDP, host-endpoint ingress): the pre-DNAT stage
-//!   (calico-semantics.md 3.7). A Deny drops the frame at the driver; an
-//!   Allow or no verdict lets it go on.
+//! * `fw_xdp` (XDP, host-endpoint ingress): inbound failsafe ports, then the
+//!   pre-DNAT stage (calico-semantics.md 3.7, 4). A Deny drops the frame at
+//!   the driver; an Allow or no verdict lets it go on.
 //! * `fw_tc_in`, `fw_tc_eg` (TC ingress and egress of host endpoints): parse
 //!   and count; the normal, untracked and forward stages arrive with the
 //!   dataplane work and will live here.
@@ -18,6 +18,7 @@
 
 mod classify;
 mod counters;
+mod failsafe;
 mod parse;
 
 use aya_ebpf::{
@@ -41,6 +42,11 @@ fn try_xdp(ctx: &XdpContext) -> (u32, u32) {
         Ok(p) => p,
         Err(why) => return (xdp_action::XDP_PASS, why),
     };
+    // The mangle failsafe: inbound failsafe ports skip pre-DNAT policy
+    // (calico-semantics.md 4).
+    if failsafe::is_failsafe(direction::INGRESS, &pkt) {
+        return (xdp_action::XDP_PASS, reason::PASS_FAILSAFE);
+    }
     let ifindex = ctx.ingress_ifindex() as u32;
     match classify::classify(stage::PRE_DNAT, direction::INGRESS, ifindex, &pkt) {
         Ok(d) => {

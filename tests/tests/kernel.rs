@@ -556,3 +556,50 @@ fn kernel_and_emulated_tables_agree_on_random_pre_dnat_policies() {
     }
     assert_eq!(checked, 3000);
 }
+
+#[test]
+fn failsafe_ports_skip_pre_dnat_policy() {
+    if !privileged("failsafe_ports_skip_pre_dnat_policy") {
+        return;
+    }
+    let deny_all = "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: test-hep, labels: {r: x}}\nspec: {node: kernel-test, interfaceName: lo}\n\
+        ---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: deny-all}\nspec:\n  preDNAT: true\n  applyOnForward: true\n  ingress:\n  - action: Deny\n";
+    let mut k = Loaded::new(deny_all);
+    // Calico's default inbound failsafe ports: tcp:22, tcp:6443, udp:68, ...
+    assert_eq!(k.run(&tcp4(OTHER, WORKER, 22)), XDP_PASS, "ssh");
+    assert_eq!(k.run(&tcp4(OTHER, WORKER, 6443)), XDP_PASS, "API server");
+    assert_eq!(k.run(&udp4(OTHER, WORKER, 68)), XDP_PASS, "dhcp client");
+    assert_eq!(
+        k.run(&udp4(OTHER, WORKER, 22)),
+        XDP_DROP,
+        "udp:22 is not failsafe"
+    );
+    assert_eq!(
+        k.run(&tcp4(OTHER, WORKER, 53)),
+        XDP_DROP,
+        "outbound-only entries do not open inbound"
+    );
+    assert_eq!(k.run(&tcp4(OTHER, WORKER, 2222)), XDP_DROP);
+    assert_eq!(k.reasons()[reason::PASS_FAILSAFE as usize], 3);
+    drop(k);
+
+    // A FelixConfiguration list replaces the defaults; a net limits the peer.
+    let mut k = Loaded::new(&format!(
+        "{deny_all}---\napiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {{name: default}}\nspec:\n  failsafeInboundHostPorts:\n  - {{protocol: TCP, port: 2222, net: 198.51.100.0/28}}\n"
+    ));
+    assert_eq!(
+        k.run(&tcp4(CLIENT, WORKER, 2222)),
+        XDP_PASS,
+        "failsafe from the allowed net"
+    );
+    assert_eq!(
+        k.run(&tcp4(OTHER, WORKER, 2222)),
+        XDP_DROP,
+        "198.51.100.20 is outside 198.51.100.0/28"
+    );
+    assert_eq!(
+        k.run(&tcp4(CLIENT, WORKER, 22)),
+        XDP_DROP,
+        "the default list no longer applies"
+    );
+}

@@ -142,7 +142,7 @@ pub fn write_state(dir: &Path, state: &StateFile) -> std::io::Result<()> {
 }
 
 /// Names of `filter_common::reason` values, as JSON keys.
-const REASONS: [(u32, &str); 9] = [
+const REASONS: [(u32, &str); 10] = [
     (reason::PASS_NOT_IP, "pass_not_ip"),
     (reason::PASS_TRUNCATED, "pass_truncated"),
     (reason::PASS_NO_POLICY, "pass_no_policy"),
@@ -152,6 +152,7 @@ const REASONS: [(u32, &str); 9] = [
     (reason::PASS_TABLE_ERROR, "pass_table_error"),
     (reason::PASS_TC_OBSERVED, "pass_tc_observed"),
     (reason::PASS_TOO_MANY_HOPS, "pass_too_many_hops"),
+    (reason::PASS_FAILSAFE, "pass_failsafe"),
 ];
 
 /// Prints the counters; exit 2 when the agent's pins or state are missing.

@@ -22,6 +22,7 @@
 
 pub mod bits;
 pub mod emulate;
+pub mod failsafe;
 pub mod prefix;
 
 use std::{
@@ -173,6 +174,8 @@ pub struct Compiled {
     pub owners: Vec<Owner>,
     /// One table per stage and direction, at `stage * 2 + direction`.
     pub tables: Vec<Table>,
+    /// Failsafe ports.
+    pub failsafe: Vec<failsafe::Failsafe>,
 }
 
 impl Compiled {
@@ -443,6 +446,7 @@ pub fn compile(store: &Store, node: &Node) -> Result<Compiled, Error> {
         classes: interner.classes,
         owners,
         tables,
+        failsafe: failsafe::entries(store, &node.name),
     })
 }
 

@@ -28,9 +28,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use filter_common::{
-    names, rule_slot, table_id, AddrV4Key, AddrV6Key, Bitmap, EndpointKey, PortKey, RuleCounter,
-    RuleMeta, CLASSES_PER_GEN, GENERATIONS, MAX_RULES, PORT_KEY_ANY_PROTO_BITS, PORT_KEY_FLAG_BITS,
-    TABLES_PER_GEN, TABLE_PREFIX_BITS,
+    names, rule_slot, table_id, AddrV4Key, AddrV6Key, Bitmap, EndpointKey, FailsafeKey, PortKey,
+    RuleCounter, RuleMeta, CLASSES_PER_GEN, FAILSAFE_ADDR_OFFSET_BITS, FAILSAFE_PORT_BITS,
+    GENERATIONS, MAX_RULES, PORT_KEY_ANY_PROTO_BITS, PORT_KEY_FLAG_BITS, TABLES_PER_GEN,
+    TABLE_PREFIX_BITS,
 };
 
 use crate::compile::{prefix::Prefix, Compiled, PortEntry, Table};
@@ -120,6 +121,43 @@ struct Attachment {
 /// interface deleted and created again is a new attachment point.
 fn link_pin(dir: &Path, iface: &str, ifindex: u32, program: &str) -> PathBuf {
     dir.join(format!("{program}@{}@{ifindex}", iface.replace('.', "_")))
+}
+
+/// The trie keys of a failsafe entry: without a net, one key fixing
+/// direction, protocol and port; with one, the net under its family.
+fn failsafe_keys(f: &crate::compile::failsafe::Failsafe) -> Vec<Key<FailsafeKey>> {
+    let direction = if f.inbound {
+        filter_common::direction::INGRESS
+    } else {
+        filter_common::direction::EGRESS
+    } as u8;
+    let mut key = FailsafeKey {
+        direction,
+        proto: f.proto,
+        port: f.port.to_be_bytes(),
+        family: 0,
+        pad: [0; 3],
+        addr: [0; 16],
+    };
+    match f.net {
+        None => vec![Key::new(FAILSAFE_PORT_BITS, key)],
+        Some(ipnetwork::IpNetwork::V4(n)) => {
+            key.family = 4;
+            key.addr[..4].copy_from_slice(&n.network().octets());
+            vec![Key::new(
+                FAILSAFE_ADDR_OFFSET_BITS + u32::from(n.prefix()),
+                key,
+            )]
+        }
+        Some(ipnetwork::IpNetwork::V6(n)) => {
+            key.family = 6;
+            key.addr = n.network().octets();
+            vec![Key::new(
+                FAILSAFE_ADDR_OFFSET_BITS + u32::from(n.prefix()),
+                key,
+            )]
+        }
+    }
 }
 
 /// Whether a pin in the pin directory is a link (see [`link_pin`]).
@@ -250,6 +288,7 @@ impl Dataplane {
         // The inactive generation may still hold entries if a previous
         // update failed half-way; start it clean.
         self.clear_generation(next)?;
+        self.write_failsafe(&compiled.failsafe)?;
         self.write_generation(next, compiled, ifaces)?;
         self.set_generation(next)?;
         let old = self.live;
@@ -375,6 +414,32 @@ impl Dataplane {
         for (p, class) in entries {
             trie.insert(&key(p), &(base + class), 0)
                 .map_err(map_error(name, format!("insert {p:?}")))?;
+        }
+        Ok(())
+    }
+
+    /// Makes `entries` the failsafe set: new entries first, then the stale
+    /// ones removed, so a port that stays failsafe never stops being one.
+    fn write_failsafe(
+        &mut self,
+        entries: &[crate::compile::failsafe::Failsafe],
+    ) -> Result<(), Error> {
+        let keys: Vec<Key<FailsafeKey>> = entries.iter().flat_map(failsafe_keys).collect();
+        let mut trie: LpmTrie<&mut MapData, FailsafeKey, u32> = self.map(names::MAP_FAILSAFE)?;
+        for k in &keys {
+            trie.insert(k, &1, 0)
+                .map_err(map_error(names::MAP_FAILSAFE, "insert"))?;
+        }
+        let wanted: Vec<(u32, FailsafeKey)> =
+            keys.iter().map(|k| (k.prefix_len(), k.data())).collect();
+        let stale: Vec<Key<FailsafeKey>> = trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
+            .collect();
+        for k in stale {
+            trie.remove(&k)
+                .map_err(map_error(names::MAP_FAILSAFE, "remove"))?;
         }
         Ok(())
     }
