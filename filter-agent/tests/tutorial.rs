@@ -15,17 +15,7 @@ fn examples(files: &[&str]) -> Store {
 }
 
 fn tcp(src: &str, dst: &str, dport: u16) -> Packet {
-    Packet {
-        src: src.parse().unwrap(),
-        dst: dst.parse().unwrap(),
-        proto: 6,
-        sport: Some(40000),
-        dport: Some(dport),
-        icmp: None,
-        established: false,
-        forwarded: false,
-        dnat_to: None,
-    }
+    Packet::tcp(src.parse().unwrap(), dst.parse().unwrap(), dport)
 }
 
 /// (verdict, pre-dnat policy) for a packet.

@@ -46,6 +46,26 @@ fn pair() -> Pair {
     Pair { client, worker }
 }
 
+/// Rewrites the policy to deny 7001 instead of 7000 and checks both ports.
+fn move_the_deny_to_7001(agent: &mut Agent, file: &Path, p: &Pair) {
+    let applied = agent.count("policy applied");
+    std::fs::write(file, HEP_AND_DENY.replace("ports: [7000]", "ports: [7001]")).expect("write");
+    agent
+        .wait_for("policy applied", applied, Duration::from_secs(10))
+        .expect("applied");
+    let to = |port: u16| SocketAddr::from(([192, 0, 2, 1], port));
+    let t = Duration::from_millis(1500);
+    assert_eq!(
+        tcp_probe(&p.client, to(7000), t).as_deref(),
+        Ok("7000"),
+        "7000 open after the change"
+    );
+    assert!(
+        tcp_probe(&p.client, to(7001), t).is_err(),
+        "7001 denied after the change"
+    );
+}
+
 const HEP_AND_DENY: &str = "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: w, labels: {role: pub}}\nspec: {node: pair, interfaceName: eth1}\n---\n\
 apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: deny-7000}\nspec:\n  preDNAT: true\n  applyOnForward: true\n  selector: role == 'pub'\n  ingress:\n  - action: Deny\n    protocol: TCP\n    destination: {ports: [7000]}\n";
 
@@ -162,20 +182,7 @@ fn a_bad_edit_keeps_the_last_good_policy_and_a_fix_applies() {
     );
 
     // The fix moves the deny to 7001.
-    let applied = agent.count("policy applied");
-    std::fs::write(
-        &file,
-        HEP_AND_DENY.replace("ports: [7000]", "ports: [7001]"),
-    )
-    .expect("write");
-    agent
-        .wait_for("policy applied", applied, Duration::from_secs(10))
-        .expect("applied");
-    assert_eq!(tcp_probe(&p.client, to(7000), t).as_deref(), Ok("7000"));
-    assert!(
-        tcp_probe(&p.client, to(7001), t).is_err(),
-        "7001 denied now"
-    );
+    move_the_deny_to_7001(&mut agent, &file, &p);
     assert!(agent.stop().success());
 }
 
@@ -295,20 +302,7 @@ fn a_crashed_agent_leaves_the_node_enforced_and_the_next_one_adopts_it() {
     assert!(log.contains("xdp_mode=\"adopted\""), "{log}");
     enforced("second agent");
     // A policy change still takes effect through the adopted links.
-    let applied = second.count("policy applied");
-    std::fs::write(
-        dir.0.join("policy.yaml"),
-        HEP_AND_DENY.replace("ports: [7000]", "ports: [7001]"),
-    )
-    .expect("write");
-    second
-        .wait_for("policy applied", applied, Duration::from_secs(10))
-        .expect("applied");
-    assert_eq!(tcp_probe(&p.client, to(7000), t).as_deref(), Ok("7000"));
-    assert!(
-        tcp_probe(&p.client, to(7001), t).is_err(),
-        "7001 denied now"
-    );
+    move_the_deny_to_7001(&mut second, &dir.0.join("policy.yaml"), &p);
     assert!(second.stop().success());
     assert!(!pins.exists(), "--detach-on-exit removes the pins");
 }

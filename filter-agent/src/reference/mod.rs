@@ -81,6 +81,24 @@ pub struct Packet {
     pub dnat_to: Option<SocketAddr>,
 }
 
+impl Packet {
+    /// A new TCP connection's first packet, from port 40000 (as a client's
+    /// ephemeral port) to `dport`.
+    pub fn tcp(src: IpAddr, dst: IpAddr, dport: u16) -> Packet {
+        Packet {
+            src,
+            dst,
+            proto: 6,
+            sport: Some(40000),
+            dport: Some(dport),
+            icmp: None,
+            established: false,
+            forwarded: false,
+            dnat_to: None,
+        }
+    }
+}
+
 /// Who decided, or logged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Who {

@@ -15,17 +15,7 @@ fn store(text: &str) -> Store {
 const HEP: &str = "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: w, labels: {role: pub}}\nspec: {node: n1, interfaceName: eth1}\n";
 
 fn tcp(src: &str, dst: &str, dport: u16) -> Packet {
-    Packet {
-        src: src.parse().unwrap(),
-        dst: dst.parse().unwrap(),
-        proto: 6,
-        sport: Some(40000),
-        dport: Some(dport),
-        icmp: None,
-        established: false,
-        forwarded: false,
-        dnat_to: None,
-    }
+    Packet::tcp(src.parse().unwrap(), dst.parse().unwrap(), dport)
 }
 
 fn explain(text: &str, dir: Direction, p: Packet) -> Explanation {
