@@ -358,21 +358,6 @@ fn prereqs() -> Result<()> {
                 .env("LLVM_PREFIX", LLVM_PREFIX),
             "cargo install bpf-linker",
         )?;
-        if !output("cargo", &["fuzz", "--version"]).is_some_and(|v| v.contains(CARGO_FUZZ_VERSION))
-        {
-            eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
-            status(
-                Command::new("cargo").arg(format!("+{TOOLCHAIN}")).args([
-                    "install",
-                    "cargo-fuzz",
-                    "--version",
-                    CARGO_FUZZ_VERSION,
-                    "--locked",
-                ]),
-                "cargo install cargo-fuzz",
-            )?;
-        }
-
         if !bpf_linker_ok() {
             bail!("bpf-linker {BPF_LINKER_VERSION} is installed but not linked against {LLVM_PREFIX}; is ~/.cargo/bin on PATH?");
         }
