@@ -265,6 +265,8 @@ pub mod names {
     pub const PROG_TC_INGRESS: &str = "fw_tc_in";
     /// TC egress program.
     pub const PROG_TC_EGRESS: &str = "fw_tc_eg";
+    /// A program that only returns XDP_PASS: the benchmark's baseline.
+    pub const PROG_PASS: &str = "fw_pass";
     /// Live generation.
     pub const MAP_GENERATION: &str = "FW_GEN1";
     /// IPv4 source trie.
@@ -291,22 +293,6 @@ pub mod names {
     pub const MAP_STATS: &str = "FW_STATS1";
     /// Failsafe ports.
     pub const MAP_FAILSAFE: &str = "FW_FAILSAFE1";
-    /// Every map, for pinning and clean-up.
-    pub const ALL_MAPS: [&str; 13] = [
-        MAP_GENERATION,
-        MAP_SRC_V4,
-        MAP_DST_V4,
-        MAP_SRC_V6,
-        MAP_DST_V6,
-        MAP_PORT,
-        MAP_SPORT,
-        MAP_CLASS,
-        MAP_ENDPOINT,
-        MAP_RULE,
-        MAP_RULE_COUNTERS,
-        MAP_STATS,
-        MAP_FAILSAFE,
-    ];
 }
 
 // Sizes are part of the ABI: no implicit padding anywhere.

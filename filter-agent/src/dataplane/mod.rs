@@ -259,11 +259,6 @@ impl Dataplane {
         Ok(dp)
     }
 
-    /// The pin directory.
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
-    }
-
     /// Makes `compiled` the enforced policy: tables first (atomically), then
     /// attachments follow the bound interfaces. `ifaces` maps the bound
     /// interfaces that exist now to their index; bound interfaces missing
@@ -699,11 +694,6 @@ impl Dataplane {
         })
     }
 
-    /// The live generation.
-    pub fn live_generation(&self) -> u32 {
-        self.live
-    }
-
     /// Interfaces with programs attached, and their XDP mode (`adopted`
     /// when a previous agent attached them).
     pub fn attachments(&self) -> Vec<(String, u32, &'static str)> {
@@ -730,23 +720,8 @@ impl Dataplane {
     /// arrived on `ifindex` (which must exist in this namespace; the
     /// loopback, 1, always does). Returns the XDP action.
     pub fn test_run_xdp(&mut self, frame: &[u8], ifindex: u32) -> Result<u32, Error> {
-        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
-        // The kernel requires data = 0 and data_end = the frame's length.
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-        let xdp: &mut Xdp = self.program(names::PROG_XDP)?;
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            ctx_in: Some(&ctx),
-            ..Default::default()
-        };
-        xdp.test_run(opts)
-            .map(|r| r.return_value)
-            .map_err(|e| Error::Load {
-                what: "test run of fw_xdp".into(),
-                source: Box::new(e),
-            })
+        self.time_xdp(frame, ifindex, 1, false)
+            .map(|(action, _)| action)
     }
 
     /// Per-packet cost of `fw_xdp` (or, with `baseline`, of a program that
@@ -759,10 +734,17 @@ impl Dataplane {
         repeat: u32,
         baseline: bool,
     ) -> Result<(u32, Duration), Error> {
+        // struct xdp_md { data, data_end, data_meta, ingress_ifindex,
+        // rx_queue_index, egress_ifindex }: the kernel requires data = 0 and
+        // data_end = the frame's length.
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
         ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-        let name = if baseline { "fw_pass" } else { names::PROG_XDP };
+        let name = if baseline {
+            names::PROG_PASS
+        } else {
+            names::PROG_XDP
+        };
         let xdp: &mut Xdp = self.program(name)?;
         if baseline && xdp.fd().is_err() {
             xdp.load().map_err(|e| Error::Load {
