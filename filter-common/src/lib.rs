@@ -249,8 +249,23 @@ pub mod reason {
     /// More than `MAX_HOPS` Log/Pass rules matched: the stage gives no
     /// verdict (the agent warns when a policy can lead there).
     pub const PASS_TOO_MANY_HOPS: u32 = 8;
-    /// An inbound failsafe port: the pre-DNAT stage is skipped (4).
+    /// A failsafe port: the stage is skipped (4).
     pub const PASS_FAILSAFE: u32 = 9;
+    /// Conntrack knows the flow (established, a reply, or a related ICMP
+    /// error): accepted before policy (calico-semantics.md 3.4).
+    pub const ALLOW_CONNTRACK: u32 = 10;
+    /// TC ingress: the packet is not for this node; the forward stage judges
+    /// it at TC egress.
+    pub const PASS_FORWARDED: u32 = 11;
+    /// A non-first fragment: its first fragment carried the ports and was
+    /// judged; this one passes the stateful stages.
+    pub const PASS_FRAGMENT: u32 = 12;
+    /// An earlier stage (untracked or pre-DNAT) allowed the packet, so the
+    /// later host-policy stages of its endpoint are skipped (3.7, 3.8).
+    pub const ALLOW_EARLIER_STAGE: u32 = 13;
+    /// Not a packet any stage of this hook polices (TC egress: forwarded
+    /// traffic that touches no host endpoint).
+    pub const PASS_NOT_POLICED: u32 = 14;
     /// Number of reason slots in `FW_STATS1`.
     pub const COUNT: u32 = 16;
 }
@@ -293,7 +308,179 @@ pub mod names {
     pub const MAP_STATS: &str = "FW_STATS1";
     /// Failsafe ports.
     pub const MAP_FAILSAFE: &str = "FW_FAILSAFE1";
+    /// Connection tracking table.
+    pub const MAP_CONNTRACK: &str = "FW_CT1";
+    /// The node's own addresses.
+    pub const MAP_HOST: &str = "FW_HOST1";
 }
+
+/// The verdict XDP hands to TC ingress in the packet's metadata area
+/// (`bpf_xdp_adjust_meta`), as Calico's own BPF dataplane does.
+///
+/// TC trusts the area only when `magic` matches: the magic carries the
+/// layout version, so a TC program never misreads metadata written by
+/// an XDP program of another layout (or by nobody).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XdpMeta {
+    /// [`XDP_META_MAGIC`].
+    pub magic: u32,
+    /// One of [`xdp_verdict`].
+    pub verdict: u32,
+}
+
+/// Identifies an [`XdpMeta`] of this layout (`"fw"` + layout version 1).
+pub const XDP_META_MAGIC: u32 = 0x6677_0001;
+
+/// Verdicts XDP hands to TC in [`XdpMeta::verdict`].
+pub mod xdp_verdict {
+    /// XDP ran its stages and none decided (or conntrack or failsafe let
+    /// the packet skip them): TC goes on with the host-policy stages.
+    pub const NONE: u32 = 0;
+    /// The untracked stage allowed the packet: no conntrack entry, later
+    /// host-policy stages skipped (calico-semantics.md 3.8).
+    pub const UNTRACKED_ALLOW: u32 = 1;
+    /// The pre-DNAT stage allowed the packet: the normal and forward
+    /// ingress stages of this endpoint are skipped (3.7).
+    pub const PRE_DNAT_ALLOW: u32 = 2;
+}
+
+/// `skb->mark` bits TC ingress sets so that TC egress, after routing, knows
+/// an earlier stage of the incoming endpoint allowed a forwarded packet.
+/// Outside Calico's (0xffff0000 by default, but configurable) and
+/// kube-proxy's (0x4000, 0x8000) usual bits.
+pub mod mark {
+    /// Both bits.
+    pub const MASK: u32 = 0x0000_0300;
+    /// The incoming endpoint's untracked stage allowed it.
+    pub const UNTRACKED: u32 = 0x0000_0100;
+    /// The incoming endpoint's pre-DNAT stage allowed it.
+    pub const PRE_DNAT: u32 = 0x0000_0200;
+}
+
+/// Connection tracking (design.md, "Conntrack"; docs/conntrack.md).
+///
+/// One LRU hash entry per flow, keyed by the normalized 5-tuple: the
+/// lower (address, port) end is side A. The value records which side
+/// opened the flow, whether the other side answered, and the TCP closing
+/// flags; the expiry follows from those (the same [`ct::timeout_ns`] in the
+/// kernel, which ignores stale entries, and in the agent's sweeper, which
+/// deletes them).
+pub mod ct {
+    /// Side A opened the flow (else side B did).
+    pub const OPENED_BY_A: u32 = 1 << 0;
+    /// The answering side has sent a packet: the flow is established.
+    pub const SEEN_REPLY: u32 = 1 << 1;
+    /// TCP FIN seen from side A.
+    pub const FIN_A: u32 = 1 << 2;
+    /// TCP FIN seen from side B.
+    pub const FIN_B: u32 = 1 << 3;
+    /// TCP RST seen.
+    pub const RST: u32 = 1 << 4;
+    /// Recorded at TC ingress for a forwarded flow under its pre-DNAT
+    /// tuple, before the forward stage judged it: only a reply seen at TC
+    /// egress (after the kernel's un-NAT and source checks) establishes it.
+    pub const FORWARD_PENDING: u32 = 1 << 5;
+
+    const SECOND: u64 = 1_000_000_000;
+    /// TCP, opened but not answered (netfilter's SYN_SENT is 120 s).
+    pub const TCP_OPENING: u64 = 120 * SECOND;
+    /// TCP, established (netfilter: 5 days; Calico's BPF dataplane: 1 h).
+    pub const TCP_ESTABLISHED: u64 = 24 * 3600 * SECOND;
+    /// TCP after a FIN from each side (netfilter's TIME_WAIT).
+    pub const TCP_CLOSING: u64 = 120 * SECOND;
+    /// TCP after a RST (netfilter's CLOSE).
+    pub const TCP_RESET: u64 = 10 * SECOND;
+    /// UDP, not answered (netfilter: 30 s).
+    pub const UDP_OPENING: u64 = 30 * SECOND;
+    /// UDP, answered (netfilter's stream timeout).
+    pub const UDP_ESTABLISHED: u64 = 180 * SECOND;
+    /// ICMP echo (netfilter: 30 s).
+    pub const ICMP: u64 = 30 * SECOND;
+    /// Other protocols (netfilter's generic timeout).
+    pub const OTHER: u64 = 600 * SECOND;
+
+    /// How long an entry with `flags` of protocol `proto` lives after its
+    /// last packet.
+    #[inline(always)]
+    pub const fn timeout_ns(proto: u8, flags: u32) -> u64 {
+        match proto {
+            6 => {
+                if flags & RST != 0 {
+                    TCP_RESET
+                } else if flags & (FIN_A | FIN_B) == FIN_A | FIN_B {
+                    TCP_CLOSING
+                } else if flags & SEEN_REPLY != 0 {
+                    TCP_ESTABLISHED
+                } else {
+                    TCP_OPENING
+                }
+            }
+            17 | 132 => {
+                if flags & SEEN_REPLY != 0 {
+                    UDP_ESTABLISHED
+                } else {
+                    UDP_OPENING
+                }
+            }
+            1 | 58 => ICMP,
+            _ => OTHER,
+        }
+    }
+
+    /// Default number of entries of the conntrack table.
+    pub const DEFAULT_SIZE: u32 = 262_144;
+}
+
+/// Key of the conntrack table: a flow's 5-tuple with the lower (address,
+/// port) end first, so both directions find one entry. ICMP echo flows use
+/// the echo identifier as both ports; other portless protocols use 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    /// 4 or 6.
+    pub family: u8,
+    /// IP protocol.
+    pub proto: u8,
+    /// Side A's port, network order.
+    pub port_a: [u8; 2],
+    /// Side B's port, network order.
+    pub port_b: [u8; 2],
+    /// Zero.
+    pub pad: [u8; 2],
+    /// Side A's address, network order; IPv4 in the first four bytes.
+    pub addr_a: [u8; 16],
+    /// Side B's address.
+    pub addr_b: [u8; 16],
+}
+
+/// Value of the conntrack table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet.
+    pub last_seen: u64,
+    /// [`ct`] flags.
+    pub flags: u32,
+    /// Zero.
+    pub pad: u32,
+}
+
+/// Key of the node-address map (`FW_HOST1`): one of the node's own
+/// addresses. Traffic to them is host-bound (design.md).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HostKey {
+    /// 4 or 6.
+    pub family: u8,
+    /// Zero.
+    pub pad: [u8; 3],
+    /// The address, network order; IPv4 in the first four bytes.
+    pub addr: [u8; 16],
+}
+
+/// Entries in the node-address map.
+pub const MAX_HOST_ADDRS: u32 = 1024;
 
 // Sizes are part of the ABI: no implicit padding anywhere.
 const _: () = assert!(core::mem::size_of::<Bitmap>() == WORDS * 8);
@@ -304,6 +491,10 @@ const _: () = assert!(core::mem::size_of::<EndpointKey>() == 8);
 const _: () = assert!(core::mem::size_of::<FailsafeKey>() == 24);
 const _: () = assert!(core::mem::size_of::<RuleMeta>() == 16);
 const _: () = assert!(core::mem::size_of::<RuleCounter>() == 16);
+const _: () = assert!(core::mem::size_of::<XdpMeta>() == 8);
+const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 16);
+const _: () = assert!(core::mem::size_of::<HostKey>() == 20);
 const _: () = assert!(
     table_id(GENERATIONS - 1, stage::FORWARD, direction::EGRESS) < TABLES_PER_GEN * GENERATIONS
 );
@@ -322,4 +513,7 @@ mod pod {
     unsafe impl aya::Pod for FailsafeKey {}
     unsafe impl aya::Pod for RuleMeta {}
     unsafe impl aya::Pod for RuleCounter {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for HostKey {}
 }

@@ -17,9 +17,9 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
 };
 use filter_common::{
-    action, reason, rule_slot, table_id, AddrV4Key, AddrV6Key, Bitmap, EndpointKey, PortKey,
-    RuleMeta, GENERATIONS, MAX_CLASSES, MAX_ENDPOINT_ENTRIES, MAX_HOPS, MAX_RULE_SLOTS,
-    MAX_TRIE_ENTRIES, PORT_KEY_FULL_BITS, TABLE_PREFIX_BITS, WORDS,
+    action, direction, reason, rule_slot, stage, table_id, AddrV4Key, AddrV6Key, Bitmap,
+    EndpointKey, PortKey, RuleMeta, GENERATIONS, MAX_CLASSES, MAX_ENDPOINT_ENTRIES, MAX_HOPS,
+    MAX_RULE_SLOTS, MAX_TRIE_ENTRIES, PORT_KEY_FULL_BITS, TABLE_PREFIX_BITS, WORDS,
 };
 
 use crate::parse::{Family, Packet};
@@ -70,6 +70,32 @@ pub type StageResult = Result<Decision, u32>;
 /// `Err` carries the `reason` when no rule decided.
 #[inline(always)]
 pub fn classify(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> StageResult {
+    let packed = classify_call(stage, direction, ifindex, pkt);
+    let (tag, value) = ((packed >> 32) as u32, packed as u32);
+    match tag {
+        action::ALLOW | action::DENY => Ok(Decision {
+            action: tag,
+            slot: value,
+        }),
+        _ => Err(value),
+    }
+}
+
+/// [`classify`] as one BPF-to-BPF call: a program runs several stages, and
+/// inlining each copy of the lookup keys and the hit bitmap would overflow
+/// the 512-byte stack; a called function's frame is reused. Returns
+/// `action << 32 | slot` for a decision, else `reason` (BPF functions return
+/// one register).
+#[inline(never)]
+fn classify_call(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u64 {
+    match classify_inline(stage, direction, ifindex, pkt) {
+        Ok(d) => ((d.action as u64) << 32) | d.slot as u64,
+        Err(why) => why as u64,
+    }
+}
+
+#[inline(always)]
+fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> StageResult {
     let generation = match FW_GEN1.get(0) {
         Some(g) if *g < GENERATIONS => *g,
         _ => return Err(reason::PASS_TABLE_ERROR),
@@ -178,6 +204,21 @@ pub fn classify(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> Stage
         }),
         _ => Err(hops.reason),
     }
+}
+
+/// Whether `ifindex` is a host endpoint: every endpoint has a normal-stage
+/// ingress mask (its profiles and the final drop at least).
+#[inline(always)]
+pub fn is_endpoint(ifindex: u32) -> bool {
+    let Some(generation) = FW_GEN1.get(0) else {
+        return false;
+    };
+    let key = EndpointKey {
+        ifindex,
+        table: table_id(*generation, stage::NORMAL, direction::INGRESS),
+    };
+    // SAFETY: only presence is read.
+    unsafe { FW_EP1.get(&key) }.is_some()
 }
 
 /// State of the verdict search across `bpf_loop` iterations.

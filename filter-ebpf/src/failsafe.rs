@@ -17,29 +17,54 @@ use crate::parse::{Family, Packet};
 static FW_FAILSAFE1: LpmTrie<FailsafeKey, u32> = LpmTrie::pinned(MAX_FAILSAFE_ENTRIES, 0);
 
 /// Whether `pkt` matches an inbound (`direction::INGRESS`: protocol,
-/// destination port, source net) or outbound (destination port and net)
-/// failsafe entry. Only TCP and UDP have failsafe ports.
+/// destination port, source net) or outbound (destination port and
+/// destination net) failsafe entry: the filter and mangle failsafe chains.
+/// Only TCP and UDP have failsafe ports.
 #[inline(always)]
 pub fn is_failsafe(dir: u32, pkt: &Packet) -> bool {
+    let peer = if dir == direction::INGRESS {
+        &pkt.src
+    } else {
+        &pkt.dst
+    };
+    hit(dir, pkt, pkt.dport, peer)
+}
+
+/// The raw-table failsafe chains, which run before the untracked stage:
+/// they also match the *source* port against the other direction's list,
+/// so replies of failsafe flows (DNS answers from udp:53, SSH replies from
+/// tcp:22) are not caught by untracked policy (calico-semantics.md 4).
+#[inline(always)]
+pub fn is_raw_failsafe(dir: u32, pkt: &Packet) -> bool {
+    if is_failsafe(dir, pkt) {
+        return true;
+    }
+    let (other, peer) = if dir == direction::INGRESS {
+        (direction::EGRESS, &pkt.src)
+    } else {
+        (direction::INGRESS, &pkt.dst)
+    };
+    hit(other, pkt, pkt.sport, peer)
+}
+
+/// One trie lookup: an entry of `list` for the packet's protocol, `port`
+/// and a net holding `peer`.
+#[inline(always)]
+fn hit(list: u32, pkt: &Packet, port: u16, peer: &[u8; 16]) -> bool {
     if !pkt.has_ports || (pkt.proto != 6 && pkt.proto != 17) {
         return false;
     }
-    let peer = if dir == direction::INGRESS {
-        pkt.src
-    } else {
-        pkt.dst
-    };
     let (family, addr_bits) = match pkt.family {
         Family::V4 => (4, 32),
         Family::V6 => (6, 128),
     };
     let key = FailsafeKey {
-        direction: dir as u8,
+        direction: list as u8,
         proto: pkt.proto,
-        port: pkt.dport.to_be_bytes(),
+        port: port.to_be_bytes(),
         family,
         pad: [0; 3],
-        addr: peer,
+        addr: *peer,
     };
     FW_FAILSAFE1
         .get(&Key::new(FAILSAFE_ADDR_OFFSET_BITS + addr_bits, key))

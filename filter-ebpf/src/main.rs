@@ -1,14 +1,23 @@
-//! Kernel programs of the host-endpoint firewall: entry points only.
+//! Kernel programs of the host-endpoint firewall: entry points and the
+//! pipeline of calico-semantics.md 3.9, hook by hook (design.md, "Kernel
+//! side: where each program runs").
 //!
-//! * `fw_xdp` (XDP, host-endpoint ingress): inbound failsafe ports, then the
-//!   pre-DNAT stage (calico-semantics.md 3.7, 4). A Deny drops the frame at
-//!   the driver; an Allow or no verdict lets it go on.
-//! * `fw_tc_in`, `fw_tc_eg` (TC ingress and egress of host endpoints): parse
-//!   and count; the normal, untracked and forward stages arrive with the
-//!   dataplane work and will live here.
+//! * `fw_xdp` (XDP, host-endpoint ingress): raw failsafe, untracked
+//!   ingress stage, conntrack (read only), mangle failsafe, pre-DNAT stage
+//!   for new flows. A Deny drops the frame at the driver; the verdict goes
+//!   to TC in the metadata area.
+//! * `fw_tc_in` (TC ingress, host endpoints): conntrack, then for
+//!   host-bound packets failsafe, the normal ingress stage with profiles,
+//!   and a conntrack entry for allowed new flows. Forwarded packets pass
+//!   on to the forward stage. Without XDP metadata (XDP could not run or
+//!   write it) it runs XDP's stages itself first.
+//! * `fw_tc_eg` (TC egress): host-originated packets meet the untracked
+//!   egress stage, conntrack, failsafe and the normal egress stage;
+//!   forwarded ones conntrack and the forward stage (ingress rules of the
+//!   incoming endpoint, egress rules of the outgoing one).
 //!
-//! Each entry point calls a `try_` function returning the action or the
-//! reason for passing, and one exit path counts it.
+//! Each entry point calls a `try_` function returning the action and the
+//! reason it is counted under; one exit path counts it.
 #![no_std]
 #![no_main]
 #![expect(
@@ -17,16 +26,80 @@
 )]
 
 mod classify;
+mod conntrack;
 mod counters;
 mod failsafe;
+mod host;
 mod parse;
 
 use aya_ebpf::{
-    bindings::{xdp_action, TC_ACT_OK},
+    bindings::{xdp_action, TC_ACT_OK, TC_ACT_SHOT},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use filter_common::{action, direction, reason, stage};
+use conntrack::{Hook, Known};
+use filter_common::{action, direction, mark, reason, stage, xdp_verdict, XdpMeta, XDP_META_MAGIC};
+use parse::Packet;
+
+/// What one stage said.
+enum Verdict {
+    Allow,
+    Deny,
+    /// No rule decided; the reason is counted if nothing later decides.
+    Continue(u32),
+}
+
+/// Runs one stage and counts the deciding rule.
+#[inline(always)]
+fn run_stage(stage: u32, dir: u32, ifindex: u32, pkt: &Packet, bytes: u64) -> Verdict {
+    match classify::classify(stage, dir, ifindex, pkt) {
+        Ok(d) => {
+            counters::count_rule(d.slot, bytes);
+            if d.action == action::DENY {
+                Verdict::Deny
+            } else {
+                Verdict::Allow
+            }
+        }
+        Err(why) => Verdict::Continue(why),
+    }
+}
+
+/// The outcome of the stages before conntrack's entry point: XDP's work.
+enum Early {
+    Drop,
+    /// An `xdp_verdict` for TC, and the reason to count if nothing later
+    /// decides.
+    Pass(u32, u32),
+}
+
+/// Raw failsafe, untracked ingress, conntrack (read only), mangle failsafe,
+/// pre-DNAT: everything 3.9 does before DNAT.
+#[inline(always)]
+fn early_ingress(ifindex: u32, pkt: &Packet, bytes: u64) -> Early {
+    if !failsafe::is_raw_failsafe(direction::INGRESS, pkt) {
+        match run_stage(stage::UNTRACKED, direction::INGRESS, ifindex, pkt, bytes) {
+            Verdict::Allow => return Early::Pass(xdp_verdict::UNTRACKED_ALLOW, reason::ALLOW_RULE),
+            Verdict::Deny => return Early::Drop,
+            Verdict::Continue(_) => {}
+        }
+    }
+    if pkt.fragment {
+        return Early::Pass(xdp_verdict::NONE, reason::PASS_FRAGMENT);
+    }
+    if conntrack::track(pkt, Hook::Peek) != Known::New {
+        return Early::Pass(xdp_verdict::NONE, reason::ALLOW_CONNTRACK);
+    }
+    // The mangle failsafe skips pre-DNAT policy only (4).
+    if failsafe::is_failsafe(direction::INGRESS, pkt) {
+        return Early::Pass(xdp_verdict::NONE, reason::PASS_FAILSAFE);
+    }
+    match run_stage(stage::PRE_DNAT, direction::INGRESS, ifindex, pkt, bytes) {
+        Verdict::Allow => Early::Pass(xdp_verdict::PRE_DNAT_ALLOW, reason::ALLOW_RULE),
+        Verdict::Deny => Early::Drop,
+        Verdict::Continue(why) => Early::Pass(xdp_verdict::NONE, why),
+    }
+}
 
 #[xdp]
 pub fn fw_xdp(ctx: XdpContext) -> u32 {
@@ -35,30 +108,26 @@ pub fn fw_xdp(ctx: XdpContext) -> u32 {
     verdict
 }
 
-/// Returns the XDP action and the reason it is counted under.
 #[inline(always)]
 fn try_xdp(ctx: &XdpContext) -> (u32, u32) {
-    let pkt = match parse::parse(ctx.data(), ctx.data_end()) {
+    let pkt = match parse::parse_into(parse::slot::XDP, ctx.data(), ctx.data_end()) {
         Ok(p) => p,
         Err(why) => return (xdp_action::XDP_PASS, why),
     };
-    // The mangle failsafe: inbound failsafe ports skip pre-DNAT policy
-    // (calico-semantics.md 4).
-    if failsafe::is_failsafe(direction::INGRESS, &pkt) {
-        return (xdp_action::XDP_PASS, reason::PASS_FAILSAFE);
-    }
-    let ifindex = ctx.ingress_ifindex() as u32;
-    match classify::classify(stage::PRE_DNAT, direction::INGRESS, ifindex, &pkt) {
-        Ok(d) => {
-            let bytes = (ctx.data_end() - ctx.data()) as u64;
-            counters::count_rule(d.slot, bytes);
-            if d.action == action::DENY {
-                (xdp_action::XDP_DROP, reason::DROP_RULE)
-            } else {
-                (xdp_action::XDP_PASS, reason::ALLOW_RULE)
-            }
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    match early_ingress(ctx.ingress_ifindex() as u32, pkt, bytes) {
+        Early::Drop => (xdp_action::XDP_DROP, reason::DROP_RULE),
+        Early::Pass(verdict, why) => {
+            // Without room for metadata TC runs these stages again itself.
+            parse::set_xdp_meta(
+                ctx,
+                XdpMeta {
+                    magic: XDP_META_MAGIC,
+                    verdict,
+                },
+            );
+            (xdp_action::XDP_PASS, why)
         }
-        Err(why) => (xdp_action::XDP_PASS, why),
     }
 }
 
@@ -71,24 +140,156 @@ pub fn fw_pass(_ctx: XdpContext) -> u32 {
 
 #[classifier]
 pub fn fw_tc_in(ctx: TcContext) -> i32 {
-    counters::count_reason(observe(&ctx));
-    TC_ACT_OK
+    let (verdict, why) = try_tc_in(&ctx);
+    counters::count_reason(why);
+    verdict
+}
+
+#[inline(always)]
+fn try_tc_in(ctx: &TcContext) -> (i32, u32) {
+    let (skb, pkt) = parse::skb(ctx, parse::slot::TC_INGRESS);
+    let pkt = match pkt {
+        Ok(p) => p,
+        Err(why) => return (TC_ACT_OK, why),
+    };
+    let bytes = skb.len as u64;
+    let early = match skb.meta {
+        Some(m) => m.verdict,
+        None => match early_ingress(skb.ifindex, pkt, bytes) {
+            Early::Drop => return (TC_ACT_SHOT, reason::DROP_RULE),
+            Early::Pass(v, _) => v,
+        },
+    };
+    let host_bound = host::is_host_bound(pkt);
+    if early == xdp_verdict::UNTRACKED_ALLOW {
+        if !host_bound {
+            ctx.set_mark((skb.mark & !mark::MASK) | mark::UNTRACKED);
+        }
+        return (TC_ACT_OK, reason::ALLOW_EARLIER_STAGE);
+    }
+    if pkt.fragment {
+        return (TC_ACT_OK, reason::PASS_FRAGMENT);
+    }
+    if conntrack::track(pkt, Hook::TcIngress) != Known::New {
+        return (TC_ACT_OK, reason::ALLOW_CONNTRACK);
+    }
+    if early == xdp_verdict::PRE_DNAT_ALLOW {
+        conntrack::open(pkt, !host_bound);
+        if !host_bound {
+            ctx.set_mark((skb.mark & !mark::MASK) | mark::PRE_DNAT);
+        }
+        return (TC_ACT_OK, reason::ALLOW_EARLIER_STAGE);
+    }
+    if !host_bound {
+        // Judged after DNAT and routing, at TC egress. Recording the flow
+        // under its pre-DNAT tuple lets the un-NATed reply find it there.
+        conntrack::open(pkt, true);
+        return (TC_ACT_OK, reason::PASS_FORWARDED);
+    }
+    if failsafe::is_failsafe(direction::INGRESS, pkt) {
+        conntrack::open(pkt, false);
+        return (TC_ACT_OK, reason::PASS_FAILSAFE);
+    }
+    normal_stage(direction::INGRESS, skb.ifindex, pkt, bytes)
+}
+
+/// The normal stage with its profiles; an allowed flow is recorded.
+#[inline(always)]
+fn normal_stage(dir: u32, ifindex: u32, pkt: &Packet, bytes: u64) -> (i32, u32) {
+    match run_stage(stage::NORMAL, dir, ifindex, pkt, bytes) {
+        Verdict::Allow => {
+            conntrack::open(pkt, false);
+            (TC_ACT_OK, reason::ALLOW_RULE)
+        }
+        Verdict::Deny => (TC_ACT_SHOT, reason::DROP_RULE),
+        // Not a host endpoint, or a table problem (counted).
+        Verdict::Continue(why) => (TC_ACT_OK, why),
+    }
 }
 
 #[classifier]
 pub fn fw_tc_eg(ctx: TcContext) -> i32 {
-    counters::count_reason(observe(&ctx));
-    TC_ACT_OK
+    let (verdict, why) = try_tc_eg(&ctx);
+    counters::count_reason(why);
+    verdict
 }
 
-/// Parses the linear part of the skb so the program is proven against the
-/// verifier with the same parser the XDP path uses.
 #[inline(always)]
-fn observe(ctx: &TcContext) -> u32 {
-    match parse::parse(ctx.data(), ctx.data_end()) {
-        Ok(_) => reason::PASS_TC_OBSERVED,
-        Err(why) => why,
+fn try_tc_eg(ctx: &TcContext) -> (i32, u32) {
+    let (skb, pkt) = parse::skb(ctx, parse::slot::TC_EGRESS);
+    let pkt = match pkt {
+        Ok(p) => p,
+        Err(why) => return (TC_ACT_OK, why),
+    };
+    let bytes = skb.len as u64;
+    if skb.ingress_ifindex == 0 {
+        host_egress(skb.ifindex, pkt, bytes)
+    } else {
+        forward_egress(&skb, pkt, bytes)
     }
+}
+
+/// A packet the node itself sends (3.9, "EGRESS via HEP h,
+/// host-originated").
+#[inline(always)]
+fn host_egress(ifindex: u32, pkt: &Packet, bytes: u64) -> (i32, u32) {
+    if !failsafe::is_raw_failsafe(direction::EGRESS, pkt) {
+        match run_stage(stage::UNTRACKED, direction::EGRESS, ifindex, pkt, bytes) {
+            Verdict::Allow => return (TC_ACT_OK, reason::ALLOW_RULE),
+            Verdict::Deny => return (TC_ACT_SHOT, reason::DROP_RULE),
+            Verdict::Continue(_) => {}
+        }
+    }
+    if pkt.fragment {
+        return (TC_ACT_OK, reason::PASS_FRAGMENT);
+    }
+    if conntrack::track(pkt, Hook::TcEgress) != Known::New {
+        return (TC_ACT_OK, reason::ALLOW_CONNTRACK);
+    }
+    if failsafe::is_failsafe(direction::EGRESS, pkt) {
+        conntrack::open(pkt, false);
+        return (TC_ACT_OK, reason::PASS_FAILSAFE);
+    }
+    normal_stage(direction::EGRESS, ifindex, pkt, bytes)
+}
+
+/// A routed packet, after DNAT (3.6, 3.9 "forwarded"): the ingress rules
+/// of the endpoint it came in by, then the egress rules of the one it
+/// leaves by. No applyOnForward policy, or a Pass out of the last tier:
+/// allowed. No failsafe for forwarded traffic (4).
+#[inline(always)]
+fn forward_egress(skb: &parse::Skb, pkt: &Packet, bytes: u64) -> (i32, u32) {
+    let (in_if, out_if) = (skb.ingress_ifindex, skb.ifindex);
+    let touches_endpoint = classify::is_endpoint(in_if) || classify::is_endpoint(out_if);
+    if !touches_endpoint {
+        return (TC_ACT_OK, reason::PASS_NOT_POLICED);
+    }
+    if pkt.fragment {
+        return (TC_ACT_OK, reason::PASS_FRAGMENT);
+    }
+    if conntrack::track(pkt, Hook::TcEgress) != Known::New {
+        return (TC_ACT_OK, reason::ALLOW_CONNTRACK);
+    }
+    let earlier = skb.mark & mark::MASK;
+    let mut why = reason::PASS_NO_POLICY;
+    // An untracked or pre-DNAT allow skips the incoming endpoint's forward
+    // policy, not the outgoing one's (3.7).
+    if earlier == 0 {
+        match run_stage(stage::FORWARD, direction::INGRESS, in_if, pkt, bytes) {
+            Verdict::Deny => return (TC_ACT_SHOT, reason::DROP_RULE),
+            Verdict::Allow => why = reason::ALLOW_RULE,
+            Verdict::Continue(w) => why = w,
+        }
+    }
+    match run_stage(stage::FORWARD, direction::EGRESS, out_if, pkt, bytes) {
+        Verdict::Deny => return (TC_ACT_SHOT, reason::DROP_RULE),
+        Verdict::Allow => why = reason::ALLOW_RULE,
+        Verdict::Continue(_) => {}
+    }
+    if earlier & mark::UNTRACKED == 0 {
+        conntrack::open(pkt, false);
+    }
+    (TC_ACT_OK, why)
 }
 
 #[cfg(not(test))]

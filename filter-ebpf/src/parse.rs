@@ -1,4 +1,5 @@
-//! Frame → [`Packet`]: the one place that touches raw packet bytes.
+//! Frame → [`Packet`]: the one place that touches raw packet bytes (and
+//! the XDP metadata area in front of them).
 //!
 //! In: the `[data, data_end)` window of an XDP or TC context. Out: a plain
 //! copy of the fields the classifier needs, or a reason to pass the frame
@@ -10,7 +11,8 @@
 
 use core::mem;
 
-use filter_common::reason;
+use aya_ebpf::{macros::map, maps::PerCpuArray};
+use filter_common::{reason, XdpMeta, XDP_META_MAGIC};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -43,6 +45,38 @@ pub enum Family {
     V6,
 }
 
+/// Per-CPU scratch for the parsed packet, one slot per program kind.
+///
+/// The verifier checks everything after the parser once per distinct path
+/// through it (VLAN tags × family × extension headers × L4 kind × ICMP
+/// error…), unless those paths leave identical states. Handing the later
+/// stages a pointer into this map, with the stack copy dead, makes them
+/// identical: without it the pipeline exceeds the verifier's 1M-instruction
+/// budget (and its 512-byte stack).
+#[map]
+static SCRATCH: PerCpuArray<Packet> = PerCpuArray::with_max_entries(3, 0);
+
+/// Scratch slot of each program kind (BPF programs do not nest on a CPU,
+/// but XDP and TC of one packet run back to back; separate slots keep that
+/// obvious).
+pub mod slot {
+    pub const XDP: u32 = 0;
+    pub const TC_INGRESS: u32 = 1;
+    pub const TC_EGRESS: u32 = 2;
+}
+
+/// Parses the frame in `[start, end)` into scratch slot `slot`.
+#[inline(always)]
+pub fn parse_into(slot: u32, start: usize, end: usize) -> Result<&'static Packet, NotParsed> {
+    let out = SCRATCH.get_ptr_mut(slot).ok_or(reason::PASS_TABLE_ERROR)?;
+    // SAFETY: a per-CPU array element, valid for the program's run and
+    // used only by this CPU; programs do not nest on one CPU. Parsing
+    // straight into it keeps the packet off the 512-byte stack.
+    let pkt = unsafe { &mut *out };
+    parse(start, end, pkt)?;
+    Ok(pkt)
+}
+
 /// The fields of one packet the classifier reads. Plain data: once parsed,
 /// nothing downstream touches the frame again.
 #[derive(Clone, Copy)]
@@ -60,7 +94,49 @@ pub struct Packet {
     pub sport: u16,
     /// Destination port (host order); ICMP: `type << 8 | code`.
     pub dport: u16,
+    /// A non-first fragment (no L4 header).
+    pub fragment: bool,
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10); else 0.
+    pub tcp_flags: u8,
+    /// ICMP echo request or reply: the identifier, which conntrack uses as
+    /// both ports; else 0.
+    pub echo_id: u16,
+    /// ICMP errors: the header of the packet that caused it, so conntrack
+    /// can find the flow the error is related to.
+    pub inner: Inner,
 }
+
+/// The embedded header of an ICMP error (RFC 792, RFC 4443): the packet
+/// the error answers, as the erring side sent it.
+#[derive(Clone, Copy)]
+pub struct Inner {
+    /// True when the packet is an ICMP error whose embedded header parsed.
+    pub present: bool,
+    pub proto: u8,
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl Packet {
+    /// Clears what the previous packet of this scratch slot left, except
+    /// the addresses, which the caller always writes.
+    #[inline(always)]
+    fn reset(&mut self, family: Family, proto: u8) {
+        self.family = family;
+        self.proto = proto;
+        self.has_ports = false;
+        self.sport = 0;
+        self.dport = 0;
+        self.fragment = false;
+        self.tcp_flags = 0;
+        self.echo_id = 0;
+        self.inner.present = false;
+    }
+}
+
+const TCP_FLAGS_OFFSET: usize = 13;
 
 /// Why a frame was not parsed; a `filter_common::reason` value.
 pub type NotParsed = u32;
@@ -90,9 +166,9 @@ fn read<T: Copy>(start: usize, end: usize, offset: usize) -> Result<T, NotParsed
     Ok(unsafe { p.read_unaligned() })
 }
 
-/// Parses the frame in `[start, end)`.
+/// Parses the frame in `[start, end)` into `pkt`.
 #[inline(always)]
-pub fn parse(start: usize, end: usize) -> Result<Packet, NotParsed> {
+fn parse(start: usize, end: usize, pkt: &mut Packet) -> Result<(), NotParsed> {
     let eth: EthHdr = read(start, end, 0)?;
     let mut ether_type = u16::from_be(eth.ether_type);
     let mut offset = EthHdr::LEN;
@@ -106,54 +182,42 @@ pub fn parse(start: usize, end: usize) -> Result<Packet, NotParsed> {
         offset += VlanHdr::LEN;
     }
     match ether_type {
-        ETH_P_IP => parse_ipv4(start, end, offset),
-        ETH_P_IPV6 => parse_ipv6(start, end, offset),
+        ETH_P_IP => parse_ipv4(start, end, offset, pkt),
+        ETH_P_IPV6 => parse_ipv6(start, end, offset, pkt),
         _ => Err(reason::PASS_NOT_IP),
     }
 }
 
 #[inline(always)]
-fn parse_ipv4(start: usize, end: usize, offset: usize) -> Result<Packet, NotParsed> {
+fn parse_ipv4(start: usize, end: usize, offset: usize, pkt: &mut Packet) -> Result<(), NotParsed> {
     let ip: Ipv4Hdr = read(start, end, offset)?;
     let ihl = (ip.vihl & 0x0f) as usize;
     if ip.vihl >> 4 != 4 || ihl < 5 {
         // Not a header the kernel would accept either; let it drop it.
         return Err(reason::PASS_TRUNCATED);
     }
-    let mut pkt = Packet {
-        family: Family::V4,
-        proto: ip.proto,
-        has_ports: false,
-        src: [0; 16],
-        dst: [0; 16],
-        sport: 0,
-        dport: 0,
-    };
+    pkt.reset(Family::V4, ip.proto);
+    pkt.src = [0; 16];
+    pkt.dst = [0; 16];
     pkt.src[..4].copy_from_slice(&ip.src_addr);
     pkt.dst[..4].copy_from_slice(&ip.dst_addr);
     let frag_offset = u16::from_be_bytes(ip.frags) & 0x1fff;
     if frag_offset != 0 {
         // Non-first fragment: no L4 header, so no ports to match.
-        return Ok(pkt);
+        pkt.fragment = true;
+        return Ok(());
     }
     // ihl is 5..=15, so the L4 offset is bounded: the verifier can follow it.
     let l4 = offset + ihl * 4;
-    parse_l4(start, end, l4, &mut pkt)?;
-    Ok(pkt)
+    parse_l4(start, end, l4, pkt)
 }
 
 #[inline(always)]
-fn parse_ipv6(start: usize, end: usize, offset: usize) -> Result<Packet, NotParsed> {
+fn parse_ipv6(start: usize, end: usize, offset: usize, pkt: &mut Packet) -> Result<(), NotParsed> {
     let ip: Ipv6Hdr = read(start, end, offset)?;
-    let mut pkt = Packet {
-        family: Family::V6,
-        proto: ip.next_hdr,
-        has_ports: false,
-        src: ip.src_addr,
-        dst: ip.dst_addr,
-        sport: 0,
-        dport: 0,
-    };
+    pkt.reset(Family::V6, ip.next_hdr);
+    pkt.src = ip.src_addr;
+    pkt.dst = ip.dst_addr;
     let mut l4 = offset + Ipv6Hdr::LEN;
     let mut next = ip.next_hdr;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
@@ -172,15 +236,15 @@ fn parse_ipv6(start: usize, end: usize, offset: usize) -> Result<Packet, NotPars
                 let frag_offset = u16::from_be_bytes([hdr[2], hdr[3]]) >> 3;
                 if frag_offset != 0 {
                     pkt.proto = next;
-                    return Ok(pkt);
+                    pkt.fragment = true;
+                    return Ok(());
                 }
             }
             _ => break,
         }
     }
     pkt.proto = next;
-    parse_l4(start, end, l4, &mut pkt)?;
-    Ok(pkt)
+    parse_l4(start, end, l4, pkt)
 }
 
 #[inline(always)]
@@ -192,13 +256,173 @@ fn parse_l4(start: usize, end: usize, l4: usize, pkt: &mut Packet) -> Result<(),
             pkt.sport = u16::from_be_bytes([ports[0], ports[1]]);
             pkt.dport = u16::from_be_bytes([ports[2], ports[3]]);
             pkt.has_ports = true;
+            if pkt.proto == IPPROTO_TCP {
+                pkt.tcp_flags = read(start, end, l4 + TCP_FLAGS_OFFSET)?;
+            }
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            let type_code: [u8; 2] = read(start, end, l4)?;
-            pkt.dport = u16::from_be_bytes(type_code);
+            // type, code, checksum, then identifier for echoes.
+            let icmp: [u8; 6] = read(start, end, l4)?;
+            pkt.dport = u16::from_be_bytes([icmp[0], icmp[1]]);
             pkt.has_ports = true;
+            let v6 = pkt.proto == IPPROTO_ICMPV6;
+            match (v6, icmp[0]) {
+                // Echo request and reply.
+                (false, 0 | 8) | (true, 128 | 129) => {
+                    pkt.echo_id = u16::from_be_bytes([icmp[4], icmp[5]]);
+                }
+                // Destination unreachable, time exceeded, parameter problem
+                // (and IPv6's packet too big): 8 bytes of ICMP header, then
+                // the offending packet's header.
+                (false, 3 | 11 | 12) => inner_ipv4(start, end, l4 + 8, &mut pkt.inner),
+                (true, 1..=4) => inner_ipv6(start, end, l4 + 8, &mut pkt.inner),
+                _ => {}
+            }
         }
         _ => {}
     }
     Ok(())
+}
+
+/// The embedded IPv4 header and first L4 bytes of an ICMP error. A short or
+/// odd embedded packet leaves `present` false: the error then meets policy
+/// as a packet of its own.
+#[inline(always)]
+fn inner_ipv4(start: usize, end: usize, offset: usize, inner: &mut Inner) {
+    let Ok(ip) = read::<Ipv4Hdr>(start, end, offset) else {
+        return;
+    };
+    let ihl = (ip.vihl & 0x0f) as usize;
+    if ip.vihl >> 4 != 4 || ihl < 5 {
+        return;
+    }
+    inner.proto = ip.proto;
+    inner.src = [0; 16];
+    inner.dst = [0; 16];
+    inner.src[..4].copy_from_slice(&ip.src_addr);
+    inner.dst[..4].copy_from_slice(&ip.dst_addr);
+    inner.present = inner_ports(start, end, offset + ihl * 4, inner);
+}
+
+/// Like [`inner_ipv4`]; the embedded IPv6 packet's extension headers are
+/// not walked (errors about such packets meet policy on their own).
+#[inline(always)]
+fn inner_ipv6(start: usize, end: usize, offset: usize, inner: &mut Inner) {
+    let Ok(ip) = read::<Ipv6Hdr>(start, end, offset) else {
+        return;
+    };
+    inner.proto = ip.next_hdr;
+    inner.src = ip.src_addr;
+    inner.dst = ip.dst_addr;
+    inner.present = inner_ports(start, end, offset + Ipv6Hdr::LEN, inner);
+}
+
+/// Ports of the embedded packet (the echo identifier, for an echo): the
+/// conntrack key of the flow it belongs to.
+#[inline(always)]
+fn inner_ports(start: usize, end: usize, l4: usize, inner: &mut Inner) -> bool {
+    let Ok(b) = read::<[u8; 6]>(start, end, l4) else {
+        return false;
+    };
+    match inner.proto {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            inner.sport = u16::from_be_bytes([b[0], b[1]]);
+            inner.dport = u16::from_be_bytes([b[2], b[3]]);
+            true
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let id = u16::from_be_bytes([b[4], b[5]]);
+            inner.sport = id;
+            inner.dport = id;
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Reads the [`XdpMeta`] XDP left in front of the packet, if the area in
+/// `[meta, data)` starts with one of this layout. TC calls it with the
+/// skb's `data_meta` and `data`.
+#[inline(always)]
+pub fn xdp_meta(meta: usize, data: usize) -> Option<XdpMeta> {
+    // Only a bounds check here: an extra `meta + 8 == data` test lets LLVM
+    // fold the two into an equality the verifier cannot use as a bound.
+    let m: XdpMeta = read(meta, data, 0).ok()?;
+    (m.magic == XDP_META_MAGIC).then_some(m)
+}
+
+/// Writes `m` into the metadata area of an XDP frame, growing it first.
+/// Returns false when the driver has no room for metadata (TC then runs
+/// the host-policy stages itself).
+#[inline(always)]
+pub fn set_xdp_meta(ctx: &aya_ebpf::programs::XdpContext, m: XdpMeta) -> bool {
+    let size = mem::size_of::<XdpMeta>() as i32;
+    // SAFETY: plain helper call on the context the program was given.
+    if unsafe { aya_ebpf::helpers::bpf_xdp_adjust_meta(ctx.ctx, -size) } != 0 {
+        return false;
+    }
+    // After the helper the verifier forgets earlier bounds: re-read the
+    // pointers and check again.
+    let (meta, data) = (ctx.metadata(), ctx.data());
+    let Some(p) = ptr_at::<XdpMeta>(meta, data, 0) else {
+        return false;
+    };
+    // SAFETY: `ptr_at` checked the XdpMeta fits before `data`.
+    unsafe { (p as *mut XdpMeta).write_unaligned(m) };
+    true
+}
+
+/// The `__sk_buff` fields the TC programs read.
+pub struct Skb {
+    /// Frame length, linear and paged parts.
+    pub len: u32,
+    pub mark: u32,
+    /// The interface the program runs on.
+    pub ifindex: u32,
+    /// The interface the packet arrived on; 0 for locally generated ones.
+    pub ingress_ifindex: u32,
+    /// The XDP verdict, at TC ingress when XDP ran and left one.
+    pub meta: Option<XdpMeta>,
+}
+
+/// Headers the parser may read: Ethernet, two VLAN tags, IPv6 with its
+/// extension headers, ICMP and an ICMP error's embedded header and ports.
+const HEADROOM: u32 = 256;
+
+/// Reads the skb fields and makes the headers linear, so `parse` sees them
+/// between `data` and `data_end` (a TC program sees only the linear part).
+/// Returns the fields and the parsed packet.
+#[inline(always)]
+pub fn skb(
+    ctx: &aya_ebpf::programs::TcContext,
+    slot: u32,
+) -> (Skb, Result<&'static Packet, NotParsed>) {
+    use aya_ebpf::EbpfContext;
+    let raw = ctx.as_ptr() as *const aya_ebpf::bindings::__sk_buff;
+    // SAFETY: `raw` is the live __sk_buff the kernel passed in; these are
+    // context field reads the verifier rewrites into skb accesses.
+    let (len, mark, ifindex, ingress_ifindex, meta, data) = unsafe {
+        (
+            (*raw).len,
+            (*raw).mark,
+            (*raw).ifindex,
+            (*raw).ingress_ifindex,
+            (*raw).data_meta as usize,
+            (*raw).data as usize,
+        )
+    };
+    let fields = Skb {
+        len,
+        mark,
+        ifindex,
+        ingress_ifindex,
+        meta: xdp_meta(meta, data),
+    };
+    let want = if len < HEADROOM { len } else { HEADROOM };
+    if ((ctx.data_end() - ctx.data()) as u32) < want {
+        // Failure leaves the skb as it was; the parser then reports what
+        // it could not read.
+        let _ = ctx.pull_data(want);
+    }
+    (fields, parse_into(slot, ctx.data(), ctx.data_end()))
 }

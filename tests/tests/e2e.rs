@@ -66,7 +66,10 @@ fn move_the_deny_to_7001(agent: &mut Agent, file: &Path, p: &Pair) {
     );
 }
 
+/// A host endpoint whose normal policy lets everything in (a bare one
+/// denies all but failsafe), and a pre-DNAT deny of port 7000.
 const HEP_AND_DENY: &str = "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: w, labels: {role: pub}}\nspec: {node: pair, interfaceName: eth1}\n---\n\
+apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: allow-in}\nspec:\n  selector: role == 'pub'\n  types: [Ingress]\n  ingress:\n  - action: Allow\n---\n\
 apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: deny-7000}\nspec:\n  preDNAT: true\n  applyOnForward: true\n  selector: role == 'pub'\n  ingress:\n  - action: Deny\n    protocol: TCP\n    destination: {ports: [7000]}\n";
 
 #[test]
@@ -173,7 +176,7 @@ fn a_bad_edit_keeps_the_last_good_policy_and_a_fix_applies() {
         .expect("rejected");
     let log = agent.log_text();
     assert!(
-        log.contains("policy.yaml:16: spec.ingress[0].destination.ports[0]"),
+        log.contains("policy.yaml:25: spec.ingress[0].destination.ports[0]"),
         "{log}"
     );
     assert!(

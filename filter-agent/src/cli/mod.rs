@@ -80,6 +80,14 @@ pub struct RunArgs {
     /// How often to look for interfaces that appeared or went.
     #[arg(long, default_value = "2", value_name = "SECONDS")]
     pub interface_poll: u64,
+    /// Entries of the connection tracking table (an adopted table keeps
+    /// its size).
+    #[arg(long, default_value_t = filter_common::ct::DEFAULT_SIZE, value_name = "ENTRIES")]
+    pub conntrack_size: u32,
+    /// How often the sweeper removes expired conntrack entries and reports
+    /// occupancy.
+    #[arg(long, default_value = "30", value_name = "SECONDS")]
+    pub conntrack_sweep: u64,
 }
 
 /// `filter-agent check`.

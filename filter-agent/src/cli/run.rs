@@ -1,7 +1,8 @@
 //! `filter-agent run`: the daemon.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     path::{Path, PathBuf},
     process::ExitCode,
     time::Duration,
@@ -12,7 +13,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     compile::{self, Compiled},
-    dataplane::Dataplane,
+    dataplane::{self, Dataplane},
     model::Store,
     node,
 };
@@ -60,12 +61,24 @@ pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| super::stats::default_state_dir(&args.pin_dir));
     tracing::info!(node = %node_name, policy_dir = %args.policy_dir.display(), pin_dir = %args.pin_dir.display(), "starting");
-    let dp = Dataplane::load(&args.pin_dir).context("load the kernel programs")?;
+    let adopting = args
+        .pin_dir
+        .join(filter_common::names::MAP_GENERATION)
+        .exists();
+    let options = dataplane::Options {
+        conntrack_size: args.conntrack_size,
+    };
+    let mut dp =
+        Dataplane::load_with(&args.pin_dir, &options).context("load the kernel programs")?;
+    if !adopting {
+        seed_conntrack(&mut dp);
+    }
     let (_watcher, mut changes) = crate::source::watch(&args.policy_dir)
         .with_context(|| format!("watch {}", args.policy_dir.display()))?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut poll = tokio::time::interval(Duration::from_secs(args.interface_poll.max(1)));
+    let mut sweep = tokio::time::interval(Duration::from_secs(args.conntrack_sweep.max(1)));
     let mut agent = Agent {
         dp,
         policy_dir: args.policy_dir.clone(),
@@ -73,6 +86,7 @@ pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
         state_dir,
         last_good: None,
         last_ifaces: BTreeMap::new(),
+        host_addrs: BTreeSet::new(),
     };
     agent.reload();
     loop {
@@ -87,8 +101,11 @@ pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
                 if current_interfaces() != agent.last_ifaces {
                     tracing::debug!("interfaces changed");
                     agent.reload();
+                } else {
+                    agent.sync_host_addresses();
                 }
             }
+            _ = sweep.tick() => agent.sweep(),
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
@@ -101,6 +118,30 @@ pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
         agent.dp.leave();
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Seeds conntrack from the kernel's table before anything is enforced, so
+/// connections that already exist survive the first enforcement.
+fn seed_conntrack(dp: &mut Dataplane) {
+    let proc_file = Path::new("/proc/net/nf_conntrack");
+    match dp.seed_from_kernel(proc_file) {
+        Ok(Some(n)) => tracing::info!(flows = n, "conntrack seeded from the kernel's table"),
+        Ok(None) => tracing::warn!(
+            file = %proc_file.display(),
+            "the kernel's conntrack table is not readable (nf_conntrack not loaded?): connections open before this start are judged as new"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %format!("{:#}", anyhow::Error::from(e)), "seeding conntrack failed; connections open before this start are judged as new")
+        }
+    }
+}
+
+/// Every address of the node's interfaces.
+fn host_addresses() -> BTreeSet<IpAddr> {
+    node::interfaces()
+        .into_values()
+        .flat_map(|(_, addrs)| addrs)
+        .collect()
 }
 
 fn current_interfaces() -> BTreeMap<String, u32> {
@@ -120,9 +161,46 @@ struct Agent {
     /// The policy in force, re-applied when interfaces change.
     last_good: Option<Compiled>,
     last_ifaces: BTreeMap<String, u32>,
+    /// The node addresses `FW_HOST1` holds.
+    host_addrs: BTreeSet<IpAddr>,
 }
 
 impl Agent {
+    /// Keeps the kernel's list of node addresses current: what is
+    /// host-bound changes with them.
+    fn sync_host_addresses(&mut self) {
+        let addrs = host_addresses();
+        if addrs == self.host_addrs {
+            return;
+        }
+        match self.dp.set_host_addresses(&addrs) {
+            Ok(()) => {
+                tracing::info!(addresses = ?addrs, "node addresses");
+                self.host_addrs = addrs;
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "updating the node addresses failed")
+            }
+        }
+    }
+
+    /// Removes expired conntrack entries and reports occupancy.
+    fn sweep(&mut self) {
+        match self.dp.sweep_conntrack() {
+            Ok(s) => {
+                let full = s.capacity > 0 && s.live as u64 * 10 >= u64::from(s.capacity) * 9;
+                if full {
+                    tracing::warn!(live = s.live, capacity = s.capacity, "conntrack table over 90% full: the oldest flows are being evicted (raise --conntrack-size)");
+                } else {
+                    tracing::debug!(live = s.live, removed = s.removed, capacity = s.capacity, took = ?s.took, "conntrack swept");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{:#}", anyhow::Error::from(e)), "conntrack sweep failed")
+            }
+        }
+    }
+
     /// Loads, compiles and applies; on any error keeps the last good policy.
     fn reload(&mut self) {
         let _span = tracing::info_span!("sync").entered();
@@ -131,7 +209,7 @@ impl Agent {
                 let rules: Vec<usize> = compiled.tables.iter().map(|t| t.rules.len()).collect();
                 tracing::info!(
                     ?rules,
-                    "compiled every stage (rules per table, untracked/pre-DNAT/normal/forward × ingress/egress); this version's kernel enforces the pre-DNAT stage"
+                    "compiled every stage (rules per table, untracked/pre-DNAT/normal/forward × ingress/egress)"
                 );
                 for e in compiled
                     .endpoints
@@ -163,6 +241,9 @@ impl Agent {
 
     /// Makes `compiled` live; on failure the previous policy stays.
     fn apply(&mut self, compiled: Compiled, ifaces: BTreeMap<String, u32>) {
+        // Before the tables: a host endpoint's first enforcement must know
+        // which packets are for the node.
+        self.sync_host_addresses();
         match self.dp.apply(&compiled, &ifaces) {
             Ok(generation) => {
                 if let Err(e) = super::stats::write_state(

@@ -8,8 +8,11 @@
 //!
 //! This is the only module that imports aya.
 
+pub mod conntrack;
+
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -28,8 +31,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use filter_common::{
-    names, rule_slot, table_id, AddrV4Key, AddrV6Key, Bitmap, EndpointKey, FailsafeKey, PortKey,
-    RuleCounter, RuleMeta, CLASSES_PER_GEN, FAILSAFE_ADDR_OFFSET_BITS, FAILSAFE_PORT_BITS,
+    names, rule_slot, table_id, AddrV4Key, AddrV6Key, Bitmap, EndpointKey, FailsafeKey, HostKey,
+    PortKey, RuleCounter, RuleMeta, CLASSES_PER_GEN, FAILSAFE_ADDR_OFFSET_BITS, FAILSAFE_PORT_BITS,
     GENERATIONS, MAX_RULES, PORT_KEY_ANY_PROTO_BITS, PORT_KEY_FLAG_BITS, TABLES_PER_GEN,
     TABLE_PREFIX_BITS,
 };
@@ -177,10 +180,31 @@ pub struct Dataplane {
 /// Interface name → index, resolved by the caller in the agent's namespace.
 pub type Interfaces = BTreeMap<String, u32>;
 
+/// Settings fixed when the maps are created.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Entries of the conntrack table. An adopted table keeps the size it
+    /// was created with.
+    pub conntrack_size: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            conntrack_size: filter_common::ct::DEFAULT_SIZE,
+        }
+    }
+}
+
 impl Dataplane {
+    /// [`Dataplane::load_with`] default [`Options`].
+    pub fn load(pin_dir: &Path) -> Result<Dataplane, Error> {
+        Self::load_with(pin_dir, &Options::default())
+    }
+
     /// Loads the programs, pins them and their maps under `pin_dir`
     /// (mounting bpffs if needed), attaches nothing yet.
-    pub fn load(pin_dir: &Path) -> Result<Dataplane, Error> {
+    pub fn load_with(pin_dir: &Path, options: &Options) -> Result<Dataplane, Error> {
         if OBJECT.is_empty() {
             return Err(Error::NoObject);
         }
@@ -191,14 +215,14 @@ impl Dataplane {
         }
         // A first load that fails half-way (the verifier, say) leaves no
         // pins; an adopting one never touches what enforces.
-        Self::load_pinned(pin_dir).inspect_err(|_| {
+        Self::load_pinned(pin_dir, options).inspect_err(|_| {
             if !adopting {
                 let _ = remove_pins(pin_dir);
             }
         })
     }
 
-    fn load_pinned(pin_dir: &Path) -> Result<Dataplane, Error> {
+    fn load_pinned(pin_dir: &Path, options: &Options) -> Result<Dataplane, Error> {
         std::fs::create_dir_all(pin_dir).map_err(|source| Error::Fs {
             op: "create",
             path: pin_dir.to_owned(),
@@ -206,6 +230,7 @@ impl Dataplane {
         })?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
+            .map_max_entries(names::MAP_CONNTRACK, options.conntrack_size)
             .load(OBJECT)
             .map_err(|e| Error::Load {
                 what: "kernel object".into(),
@@ -694,6 +719,43 @@ impl Dataplane {
         })
     }
 
+    /// Makes `addrs` the node's own addresses: traffic to them is
+    /// host-bound (normal stage at TC ingress), other traffic forwarded.
+    /// New addresses go in before stale ones leave.
+    pub fn set_host_addresses(&mut self, addrs: &BTreeSet<IpAddr>) -> Result<(), Error> {
+        let key = |ip: &IpAddr| {
+            let mut k = HostKey {
+                family: 4,
+                pad: [0; 3],
+                addr: [0; 16],
+            };
+            match ip {
+                IpAddr::V4(a) => k.addr[..4].copy_from_slice(&a.octets()),
+                IpAddr::V6(a) => {
+                    k.family = 6;
+                    k.addr = a.octets();
+                }
+            }
+            k
+        };
+        let wanted: Vec<HostKey> = addrs.iter().map(key).collect();
+        let mut map: HashMap<&mut MapData, HostKey, u32> = self.map(names::MAP_HOST)?;
+        for k in &wanted {
+            map.insert(k, &1, 0)
+                .map_err(map_error(names::MAP_HOST, "insert"))?;
+        }
+        let stale: Vec<HostKey> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for k in stale {
+            map.remove(&k)
+                .map_err(map_error(names::MAP_HOST, "remove"))?;
+        }
+        Ok(())
+    }
+
     /// Interfaces with programs attached, and their XDP mode (`adopted`
     /// when a previous agent attached them).
     pub fn attachments(&self) -> Vec<(String, u32, &'static str)> {
@@ -760,6 +822,43 @@ impl Dataplane {
         };
         xdp.test_run(opts)
             .map(|r| (r.return_value, r.duration))
+            .map_err(|e| Error::Load {
+                what: format!("test run of {name}"),
+                source: Box::new(e),
+            })
+    }
+
+    /// Runs `fw_tc_in` (`ingress`) or `fw_tc_eg` once on `frame` with
+    /// `BPF_PROG_TEST_RUN`, on interface `ifindex`; `ingress_ifindex` is the
+    /// interface a forwarded packet came in by (0: sent by this host).
+    /// Returns the TC action (0 `TC_ACT_OK`, 2 `TC_ACT_SHOT`).
+    pub fn test_run_tc(
+        &mut self,
+        ingress: bool,
+        frame: &[u8],
+        ifindex: u32,
+        ingress_ifindex: u32,
+    ) -> Result<i32, Error> {
+        // struct __sk_buff up to `ifindex` (offset 40); the kernel accepts
+        // a prefix of the context, and `ingress_ifindex` / `ifindex` are
+        // among the fields it lets a test set.
+        let mut ctx = [0u8; 44];
+        ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let name = if ingress {
+            names::PROG_TC_INGRESS
+        } else {
+            names::PROG_TC_EGRESS
+        };
+        let tc: &mut SchedClassifier = self.program(name)?;
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            ctx_in: Some(&ctx),
+            repeat: 1,
+            ..Default::default()
+        };
+        tc.test_run(opts)
+            .map(|r| r.return_value as i32)
             .map_err(|e| Error::Load {
                 what: format!("test run of {name}"),
                 source: Box::new(e),

@@ -1,0 +1,385 @@
+//! The agent's side of connection tracking: keys built as the kernel
+//! builds them, seeding from the kernel's own conntrack at start, the
+//! sweeper, and occupancy.
+//!
+//! Why our own table, and how it meets Calico's conntrack behaviour:
+//! docs/conntrack.md.
+
+use std::{
+    net::IpAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap, MapData};
+use filter_common::{ct, names, CtKey, CtValue};
+
+use super::{map_error, Dataplane, Error};
+
+/// A flow as its opener sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flow {
+    /// The opener's address.
+    pub src: IpAddr,
+    /// The answering side's address.
+    pub dst: IpAddr,
+    /// IP protocol.
+    pub proto: u8,
+    /// Opener's port (ICMP echo: the identifier; other protocols: 0).
+    pub sport: u16,
+    /// Answering side's port (ICMP echo: the identifier).
+    pub dport: u16,
+}
+
+fn octets(ip: IpAddr) -> (u8, [u8; 16]) {
+    match ip {
+        IpAddr::V4(a) => {
+            let mut o = [0; 16];
+            o[..4].copy_from_slice(&a.octets());
+            (4, o)
+        }
+        IpAddr::V6(a) => (6, a.octets()),
+    }
+}
+
+impl Flow {
+    /// The table key, normalized as `filter-ebpf/src/conntrack.rs` does
+    /// (lower address, then lower port, is side A), and whether the opener
+    /// is side A.
+    pub fn key(&self) -> (CtKey, bool) {
+        let (family, src) = octets(self.src);
+        let (_, dst) = octets(self.dst);
+        let opener_is_a = (src, self.sport) <= (dst, self.dport);
+        let (addr_a, addr_b, port_a, port_b) = if opener_is_a {
+            (src, dst, self.sport, self.dport)
+        } else {
+            (dst, src, self.dport, self.sport)
+        };
+        (
+            CtKey {
+                family,
+                proto: self.proto,
+                port_a: port_a.to_be_bytes(),
+                port_b: port_b.to_be_bytes(),
+                pad: [0; 2],
+                addr_a,
+                addr_b,
+            },
+            opener_is_a,
+        )
+    }
+}
+
+/// A flow of the kernel's conntrack table, in the form we seed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KernelFlow {
+    /// The original direction.
+    pub flow: Flow,
+    /// The original direction as the answering side sees it after NAT
+    /// (the reply tuple reversed), when NAT changed it.
+    pub translated: Option<Flow>,
+    /// The other side has answered.
+    pub answered: bool,
+}
+
+/// Parses `/proc/net/nf_conntrack` (one flow per line: family, protocol,
+/// timeout, TCP state, the original tuple, flags, the reply tuple). Flows
+/// that are closing, and lines it cannot read, are left out: a flow left
+/// out is judged again as new, which is what the kernel would do for a
+/// closing one.
+pub fn parse_proc(text: &str) -> Vec<KernelFlow> {
+    text.lines().filter_map(parse_line).collect()
+}
+
+fn parse_line(line: &str) -> Option<KernelFlow> {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let proto: u8 = words.get(3)?.parse().ok()?;
+    if proto == 6 {
+        // Field 5 is the TCP state.
+        let state = *words.get(5)?;
+        if !matches!(state, "ESTABLISHED" | "SYN_SENT" | "SYN_RECV") {
+            return None;
+        }
+    }
+    let field = |from: usize, name: &str| -> Option<(String, usize)> {
+        words[from..].iter().enumerate().find_map(|(i, w)| {
+            w.strip_prefix(name)
+                .and_then(|v| v.strip_prefix('='))
+                .map(|v| (v.to_owned(), from + i))
+        })
+    };
+    let tuple = |from: usize| -> Option<(Flow, usize)> {
+        let (src, i) = field(from, "src")?;
+        let (dst, _) = field(i, "dst")?;
+        let (sport, dport, end) = match proto {
+            1 | 58 => {
+                let (id, j) = field(i, "id")?;
+                let id: u16 = id.parse().ok()?;
+                (id, id, j)
+            }
+            6 | 17 | 132 => {
+                let (sport, _) = field(i, "sport")?;
+                let (dport, j) = field(i, "dport")?;
+                (sport.parse().ok()?, dport.parse().ok()?, j)
+            }
+            _ => (0, 0, i + 1),
+        };
+        Some((
+            Flow {
+                src: src.parse().ok()?,
+                dst: dst.parse().ok()?,
+                proto,
+                sport,
+                dport,
+            },
+            end,
+        ))
+    };
+    let (orig, end) = tuple(0)?;
+    let (reply, _) = tuple(end + 1)?;
+    let reversed = Flow {
+        src: reply.dst,
+        dst: reply.src,
+        proto,
+        sport: reply.dport,
+        dport: reply.sport,
+    };
+    // ICMP echo errors of the kernel's own and echo requests: the id is
+    // the same on both sides unless NAT changed it.
+    Some(KernelFlow {
+        flow: orig,
+        translated: (reversed != orig).then_some(reversed),
+        answered: !line.contains("[UNREPLIED]"),
+    })
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+pub fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+}
+
+/// What a sweep found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sweep {
+    /// Live entries left.
+    pub live: usize,
+    /// Expired entries removed.
+    pub removed: usize,
+    /// The table's size.
+    pub capacity: u32,
+    /// How long the sweep took.
+    pub took: Duration,
+}
+
+/// Whether an entry has outlived its timeout at `now`.
+fn expired(key: &CtKey, v: &CtValue, now: u64) -> bool {
+    now.saturating_sub(v.last_seen) > ct::timeout_ns(key.proto, v.flags)
+}
+
+impl Dataplane {
+    /// Records `flow` as allowed (and, with `answered`, established), as
+    /// the kernel does when policy allows a new flow. An entry already
+    /// there is left alone unless `replace`.
+    pub fn open_flow(&mut self, flow: &Flow, answered: bool, replace: bool) -> Result<(), Error> {
+        let (key, opener_is_a) = flow.key();
+        let mut flags = if opener_is_a { ct::OPENED_BY_A } else { 0 };
+        if answered {
+            flags |= ct::SEEN_REPLY;
+        }
+        let value = CtValue {
+            last_seen: monotonic_ns(),
+            flags,
+            pad: 0,
+        };
+        const BPF_NOEXIST: u64 = 1;
+        let mut table: HashMap<&mut MapData, CtKey, CtValue> = self.map(names::MAP_CONNTRACK)?;
+        match table.insert(&key, &value, if replace { 0 } else { BPF_NOEXIST }) {
+            Ok(()) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if !replace && e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(map_error(names::MAP_CONNTRACK, "insert")(e)),
+        }
+    }
+
+    /// Seeds the table with the kernel's conntrack flows of this network
+    /// namespace, so connections that exist before the first enforcement
+    /// (an SSH session on a non-failsafe port, kubelet's) survive it, as
+    /// they do under Calico. Only answered flows are seeded: an unanswered
+    /// one may be a connection attempt the kernel saw before our egress
+    /// program dropped it. Returns how many flows were recorded.
+    pub fn seed_conntrack(&mut self, flows: &[KernelFlow]) -> Result<usize, Error> {
+        let mut n = 0;
+        for f in flows.iter().filter(|f| f.answered) {
+            self.open_flow(&f.flow, f.answered, false)?;
+            if let Some(t) = &f.translated {
+                self.open_flow(t, f.answered, false)?;
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Seeds from `/proc/net/nf_conntrack` of this namespace. Without it
+    /// (no `nf_conntrack` module, or procfs support compiled out) nothing
+    /// is seeded, and the agent says so.
+    pub fn seed_from_kernel(&mut self, proc_file: &Path) -> Result<Option<usize>, Error> {
+        match std::fs::read_to_string(proc_file) {
+            Ok(text) => self.seed_conntrack(&parse_proc(&text)).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(Error::Fs {
+                op: "read",
+                path: proc_file.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// Deletes expired entries (the kernel already ignores them; this
+    /// makes room and keeps occupancy honest).
+    pub fn sweep_conntrack(&mut self) -> Result<Sweep, Error> {
+        let start = Instant::now();
+        let now = monotonic_ns();
+        let capacity = self.conntrack_capacity();
+        let mut table: HashMap<&mut MapData, CtKey, CtValue> = self.map(names::MAP_CONNTRACK)?;
+        let mut stale = Vec::new();
+        let mut live = 0;
+        for entry in table.iter() {
+            // An entry evicted or deleted while we walk is simply gone.
+            let Ok((k, v)) = entry else { continue };
+            if expired(&k, &v, now) {
+                stale.push(k);
+            } else {
+                live += 1;
+            }
+        }
+        let removed = stale.len();
+        for k in stale {
+            // Deleted by the kernel (LRU) in the meantime: fine.
+            let _ = table.remove(&k);
+        }
+        Ok(Sweep {
+            live,
+            removed,
+            capacity,
+            took: start.elapsed(),
+        })
+    }
+
+    /// Entries the conntrack table holds at most.
+    pub fn conntrack_capacity(&self) -> u32 {
+        match self.ebpf.map(names::MAP_CONNTRACK) {
+            Some(aya::maps::Map::LruHashMap(d)) => d.info().map_or(0, |i| i.max_entries()),
+            _ => 0,
+        }
+    }
+
+    /// The live conntrack entry of `flow`, if any (for tests and
+    /// `explain --dataplane`).
+    pub fn flow_entry(&mut self, flow: &Flow) -> Result<Option<CtValue>, Error> {
+        let (key, _) = flow.key();
+        let table: HashMap<&mut MapData, CtKey, CtValue> = self.map(names::MAP_CONNTRACK)?;
+        match table.get(&key, 0) {
+            Ok(v) if !expired(&key, &v, monotonic_ns()) => Ok(Some(v)),
+            Ok(_) | Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_error(names::MAP_CONNTRACK, "get")(e)),
+        }
+    }
+
+    /// Removes every conntrack entry (tests; `--flush-conntrack`).
+    pub fn flush_conntrack(&mut self) -> Result<usize, Error> {
+        let mut table: HashMap<&mut MapData, CtKey, CtValue> = self.map(names::MAP_CONNTRACK)?;
+        let keys: Vec<CtKey> = table.keys().filter_map(Result::ok).collect();
+        for k in &keys {
+            let _ = table.remove(k);
+        }
+        Ok(keys.len())
+    }
+}
+
+/// Live entries in the pinned table of a running agent, and its size.
+pub fn pinned_occupancy(pin_dir: &Path) -> Result<(usize, u32), Error> {
+    let data = MapData::from_pin(pin_dir.join(names::MAP_CONNTRACK)).map_err(map_error(
+        names::MAP_CONNTRACK,
+        format!("open pin in {}", pin_dir.display()),
+    ))?;
+    let capacity = data.info().map_or(0, |i| i.max_entries());
+    let table: HashMap<MapData, CtKey, CtValue> =
+        HashMap::try_from(aya::maps::Map::LruHashMap(data))
+            .map_err(map_error(names::MAP_CONNTRACK, "open"))?;
+    let now = monotonic_ns();
+    let live = table
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| !expired(k, v, now))
+        .count();
+    Ok((live, capacity))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PROC: &str = "\
+ipv4     2 tcp      6 431999 ESTABLISHED src=10.0.0.1 dst=10.0.0.2 sport=40000 dport=22 src=10.0.0.2 dst=10.0.0.1 sport=22 dport=40000 [ASSURED] mark=0 zone=0 use=2
+ipv4     2 tcp      6 118 TIME_WAIT src=10.0.0.1 dst=10.0.0.2 sport=40001 dport=22 src=10.0.0.2 dst=10.0.0.1 sport=22 dport=40001 [ASSURED] mark=0 zone=0 use=2
+ipv4     2 udp      17 28 src=10.0.0.1 dst=10.0.0.9 sport=5353 dport=53 [UNREPLIED] src=10.0.0.9 dst=10.0.0.1 sport=53 dport=5353 mark=0 zone=0 use=2
+ipv4     2 tcp      6 86399 ESTABLISHED src=192.0.2.7 dst=10.0.0.2 sport=51000 dport=30080 src=10.244.0.5 dst=192.0.2.7 sport=80 dport=51000 [ASSURED] mark=0 zone=0 use=2
+ipv4     2 icmp     1 29 src=10.0.0.1 dst=10.0.0.2 type=8 code=0 id=77 src=10.0.0.2 dst=10.0.0.1 type=0 code=0 id=77 mark=0 zone=0 use=2
+ipv6     10 tcp      6 300 ESTABLISHED src=fd00::1 dst=fd00::2 sport=40000 dport=8080 src=fd00::2 dst=fd00::1 sport=8080 dport=40000 [ASSURED] mark=0 zone=0 use=2
+garbage line
+";
+
+    #[test]
+    fn proc_lines_become_flows_with_nat_and_reply_state() {
+        let flows = parse_proc(PROC);
+        assert_eq!(flows.len(), 5, "{flows:#?}");
+        assert_eq!(flows[0].flow.dport, 22);
+        assert!(flows[0].answered && flows[0].translated.is_none());
+        assert!(!flows[1].answered, "UNREPLIED");
+        // DNAT: the pod side sees 192.0.2.7 -> 10.244.0.5:80.
+        let t = flows[2].translated.expect("NAT flow");
+        assert_eq!(
+            (t.src, t.dst, t.sport, t.dport),
+            (
+                "192.0.2.7".parse().unwrap(),
+                "10.244.0.5".parse().unwrap(),
+                51000,
+                80
+            )
+        );
+        assert_eq!((flows[3].flow.proto, flows[3].flow.sport), (1, 77));
+        assert_eq!(flows[4].flow.src, "fd00::1".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn both_directions_share_one_key() {
+        let f = Flow {
+            src: "10.0.0.9".parse().unwrap(),
+            dst: "10.0.0.1".parse().unwrap(),
+            proto: 6,
+            sport: 40000,
+            dport: 22,
+        };
+        let r = Flow {
+            src: f.dst,
+            dst: f.src,
+            proto: 6,
+            sport: 22,
+            dport: 40000,
+        };
+        let (kf, a) = f.key();
+        let (kr, b) = r.key();
+        assert_eq!(kf, kr);
+        assert_ne!(a, b);
+        assert!(!a, "10.0.0.9 is the higher address, so side B");
+    }
+}

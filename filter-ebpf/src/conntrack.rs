@@ -1,0 +1,207 @@
+//! Connection tracking: which packets belong to flows policy already
+//! allowed (calico-semantics.md 3.4).
+//!
+//! In: a parsed packet and the time. Out: whether the flow is known
+//! (established, a reply, or an ICMP error about it), and the entry kept
+//! current. Entries are created only by the programs that allowed a new
+//! flow, so an untracked allow leaves none, as Calico's NOTRACK does. The
+//! table is an LRU hash keyed by the normalized 5-tuple (filter-common
+//! `CtKey`); why our own table rather than the kernel's conntrack is in
+//! docs/conntrack.md.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::LruHashMap};
+use filter_common::{
+    ct::{self, timeout_ns},
+    CtKey, CtValue,
+};
+
+use crate::parse::{Family, Packet};
+
+#[map(name = "FW_CT1")]
+static FW_CT1: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(ct::DEFAULT_SIZE, 0);
+
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// What conntrack knows about a packet.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Known {
+    /// No live entry, or the opener's packets of a flow not yet answered:
+    /// policy judges it as a new flow.
+    New,
+    /// The flow is established, or this is the answer to its opener.
+    Established,
+    /// An ICMP error about a known flow.
+    Related,
+}
+
+/// Where a lookup happens: replies to `FORWARD_PENDING` entries count only
+/// once the kernel has routed them (TC egress).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Hook {
+    /// Look without recording (XDP, and TC redoing XDP's stages): the TC
+    /// programs see the packet next and record it.
+    Peek,
+    TcIngress,
+    TcEgress,
+}
+
+/// A flow key and which side of it the packet came from.
+struct Flow {
+    key: CtKey,
+    /// The packet's source is side A.
+    from_a: bool,
+}
+
+#[inline(always)]
+fn flow(family: Family, proto: u8, src: &[u8; 16], dst: &[u8; 16], sport: u16, dport: u16) -> Flow {
+    let family = match family {
+        Family::V4 => 4,
+        Family::V6 => 6,
+    };
+    // Lexicographic (address, port): the same order the agent uses.
+    let mut order = core::cmp::Ordering::Equal;
+    for i in 0..16 {
+        if src[i] != dst[i] {
+            order = src[i].cmp(&dst[i]);
+            break;
+        }
+    }
+    let from_a = match order {
+        core::cmp::Ordering::Less => true,
+        core::cmp::Ordering::Greater => false,
+        core::cmp::Ordering::Equal => sport <= dport,
+    };
+    let (addr_a, addr_b, port_a, port_b) = if from_a {
+        (*src, *dst, sport, dport)
+    } else {
+        (*dst, *src, dport, sport)
+    };
+    Flow {
+        key: CtKey {
+            family,
+            proto,
+            port_a: port_a.to_be_bytes(),
+            port_b: port_b.to_be_bytes(),
+            pad: [0; 2],
+            addr_a,
+            addr_b,
+        },
+        from_a,
+    }
+}
+
+/// The flow of the packet itself.
+#[inline(always)]
+fn packet_flow(pkt: &Packet) -> Flow {
+    let (sport, dport) = match pkt.proto {
+        6 | 17 | 132 => (pkt.sport, pkt.dport),
+        1 | 58 => (pkt.echo_id, pkt.echo_id),
+        _ => (0, 0),
+    };
+    flow(pkt.family, pkt.proto, &pkt.src, &pkt.dst, sport, dport)
+}
+
+/// Looks the packet up and, except for a [`Hook::Peek`], records it:
+/// refreshes the entry, marks the flow answered, follows TCP's FIN and RST.
+/// A called function, not inlined: its key and flow live in their own
+/// stack frame.
+#[inline(never)]
+pub fn track(pkt: &Packet, hook: Hook) -> Known {
+    let now = now();
+    if pkt.inner.present {
+        let i = &pkt.inner;
+        let f = flow(pkt.family, i.proto, &i.src, &i.dst, i.sport, i.dport);
+        // SAFETY: LRU values are plain integers; a racing update leaves an
+        // entry of either version, both valid.
+        return match unsafe { FW_CT1.get(&f.key) } {
+            Some(v) if live(v, f.key.proto, now) => Known::Related,
+            _ => Known::New,
+        };
+    }
+    let f = packet_flow(pkt);
+    let Some(v) = FW_CT1.get_ptr_mut(&f.key) else {
+        return Known::New;
+    };
+    // SAFETY: the pointer comes from a successful lookup; the kernel keeps
+    // the element alive for the rest of the program (RCU), and every field
+    // is a plain integer, so racing writers at worst lose an update.
+    let v = unsafe { &mut *v };
+    if !live(v, f.key.proto, now) {
+        return Known::New;
+    }
+    let from_opener = f.from_a == (v.flags & ct::OPENED_BY_A != 0);
+    let flags = pkt.tcp_flags;
+    // A fresh SYN on a closed flow opens a new one: judge it.
+    if pkt.proto == 6
+        && flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+        && v.flags & (ct::RST | ct::FIN_A | ct::FIN_B) != 0
+    {
+        return Known::New;
+    }
+    let answered = v.flags & ct::SEEN_REPLY != 0;
+    let known = if !from_opener {
+        if v.flags & ct::FORWARD_PENDING != 0 && hook != Hook::TcEgress {
+            return Known::New;
+        }
+        Known::Established
+    } else if answered {
+        Known::Established
+    } else {
+        Known::New
+    };
+    if hook == Hook::Peek {
+        return known;
+    }
+    let mut nf = v.flags;
+    if !from_opener {
+        nf = (nf | ct::SEEN_REPLY) & !ct::FORWARD_PENDING;
+    }
+    if pkt.proto == 6 {
+        if flags & TCP_RST != 0 {
+            nf |= ct::RST;
+        }
+        if flags & TCP_FIN != 0 {
+            nf |= if f.from_a { ct::FIN_A } else { ct::FIN_B };
+        }
+    }
+    v.flags = nf;
+    v.last_seen = now;
+    known
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: a helper without arguments or side effects.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+fn live(v: &CtValue, proto: u8, now: u64) -> bool {
+    now.wrapping_sub(v.last_seen) <= timeout_ns(proto, v.flags)
+}
+
+/// Records a flow policy has just allowed, opened by this packet's
+/// source. `pending`: recorded at TC ingress for a forwarded flow not yet
+/// judged (see `ct::FORWARD_PENDING`). A RST or an ICMP error opens nothing.
+#[inline(never)]
+pub fn open(pkt: &Packet, pending: bool) {
+    if pkt.inner.present || pkt.fragment || (pkt.proto == 6 && pkt.tcp_flags & TCP_RST != 0) {
+        return;
+    }
+    let f = packet_flow(pkt);
+    let mut flags = if f.from_a { ct::OPENED_BY_A } else { 0 };
+    if pending {
+        flags |= ct::FORWARD_PENDING;
+    }
+    let value = CtValue {
+        last_seen: now(),
+        flags,
+        pad: 0,
+    };
+    // Failing to insert (never for an LRU map with room to evict) leaves
+    // the flow untracked: its next packets are judged again, which is safe.
+    let _ = FW_CT1.insert(&f.key, &value, 0);
+}
