@@ -164,6 +164,47 @@ pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {
     b.ip(&["link", "set", b_if, "up"]);
 }
 
+/// A worker with one host endpoint (`eth1`: 192.0.2.1, 2001:db8::1) and a
+/// client (`eth0`: 192.0.2.10, 2001:db8::10) on one veth pair.
+pub struct Pair {
+    pub client: Netns,
+    pub worker: Netns,
+}
+
+impl Pair {
+    /// The worker's address on the host endpoint.
+    pub const WORKER_V4: [u8; 4] = [192, 0, 2, 1];
+    /// The client's address.
+    pub const CLIENT_V4: [u8; 4] = [192, 0, 2, 10];
+    /// The worker's IPv6 address.
+    pub const WORKER_V6: &str = "2001:db8::1";
+    /// The client's IPv6 address.
+    pub const CLIENT_V6: &str = "2001:db8::10";
+
+    /// Creates both namespaces, named from `prefix`.
+    pub fn new(prefix: &str) -> Pair {
+        let client = Netns::new(&unique(&format!("{prefix}c")));
+        let worker = Netns::new(&unique(&format!("{prefix}w")));
+        veth(&client, "eth0", &worker, "eth1");
+        client.ip(&["addr", "add", "192.0.2.10/24", "dev", "eth0"]);
+        worker.ip(&["addr", "add", "192.0.2.1/24", "dev", "eth1"]);
+        // nodad: usable at once, no duplicate-address wait.
+        client.ip(&["addr", "add", "2001:db8::10/64", "dev", "eth0", "nodad"]);
+        worker.ip(&["addr", "add", "2001:db8::1/64", "dev", "eth1", "nodad"]);
+        Pair { client, worker }
+    }
+
+    /// The worker's IPv4 address and `port`.
+    pub fn worker(port: u16) -> SocketAddr {
+        SocketAddr::from((Self::WORKER_V4, port))
+    }
+
+    /// The client's IPv4 address and `port`.
+    pub fn client(port: u16) -> SocketAddr {
+        SocketAddr::from((Self::CLIENT_V4, port))
+    }
+}
+
 /// A TCP server in a namespace that greets every connection with `name`,
 /// stopped on drop.
 pub struct TcpServer {
@@ -256,6 +297,160 @@ impl Drop for UdpServer {
             let _ = h.join();
         }
     }
+}
+
+/// A TCP server that echoes every line back on every connection, keeping
+/// connections open: the other end of [`Conn`].
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl EchoServer {
+    /// Listens on `addr` inside `ns`.
+    pub fn start(ns: &Netns, addr: SocketAddr) -> EchoServer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let flag = stop.clone();
+        let handle = ns.spawn(move || {
+            let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            listener
+                .set_nonblocking(true)
+                .expect("nonblocking listener");
+            ready_tx.send(()).expect("test alive");
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((s, _)) => {
+                        let flag = flag.clone();
+                        std::thread::spawn(move || echo(s, &flag));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("server started");
+        EchoServer {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+fn echo(s: TcpStream, stop: &AtomicBool) {
+    let _ = s.set_nonblocking(false);
+    let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
+    let Ok(mut w) = s.try_clone() else { return };
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    while !stop.load(Ordering::Relaxed) {
+        match r.read_line(&mut line) {
+            Ok(0) => return,
+            Ok(_) => {
+                if w.write_all(line.as_bytes()).is_err() {
+                    return;
+                }
+                line.clear();
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A TCP connection opened from a namespace that stays open, to show that
+/// an established flow keeps working (or not) across policy changes.
+pub struct Conn {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Conn {
+    /// Connects from `ns` to an [`EchoServer`] at `addr`. The socket
+    /// belongs to `ns` for its whole life, whichever thread uses it.
+    pub fn open(ns: &Netns, addr: SocketAddr, timeout: Duration) -> Result<Conn, String> {
+        let stream =
+            ns.run(move || TcpStream::connect_timeout(&addr, timeout).map_err(|e| e.to_string()))?;
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(|e| e.to_string())?;
+        let reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+        Ok(Conn { stream, reader })
+    }
+
+    /// Sends `msg` and waits for it to come back.
+    pub fn echo(&mut self, msg: &str) -> Result<(), String> {
+        self.stream
+            .write_all(format!("{msg}\n").as_bytes())
+            .map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        self.reader
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        if line.trim_end() == msg {
+            Ok(())
+        } else {
+            Err(format!("sent {msg:?}, got {line:?}"))
+        }
+    }
+}
+
+/// Switches the kernel's connection tracking on in `ns`, as kube-proxy's
+/// or Calico's own rules do on a real node: an nftables rule that reads
+/// conntrack state makes the kernel track every flow of the namespace.
+pub fn kernel_conntrack_on(ns: &Netns) {
+    let nft = |args: &[&str]| {
+        let mut all = vec!["netns", "exec", ns.name(), "nft"];
+        all.extend_from_slice(args);
+        sh("ip", &all);
+    };
+    nft(&["add", "table", "inet", "fwtest_ct"]);
+    for (chain, hook) in [("pre", "prerouting"), ("out", "output")] {
+        nft(&[
+            "add",
+            "chain",
+            "inet",
+            "fwtest_ct",
+            chain,
+            &format!("{{ type filter hook {hook} priority 0; }}"),
+        ]);
+        nft(&[
+            "add",
+            "rule",
+            "inet",
+            "fwtest_ct",
+            chain,
+            "ct",
+            "state",
+            "established",
+            "counter",
+        ]);
+    }
+}
+
+/// Pings `addr` once from `ns`; true when the echo reply came back.
+pub fn ping(ns: &Netns, addr: std::net::IpAddr) -> bool {
+    Command::new("ip")
+        .args(["netns", "exec", ns.name(), "ping", "-c", "1", "-W", "1"])
+        .arg(addr.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// Connects from `ns` to `addr` and reads the greeting; `Err` says why

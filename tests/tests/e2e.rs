@@ -2,9 +2,7 @@
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
-use filter_tests::{
-    agent_binary, demo, privileged, sh, tcp_probe, unique, veth, Agent, Netns, TcpServer,
-};
+use filter_tests::{agent_binary, demo, privileged, sh, tcp_probe, unique, Agent, Pair, TcpServer};
 
 fn examples() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
@@ -31,19 +29,8 @@ fn tutorial_lessons_hold_with_real_connections() {
     assert!(all.iter().any(|p| p.observed == demo::Outcome::Reached));
 }
 
-/// A worker with one host endpoint and one client, for the tests below.
-struct Pair {
-    client: Netns,
-    worker: Netns,
-}
-
 fn pair() -> Pair {
-    let client = Netns::new(&unique("fwpc"));
-    let worker = Netns::new(&unique("fwpw"));
-    veth(&client, "eth0", &worker, "eth1");
-    client.ip(&["addr", "add", "192.0.2.10/24", "dev", "eth0"]);
-    worker.ip(&["addr", "add", "192.0.2.1/24", "dev", "eth1"]);
-    Pair { client, worker }
+    Pair::new("fwp")
 }
 
 /// Rewrites the policy to deny 7001 instead of 7000 and checks both ports.

@@ -37,6 +37,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "util-linux",
+    "nftables",
 ];
 
 #[derive(Parser)]

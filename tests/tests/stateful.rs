@@ -1,0 +1,281 @@
+//! End to end, stateful: conntrack, default deny, untracked symmetry,
+//! failsafe and IPv6 with the real agent and real TCP/UDP/ICMP between two
+//! network namespaces (calico-semantics.md 3.4, 3.5, 3.8, 4).
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use filter_tests::{
+    agent_binary, demo, kernel_conntrack_on, ping, privileged, tcp_probe, udp_probe, unique, Agent,
+    Conn, EchoServer, Pair, TcpServer, UdpServer,
+};
+
+const T: Duration = Duration::from_millis(1500);
+
+const HEP: &str = "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: w, labels: {role: pub}}\nspec: {node: pair, interfaceName: eth1}\n";
+
+/// A global policy on the endpoint, `body` being the spec lines after the
+/// selector (indented by two spaces).
+fn gnp(name: &str, body: &str) -> String {
+    format!(
+        "---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  selector: role == 'pub'\n{body}"
+    )
+}
+
+/// An agent on the pair's worker with `policy` (HEP included by caller).
+struct Setup {
+    _dir: demo::TempDir,
+    file: std::path::PathBuf,
+    agent: Agent,
+}
+
+fn start(p: &Pair, policy: &str) -> Setup {
+    let dir = demo::TempDir::new(&unique("fwst"));
+    let file = dir.0.join("policy.yaml");
+    std::fs::write(&file, policy).expect("write policy");
+    let pins = Path::new("/sys/fs/bpf").join(unique("fwst"));
+    let mut agent = Agent::start(&agent_binary(), &p.worker, &dir.0, "pair", &pins);
+    agent
+        .wait_for("policy applied", 0, Duration::from_secs(15))
+        .expect("applied");
+    Setup {
+        _dir: dir,
+        file,
+        agent,
+    }
+}
+
+impl Setup {
+    /// Replaces the policy and waits until the agent applied it.
+    fn change(&mut self, policy: &str) {
+        let seen = self.agent.count("policy applied");
+        std::fs::write(&self.file, policy).expect("write policy");
+        self.agent
+            .wait_for("policy applied", seen, Duration::from_secs(10))
+            .expect("applied");
+    }
+}
+
+#[test]
+fn established_connections_survive_a_new_deny_and_new_ones_are_judged() {
+    if !privileged("established_connections_survive_a_new_deny_and_new_ones_are_judged") {
+        return;
+    }
+    let p = Pair::new("fwes");
+    let _echo = EchoServer::start(&p.worker, "0.0.0.0:7100".parse().expect("addr"));
+    let allow = format!(
+        "{HEP}{}",
+        gnp(
+            "allow-in",
+            "  types: [Ingress]\n  ingress:\n  - action: Allow\n"
+        )
+    );
+    let mut s = start(&p, &allow);
+    let mut conn = Conn::open(&p.client, Pair::worker(7100), T).expect("connect while allowed");
+    conn.echo("before").expect("echo while allowed");
+
+    let deny = format!(
+        "{allow}{}",
+        gnp(
+            "deny-7100",
+            "  order: 10\n  types: [Ingress]\n  ingress:\n  - action: Deny\n    protocol: TCP\n    destination: {ports: [7100]}\n"
+        )
+    );
+    s.change(&deny);
+    conn.echo("after the deny")
+        .expect("the established connection survives the new deny");
+    assert!(
+        Conn::open(&p.client, Pair::worker(7100), T).is_err(),
+        "a new connection to 7100 is denied"
+    );
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn a_connection_opened_before_the_agent_starts_survives_its_first_enforcement() {
+    if !privileged("a_connection_opened_before_the_agent_starts_survives_its_first_enforcement") {
+        return;
+    }
+    let p = Pair::new("fwpre");
+    // On a real node kube-proxy's rules switch the kernel's conntrack on.
+    kernel_conntrack_on(&p.worker);
+    let _echo = EchoServer::start(&p.worker, "0.0.0.0:7100".parse().expect("addr"));
+    let mut conn = Conn::open(&p.client, Pair::worker(7100), T).expect("connect, no agent");
+    conn.echo("no agent yet").expect("echo");
+
+    // A bare host endpoint: everything but failsafe is denied.
+    let s = start(&p, HEP);
+    assert!(
+        s.agent.log_text().contains("conntrack seeded"),
+        "{}",
+        s.agent.log_text()
+    );
+    conn.echo("enforced now")
+        .expect("the operator's session survives the first enforcement");
+    assert!(
+        Conn::open(&p.client, Pair::worker(7100), T).is_err(),
+        "a new connection is denied by the default deny"
+    );
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn replies_to_the_workers_own_connections_pass_its_default_deny_endpoint() {
+    if !privileged("replies_to_the_workers_own_connections_pass_its_default_deny_endpoint") {
+        return;
+    }
+    let p = Pair::new("fwrep");
+    let _tcp = TcpServer::start(&p.client, Pair::client(7200), "client-tcp");
+    let _udp = UdpServer::start(&p.client, Pair::client(7201), "client-udp");
+    let _inbound = TcpServer::start(&p.worker, "0.0.0.0:7001".parse().expect("addr"), "7001");
+    // Egress allowed, ingress has no policy: the default deny (3.5).
+    let policy = format!(
+        "{HEP}{}",
+        gnp(
+            "allow-out",
+            "  types: [Egress]\n  egress:\n  - action: Allow\n"
+        )
+    );
+    let s = start(&p, &policy);
+    assert_eq!(
+        tcp_probe(&p.worker, Pair::client(7200), T).as_deref(),
+        Ok("client-tcp"),
+        "TCP replies pass"
+    );
+    assert_eq!(
+        udp_probe(&p.worker, Pair::client(7201), T).as_deref(),
+        Ok("client-udp"),
+        "UDP replies pass"
+    );
+    assert!(
+        ping(&p.worker, Pair::client(0).ip()),
+        "ICMP echo replies pass"
+    );
+    assert!(
+        tcp_probe(&p.client, Pair::worker(7001), T).is_err(),
+        "new inbound connections meet the default deny"
+    );
+    assert!(
+        !ping(&p.client, Pair::worker(0).ip()),
+        "inbound ping denied"
+    );
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn untracked_policy_needs_symmetric_rules() {
+    if !privileged("untracked_policy_needs_symmetric_rules") {
+        return;
+    }
+    let p = Pair::new("fwun");
+    let _srv = TcpServer::start(&p.worker, "0.0.0.0:7300".parse().expect("addr"), "7300");
+    let untracked_in = gnp(
+        "untracked-in",
+        "  doNotTrack: true\n  applyOnForward: true\n  types: [Ingress]\n  ingress:\n  - action: Allow\n    protocol: TCP\n    destination: {ports: [7300]}\n",
+    );
+    // Only the ingress half: the SYN is allowed untracked, so its SYN-ACK has
+    // no conntrack entry and meets the endpoint's default deny.
+    let one_way = format!("{HEP}{untracked_in}");
+    let mut s = start(&p, &one_way);
+    assert!(
+        tcp_probe(&p.client, Pair::worker(7300), T).is_err(),
+        "the reply of a one-way untracked allow is dropped"
+    );
+    let symmetric = format!(
+        "{one_way}{}",
+        gnp(
+            "untracked-out",
+            "  doNotTrack: true\n  applyOnForward: true\n  types: [Egress]\n  egress:\n  - action: Allow\n    protocol: TCP\n    source: {ports: [7300]}\n"
+        )
+    );
+    s.change(&symmetric);
+    assert_eq!(
+        tcp_probe(&p.client, Pair::worker(7300), T).as_deref(),
+        Ok("7300"),
+        "with the egress half the connection works"
+    );
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn ssh_failsafe_stays_reachable_under_deny_all() {
+    if !privileged("ssh_failsafe_stays_reachable_under_deny_all") {
+        return;
+    }
+    let p = Pair::new("fwfs");
+    let _ssh = TcpServer::start(&p.worker, "0.0.0.0:22".parse().expect("addr"), "ssh");
+    let _other = TcpServer::start(&p.worker, "0.0.0.0:7001".parse().expect("addr"), "7001");
+    // Deny everything in every stage and direction.
+    let deny_all = |name: &str, extra: &str, egress: bool| {
+        let mut body = format!("{extra}  ingress:\n  - action: Deny\n");
+        if egress {
+            body.push_str("  egress:\n  - action: Deny\n  types: [Ingress, Egress]\n");
+        } else {
+            body.push_str("  types: [Ingress]\n");
+        }
+        gnp(name, &body)
+    };
+    let policy = format!(
+        "{HEP}{}{}{}",
+        deny_all(
+            "deny-untracked",
+            "  doNotTrack: true\n  applyOnForward: true\n",
+            true
+        ),
+        deny_all(
+            "deny-pre-dnat",
+            "  preDNAT: true\n  applyOnForward: true\n",
+            false
+        ),
+        deny_all("deny-normal", "", true),
+    );
+    let s = start(&p, &policy);
+    assert_eq!(
+        tcp_probe(&p.client, Pair::worker(22), T).as_deref(),
+        Ok("ssh"),
+        "SSH is failsafe"
+    );
+    assert!(
+        tcp_probe(&p.client, Pair::worker(7001), T).is_err(),
+        "everything else is denied"
+    );
+    assert!(s.agent.stop().success());
+}
+
+#[test]
+fn ipv6_is_enforced_like_ipv4() {
+    if !privileged("ipv6_is_enforced_like_ipv4") {
+        return;
+    }
+    let p = Pair::new("fwv6");
+    let _a = TcpServer::start(&p.worker, "[::]:7000".parse().expect("addr"), "7000");
+    let _b = TcpServer::start(&p.worker, "[::]:7001".parse().expect("addr"), "7001");
+    let policy = format!(
+        "{HEP}{}{}",
+        gnp(
+            "allow-v6-7001",
+            "  types: [Ingress, Egress]\n  ingress:\n  - action: Allow\n    protocol: TCP\n    source: {nets: ['2001:db8::/64']}\n    destination: {ports: [7001]}\n  - action: Allow\n    protocol: ICMPv6\n  egress:\n  - action: Allow\n    protocol: ICMPv6\n"
+        ),
+        gnp(
+            "deny-v6-7000",
+            "  preDNAT: true\n  applyOnForward: true\n  ingress:\n  - action: Deny\n    protocol: TCP\n    source: {nets: ['2001:db8::10/128']}\n    destination: {ports: [7000]}\n"
+        ),
+    );
+    let s = start(&p, &policy);
+    let worker = |port: u16| SocketAddr::new(Pair::WORKER_V6.parse().expect("v6"), port);
+    assert_eq!(
+        tcp_probe(&p.client, worker(7001), T).as_deref(),
+        Ok("7001"),
+        "allowed over IPv6 (reply via conntrack)"
+    );
+    assert!(
+        tcp_probe(&p.client, worker(7000), T).is_err(),
+        "pre-DNAT deny over IPv6"
+    );
+    assert!(
+        ping(&p.client, Pair::WORKER_V6.parse().expect("v6")),
+        "ICMPv6 allowed (neighbour discovery too)"
+    );
+    // IPv4 meets the default deny: no IPv4 rule allows 7001.
+    assert!(tcp_probe(&p.client, Pair::worker(7001), T).is_err());
+    assert!(s.agent.stop().success());
+}
