@@ -14,7 +14,7 @@ use filter_agent::{
     model::Store,
 };
 use filter_common::reason;
-use filter_tests::{privileged, unique};
+use filter_tests::{privileged, unique, Rng};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -369,20 +369,6 @@ fn interface_without_a_selected_endpoint_is_not_judged() {
 }
 
 /// xorshift64*: deterministic, so a failure replays from the printed seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
-        &xs[(self.next() % xs.len() as u64) as usize]
-    }
-}
-
 fn random_pre_dnat_rule(rng: &mut Rng) -> String {
     let action = rng.pick(&["Allow", "Deny", "Deny", "Log", "Pass"]);
     let (proto, ports) = *rng.pick(&[("TCP", true), ("UDP", true), ("ICMP", false), ("", false)]);
@@ -398,29 +384,29 @@ fn random_pre_dnat_rule(rng: &mut Rng) -> String {
         "128.0.0.0/1",
     ];
     let mut src = String::new();
-    if rng.next().is_multiple_of(2) {
+    if rng.next_u64().is_multiple_of(2) {
         src += &format!("      nets: [{}]\n", rng.pick(&nets));
     }
-    if rng.next().is_multiple_of(5) {
+    if rng.next_u64().is_multiple_of(5) {
         src += &format!("      notNets: [{}]\n", rng.pick(&nets));
     }
-    if ports && rng.next().is_multiple_of(4) {
+    if ports && rng.next_u64().is_multiple_of(4) {
         src += &format!(
             "      ports: [\"{}\"]\n",
             rng.pick(&["1:1023", "40000:40010", "1024:65535"])
         );
     }
     let mut dst = String::new();
-    if rng.next().is_multiple_of(2) {
+    if rng.next_u64().is_multiple_of(2) {
         dst += &format!("      nets: [{}]\n", rng.pick(&nets));
     }
-    if ports && !rng.next().is_multiple_of(3) {
+    if ports && !rng.next_u64().is_multiple_of(3) {
         dst += &format!(
             "      ports: [{}]\n",
             rng.pick(&["80", "\"30000:32767\"", "443", "\"1:1024\""])
         );
     }
-    if ports && rng.next().is_multiple_of(6) {
+    if ports && rng.next_u64().is_multiple_of(6) {
         dst += &format!("      notPorts: [{}]\n", rng.pick(&["80", "31000"]));
     }
     if !src.is_empty() {
@@ -431,7 +417,7 @@ fn random_pre_dnat_rule(rng: &mut Rng) -> String {
     }
     if proto == "ICMP" {
         r += "    ipVersion: 4\n";
-        if rng.next().is_multiple_of(2) {
+        if rng.next_u64().is_multiple_of(2) {
             r += &format!("    icmp: {{type: {}}}\n", rng.pick(&[0, 8]));
         }
     }
@@ -443,7 +429,7 @@ fn random_pre_dnat_store(rng: &mut Rng) -> String {
         "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: test-hep, labels: {role: pub}}\nspec: {node: kernel-test, interfaceName: lo}\n\
          ---\napiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {name: first}\nspec: {order: 10}\n",
     );
-    for p in 0..(1 + rng.next() % 4) {
+    for p in 0..(1 + rng.next_u64() % 4) {
         let tier = rng.pick(&["default", "first"]);
         let name = if *tier == "default" {
             format!("p{p}")
@@ -452,10 +438,10 @@ fn random_pre_dnat_store(rng: &mut Rng) -> String {
         };
         t += &format!(
             "---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: {name}}}\nspec:\n  tier: {tier}\n  preDNAT: true\n  applyOnForward: true\n  order: {}\n  selector: {}\n  ingress:\n",
-            rng.next() % 3,
+            rng.next_u64() % 3,
             rng.pick(&["role == 'pub'", "all()", "role == 'other'"])
         );
-        for _ in 0..(1 + rng.next() % 5) {
+        for _ in 0..(1 + rng.next_u64() % 5) {
             t += &random_pre_dnat_rule(rng);
         }
     }

@@ -294,6 +294,21 @@ impl Dataplane {
         }
     }
 
+    /// Removes the entry of `flow` (either direction), if any.
+    pub fn forget_flow(&mut self, flow: &Flow) -> Result<(), Error> {
+        let (key, _) = flow.key();
+        let mut table: HashMap<&mut MapData, CtKey, CtValue> = self.map(names::MAP_CONNTRACK)?;
+        match table.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(map_error(names::MAP_CONNTRACK, "remove")(e)),
+        }
+    }
+
     /// Removes every conntrack entry (tests; `--flush-conntrack`).
     pub fn flush_conntrack(&mut self) -> Result<usize, Error> {
         let mut table: HashMap<&mut MapData, CtKey, CtValue> = self.map(names::MAP_CONNTRACK)?;

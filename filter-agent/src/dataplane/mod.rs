@@ -177,6 +177,19 @@ pub struct Dataplane {
     live: u32,
 }
 
+/// A test run of a TC program (see [`Dataplane::test_run_tc`]).
+#[derive(Debug, Clone, Copy)]
+pub struct TcRun {
+    /// `fw_tc_in` (else `fw_tc_eg`).
+    pub ingress: bool,
+    /// The interface the program runs on (must exist in this namespace).
+    pub ifindex: u32,
+    /// The interface a forwarded packet came in by; 0: sent by this host.
+    pub ingress_ifindex: u32,
+    /// The skb mark on entry.
+    pub mark: u32,
+}
+
 /// Interface name → index, resolved by the caller in the agent's namespace.
 pub type Interfaces = BTreeMap<String, u32>;
 
@@ -828,24 +841,21 @@ impl Dataplane {
             })
     }
 
-    /// Runs `fw_tc_in` (`ingress`) or `fw_tc_eg` once on `frame` with
-    /// `BPF_PROG_TEST_RUN`, on interface `ifindex`; `ingress_ifindex` is the
-    /// interface a forwarded packet came in by (0: sent by this host).
-    /// Returns the TC action (0 `TC_ACT_OK`, 2 `TC_ACT_SHOT`).
-    pub fn test_run_tc(
-        &mut self,
-        ingress: bool,
-        frame: &[u8],
-        ifindex: u32,
-        ingress_ifindex: u32,
-    ) -> Result<i32, Error> {
-        // struct __sk_buff up to `ifindex` (offset 40); the kernel accepts
-        // a prefix of the context, and `ingress_ifindex` / `ifindex` are
-        // among the fields it lets a test set.
+    /// Runs `fw_tc_in` or `fw_tc_eg` once on `frame` with
+    /// `BPF_PROG_TEST_RUN` as `run` describes. Returns the TC action (0
+    /// `TC_ACT_OK`, 2 `TC_ACT_SHOT`) and the skb mark the program left.
+    pub fn test_run_tc(&mut self, frame: &[u8], run: TcRun) -> Result<(i32, u32), Error> {
+        // struct __sk_buff up to `ifindex` (offset 40): len, pkt_type, mark
+        // (8), queue_mapping, protocol, vlan_present, vlan_tci, vlan_proto,
+        // priority, ingress_ifindex (36), ifindex (40). The kernel accepts a
+        // prefix of the context and lets a test set these three.
         let mut ctx = [0u8; 44];
-        ctx[36..40].copy_from_slice(&ingress_ifindex.to_ne_bytes());
-        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        let name = if ingress {
+        ctx[8..12].copy_from_slice(&run.mark.to_ne_bytes());
+        ctx[36..40].copy_from_slice(&run.ingress_ifindex.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&run.ifindex.to_ne_bytes());
+        // The kernel hands back the whole context; a shorter buffer is ENOSPC.
+        let mut ctx_out = [0u8; 256];
+        let name = if run.ingress {
             names::PROG_TC_INGRESS
         } else {
             names::PROG_TC_EGRESS
@@ -854,15 +864,16 @@ impl Dataplane {
         let opts = TestRunOptions {
             data_in: Some(frame),
             ctx_in: Some(&ctx),
+            ctx_out: Some(&mut ctx_out),
             repeat: 1,
             ..Default::default()
         };
-        tc.test_run(opts)
-            .map(|r| r.return_value as i32)
-            .map_err(|e| Error::Load {
-                what: format!("test run of {name}"),
-                source: Box::new(e),
-            })
+        let r = tc.test_run(opts).map_err(|e| Error::Load {
+            what: format!("test run of {name}"),
+            source: Box::new(e),
+        })?;
+        let mark = u32::from_ne_bytes(ctx_out[8..12].try_into().expect("4 bytes"));
+        Ok((r.return_value as i32, mark))
     }
 
     /// Detaches everything and removes the pins (`--detach-on-exit`).
