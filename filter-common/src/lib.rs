@@ -312,6 +312,8 @@ pub mod names {
     pub const MAP_CONNTRACK: &str = "FW_CT1";
     /// The node's own addresses.
     pub const MAP_HOST: &str = "FW_HOST1";
+    /// Service frontends.
+    pub const MAP_SERVICES: &str = "FW_SVC1";
 }
 
 /// The verdict XDP hands to TC ingress in the packet's metadata area
@@ -482,6 +484,25 @@ pub struct HostKey {
 /// Entries in the node-address map.
 pub const MAX_HOST_ADDRS: u32 = 1024;
 
+/// Key of the service-frontend map (`FW_SVC1`): an address, protocol and
+/// port kube-proxy rewrites. Traffic to a frontend is forwarded, not
+/// host-bound, even when the address is the node's (a NodePort).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SvcKey {
+    /// 4 or 6.
+    pub family: u8,
+    /// 6, 17 or 132.
+    pub proto: u8,
+    /// Port, network order.
+    pub port: [u8; 2],
+    /// Address, network order; IPv4 in the first four bytes.
+    pub addr: [u8; 16],
+}
+
+/// Entries in the service-frontend map.
+pub const MAX_FRONTENDS: u32 = 65_536;
+
 // Sizes are part of the ABI: no implicit padding anywhere.
 const _: () = assert!(core::mem::size_of::<Bitmap>() == WORDS * 8);
 const _: () = assert!(core::mem::size_of::<AddrV4Key>() == 8);
@@ -495,6 +516,7 @@ const _: () = assert!(core::mem::size_of::<XdpMeta>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 16);
 const _: () = assert!(core::mem::size_of::<HostKey>() == 20);
+const _: () = assert!(core::mem::size_of::<SvcKey>() == 20);
 const _: () = assert!(
     table_id(GENERATIONS - 1, stage::FORWARD, direction::EGRESS) < TABLES_PER_GEN * GENERATIONS
 );
@@ -516,4 +538,5 @@ mod pod {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for HostKey {}
+    unsafe impl aya::Pod for SvcKey {}
 }

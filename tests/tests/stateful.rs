@@ -279,3 +279,101 @@ fn ipv6_is_enforced_like_ipv4() {
     assert!(tcp_probe(&p.client, Pair::worker(7001), T).is_err());
     assert!(s.agent.stop().success());
 }
+
+#[test]
+fn node_port_traffic_meets_the_forward_stage_after_dnat() {
+    if !privileged("node_port_traffic_meets_the_forward_stage_after_dnat") {
+        return;
+    }
+    let p = Pair::new("fwnp");
+    // A "pod" behind the worker, and kube-proxy simulated by one nftables
+    // DNAT rule: 192.0.2.1:30080 -> 10.244.0.5:80.
+    let pod = filter_tests::Netns::new(&unique("fwnpod"));
+    filter_tests::veth(&p.worker, "pod0", &pod, "eth0");
+    p.worker
+        .ip(&["addr", "add", "10.244.0.1/24", "dev", "pod0"]);
+    pod.ip(&["addr", "add", "10.244.0.5/24", "dev", "eth0"]);
+    pod.ip(&["route", "add", "default", "via", "10.244.0.1"]);
+    let exec = |ns: &filter_tests::Netns, args: &[&str]| {
+        let mut all = vec!["netns", "exec", ns.name()];
+        all.extend_from_slice(args);
+        filter_tests::sh("ip", &all);
+    };
+    exec(&p.worker, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    exec(&p.worker, &["nft", "add", "table", "ip", "kube"]);
+    exec(
+        &p.worker,
+        &[
+            "nft",
+            "add",
+            "chain",
+            "ip",
+            "kube",
+            "pre",
+            "{ type nat hook prerouting priority -100; }",
+        ],
+    );
+    exec(
+        &p.worker,
+        &[
+            "nft",
+            "add",
+            "rule",
+            "ip",
+            "kube",
+            "pre",
+            "tcp",
+            "dport",
+            "30080",
+            "dnat",
+            "to",
+            "10.244.0.5:80",
+        ],
+    );
+    let _web = TcpServer::start(&pod, "0.0.0.0:80".parse().expect("addr"), "pod");
+    let _host = TcpServer::start(&p.worker, "0.0.0.0:7001".parse().expect("addr"), "7001");
+    let service = "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  selector: {app: web}\n  ports:\n  - {port: 80, targetPort: 80, nodePort: 30080}\n";
+    let forward = |rule: &str| {
+        format!(
+            "{HEP}{service}{}",
+            gnp(
+                "forward-in",
+                &format!("  applyOnForward: true\n  types: [Ingress]\n  ingress:\n{rule}")
+            )
+        )
+    };
+    // The forward stage sees the pod's port, 80: allowing 80 lets the
+    // NodePort through.
+    let mut s = start(
+        &p,
+        &forward("  - action: Allow\n    protocol: TCP\n    destination: {ports: [80]}\n"),
+    );
+    let node_port = Pair::worker(30080);
+    assert_eq!(
+        tcp_probe(&p.client, node_port, T).as_deref(),
+        Ok("pod"),
+        "NodePort reached through the forward stage (replies un-NATed)"
+    );
+    assert!(
+        tcp_probe(&p.client, Pair::worker(7001), T).is_err(),
+        "host-bound 7001: the policy's normal-stage copy allows only 80"
+    );
+    // Denying 80 in the forward stage blocks the NodePort.
+    s.change(&forward(
+        "  - action: Deny\n    protocol: TCP\n    destination: {ports: [80]}\n  - action: Allow\n",
+    ));
+    assert!(
+        tcp_probe(&p.client, node_port, T).is_err(),
+        "the forward stage denies the DNATed packet"
+    );
+    // A rule on the NodePort itself never matches after DNAT: the tier's
+    // default deny drops it.
+    s.change(&forward(
+        "  - action: Allow\n    protocol: TCP\n    destination: {ports: [30080]}\n",
+    ));
+    assert!(
+        tcp_probe(&p.client, node_port, T).is_err(),
+        "forward rules see the post-DNAT port"
+    );
+    assert!(s.agent.stop().success());
+}

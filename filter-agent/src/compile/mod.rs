@@ -24,6 +24,7 @@ pub mod bits;
 pub mod emulate;
 pub mod failsafe;
 pub mod prefix;
+pub mod services;
 
 use std::{
     cmp::Ordering,
@@ -176,6 +177,8 @@ pub struct Compiled {
     pub tables: Vec<Table>,
     /// Failsafe ports.
     pub failsafe: Vec<failsafe::Failsafe>,
+    /// Service frontends on this node.
+    pub frontends: Vec<services::Frontend>,
 }
 
 impl Compiled {
@@ -447,6 +450,10 @@ pub fn compile(store: &Store, node: &Node) -> Result<Compiled, Error> {
         owners,
         tables,
         failsafe: failsafe::entries(store, &node.name),
+        frontends: services::frontends(
+            store,
+            &node.interfaces.values().flatten().copied().collect(),
+        ),
     })
 }
 

@@ -31,24 +31,13 @@ pub struct Flow {
     pub dport: u16,
 }
 
-fn octets(ip: IpAddr) -> (u8, [u8; 16]) {
-    match ip {
-        IpAddr::V4(a) => {
-            let mut o = [0; 16];
-            o[..4].copy_from_slice(&a.octets());
-            (4, o)
-        }
-        IpAddr::V6(a) => (6, a.octets()),
-    }
-}
-
 impl Flow {
     /// The table key, normalized as `filter-ebpf/src/conntrack.rs` does
     /// (lower address, then lower port, is side A), and whether the opener
     /// is side A.
     pub fn key(&self) -> (CtKey, bool) {
-        let (family, src) = octets(self.src);
-        let (_, dst) = octets(self.dst);
+        let (family, src) = super::family_octets(self.src);
+        let (_, dst) = super::family_octets(self.dst);
         let opener_is_a = (src, self.sport) <= (dst, self.dport);
         let (addr_a, addr_b, port_a, port_b) = if opener_is_a {
             (src, dst, self.sport, self.dport)

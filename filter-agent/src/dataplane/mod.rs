@@ -32,12 +32,12 @@ use aya::{
 };
 use filter_common::{
     names, rule_slot, table_id, AddrV4Key, AddrV6Key, Bitmap, EndpointKey, FailsafeKey, HostKey,
-    PortKey, RuleCounter, RuleMeta, CLASSES_PER_GEN, FAILSAFE_ADDR_OFFSET_BITS, FAILSAFE_PORT_BITS,
-    GENERATIONS, MAX_RULES, PORT_KEY_ANY_PROTO_BITS, PORT_KEY_FLAG_BITS, TABLES_PER_GEN,
-    TABLE_PREFIX_BITS,
+    PortKey, RuleCounter, RuleMeta, SvcKey, CLASSES_PER_GEN, FAILSAFE_ADDR_OFFSET_BITS,
+    FAILSAFE_PORT_BITS, GENERATIONS, MAX_RULES, PORT_KEY_ANY_PROTO_BITS, PORT_KEY_FLAG_BITS,
+    TABLES_PER_GEN, TABLE_PREFIX_BITS,
 };
 
-use crate::compile::{prefix::Prefix, Compiled, PortEntry, Table};
+use crate::compile::{prefix::Prefix, services::Frontend, Compiled, PortEntry, Table};
 
 /// The kernel object, built by `cargo xtask build-ebpf` and embedded so the
 /// agent binary runs alone.
@@ -108,11 +108,35 @@ pub enum Error {
     Capacity(String),
 }
 
+/// What an interface is to the firewall.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// A host endpoint: XDP, TC ingress and TC egress.
+    Endpoint,
+    /// Any other interface: TC egress, for forwarded traffic that came in
+    /// by an endpoint.
+    ForwardOnly,
+}
+
+impl Role {
+    fn programs(self) -> &'static [&'static str] {
+        match self {
+            Role::Endpoint => &[
+                names::PROG_XDP,
+                names::PROG_TC_INGRESS,
+                names::PROG_TC_EGRESS,
+            ],
+            Role::ForwardOnly => &[names::PROG_TC_EGRESS],
+        }
+    }
+}
+
 /// Programs attached to one interface, through links pinned on bpffs so
 /// they outlive the agent.
 #[derive(Debug)]
 struct Attachment {
     ifindex: u32,
+    role: Role,
     xdp_mode: &'static str,
     /// (link, its pin) for fw_xdp, fw_tc_in, fw_tc_eg.
     links: Vec<(FdLink, PathBuf)>,
@@ -160,6 +184,18 @@ fn failsafe_keys(f: &crate::compile::failsafe::Failsafe) -> Vec<Key<FailsafeKey>
                 key,
             )]
         }
+    }
+}
+
+/// An address as (family, 16 bytes with IPv4 first), as the kernel keys it.
+fn family_octets(ip: IpAddr) -> (u8, [u8; 16]) {
+    match ip {
+        IpAddr::V4(a) => {
+            let mut o = [0; 16];
+            o[..4].copy_from_slice(&a.octets());
+            (4, o)
+        }
+        IpAddr::V6(a) => (6, a.octets()),
     }
 }
 
@@ -322,6 +358,7 @@ impl Dataplane {
         // update failed half-way; start it clean.
         self.clear_generation(next)?;
         self.write_failsafe(&compiled.failsafe)?;
+        self.write_frontends(&compiled.frontends)?;
         self.write_generation(next, compiled, ifaces)?;
         self.set_generation(next)?;
         let old = self.live;
@@ -564,23 +601,38 @@ impl Dataplane {
     /// previous agent pinned), detaches from interfaces no longer bound (or
     /// gone), and removes link pins nobody claims.
     fn sync_attachments(&mut self, compiled: &Compiled, ifaces: &Interfaces) -> Result<(), Error> {
-        let wanted: BTreeMap<&str, u32> = compiled
+        // Host endpoints get all three programs; every other interface
+        // (loopback aside) TC egress only, for the forward stage of traffic
+        // that came in by an endpoint (design.md).
+        let endpoints: BTreeSet<&str> = compiled
             .endpoints
             .iter()
-            .filter_map(|e| ifaces.get(&e.iface).map(|i| (e.iface.as_str(), *i)))
+            .map(|e| e.iface.as_str())
+            .collect();
+        let wanted: BTreeMap<&str, (u32, Role)> = ifaces
+            .iter()
+            .filter(|(name, _)| name.as_str() != "lo")
+            .map(|(name, &i)| {
+                let role = if endpoints.contains(name.as_str()) {
+                    Role::Endpoint
+                } else {
+                    Role::ForwardOnly
+                };
+                (name.as_str(), (i, role))
+            })
             .collect();
         let stale: Vec<String> = self
             .attached
             .iter()
-            .filter(|(name, a)| wanted.get(name.as_str()) != Some(&a.ifindex))
+            .filter(|(name, a)| wanted.get(name.as_str()) != Some(&(a.ifindex, a.role)))
             .map(|(name, _)| name.clone())
             .collect();
         for name in stale {
             self.detach(&name)?;
         }
-        for (name, ifindex) in wanted {
+        for (name, (ifindex, role)) in wanted {
             if !self.attached.contains_key(name) {
-                self.attach(name, ifindex)?;
+                self.attach(name, ifindex, role)?;
             }
         }
         // Links of interfaces this policy no longer binds (or that went):
@@ -612,7 +664,7 @@ impl Dataplane {
     /// Attaches the three programs to `iface`. A link pinned by a previous
     /// agent is kept and its program swapped for ours in one update, so
     /// enforcement never lapses (design.md, "Atomic updates and restarts").
-    fn attach(&mut self, iface: &str, ifindex: u32) -> Result<(), Error> {
+    fn attach(&mut self, iface: &str, ifindex: u32, role: Role) -> Result<(), Error> {
         let err =
             |program: &'static str, e: Box<dyn std::error::Error + Send + Sync>| Error::Load {
                 what: format!("attach {program} on {iface}"),
@@ -620,18 +672,20 @@ impl Dataplane {
             };
         let dir = self.pin_dir.clone();
         let mut links = Vec::new();
-        let mut xdp_mode = "native";
-        for program in [
-            names::PROG_XDP,
-            names::PROG_TC_INGRESS,
-            names::PROG_TC_EGRESS,
-        ] {
+        let mut xdp_mode = if role == Role::Endpoint {
+            "native"
+        } else {
+            "none"
+        };
+        for &program in role.programs() {
             let pin = link_pin(&dir, iface, ifindex, program);
             let fd = if pin.exists() {
                 let old = FdLink::from(
                     PinnedLink::from_pin(&pin).map_err(|e| err(program, Box::new(e)))?,
                 );
-                xdp_mode = "adopted";
+                if program == names::PROG_XDP {
+                    xdp_mode = "adopted";
+                }
                 if program == names::PROG_XDP {
                     let xdp: &mut Xdp = self.program(program)?;
                     let link = XdpLink::try_from(old).map_err(|e| err(program, Box::new(e)))?;
@@ -688,11 +742,12 @@ impl Dataplane {
             };
             links.push((fd, pin));
         }
-        tracing::info!(iface, ifindex, xdp_mode, "programs attached");
+        tracing::info!(iface, ifindex, xdp_mode, programs = ?role.programs(), "programs attached");
         self.attached.insert(
             iface.to_owned(),
             Attachment {
                 ifindex,
+                role,
                 xdp_mode,
                 links,
             },
@@ -736,35 +791,56 @@ impl Dataplane {
     /// host-bound (normal stage at TC ingress), other traffic forwarded.
     /// New addresses go in before stale ones leave.
     pub fn set_host_addresses(&mut self, addrs: &BTreeSet<IpAddr>) -> Result<(), Error> {
-        let key = |ip: &IpAddr| {
-            let mut k = HostKey {
-                family: 4,
-                pad: [0; 3],
-                addr: [0; 16],
-            };
-            match ip {
-                IpAddr::V4(a) => k.addr[..4].copy_from_slice(&a.octets()),
-                IpAddr::V6(a) => {
-                    k.family = 6;
-                    k.addr = a.octets();
+        let wanted = addrs
+            .iter()
+            .map(|ip| {
+                let (family, addr) = family_octets(*ip);
+                HostKey {
+                    family,
+                    pad: [0; 3],
+                    addr,
                 }
-            }
-            k
-        };
-        let wanted: Vec<HostKey> = addrs.iter().map(key).collect();
-        let mut map: HashMap<&mut MapData, HostKey, u32> = self.map(names::MAP_HOST)?;
+            })
+            .collect();
+        self.sync_set(names::MAP_HOST, wanted)
+    }
+
+    /// Makes `frontends` the Service frontends: traffic to them is
+    /// forwarded (judged after DNAT), not host-bound.
+    fn write_frontends(&mut self, frontends: &[Frontend]) -> Result<(), Error> {
+        let wanted = frontends
+            .iter()
+            .map(|f| {
+                let (family, addr) = family_octets(f.addr);
+                SvcKey {
+                    family,
+                    proto: f.proto,
+                    port: f.port.to_be_bytes(),
+                    addr,
+                }
+            })
+            .collect();
+        self.sync_set(names::MAP_SERVICES, wanted)
+    }
+
+    /// Makes the keys of hash map `name` exactly `wanted` (values 1): new
+    /// keys go in before stale ones leave.
+    fn sync_set<K: aya::Pod + PartialEq>(
+        &mut self,
+        name: &'static str,
+        wanted: Vec<K>,
+    ) -> Result<(), Error> {
+        let mut map: HashMap<&mut MapData, K, u32> = self.map(name)?;
         for k in &wanted {
-            map.insert(k, &1, 0)
-                .map_err(map_error(names::MAP_HOST, "insert"))?;
+            map.insert(k, &1, 0).map_err(map_error(name, "insert"))?;
         }
-        let stale: Vec<HostKey> = map
+        let stale: Vec<K> = map
             .keys()
             .filter_map(Result::ok)
             .filter(|k| !wanted.contains(k))
             .collect();
         for k in stale {
-            map.remove(&k)
-                .map_err(map_error(names::MAP_HOST, "remove"))?;
+            map.remove(&k).map_err(map_error(name, "remove"))?;
         }
         Ok(())
     }

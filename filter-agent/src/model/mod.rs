@@ -80,6 +80,8 @@ pub struct Store {
     pub profiles: Vec<Resource<ProfileSpec>>,
     /// Felix configurations (`default` is the cluster-wide one).
     pub felix_configs: Vec<Resource<FelixConfigurationSpec>>,
+    /// Kubernetes Services: where their frontends are.
+    pub services: Vec<Service>,
 }
 
 const CALICO_V3: &str = "projectcalico.org/v3";
@@ -249,6 +251,16 @@ impl Store {
                 }
                 None | Some(Value::Null) => {}
                 Some(_) => errors.push(ctx.error_at(&at("items"), "items must be a list".into())),
+            }
+            return;
+        }
+        if api_version == "v1" && kind == "Service" {
+            match serde_path_to_error::deserialize::<_, Service>(Value::Mapping(map)) {
+                Ok(svc) => self.services.push(svc),
+                Err(e) => {
+                    let field = join_path(path, &e.path().to_string());
+                    errors.push(ctx.error_at(&field, yaml_message(e.inner())));
+                }
             }
             return;
         }

@@ -513,3 +513,85 @@ impl ProtoPort {
         "TCP".into()
     }
 }
+
+/// A Kubernetes v1 Service, as far as the firewall cares: its frontends
+/// (design.md, "Forwarded or host-bound"). Read leniently: a Service has
+/// many fields this firewall has no use for.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Service {
+    /// Name and namespace.
+    #[serde(default)]
+    pub metadata: ServiceMeta,
+    /// The part that names frontends.
+    #[serde(default)]
+    pub spec: ServiceSpec,
+    /// Load-balancer ingress addresses.
+    #[serde(default)]
+    pub status: ServiceStatus,
+}
+
+/// `metadata` of a Service.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ServiceMeta {
+    /// Name.
+    #[serde(default)]
+    pub name: String,
+    /// Namespace.
+    #[serde(default)]
+    pub namespace: Option<String>,
+}
+
+/// `spec` of a Service.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceSpec {
+    /// ClusterIP, NodePort, LoadBalancer or ExternalName.
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    /// Ports.
+    #[serde(default)]
+    pub ports: Vec<ServicePort>,
+    /// Addresses outside the cluster that route to the service.
+    #[serde(default, rename = "externalIPs")]
+    pub external_ips: Vec<String>,
+}
+
+/// One port of a Service.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    /// TCP (default), UDP or SCTP.
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// The service port (frontend port on LoadBalancer and external IPs).
+    pub port: u16,
+    /// The port on every node address (NodePort and LoadBalancer types).
+    #[serde(default)]
+    pub node_port: Option<u16>,
+}
+
+/// `status` of a Service.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStatus {
+    /// `loadBalancer.ingress[].ip`.
+    #[serde(default)]
+    pub load_balancer: LoadBalancerStatus,
+}
+
+/// `status.loadBalancer` of a Service.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct LoadBalancerStatus {
+    /// Ingress points.
+    #[serde(default)]
+    pub ingress: Vec<LoadBalancerIngress>,
+}
+
+/// One load-balancer ingress point.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct LoadBalancerIngress {
+    /// Its address (hostname-only ingress points have none).
+    #[serde(default)]
+    pub ip: Option<String>,
+}
