@@ -19,15 +19,17 @@ use std::{
 use etherparse::PacketBuilder;
 use filter_agent::{
     compile::{self, Node},
-    dataplane::{conntrack::Flow, Dataplane, Interfaces, TcRun},
+    dataplane::{
+        conntrack::Flow,
+        live::{self, Route},
+        Dataplane, Interfaces,
+    },
     model::Store,
     reference::{self, Direction, Failsafe, Reference, Verdict},
 };
 use filter_tests::{privileged, unique, Netns, Rng};
 
 const HEP_IF: u32 = 1; // lo: the host endpoint
-const XDP_DROP: u32 = 1;
-const TC_ACT_SHOT: i32 = 2;
 
 const WORKER: &str = "198.51.100.1";
 const WORKER6: &str = "2001:db8::1";
@@ -298,8 +300,9 @@ fn flow(p: &Probe) -> Flow {
     }
 }
 
-/// The kernel's verdict, the programs run in the order the packet meets
-/// them. `other_if` is a non-endpoint interface forwarded packets use.
+/// The kernel's verdict: the programs run in the order the packet meets
+/// them (`dataplane::live::judge`, which `explain --dataplane` uses too).
+/// `other_if` is a non-endpoint interface forwarded packets use.
 fn kernel(dp: &mut Dataplane, p: &Probe, other_if: u32) -> Verdict {
     let f = flow(p);
     dp.forget_flow(&f).expect("forget");
@@ -307,45 +310,16 @@ fn kernel(dp: &mut Dataplane, p: &Probe, other_if: u32) -> Verdict {
         dp.open_flow(&f, true, true).expect("record flow");
     }
     let data = frame(p);
-    let allowed = match p.dir {
-        Direction::Ingress => {
-            if dp.test_run_xdp(&data, HEP_IF).expect("xdp") == XDP_DROP {
-                false
-            } else {
-                let (tc, mark) = dp
-                    .test_run_tc(
-                        &data,
-                        TcRun {
-                            ingress: true,
-                            ifindex: HEP_IF,
-                            ingress_ifindex: HEP_IF,
-                            mark: 0,
-                        },
-                    )
-                    .expect("tc ingress");
-                tc != TC_ACT_SHOT
-                    && (!p.forwarded || {
-                        let run = TcRun {
-                            ingress: false,
-                            ifindex: other_if,
-                            ingress_ifindex: HEP_IF,
-                            mark,
-                        };
-                        dp.test_run_tc(&data, run).expect("tc egress").0 != TC_ACT_SHOT
-                    })
-            }
-        }
-        Direction::Egress => {
-            let run = TcRun {
-                ingress: false,
-                ifindex: HEP_IF,
-                ingress_ifindex: if p.forwarded { other_if } else { 0 },
-                mark: 0,
-            };
-            dp.test_run_tc(&data, run).expect("tc egress").0 != TC_ACT_SHOT
-        }
+    let route = Route {
+        ingress: p.dir == Direction::Ingress,
+        forwarded: p.forwarded,
+        ifindex: HEP_IF,
+        other_ifindex: other_if,
     };
-    if allowed {
+    if live::judge(dp, &data, &data, route)
+        .expect("test run")
+        .allowed
+    {
         Verdict::Allow
     } else {
         Verdict::Deny

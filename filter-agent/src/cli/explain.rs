@@ -13,6 +13,7 @@ use clap::ValueEnum;
 use serde_json::{json, Value};
 
 use crate::{
+    dataplane::{conntrack::Flow, live},
     model::{Protocol, Store},
     reference::{Direction, Explanation, Failsafe, Packet, Reference, Verdict, Who},
 };
@@ -84,6 +85,18 @@ pub struct ExplainArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
+    /// Also send the packet through the kernel programs a running agent
+    /// loaded (BPF_PROG_TEST_RUN on the live tables and conntrack) and show
+    /// the kernel's verdict beside the reference's. Exit 3 when they differ.
+    #[arg(long)]
+    pub dataplane: bool,
+    /// The running agent's pin directory (with --dataplane).
+    #[arg(long, default_value = crate::dataplane::DEFAULT_PIN_DIR)]
+    pub pin_dir: PathBuf,
+    /// The endpoint's interface, when its HostEndpoint binds by expectedIPs
+    /// (with --dataplane).
+    #[arg(long)]
+    pub interface: Option<String>,
 }
 
 /// Explains one packet; exit 2 when the input cannot be explained.
@@ -157,12 +170,149 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         Dir::Egress => Direction::Egress,
     };
     let failsafe = Failsafe::from_store(&store, &hep.spec.node);
-    let e = Reference::new(&store).explain(hep, direction, &packet, &failsafe);
-    match args.output {
-        Output::Json => println!("{}", to_json(&e)),
-        Output::Text => print_text(&args, &hep.spec.interface_name, &e),
+    if !args.dataplane {
+        let e = Reference::new(&store).explain(hep, direction, &packet, &failsafe);
+        match args.output {
+            Output::Json => println!("{}", to_json(&e)),
+            Output::Text => print_text(&args, &hep.spec.interface_name, &e),
+        }
+        return Ok(ExitCode::SUCCESS);
     }
-    Ok(ExitCode::SUCCESS)
+    if let Some(bad) = args.tcp_flags.iter().find(|f| {
+        !["FIN", "SYN", "RST", "PSH", "ACK", "URG"].contains(&f.to_ascii_uppercase().as_str())
+    }) {
+        return fail(format!(
+            "--tcp-flags {bad:?}: expected FIN, SYN, RST, PSH, ACK or URG"
+        ));
+    }
+    let iface = args
+        .interface
+        .clone()
+        .unwrap_or_else(|| hep.spec.interface_name.clone());
+    if iface.is_empty() || iface == "*" {
+        return fail(format!(
+            "HostEndpoint {:?} names no single interface: pass --interface",
+            args.endpoint
+        ));
+    }
+    let Ok(ifindex) = nix::net::if_::if_nametoindex(iface.as_str()) else {
+        return fail(format!("no interface {iface:?} in this network namespace"));
+    };
+    let mut packet = packet;
+    let (e, kernel) = match through_kernel(&args, ifindex, &mut packet, |p| {
+        Reference::new(&store).explain(hep, direction, p, &failsafe)
+    }) {
+        Ok(r) => r,
+        Err(e) => return fail(format!("{:#}", anyhow::Error::from(e))),
+    };
+    let agree = (e.verdict == Verdict::Allow) == kernel.allowed;
+    match args.output {
+        Output::Json => {
+            let mut j = to_json(&e);
+            j["kernel"] = json!({
+                "verdict": if kernel.allowed { "allow" } else { "deny" },
+                "program": kernel.program,
+                "return_code": kernel.return_code,
+            });
+            println!("{j}");
+        }
+        Output::Text => {
+            print_text(&args, &iface, &e);
+            println!(
+                "kernel:  {} ({} returned {}){}",
+                if kernel.allowed { "allow" } else { "deny" },
+                kernel.program,
+                kernel.return_code,
+                if agree {
+                    ""
+                } else {
+                    "  <- DIFFERS from the reference"
+                }
+            );
+        }
+    }
+    Ok(if agree {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}
+
+/// Runs the packet through the live programs of `ifindex`. Conntrack is
+/// the live table: the reference is told the flow is established when the
+/// table says so; `--established` makes it so for this one packet. The
+/// table entry is put back as it was afterwards.
+fn through_kernel(
+    args: &ExplainArgs,
+    ifindex: u32,
+    packet: &mut Packet,
+    reference: impl Fn(&Packet) -> Explanation,
+) -> Result<(Explanation, live::KernelVerdict), crate::dataplane::Error> {
+    let mut kernel = live::Live::open(&args.pin_dir)?;
+    let icmp = matches!(packet.proto, 1 | 58);
+    let echo_id = 1;
+    let (sport, dport) = if icmp {
+        (echo_id, echo_id)
+    } else {
+        (packet.sport.unwrap_or(0), packet.dport.unwrap_or(0))
+    };
+    let flow = Flow {
+        src: packet.src,
+        dst: packet.dst,
+        proto: packet.proto,
+        sport,
+        dport,
+    };
+    // The packet as the forward stage sees it, after kube-proxy's DNAT.
+    let translated = packet.dnat_to.map(|to| Flow {
+        dst: to.ip(),
+        dport: if icmp { dport } else { to.port() },
+        ..flow
+    });
+    let before = kernel.flow_entry(&flow);
+    let before_translated = translated.map(|t| kernel.flow_entry(&t));
+    if args.established {
+        kernel.establish_flow(&flow)?;
+    }
+    packet.established = args.established || before.is_some_and(|v| live::known(&flow, &v));
+    let flags = if args.tcp_flags.is_empty() {
+        0x02
+    } else {
+        tcp_flags(&args.tcp_flags)
+    };
+    let frame = live::frame(&flow, packet.icmp, flags);
+    let after_dnat = match &translated {
+        Some(t) => live::frame(t, packet.icmp, flags),
+        None => frame.clone(),
+    };
+    let route = live::Route {
+        ingress: matches!(args.direction, Dir::Ingress),
+        forwarded: packet.forwarded,
+        ifindex,
+        other_ifindex: live::loopback(),
+    };
+    let verdict = live::judge(&mut kernel, &frame, &after_dnat, route);
+    // Leave the live table as it was, whatever the run did to it.
+    kernel.restore_flow(&flow, before)?;
+    if let (Some(t), Some(was)) = (translated, before_translated) {
+        kernel.restore_flow(&t, was)?;
+    }
+    Ok((reference(packet), verdict?))
+}
+
+/// `SYN,ACK` → the TCP flags byte.
+fn tcp_flags(names: &[String]) -> u8 {
+    names.iter().fold(0, |acc, n| {
+        acc | match n.to_ascii_uppercase().as_str() {
+            "FIN" => 0x01,
+            "SYN" => 0x02,
+            "RST" => 0x04,
+            "PSH" => 0x08,
+            "ACK" => 0x10,
+            "URG" => 0x20,
+            _ => 0,
+        }
+    })
 }
 
 fn verdict_name(v: Verdict) -> &'static str {

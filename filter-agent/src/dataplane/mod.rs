@@ -9,6 +9,7 @@
 //! This is the only module that imports aya.
 
 pub mod conntrack;
+pub mod live;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -185,6 +186,68 @@ fn failsafe_keys(f: &crate::compile::failsafe::Failsafe) -> Vec<Key<FailsafeKey>
             )]
         }
     }
+}
+
+/// Runs an XDP program `repeat` times on `frame` with BPF_PROG_TEST_RUN, as
+/// if it arrived on `ifindex`. Returns the action and the mean time per run.
+fn run_xdp(
+    xdp: &mut Xdp,
+    name: &str,
+    frame: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> Result<(u32, Duration), Error> {
+    // struct xdp_md { data, data_end, data_meta, ingress_ifindex,
+    // rx_queue_index, egress_ifindex }: the kernel requires data = 0 and
+    // data_end = the frame's length.
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        ctx_in: Some(&ctx),
+        repeat,
+        ..Default::default()
+    };
+    xdp.test_run(opts)
+        .map(|r| (r.return_value, r.duration))
+        .map_err(|e| Error::Load {
+            what: format!("test run of {name}"),
+            source: Box::new(e),
+        })
+}
+
+/// Runs a TC program once on `frame` with BPF_PROG_TEST_RUN as `run`
+/// describes. Returns the TC action and the skb mark the program left.
+fn run_tc(
+    tc: &mut SchedClassifier,
+    name: &str,
+    frame: &[u8],
+    run: TcRun,
+) -> Result<(i32, u32), Error> {
+    // struct __sk_buff up to `ifindex` (offset 40): len, pkt_type, mark
+    // (8), queue_mapping, protocol, vlan_present, vlan_tci, vlan_proto,
+    // priority, ingress_ifindex (36), ifindex (40). The kernel accepts a
+    // prefix of the context and lets a test set these three.
+    let mut ctx = [0u8; 44];
+    ctx[8..12].copy_from_slice(&run.mark.to_ne_bytes());
+    ctx[36..40].copy_from_slice(&run.ingress_ifindex.to_ne_bytes());
+    ctx[40..44].copy_from_slice(&run.ifindex.to_ne_bytes());
+    // The kernel hands back the whole context; a shorter buffer is ENOSPC.
+    let mut ctx_out = [0u8; 256];
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        ctx_in: Some(&ctx),
+        ctx_out: Some(&mut ctx_out),
+        repeat: 1,
+        ..Default::default()
+    };
+    let r = tc.test_run(opts).map_err(|e| Error::Load {
+        what: format!("test run of {name}"),
+        source: Box::new(e),
+    })?;
+    let mark = u32::from_ne_bytes(ctx_out[8..12].try_into().expect("4 bytes"));
+    Ok((r.return_value as i32, mark))
 }
 
 /// An address as (family, 16 bytes with IPv4 first), as the kernel keys it.
@@ -885,12 +948,6 @@ impl Dataplane {
         repeat: u32,
         baseline: bool,
     ) -> Result<(u32, Duration), Error> {
-        // struct xdp_md { data, data_end, data_meta, ingress_ifindex,
-        // rx_queue_index, egress_ifindex }: the kernel requires data = 0 and
-        // data_end = the frame's length.
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
         let name = if baseline {
             names::PROG_PASS
         } else {
@@ -903,53 +960,20 @@ impl Dataplane {
                 source: Box::new(e),
             })?;
         }
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            ctx_in: Some(&ctx),
-            repeat,
-            ..Default::default()
-        };
-        xdp.test_run(opts)
-            .map(|r| (r.return_value, r.duration))
-            .map_err(|e| Error::Load {
-                what: format!("test run of {name}"),
-                source: Box::new(e),
-            })
+        run_xdp(xdp, name, frame, ifindex, repeat)
     }
 
     /// Runs `fw_tc_in` or `fw_tc_eg` once on `frame` with
     /// `BPF_PROG_TEST_RUN` as `run` describes. Returns the TC action (0
     /// `TC_ACT_OK`, 2 `TC_ACT_SHOT`) and the skb mark the program left.
     pub fn test_run_tc(&mut self, frame: &[u8], run: TcRun) -> Result<(i32, u32), Error> {
-        // struct __sk_buff up to `ifindex` (offset 40): len, pkt_type, mark
-        // (8), queue_mapping, protocol, vlan_present, vlan_tci, vlan_proto,
-        // priority, ingress_ifindex (36), ifindex (40). The kernel accepts a
-        // prefix of the context and lets a test set these three.
-        let mut ctx = [0u8; 44];
-        ctx[8..12].copy_from_slice(&run.mark.to_ne_bytes());
-        ctx[36..40].copy_from_slice(&run.ingress_ifindex.to_ne_bytes());
-        ctx[40..44].copy_from_slice(&run.ifindex.to_ne_bytes());
-        // The kernel hands back the whole context; a shorter buffer is ENOSPC.
-        let mut ctx_out = [0u8; 256];
         let name = if run.ingress {
             names::PROG_TC_INGRESS
         } else {
             names::PROG_TC_EGRESS
         };
         let tc: &mut SchedClassifier = self.program(name)?;
-        let opts = TestRunOptions {
-            data_in: Some(frame),
-            ctx_in: Some(&ctx),
-            ctx_out: Some(&mut ctx_out),
-            repeat: 1,
-            ..Default::default()
-        };
-        let r = tc.test_run(opts).map_err(|e| Error::Load {
-            what: format!("test run of {name}"),
-            source: Box::new(e),
-        })?;
-        let mark = u32::from_ne_bytes(ctx_out[8..12].try_into().expect("4 bytes"));
-        Ok((r.return_value as i32, mark))
+        run_tc(tc, name, frame, run)
     }
 
     /// Detaches everything and removes the pins (`--detach-on-exit`).
