@@ -377,3 +377,86 @@ fn node_port_traffic_meets_the_forward_stage_after_dnat() {
     );
     assert!(s.agent.stop().success());
 }
+
+/// Sends UDP probes from the client to `port` on the worker until `stop`;
+/// returns (probes, probes whose outcome was not `answered`).
+fn udp_sender(
+    p: &Pair,
+    port: u16,
+    answered: bool,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u32, u32)> {
+    p.client.spawn(move || {
+        let (mut probes, mut wrong) = (0, 0);
+        // A reply on a veth takes well under a millisecond.
+        let wait = Duration::from_millis(if answered { 500 } else { 100 });
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            // A new socket: a new flow, judged by policy every time.
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+            s.set_read_timeout(Some(wait)).expect("timeout");
+            s.send_to(b"ping", Pair::worker(port)).expect("send");
+            let mut buf = [0u8; 64];
+            if s.recv_from(&mut buf).is_ok() != answered {
+                wrong += 1;
+            }
+            probes += 1;
+        }
+        (probes, wrong)
+    })
+}
+
+#[test]
+fn sigkill_and_restart_under_traffic_never_open_or_close_the_node() {
+    if !privileged("sigkill_and_restart_under_traffic_never_open_or_close_the_node") {
+        return;
+    }
+    use std::sync::{atomic::AtomicBool, Arc};
+    let p = Pair::new("fwkill");
+    let _open = UdpServer::start(&p.worker, "0.0.0.0:7001".parse().expect("addr"), "7001");
+    let _closed = UdpServer::start(&p.worker, "0.0.0.0:7000".parse().expect("addr"), "7000");
+    let policy = format!(
+        "{HEP}{}{}",
+        gnp("allow-in", "  types: [Ingress]\n  ingress:\n  - action: Allow\n"),
+        gnp(
+            "deny-7000",
+            "  preDNAT: true\n  applyOnForward: true\n  ingress:\n  - action: Deny\n    protocol: UDP\n    destination: {ports: [7000]}\n"
+        )
+    );
+    let dir = demo::TempDir::new(&unique("fwkill"));
+    std::fs::write(dir.0.join("policy.yaml"), &policy).expect("write policy");
+    let pins = Path::new("/sys/fs/bpf").join(unique("fwkl"));
+    // The agent an operator runs: no --detach-on-exit.
+    let mut first = Agent::start_with(&agent_binary(), &p.worker, &dir.0, "pair", &pins, &[]);
+    first
+        .wait_for("policy applied", 0, Duration::from_secs(15))
+        .expect("applied");
+    let stop = Arc::new(AtomicBool::new(false));
+    let allowed = udp_sender(&p, 7001, true, stop.clone());
+    let denied = udp_sender(&p, 7000, false, stop.clone());
+    std::thread::sleep(Duration::from_secs(1));
+    first.crash();
+    std::thread::sleep(Duration::from_secs(1));
+    let mut second = Agent::start(&agent_binary(), &p.worker, &dir.0, "pair", &pins);
+    second
+        .wait_for("policy applied", 0, Duration::from_secs(15))
+        .expect("adopted and applied");
+    assert!(
+        second.log_text().contains("adopted"),
+        "{}",
+        second.log_text()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (a_probes, a_wrong) = allowed.join().expect("sender");
+    let (d_probes, d_wrong) = denied.join().expect("sender");
+    assert!(
+        a_probes >= 100 && d_probes >= 20,
+        "{a_probes} / {d_probes} probes"
+    );
+    assert_eq!(a_wrong, 0, "{a_wrong} of {a_probes} allowed probes dropped");
+    assert_eq!(
+        d_wrong, 0,
+        "{d_wrong} of {d_probes} denied probes slipped through"
+    );
+    assert!(second.stop().success());
+}
