@@ -234,6 +234,20 @@ fn stats_count_the_packets_each_rule_decided() {
         "{json}"
     );
 
+    // The allowed connection is tracked (and its packets after the SYN
+    // were accepted by conntrack).
+    assert!(
+        json["conntrack"]["entries"].as_u64().expect("entries") >= 1,
+        "{json}"
+    );
+    assert_eq!(json["conntrack"]["capacity"], filter_common::ct::DEFAULT_SIZE);
+    assert!(
+        json["reasons"]["allow_conntrack"]
+            .as_u64()
+            .expect("allow_conntrack")
+            >= 1,
+        "{json}"
+    );
     let state = Path::new("/run/filter-agent").join(pins.file_name().expect("name"));
     assert!(state.join("rules.json").exists());
     assert!(agent.stop().success());

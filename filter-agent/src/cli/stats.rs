@@ -142,7 +142,7 @@ pub fn write_state(dir: &Path, state: &StateFile) -> std::io::Result<()> {
 }
 
 /// Names of `filter_common::reason` values, as JSON keys.
-const REASONS: [(u32, &str); 10] = [
+const REASONS: [(u32, &str); 15] = [
     (reason::PASS_NOT_IP, "pass_not_ip"),
     (reason::PASS_TRUNCATED, "pass_truncated"),
     (reason::PASS_NO_POLICY, "pass_no_policy"),
@@ -153,6 +153,11 @@ const REASONS: [(u32, &str); 10] = [
     (reason::PASS_TC_OBSERVED, "pass_tc_observed"),
     (reason::PASS_TOO_MANY_HOPS, "pass_too_many_hops"),
     (reason::PASS_FAILSAFE, "pass_failsafe"),
+    (reason::ALLOW_CONNTRACK, "allow_conntrack"),
+    (reason::PASS_FORWARDED, "pass_forwarded"),
+    (reason::PASS_FRAGMENT, "pass_fragment"),
+    (reason::ALLOW_EARLIER_STAGE, "allow_earlier_stage"),
+    (reason::PASS_NOT_POLICED, "pass_not_policed"),
 ];
 
 /// Prints the counters; exit 2 when the agent's pins or state are missing.
@@ -197,6 +202,7 @@ pub fn run(args: StatsArgs) -> anyhow::Result<ExitCode> {
     let mut rows: Vec<_> = totals.into_iter().collect();
     rows.sort_by_key(|(_, (_, _, slot))| *slot);
     let reasons = counters.reasons()?;
+    let (ct_live, ct_capacity) = crate::dataplane::conntrack::pinned_occupancy(&args.pin_dir)?;
     match args.output {
         Output::Json => {
             let rules: Vec<serde_json::Value> = rows
@@ -212,7 +218,8 @@ pub fn run(args: StatsArgs) -> anyhow::Result<ExitCode> {
                 .collect();
             println!(
                 "{}",
-                serde_json::json!({"generation": state.generation, "rules": rules, "reasons": reasons})
+                serde_json::json!({"generation": state.generation, "rules": rules, "reasons": reasons,
+                    "conntrack": {"entries": ct_live, "capacity": ct_capacity}})
             );
         }
         Output::Text => {
@@ -237,6 +244,7 @@ pub fn run(args: StatsArgs) -> anyhow::Result<ExitCode> {
                 .map(|(i, n)| format!("{n}={}", reasons[*i as usize]))
                 .collect();
             println!("packets by reason: {}", line.join(" "));
+            println!("conntrack: {ct_live} live entries of {ct_capacity}");
         }
     }
     Ok(ExitCode::SUCCESS)
