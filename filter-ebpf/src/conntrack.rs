@@ -110,8 +110,8 @@ fn packet_flow(pkt: &Packet) -> Flow {
 /// stack frame.
 #[inline(never)]
 pub fn track(pkt: &Packet, hook: Hook) -> Known {
-    let now = now();
     if pkt.inner.present {
+        let now = now();
         let i = &pkt.inner;
         let f = flow(pkt.family, i.proto, &i.src, &i.dst, i.sport, i.dport);
         // SAFETY: LRU values are plain integers; a racing update leaves an
@@ -125,6 +125,8 @@ pub fn track(pkt: &Packet, hook: Hook) -> Known {
     let Some(v) = FW_CT1.get_ptr_mut(&f.key) else {
         return Known::New;
     };
+    // Only a hit needs the time.
+    let now = now();
     // SAFETY: the pointer comes from a successful lookup; the kernel keeps
     // the element alive for the rest of the program (RCU), and every field
     // is a plain integer, so racing writers at worst lose an update.

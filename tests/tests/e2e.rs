@@ -240,7 +240,10 @@ fn stats_count_the_packets_each_rule_decided() {
         json["conntrack"]["entries"].as_u64().expect("entries") >= 1,
         "{json}"
     );
-    assert_eq!(json["conntrack"]["capacity"], filter_common::ct::DEFAULT_SIZE);
+    assert_eq!(
+        json["conntrack"]["capacity"],
+        filter_common::ct::DEFAULT_SIZE
+    );
     assert!(
         json["reasons"]["allow_conntrack"]
             .as_u64()
