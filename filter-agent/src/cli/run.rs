@@ -248,7 +248,7 @@ impl Agent {
             Ok(generation) => {
                 if let Err(e) = super::stats::write_state(
                     &self.state_dir,
-                    &super::stats::state(&compiled, generation),
+                    &super::stats::state(&compiled, generation, &self.dp.attachments()),
                 ) {
                     tracing::warn!(dir = %self.state_dir.display(), error = %e, "cannot write the rule index: stats will be unavailable");
                 }

@@ -82,10 +82,30 @@ pub struct StateFile {
     pub generation: u32,
     /// Every rule slot of it.
     pub rules: Vec<SlotInfo>,
+    /// Interfaces with programs, and how XDP runs on each.
+    #[serde(default)]
+    pub interfaces: Vec<InterfaceInfo>,
 }
 
-/// What `compiled`, live as `generation`, puts in each counter slot.
-pub fn state(compiled: &Compiled, generation: u32) -> StateFile {
+/// One interface the agent attached programs to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InterfaceInfo {
+    /// Name.
+    pub name: String,
+    /// Index.
+    pub ifindex: u32,
+    /// `native`, `generic`, `adopted` (attached by a previous agent), or
+    /// `none` (not a host endpoint: TC egress only, for the forward stage).
+    pub xdp_mode: String,
+}
+
+/// What `compiled`, live as `generation`, puts in each counter slot, and
+/// the `attachments` (name, index, XDP mode).
+pub fn state(
+    compiled: &Compiled,
+    generation: u32,
+    attachments: &[(String, u32, &str)],
+) -> StateFile {
     let mut rules = Vec::new();
     for t in &compiled.tables {
         let table = table_id(generation, t.stage, t.direction);
@@ -130,7 +150,19 @@ pub fn state(compiled: &Compiled, generation: u32) -> StateFile {
             });
         }
     }
-    StateFile { generation, rules }
+    let interfaces = attachments
+        .iter()
+        .map(|(name, ifindex, mode)| InterfaceInfo {
+            name: name.clone(),
+            ifindex: *ifindex,
+            xdp_mode: (*mode).to_owned(),
+        })
+        .collect();
+    StateFile {
+        generation,
+        rules,
+        interfaces,
+    }
 }
 
 /// Writes `rules.json` atomically (a reader never sees half of it).
@@ -219,7 +251,8 @@ pub fn run(args: StatsArgs) -> anyhow::Result<ExitCode> {
             println!(
                 "{}",
                 serde_json::json!({"generation": state.generation, "rules": rules, "reasons": reasons,
-                    "conntrack": {"entries": ct_live, "capacity": ct_capacity}})
+                    "conntrack": {"entries": ct_live, "capacity": ct_capacity},
+                    "interfaces": state.interfaces.iter().map(|i| serde_json::json!({"name": i.name, "ifindex": i.ifindex, "xdp_mode": i.xdp_mode})).collect::<Vec<_>>()})
             );
         }
         Output::Text => {
@@ -245,6 +278,9 @@ pub fn run(args: StatsArgs) -> anyhow::Result<ExitCode> {
                 .collect();
             println!("packets by reason: {}", line.join(" "));
             println!("conntrack: {ct_live} live entries of {ct_capacity}");
+            for i in &state.interfaces {
+                println!("interface {} ({}): XDP {}", i.name, i.ifindex, i.xdp_mode);
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
