@@ -229,141 +229,132 @@ impl Pair {
     }
 }
 
+/// A thread serving in a namespace until dropped: what every server below
+/// is.
+struct Background {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Background {
+    /// Runs `serve(stop, ready)` on a thread in `ns` and waits until it
+    /// signals `ready` (its socket is bound).
+    fn start(
+        ns: &Netns,
+        serve: impl FnOnce(Arc<AtomicBool>, std::sync::mpsc::Sender<()>) + Send + 'static,
+    ) -> Background {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let flag = stop.clone();
+        let handle = ns.spawn(move || serve(flag, ready_tx));
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("server started");
+        Background {
+            stop,
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Binds a TCP listener at `addr`, says it is ready, and hands every
+/// connection to `on_conn` until `stop`.
+fn serve_tcp(
+    addr: SocketAddr,
+    stop: &AtomicBool,
+    ready: std::sync::mpsc::Sender<()>,
+    mut on_conn: impl FnMut(TcpStream),
+) {
+    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    listener
+        .set_nonblocking(true)
+        .expect("nonblocking listener");
+    ready.send(()).expect("test alive");
+    while !stop.load(Ordering::Relaxed) {
+        match listener.accept() {
+            Ok((s, _)) => {
+                let _ = s.set_nonblocking(false);
+                on_conn(s);
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
 /// A TCP server in a namespace that greets every connection with `name`,
 /// stopped on drop.
 pub struct TcpServer {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
+    _running: Background,
 }
 
 impl TcpServer {
     /// Listens on `addr` inside `ns` (the address must exist there).
     pub fn start(ns: &Netns, addr: SocketAddr, name: &str) -> TcpServer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let greeting = format!("{name}\n");
-        let flag = stop.clone();
-        let handle = ns.spawn(move || {
-            let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-            listener
-                .set_nonblocking(true)
-                .expect("nonblocking listener");
-            ready_tx.send(()).expect("test alive");
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut s, _)) => {
-                        let _ = s.set_nonblocking(false);
-                        let _ = s.write_all(greeting.as_bytes());
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
+        let _running = Background::start(ns, move |stop, ready| {
+            serve_tcp(addr, &stop, ready, |mut s| {
+                let _ = s.write_all(greeting.as_bytes());
+            })
         });
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("server started");
-        TcpServer {
-            stop,
-            handle: Some(handle),
-        }
-    }
-}
-
-impl Drop for TcpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+        TcpServer { _running }
     }
 }
 
 /// A UDP server in a namespace that answers every datagram with `name`.
 pub struct UdpServer {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
+    _running: Background,
 }
 
 impl UdpServer {
     /// Binds `addr` inside `ns`.
     pub fn start(ns: &Netns, addr: SocketAddr, name: &str) -> UdpServer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let reply = name.as_bytes().to_vec();
-        let flag = stop.clone();
-        let handle = ns.spawn(move || {
+        let _running = Background::start(ns, move |stop, ready| {
             let sock =
                 std::net::UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
             sock.set_read_timeout(Some(Duration::from_millis(20)))
                 .expect("timeout");
-            ready_tx.send(()).expect("test alive");
+            ready.send(()).expect("test alive");
             let mut buf = [0u8; 512];
-            while !flag.load(Ordering::Relaxed) {
+            while !stop.load(Ordering::Relaxed) {
                 if let Ok((_, peer)) = sock.recv_from(&mut buf) {
                     let _ = sock.send_to(&reply, peer);
                 }
             }
         });
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("server started");
-        UdpServer {
-            stop,
-            handle: Some(handle),
-        }
-    }
-}
-
-impl Drop for UdpServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
+        UdpServer { _running }
     }
 }
 
 /// A TCP server that echoes every line back on every connection, keeping
 /// connections open: the other end of [`Conn`].
 pub struct EchoServer {
-    stop: Arc<AtomicBool>,
-    handle: Option<JoinHandle<()>>,
+    _running: Background,
 }
 
 impl EchoServer {
     /// Listens on `addr` inside `ns`.
     pub fn start(ns: &Netns, addr: SocketAddr) -> EchoServer {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let flag = stop.clone();
-        let handle = ns.spawn(move || {
-            let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-            listener
-                .set_nonblocking(true)
-                .expect("nonblocking listener");
-            ready_tx.send(()).expect("test alive");
-            while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((s, _)) => {
-                        let flag = flag.clone();
-                        std::thread::spawn(move || echo(s, &flag));
-                    }
-                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                }
-            }
+        let _running = Background::start(ns, move |stop, ready| {
+            serve_tcp(addr, &stop.clone(), ready, |s| {
+                let stop = stop.clone();
+                std::thread::spawn(move || echo(s, &stop));
+            })
         });
-        ready_rx
-            .recv_timeout(Duration::from_secs(5))
-            .expect("server started");
-        EchoServer {
-            stop,
-            handle: Some(handle),
-        }
+        EchoServer { _running }
     }
 }
 
 fn echo(s: TcpStream, stop: &AtomicBool) {
-    let _ = s.set_nonblocking(false);
     let _ = s.set_read_timeout(Some(Duration::from_millis(100)));
     let Ok(mut w) = s.try_clone() else { return };
     let mut r = BufReader::new(s);
@@ -383,15 +374,6 @@ fn echo(s: TcpStream, stop: &AtomicBool) {
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) => {}
             Err(_) => return,
-        }
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
         }
     }
 }
