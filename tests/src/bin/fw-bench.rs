@@ -54,6 +54,8 @@ fn main() {
     }
     let pin_dir = Path::new("/sys/fs/bpf").join(format!("fwbench{}", std::process::id()));
     let mut dp = Dataplane::load(&pin_dir).expect("load the kernel object");
+    // Unpins also when a run panics (a closed stdout, say).
+    let _unpin = Unpin(pin_dir.clone());
     println!("| rules | CIDRs | fw_xdp ns/packet | XDP_PASS ns/packet | verdict |");
     println!("|---:|---:|---:|---:|---|");
     for rules in [0usize, 1, 100, 1000] {
@@ -121,4 +123,13 @@ fn main() {
         }
     }
     let _ = dp.shutdown();
+}
+
+/// Removes the benchmark's pins when dropped.
+struct Unpin(std::path::PathBuf);
+
+impl Drop for Unpin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
