@@ -654,13 +654,33 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.terminate();
         // Pins of an agent that had to be killed.
-        if !self.keep_pins && self.pin_dir.exists() {
-            if let Ok(entries) = std::fs::read_dir(&self.pin_dir) {
-                for e in entries.flatten() {
-                    let _ = std::fs::remove_file(e.path());
-                }
-            }
-            let _ = std::fs::remove_dir(&self.pin_dir);
+        if !self.keep_pins {
+            remove_agent_state(&self.pin_dir);
         }
+    }
+}
+
+/// Removes an agent's pins (unpinning the last reference to a link
+/// detaches it) and its state directory.
+fn remove_agent_state(pin_dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(pin_dir) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    let _ = std::fs::remove_dir(pin_dir);
+    if let Some(name) = pin_dir.file_name() {
+        let _ = std::fs::remove_dir_all(Path::new("/run/filter-agent").join(name));
+    }
+}
+
+/// For tests that kill an agent on purpose ([`Agent::crash`] keeps its
+/// pins for the next agent): removes the pins and the agent's state when
+/// the test ends, also when it fails before another agent took over.
+pub struct PinsGuard(pub PathBuf);
+
+impl Drop for PinsGuard {
+    fn drop(&mut self) {
+        remove_agent_state(&self.0);
     }
 }

@@ -268,6 +268,7 @@ fn a_crashed_agent_leaves_the_node_enforced_and_the_next_one_adopts_it() {
     let dir = demo::TempDir::new(&unique("fwrestart"));
     std::fs::write(dir.0.join("policy.yaml"), HEP_AND_DENY).expect("write policy");
     let pins = Path::new("/sys/fs/bpf").join(unique("fwr"));
+    let _cleanup = filter_tests::PinsGuard(pins.clone());
     let to = |port: u16| SocketAddr::from(([192, 0, 2, 1], port));
     let t = Duration::from_millis(1500);
     let enforced = |what: &str| {

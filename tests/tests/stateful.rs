@@ -425,6 +425,7 @@ fn sigkill_and_restart_under_traffic_never_open_or_close_the_node() {
     let dir = demo::TempDir::new(&unique("fwkill"));
     std::fs::write(dir.0.join("policy.yaml"), &policy).expect("write policy");
     let pins = Path::new("/sys/fs/bpf").join(unique("fwkl"));
+    let _cleanup = filter_tests::PinsGuard(pins.clone());
     // The agent an operator runs: no --detach-on-exit.
     let mut first = Agent::start_with(&agent_binary(), &p.worker, &dir.0, "pair", &pins, &[]);
     first
