@@ -30,15 +30,14 @@ pub fn is_failsafe(dir: u32, pkt: &Packet) -> bool {
     hit(dir, pkt, pkt.dport, peer)
 }
 
-/// The raw-table failsafe chains, which run before the untracked stage:
-/// they also match the *source* port against the other direction's list,
-/// so replies of failsafe flows (DNS answers from udp:53, SSH replies from
-/// tcp:22) are not caught by untracked policy (calico-semantics.md 4).
+/// What the raw-table failsafe chains, which run before the untracked
+/// stage, match besides [`is_failsafe`]: the *source* port against the
+/// other direction's list, so replies of failsafe flows (DNS answers from
+/// udp:53, SSH replies from tcp:22) are not caught by untracked policy
+/// (calico-semantics.md 4). Callers keep `is_failsafe`'s answer for the
+/// later filter/mangle check instead of looking it up twice.
 #[inline(always)]
-pub fn is_raw_failsafe(dir: u32, pkt: &Packet) -> bool {
-    if is_failsafe(dir, pkt) {
-        return true;
-    }
+pub fn is_reply_failsafe(dir: u32, pkt: &Packet) -> bool {
     let (other, peer) = if dir == direction::INGRESS {
         (direction::EGRESS, &pkt.src)
     } else {

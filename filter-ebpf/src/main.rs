@@ -77,7 +77,8 @@ enum Early {
 /// pre-DNAT: everything 3.9 does before DNAT.
 #[inline(always)]
 fn early_ingress(ifindex: u32, pkt: &Packet, bytes: u64) -> Early {
-    if !failsafe::is_raw_failsafe(direction::INGRESS, pkt) {
+    let failsafe_in = failsafe::is_failsafe(direction::INGRESS, pkt);
+    if !failsafe_in && !failsafe::is_reply_failsafe(direction::INGRESS, pkt) {
         match run_stage(stage::UNTRACKED, direction::INGRESS, ifindex, pkt, bytes) {
             Verdict::Allow => return Early::Pass(xdp_verdict::UNTRACKED_ALLOW, reason::ALLOW_RULE),
             Verdict::Deny => return Early::Drop,
@@ -91,7 +92,7 @@ fn early_ingress(ifindex: u32, pkt: &Packet, bytes: u64) -> Early {
         return Early::Pass(xdp_verdict::NONE, reason::ALLOW_CONNTRACK);
     }
     // The mangle failsafe skips pre-DNAT policy only (4).
-    if failsafe::is_failsafe(direction::INGRESS, pkt) {
+    if failsafe_in {
         return Early::Pass(xdp_verdict::NONE, reason::PASS_FAILSAFE);
     }
     match run_stage(stage::PRE_DNAT, direction::INGRESS, ifindex, pkt, bytes) {
@@ -233,7 +234,8 @@ fn try_tc_eg(ctx: &TcContext) -> (i32, u32) {
 /// host-originated").
 #[inline(always)]
 fn host_egress(ifindex: u32, pkt: &Packet, bytes: u64) -> (i32, u32) {
-    if !failsafe::is_raw_failsafe(direction::EGRESS, pkt) {
+    let failsafe_out = failsafe::is_failsafe(direction::EGRESS, pkt);
+    if !failsafe_out && !failsafe::is_reply_failsafe(direction::EGRESS, pkt) {
         match run_stage(stage::UNTRACKED, direction::EGRESS, ifindex, pkt, bytes) {
             Verdict::Allow => return (TC_ACT_OK, reason::ALLOW_RULE),
             Verdict::Deny => return (TC_ACT_SHOT, reason::DROP_RULE),
@@ -246,7 +248,7 @@ fn host_egress(ifindex: u32, pkt: &Packet, bytes: u64) -> (i32, u32) {
     if conntrack::track(pkt, Hook::TcEgress) != Known::New {
         return (TC_ACT_OK, reason::ALLOW_CONNTRACK);
     }
-    if failsafe::is_failsafe(direction::EGRESS, pkt) {
+    if failsafe_out {
         conntrack::open(pkt, false);
         return (TC_ACT_OK, reason::PASS_FAILSAFE);
     }
