@@ -289,7 +289,7 @@ fn through_kernel(
         ingress: matches!(args.direction, Dir::Ingress),
         forwarded: packet.forwarded,
         ifindex,
-        other_ifindex: live::loopback(),
+        other_ifindex: live::LOOPBACK,
     };
     let verdict = live::judge(&mut kernel, &frame, &after_dnat, route);
     // Leave the live table as it was, whatever the run did to it.

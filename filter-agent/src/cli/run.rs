@@ -98,11 +98,13 @@ pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
                 agent.reload();
             }
             _ = poll.tick() => {
-                if current_interfaces() != agent.last_ifaces {
+                // One read of the interfaces serves both checks.
+                let (ifaces, addrs) = interface_snapshot();
+                if ifaces != agent.last_ifaces {
                     tracing::debug!("interfaces changed");
                     agent.reload();
                 } else {
-                    agent.sync_host_addresses();
+                    agent.sync_host_addresses(addrs);
                 }
             }
             _ = sweep.tick() => agent.sweep(),
@@ -136,19 +138,17 @@ fn seed_conntrack(dp: &mut Dataplane) {
     }
 }
 
-/// Every address of the node's interfaces.
-fn host_addresses() -> BTreeSet<IpAddr> {
-    node::interfaces()
-        .into_values()
-        .flat_map(|(_, addrs)| addrs)
-        .collect()
+/// The node's interfaces (name → index) and every address on them, from
+/// one read.
+fn interface_snapshot() -> (BTreeMap<String, u32>, BTreeSet<IpAddr>) {
+    let all = node::interfaces();
+    let addrs = all.values().flat_map(|(_, a)| a.iter().copied()).collect();
+    let indexes = all.into_iter().map(|(n, (i, _))| (n, i)).collect();
+    (indexes, addrs)
 }
 
 fn current_interfaces() -> BTreeMap<String, u32> {
-    node::interfaces()
-        .into_iter()
-        .map(|(n, (i, _))| (n, i))
-        .collect()
+    interface_snapshot().0
 }
 
 /// The daemon's state between reloads.
@@ -168,8 +168,7 @@ struct Agent {
 impl Agent {
     /// Keeps the kernel's list of node addresses current: what is
     /// host-bound changes with them.
-    fn sync_host_addresses(&mut self) {
-        let addrs = host_addresses();
+    fn sync_host_addresses(&mut self, addrs: BTreeSet<IpAddr>) {
         if addrs == self.host_addrs {
             return;
         }
@@ -243,7 +242,7 @@ impl Agent {
     fn apply(&mut self, compiled: Compiled, ifaces: BTreeMap<String, u32>) {
         // Before the tables: a host endpoint's first enforcement must know
         // which packets are for the node.
-        self.sync_host_addresses();
+        self.sync_host_addresses(interface_snapshot().1);
         match self.dp.apply(&compiled, &ifaces) {
             Ok(generation) => {
                 if let Err(e) = super::stats::write_state(

@@ -167,8 +167,24 @@ pub struct Sweep {
 }
 
 /// Whether an entry has outlived its timeout at `now`.
-fn expired(key: &CtKey, v: &CtValue, now: u64) -> bool {
+pub(super) fn expired(key: &CtKey, v: &CtValue, now: u64) -> bool {
     now.saturating_sub(v.last_seen) > ct::timeout_ns(key.proto, v.flags)
+}
+
+/// The table entry the kernel writes when policy allows `flow` (opened by
+/// `flow.src`), seen now; with `answered`, already established.
+pub(super) fn entry(flow: &Flow, answered: bool) -> (CtKey, CtValue) {
+    let (key, opener_is_a) = flow.key();
+    let mut flags = if opener_is_a { ct::OPENED_BY_A } else { 0 };
+    if answered {
+        flags |= ct::SEEN_REPLY;
+    }
+    let value = CtValue {
+        last_seen: monotonic_ns(),
+        flags,
+        pad: 0,
+    };
+    (key, value)
 }
 
 impl Dataplane {
@@ -176,16 +192,7 @@ impl Dataplane {
     /// the kernel does when policy allows a new flow. An entry already
     /// there is left alone unless `replace`.
     pub fn open_flow(&mut self, flow: &Flow, answered: bool, replace: bool) -> Result<(), Error> {
-        let (key, opener_is_a) = flow.key();
-        let mut flags = if opener_is_a { ct::OPENED_BY_A } else { 0 };
-        if answered {
-            flags |= ct::SEEN_REPLY;
-        }
-        let value = CtValue {
-            last_seen: monotonic_ns(),
-            flags,
-            pad: 0,
-        };
+        let (key, value) = entry(flow, answered);
         const BPF_NOEXIST: u64 = 1;
         let mut table: HashMap<&mut MapData, CtKey, CtValue> = self.map(names::MAP_CONNTRACK)?;
         match table.insert(&key, &value, if replace { 0 } else { BPF_NOEXIST }) {
@@ -271,18 +278,6 @@ impl Dataplane {
         }
     }
 
-    /// The live conntrack entry of `flow`, if any (for tests and
-    /// `explain --dataplane`).
-    pub fn flow_entry(&mut self, flow: &Flow) -> Result<Option<CtValue>, Error> {
-        let (key, _) = flow.key();
-        let table: HashMap<&mut MapData, CtKey, CtValue> = self.map(names::MAP_CONNTRACK)?;
-        match table.get(&key, 0) {
-            Ok(v) if !expired(&key, &v, monotonic_ns()) => Ok(Some(v)),
-            Ok(_) | Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_error(names::MAP_CONNTRACK, "get")(e)),
-        }
-    }
-
     /// Removes the entry of `flow` (either direction), if any.
     pub fn forget_flow(&mut self, flow: &Flow) -> Result<(), Error> {
         let (key, _) = flow.key();
@@ -296,16 +291,6 @@ impl Dataplane {
             }
             Err(e) => Err(map_error(names::MAP_CONNTRACK, "remove")(e)),
         }
-    }
-
-    /// Removes every conntrack entry (tests; `--flush-conntrack`).
-    pub fn flush_conntrack(&mut self) -> Result<usize, Error> {
-        let mut table: HashMap<&mut MapData, CtKey, CtValue> = self.map(names::MAP_CONNTRACK)?;
-        let keys: Vec<CtKey> = table.keys().filter_map(Result::ok).collect();
-        for k in &keys {
-            let _ = table.remove(k);
-        }
-        Ok(keys.len())
     }
 }
 

@@ -16,7 +16,10 @@ use super::{conntrack::Flow, map_error, run_tc, run_xdp, Dataplane, Error, TcRun
 
 const XDP_DROP: u32 = 1;
 const TC_ACT_SHOT: i32 = 2;
-const LOOPBACK: u32 = 1;
+
+/// The loopback's index: an interface without programs, for the far side
+/// of a crafted forwarded packet.
+pub const LOOPBACK: u32 = 1;
 
 /// Something that can run the three programs under BPF_PROG_TEST_RUN.
 pub trait Hooks {
@@ -193,17 +196,7 @@ impl Live {
 
     /// Records `flow` as established (for `--established`).
     pub fn establish_flow(&mut self, flow: &Flow) -> Result<(), Error> {
-        let (key, opener_is_a) = flow.key();
-        let value = CtValue {
-            last_seen: super::conntrack::monotonic_ns(),
-            flags: filter_common::ct::SEEN_REPLY
-                | if opener_is_a {
-                    filter_common::ct::OPENED_BY_A
-                } else {
-                    0
-                },
-            pad: 0,
-        };
+        let (key, value) = super::conntrack::entry(flow, true);
         self.ct
             .insert(&key, &value, 0)
             .map_err(map_error(names::MAP_CONNTRACK, "insert"))
@@ -213,11 +206,11 @@ impl Live {
 /// Whether conntrack would accept a packet of `flow` sent by `flow.src`:
 /// the flow is answered, or the packet is the answer.
 pub fn known(flow: &Flow, entry: &CtValue) -> bool {
-    let (_, src_is_a) = flow.key();
+    let (key, src_is_a) = flow.key();
     let from_opener = src_is_a == (entry.flags & filter_common::ct::OPENED_BY_A != 0);
-    let age = super::conntrack::monotonic_ns().saturating_sub(entry.last_seen);
-    let live = age <= filter_common::ct::timeout_ns(flow.proto, entry.flags);
-    live && (!from_opener || entry.flags & filter_common::ct::SEEN_REPLY != 0)
+    let now = super::conntrack::monotonic_ns();
+    !super::conntrack::expired(&key, entry, now)
+        && (!from_opener || entry.flags & filter_common::ct::SEEN_REPLY != 0)
 }
 
 /// A frame for a crafted packet: Ethernet, IPv4 or IPv6, and a TCP, UDP
@@ -272,10 +265,4 @@ pub fn frame(flow: &Flow, icmp: Option<(u8, u8)>, tcp_flags: u8) -> Vec<u8> {
     }
     out.append(&mut l4);
     out
-}
-
-/// The loopback's index: an interface without programs, for the far side
-/// of a crafted forwarded packet.
-pub const fn loopback() -> u32 {
-    LOOPBACK
 }
