@@ -101,8 +101,8 @@ fn main() {
         name: "n1".into(),
         interfaces: BTreeMap::new(),
     };
-    println!("| rules | CIDRs | compile (median of 5) | src trie entries | port trie entries | classes | class words |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| rules | CIDRs | compile (median of 5) | src trie entries | port trie entries | classes | class words | kernel words |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (rules, cidrs) in [(1_000, 100_000), (10_000, 100_000)] {
         let s = store(rules, cidrs);
         let mut times = Vec::new();
@@ -120,8 +120,12 @@ fn main() {
             filter_common::direction::INGRESS,
         );
         let words: usize = c.classes.iter().map(|x| x.words().len()).sum();
+        let stored = match filter_agent::dataplane::class_storage(&c) {
+            Ok((_, stored)) => stored.to_string(),
+            Err(e) => format!("does not fit: {e}"),
+        };
         println!(
-            "| {rules} | {cidrs} | {:.0} ms | {} | {} | {} | {words} |",
+            "| {rules} | {cidrs} | {:.0} ms | {} | {} | {} | {words} | {stored} |",
             times[2].as_secs_f64() * 1e3,
             t.src_v4.len(),
             t.dports.len(),

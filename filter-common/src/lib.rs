@@ -9,39 +9,58 @@
 //!
 //! Rules of one *table* (a generation × stage × direction) are numbered
 //! `0..MAX_RULES` in evaluation order. Each packet field is looked up once
-//! and yields a [`Bitmap`] of the rules that field allows; the first bit set
-//! in the AND of all bitmaps and the endpoint's mask is the deciding rule.
+//! and yields a *class*: the set of rules that field allows, as a bitmap of
+//! `WORDS` 64-bit words. The first bit set in the AND of the field classes
+//! and the endpoint's class is the deciding rule.
 //!
 //! * address tries (`FW_SRC4_1`, `FW_DST4_1`, `FW_SRC6_1`, `FW_DST6_1`):
 //!   LPM key = table id then address ([`AddrV4Key`], [`AddrV6Key`]); value =
 //!   class number (`u32`).
 //! * port trie (`FW_PORT1`): LPM key = table id, protocol, "has ports" flag,
 //!   destination port ([`PortKey`]); value = class number.
-//! * `FW_CLASS1`: array, class number → [`Bitmap`].
-//! * `FW_EP1`: hash, [`EndpointKey`] → [`Bitmap`] of the rules whose policy
-//!   selects the endpoint on that interface. No entry: no policy applies.
+//! * `FW_CLASS2`: array, class number → [`ClassHead`]: which words of the
+//!   class's bitmap are non-zero (the summary) and where they are stored.
+//! * `FW_WORD1`: array of `u64`, the non-zero bitmap words of every class.
+//!   Classes are stored sparse because a field with thousands of classes
+//!   (one per distinct /32, say) would need gigabytes as dense bitmaps, and
+//!   most of their words are zero.
+//! * `FW_EP2`: hash, [`EndpointKey`] → [`EndpointValue`]: the class of the
+//!   rules whose policy selects the endpoint on that interface, and where
+//!   the table's rule metadata starts. No entry: no policy applies.
 //! * `FW_SPORT1`: like `FW_PORT1`, keyed by the source port.
-//! * `FW_RULE2`: array, [`rule_slot`] → [`RuleMeta`].
+//! * `FW_RULE3`: array, rule slot ([`EndpointValue::first_slot`] + rule) →
+//!   [`RuleMeta`]; `FW_RULE_CTR2` counts by the same slot.
 //! * `FW_GEN1`: array of one `u32`, the live generation. The agent writes a
 //!   whole new generation, then flips this word: a packet reads it once and
 //!   so sees one policy version, never half of two.
 #![no_std]
 
 /// Rules per table. A table holds one stage and direction of one generation.
-pub const MAX_RULES: u32 = 1024;
-/// 64-bit words in a [`Bitmap`].
-pub const WORDS: usize = (MAX_RULES / 64) as usize;
+pub const MAX_RULES: u32 = 16_384;
+/// 64-bit words in a class bitmap.
+pub const WORDS: u32 = MAX_RULES / 64;
+/// Words of a class summary: one bit per bitmap word.
+pub const SUMMARY_WORDS: usize = (WORDS / 64) as usize;
 /// Policy generations kept side by side for atomic updates.
 pub const GENERATIONS: u32 = 2;
-/// Bitmap classes available to one generation. Class numbers of generation
-/// `g` are `g * CLASSES_PER_GEN ..`, so writing one never touches the other.
-pub const CLASSES_PER_GEN: u32 = 8192;
+/// Classes available to one generation. Class numbers of generation `g`
+/// are `g * CLASSES_PER_GEN ..`, so writing one never touches the other.
+pub const CLASSES_PER_GEN: u32 = 65_536;
 /// Size of the class array.
 pub const MAX_CLASSES: u32 = CLASSES_PER_GEN * GENERATIONS;
+/// Non-zero class words available to one generation (8 MiB), at
+/// `g * CLASS_WORDS_PER_GEN ..` in `FW_WORD1`.
+pub const CLASS_WORDS_PER_GEN: u32 = 1 << 20;
+/// Size of the class word array.
+pub const MAX_CLASS_WORDS: u32 = CLASS_WORDS_PER_GEN * GENERATIONS;
 /// Tables per generation: four stages × two directions.
 pub const TABLES_PER_GEN: u32 = 8;
+/// Rule slots available to one generation, shared by its tables (each
+/// table's rules take consecutive slots). Fewer than `MAX_RULES` per table
+/// because the counters are per CPU: 16 bytes × slots × CPUs.
+pub const RULE_SLOTS_PER_GEN: u32 = 32_768;
 /// Entries in the rule metadata and rule counter arrays.
-pub const MAX_RULE_SLOTS: u32 = MAX_RULES * TABLES_PER_GEN * GENERATIONS;
+pub const MAX_RULE_SLOTS: u32 = RULE_SLOTS_PER_GEN * GENERATIONS;
 /// Prefix bits the table id takes at the front of every LPM key.
 pub const TABLE_PREFIX_BITS: u32 = 32;
 
@@ -92,23 +111,38 @@ pub const fn table_id(generation: u32, stage: u32, direction: u32) -> u32 {
     (generation * TABLES_PER_GEN) + (stage << 1) + direction
 }
 
-/// Index of a rule in `FW_RULE2` and `FW_RULE_CTR1`.
-#[inline(always)]
-pub const fn rule_slot(table: u32, rule: u32) -> u32 {
-    table * MAX_RULES + rule
-}
-
-/// One bit per rule of a table; bit `r % 64` of word `r / 64` is rule `r`.
+/// Where a class's bitmap is. Bit `r % 64` of bitmap word `r / 64` is rule
+/// `r`; bit `b` of `summary[s]` says whether bitmap word `64 * s + b` is
+/// non-zero. The words of summary word `s` are stored from
+/// `FW_WORD1[offset[s]]`: all 64 of them when bit `s` of `dense` is set
+/// (word `64 * s + b` at `offset[s] + b`), else only the non-zero ones, in
+/// order (at `offset[s]` plus the number of summary bits set below `b`).
+/// Dense storage spares the counting where most words have rules anyway.
+///
+/// A verdict scan ANDs the summaries first and so visits only words where
+/// every field has a rule: with ten thousand rules that is usually one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Bitmap {
-    /// The words, rule 0 in the lowest bit of word 0.
-    pub words: [u64; WORDS],
+pub struct ClassHead {
+    /// Non-zero words of the bitmap.
+    pub summary: [u64; SUMMARY_WORDS],
+    /// Index in `FW_WORD1` of the first stored word of each summary word.
+    pub offset: [u32; SUMMARY_WORDS],
+    /// Bit `s`: summary word `s` is stored dense.
+    pub dense: u32,
+    /// Zero.
+    pub pad: u32,
 }
 
-impl Bitmap {
-    /// No rule.
-    pub const EMPTY: Bitmap = Bitmap { words: [0; WORDS] };
+/// Value of the endpoint map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointValue {
+    /// Class of the rules whose policy selects the endpoint.
+    pub class: u32,
+    /// Rule slot of the table's rule 0: rule `r` is at `first_slot + r` in
+    /// `FW_RULE3` and `FW_RULE_CTR2`.
+    pub first_slot: u32,
 }
 
 /// Data part of an IPv4 address trie key. Field order is LPM order: the
@@ -296,14 +330,16 @@ pub mod names {
     pub const MAP_PORT: &str = "FW_PORT1";
     /// Protocol / source port trie.
     pub const MAP_SPORT: &str = "FW_SPORT1";
-    /// Class → bitmap.
-    pub const MAP_CLASS: &str = "FW_CLASS1";
-    /// Endpoint masks.
-    pub const MAP_ENDPOINT: &str = "FW_EP1";
+    /// Class → where its bitmap words are.
+    pub const MAP_CLASS: &str = "FW_CLASS2";
+    /// The non-zero words of all class bitmaps.
+    pub const MAP_CLASS_WORDS: &str = "FW_WORD1";
+    /// Endpoint classes.
+    pub const MAP_ENDPOINT: &str = "FW_EP2";
     /// Rule metadata.
-    pub const MAP_RULE: &str = "FW_RULE2";
+    pub const MAP_RULE: &str = "FW_RULE3";
     /// Per-rule counters.
-    pub const MAP_RULE_COUNTERS: &str = "FW_RULE_CTR1";
+    pub const MAP_RULE_COUNTERS: &str = "FW_RULE_CTR2";
     /// Per-reason packet counters.
     pub const MAP_STATS: &str = "FW_STATS1";
     /// Failsafe ports.
@@ -504,7 +540,14 @@ pub struct SvcKey {
 pub const MAX_FRONTENDS: u32 = 65_536;
 
 // Sizes are part of the ABI: no implicit padding anywhere.
-const _: () = assert!(core::mem::size_of::<Bitmap>() == WORDS * 8);
+const _: () = assert!(core::mem::size_of::<ClassHead>() == SUMMARY_WORDS * 12 + 8);
+const _: () = assert!(
+    SUMMARY_WORDS <= 32,
+    "ClassHead::dense has a bit per summary word"
+);
+const _: () = assert!(core::mem::size_of::<EndpointValue>() == 8);
+// The verdict scan's summary words cover every bitmap word exactly.
+const _: () = assert!(WORDS.is_multiple_of(64) && MAX_RULES.is_multiple_of(64));
 const _: () = assert!(core::mem::size_of::<AddrV4Key>() == 8);
 const _: () = assert!(core::mem::size_of::<AddrV6Key>() == 20);
 const _: () = assert!(core::mem::size_of::<PortKey>() == 8);
@@ -527,7 +570,8 @@ mod pod {
     //! integers and integer arrays, and have no padding (asserted above), so
     //! every bit pattern is a valid value.
     use super::*;
-    unsafe impl aya::Pod for Bitmap {}
+    unsafe impl aya::Pod for ClassHead {}
+    unsafe impl aya::Pod for EndpointValue {}
     unsafe impl aya::Pod for AddrV4Key {}
     unsafe impl aya::Pod for AddrV6Key {}
     unsafe impl aya::Pod for PortKey {}

@@ -3,9 +3,12 @@
 //! In: a parsed [`Packet`], the stage, direction and interface. Out: the
 //! deciding rule's action and slot, or no verdict. One LPM lookup per field
 //! gives a class; each class names a bitmap of the rules that field allows;
-//! the first bit of `endpoint & src & dst & port` is the rule that decides
-//! (design.md, "The classifier"). The cost does not depend on the number of
-//! CIDRs, and grows with rules only by `WORDS` word ANDs.
+//! the first bit of `endpoint & src & dst & dport & sport` is the rule that
+//! decides (design.md, "The classifier"). Classes are stored sparse, with a
+//! summary of their non-zero words; the scan ANDs the summaries and visits
+//! only the words where all five have rules. The cost does not depend on
+//! the number of CIDRs, and grows with rules only by the summary words and
+//! the candidate words that turn out empty.
 //!
 //! Invariant kept by the agent: every table it publishes has a `/0` entry in
 //! each address trie and an any-protocol entry in the port trie, so a lookup
@@ -17,9 +20,10 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
 };
 use filter_common::{
-    action, direction, reason, rule_slot, stage, table_id, AddrV4Key, AddrV6Key, Bitmap,
-    EndpointKey, PortKey, RuleMeta, GENERATIONS, MAX_CLASSES, MAX_ENDPOINT_ENTRIES, MAX_HOPS,
-    MAX_RULE_SLOTS, MAX_TRIE_ENTRIES, PORT_KEY_FULL_BITS, TABLE_PREFIX_BITS, WORDS,
+    action, direction, reason, stage, table_id, AddrV4Key, AddrV6Key, ClassHead, EndpointKey,
+    EndpointValue, PortKey, RuleMeta, GENERATIONS, MAX_CLASSES, MAX_CLASS_WORDS,
+    MAX_ENDPOINT_ENTRIES, MAX_HOPS, MAX_RULE_SLOTS, MAX_TRIE_ENTRIES, PORT_KEY_FULL_BITS,
+    SUMMARY_WORDS, TABLE_PREFIX_BITS, WORDS,
 };
 
 use crate::parse::{Family, Packet};
@@ -42,24 +46,27 @@ static FW_DST6_1: LpmTrie<AddrV6Key, u32> = LpmTrie::pinned(MAX_TRIE_ENTRIES, 0)
 #[map(name = "FW_PORT1")]
 static FW_PORT1: LpmTrie<PortKey, u32> = LpmTrie::pinned(MAX_TRIE_ENTRIES, 0);
 
-#[map(name = "FW_CLASS1")]
-static FW_CLASS1: Array<Bitmap> = Array::pinned(MAX_CLASSES, 0);
+#[map(name = "FW_CLASS2")]
+static FW_CLASS2: Array<ClassHead> = Array::pinned(MAX_CLASSES, 0);
 
-#[map(name = "FW_EP1")]
-static FW_EP1: HashMap<EndpointKey, Bitmap> = HashMap::pinned(MAX_ENDPOINT_ENTRIES, 0);
+#[map(name = "FW_WORD1")]
+static FW_WORD1: Array<u64> = Array::pinned(MAX_CLASS_WORDS, 0);
+
+#[map(name = "FW_EP2")]
+static FW_EP2: HashMap<EndpointKey, EndpointValue> = HashMap::pinned(MAX_ENDPOINT_ENTRIES, 0);
 
 #[map(name = "FW_SPORT1")]
 static FW_SPORT1: LpmTrie<PortKey, u32> = LpmTrie::pinned(MAX_TRIE_ENTRIES, 0);
 
-#[map(name = "FW_RULE2")]
-static FW_RULE2: Array<RuleMeta> = Array::pinned(MAX_RULE_SLOTS, 0);
+#[map(name = "FW_RULE3")]
+static FW_RULE3: Array<RuleMeta> = Array::pinned(MAX_RULE_SLOTS, 0);
 
 /// The rule that decided a packet.
 #[derive(Clone, Copy)]
 pub struct Decision {
     /// One of `filter_common::action`.
     pub action: u32,
-    /// Index into `FW_RULE1` / `FW_RULE_CTR1`.
+    /// Index into `FW_RULE3` / `FW_RULE_CTR2`.
     pub slot: u32,
 }
 
@@ -102,11 +109,10 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> St
     };
     let table = table_id(generation, stage, direction);
     let endpoint = EndpointKey { ifindex, table };
-    // SAFETY: values of FW_EP1 are only replaced whole by the agent, and a
-    // reader that races a replacement sees the old or the new mask; both are
-    // masks of the live generation (the agent writes the inactive one).
-    let mask = match unsafe { FW_EP1.get(&endpoint) } {
-        Some(m) => m,
+    // SAFETY: values of FW_EP2 are only written by the agent into the
+    // inactive generation, and copied out here at once.
+    let ep = match unsafe { FW_EP2.get(&endpoint) } {
+        Some(v) => *v,
         None => return Err(reason::PASS_NO_POLICY),
     };
     let table_be = table.to_be_bytes();
@@ -168,41 +174,37 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> St
         port_key(pkt.has_ports && !icmp, pkt.sport),
     ));
     let (src, dst, dport, sport) = match (src, dst, dport, sport) {
-        (Some(s), Some(d), Some(p), Some(q)) => (class(*s)?, class(*d)?, class(*p)?, class(*q)?),
+        (Some(s), Some(d), Some(p), Some(q)) => (*s, *d, *p, *q),
         _ => return Err(reason::PASS_TABLE_ERROR),
     };
-    let mut hops = Hops {
-        hits: [0; WORDS],
-        table,
+    let mut scan = Scan {
+        classes: [ep.class, src, dst, dport, sport],
+        first_slot: ep.first_slot,
         start: 0,
         action: 0,
         slot: 0,
         reason: reason::PASS_TOO_MANY_HOPS,
     };
-    for w in 0..WORDS {
-        hops.hits[w] =
-            mask.words[w] & src.words[w] & dst.words[w] & dport.words[w] & sport.words[w];
-    }
     // Each hop is one bpf_loop iteration: the verifier checks the callback
-    // once instead of unrolling MAX_HOPS word scans (which exceeds its
-    // instruction budget; design.md, "Measured on this machine kind").
+    // once instead of unrolling MAX_HOPS searches (design.md, "Measured on
+    // this machine kind").
     // SAFETY: `hop` has the callback signature bpf_loop expects, and the
-    // context pointer is to `hops`, which lives on this stack frame for the
+    // context pointer is to `scan`, which lives on this stack frame for the
     // whole call.
     unsafe {
         aya_ebpf::helpers::bpf_loop(
             MAX_HOPS,
             hop as *mut core::ffi::c_void,
-            &mut hops as *mut Hops as *mut core::ffi::c_void,
+            &mut scan as *mut Scan as *mut core::ffi::c_void,
             0,
         );
     }
-    match hops.action {
+    match scan.action {
         action::ALLOW | action::DENY => Ok(Decision {
-            action: hops.action,
-            slot: hops.slot,
+            action: scan.action,
+            slot: scan.slot,
         }),
-        _ => Err(hops.reason),
+        _ => Err(scan.reason),
     }
 }
 
@@ -218,20 +220,26 @@ pub fn is_endpoint(ifindex: u32) -> bool {
         table: table_id(*generation, stage::NORMAL, direction::INGRESS),
     };
     // SAFETY: only presence is read.
-    unsafe { FW_EP1.get(&key) }.is_some()
+    unsafe { FW_EP2.get(&key) }.is_some()
 }
 
+const STOP: i64 = 1;
+const GO_ON: i64 = 0;
+
 /// State of the verdict search across `bpf_loop` iterations.
-struct Hops {
-    /// AND of the endpoint mask and the field bitmaps.
-    hits: [u64; WORDS],
-    table: u32,
+struct Scan {
+    /// The endpoint's class, then the source, destination, destination
+    /// port and source port classes: a rule matches when it is in all five.
+    classes: [u32; 5],
+    /// Rule slot of rule 0 of the table.
+    first_slot: u32,
     /// Next rule to look at.
     start: u32,
     /// Allow or Deny once decided, else 0.
     action: u32,
     slot: u32,
-    /// Why there is no verdict, when there is none.
+    /// Why there is no verdict, when there is none. Starts as "too many
+    /// hops": what is left when every hop met a Log or Pass rule.
     reason: u32,
 }
 
@@ -239,17 +247,38 @@ struct Hops {
 /// end the search; Log and Pass go on at the rule's `next`.
 #[inline(never)]
 extern "C" fn hop(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
-    const STOP: i64 = 1;
-    const GO_ON: i64 = 0;
     // SAFETY: bpf_loop hands back the pointer `classify` passed: a live,
-    // exclusive `Hops` on its stack.
-    let st = unsafe { &mut *(ctx as *mut Hops) };
-    let Some(rule) = first_from(&st.hits, st.start) else {
+    // exclusive `Scan` on its stack.
+    let st = unsafe { &mut *(ctx as *mut Scan) };
+    let mut find = Find {
+        classes: st.classes,
+        start: st.start,
+        next_word: st.start / 64,
+        rule: NOT_FOUND,
+        error: 0,
+    };
+    // One iteration per candidate word, plus one per summary word skipped.
+    // SAFETY: as for `hop`: `probe` is a bpf_loop callback and `find` lives
+    // on this frame for the whole call.
+    unsafe {
+        aya_ebpf::helpers::bpf_loop(
+            WORDS + SUMMARY_WORDS as u32,
+            probe as *mut core::ffi::c_void,
+            &mut find as *mut Find as *mut core::ffi::c_void,
+            0,
+        );
+    }
+    if find.error != 0 {
+        st.reason = find.error;
+        return STOP;
+    }
+    let rule = find.rule;
+    if rule == NOT_FOUND {
         st.reason = reason::PASS_NO_VERDICT;
         return STOP;
-    };
-    let slot = rule_slot(st.table, rule);
-    let Some(meta) = FW_RULE2.get(slot) else {
+    }
+    let slot = st.first_slot + rule;
+    let Some(meta) = FW_RULE3.get(slot) else {
         st.reason = reason::PASS_TABLE_ERROR;
         return STOP;
     };
@@ -272,67 +301,129 @@ extern "C" fn hop(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     GO_ON
 }
 
-/// The lowest set bit at or after `start`, over the whole bitmap.
-#[inline(always)]
-fn first_from(hits: &[u64; WORDS], start: u32) -> Option<u32> {
-    let first_word = (start / 64) as usize;
-    // A fixed-bound loop over all words (skipping the early ones) keeps the
-    // verifier's view simple; `skip(first_word)` would make the bound depend
-    // on `start`.
-    for (w, &word) in hits.iter().enumerate() {
-        if w < first_word {
-            continue;
+/// `Find::rule` when no rule at or after `start` matches.
+const NOT_FOUND: u32 = u32::MAX;
+
+/// State of the search for one matching rule.
+struct Find {
+    classes: [u32; 5],
+    /// The first rule that may match.
+    start: u32,
+    /// The first bitmap word not yet looked at.
+    next_word: u32,
+    /// The matching rule, or `NOT_FOUND`.
+    rule: u32,
+    /// A `reason` when the tables are broken, else 0.
+    error: u32,
+}
+
+/// One candidate: the first bitmap word from `next_word` on where all five
+/// classes have rules (from their summaries, one summary word at a time),
+/// ANDed; stops at the first rule found. A callback per word, not a loop
+/// over words: each path into the classifier verifies it again, and a
+/// loop body the verifier walks 64 times per path is past its budget.
+#[inline(never)]
+extern "C" fn probe(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop hands back the pointer `hop` passed: a live,
+    // exclusive `Find` on its stack.
+    let f = unsafe { &mut *(ctx as *mut Find) };
+    match probe_inline(f) {
+        Ok(Some(rule)) => {
+            f.rule = rule;
+            STOP
         }
-        let mut x = word;
-        if w == first_word {
-            x &= u64::MAX << (start % 64);
-        }
-        if x != 0 {
-            return Some((w as u32) * 64 + lowest_bit(x));
+        Ok(None) if f.next_word < WORDS => GO_ON,
+        Ok(None) => STOP,
+        Err(why) => {
+            f.error = why;
+            STOP
         }
     }
-    None
+}
+
+/// [`probe`]: the rule found, or `None` after moving `next_word` on.
+#[inline(always)]
+fn probe_inline(f: &mut Find) -> Result<Option<u32>, u32> {
+    // A 64-bit index, compared and used in the same register: the verifier
+    // loses the bound of a 32-bit one across its zero extension.
+    let s = (f.next_word / 64) as usize;
+    if s >= SUMMARY_WORDS {
+        f.next_word = WORDS;
+        return Ok(None);
+    }
+    let heads = [
+        head(f.classes[0])?,
+        head(f.classes[1])?,
+        head(f.classes[2])?,
+        head(f.classes[3])?,
+        head(f.classes[4])?,
+    ];
+    let mut c = u64::MAX << (f.next_word % 64);
+    for h in &heads {
+        c &= h.summary[s];
+    }
+    if c == 0 {
+        f.next_word = (s as u32 + 1) * 64;
+        return Ok(None);
+    }
+    let w = s as u32 * 64 + lowest_bit(c);
+    f.next_word = w + 1;
+    let mut hits = u64::MAX;
+    for h in &heads {
+        hits &= word(h, w)?;
+    }
+    if w == f.start / 64 {
+        hits &= u64::MAX << (f.start % 64);
+    }
+    Ok((hits != 0).then(|| w * 64 + lowest_bit(hits)))
+}
+
+/// Bitmap word `w` of a class whose summary has `w` (every candidate word
+/// is in all five summaries).
+#[inline(always)]
+fn word(h: &ClassHead, w: u32) -> Result<u64, u32> {
+    let s = (w / 64) as usize % SUMMARY_WORDS;
+    let b = w % 64;
+    // A dense summary word stores all its 64 words (rank `b`); a sparse one
+    // only the non-zero words, where the rank is the number of bits set
+    // below. (A branch costs the verifier little here: this runs once per
+    // `probe`, not in a loop it must walk word by word.)
+    let rank = if (h.dense >> s) & 1 != 0 {
+        b
+    } else {
+        popcount(h.summary[s] & ((1 << b) - 1))
+    };
+    FW_WORD1
+        .get(h.offset[s] + rank)
+        .copied()
+        .ok_or(reason::PASS_TABLE_ERROR)
 }
 
 #[inline(always)]
-fn class(id: u32) -> Result<&'static Bitmap, u32> {
+fn head(id: u32) -> Result<&'static ClassHead, u32> {
     // The array lookup checks the bound too; checking here first keeps a
     // corrupt trie value from reading a class of the other generation's
     // range by accident of wrap-around.
     if id >= MAX_CLASSES {
         return Err(reason::PASS_TABLE_ERROR);
     }
-    FW_CLASS1.get(id).ok_or(reason::PASS_TABLE_ERROR)
+    FW_CLASS2.get(id).ok_or(reason::PASS_TABLE_ERROR)
 }
 
-/// Index of the lowest set bit of a non-zero word. BPF has no count-trailing-
-/// zeros instruction and LLVM's expansion wants a lookup table in .rodata; a
-/// six-step binary search needs neither.
+/// Set bits of `x`. BPF has no population-count instruction; this is the
+/// branch-free SWAR sum, so the verifier sees one path, not one per bit.
 #[inline(always)]
-fn lowest_bit(mut x: u64) -> u32 {
-    let mut n = 0;
-    if x & 0xffff_ffff == 0 {
-        n += 32;
-        x >>= 32;
-    }
-    if x & 0xffff == 0 {
-        n += 16;
-        x >>= 16;
-    }
-    if x & 0xff == 0 {
-        n += 8;
-        x >>= 8;
-    }
-    if x & 0xf == 0 {
-        n += 4;
-        x >>= 4;
-    }
-    if x & 0x3 == 0 {
-        n += 2;
-        x >>= 2;
-    }
-    if x & 0x1 == 0 {
-        n += 1;
-    }
-    n
+fn popcount(x: u64) -> u32 {
+    let x = x - ((x >> 1) & 0x5555_5555_5555_5555);
+    let x = (x & 0x3333_3333_3333_3333) + ((x >> 2) & 0x3333_3333_3333_3333);
+    let x = (x + (x >> 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    (x.wrapping_mul(0x0101_0101_0101_0101) >> 56) as u32
+}
+
+/// Index of the lowest set bit of a non-zero word: the bits below it,
+/// counted. Branch-free for the same reason as [`popcount`] (LLVM's own
+/// count-trailing-zeros expansion wants a lookup table in .rodata).
+#[inline(always)]
+fn lowest_bit(x: u64) -> u32 {
+    popcount(!x & x.wrapping_sub(1))
 }

@@ -9,8 +9,8 @@ use filter_common::{reason, RuleCounter, MAX_RULE_SLOTS};
 #[map(name = "FW_STATS1")]
 static FW_STATS1: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
 
-#[map(name = "FW_RULE_CTR1")]
-static FW_RULE_CTR1: PerCpuArray<RuleCounter> = PerCpuArray::pinned(MAX_RULE_SLOTS, 0);
+#[map(name = "FW_RULE_CTR2")]
+static FW_RULE_CTR2: PerCpuArray<RuleCounter> = PerCpuArray::pinned(MAX_RULE_SLOTS, 0);
 
 /// Counts one packet for `reason`.
 #[inline(always)]
@@ -25,7 +25,7 @@ pub fn count_reason(reason: u32) {
 /// Counts one packet of `bytes` bytes for the rule in `slot`.
 #[inline(always)]
 pub fn count_rule(slot: u32, bytes: u64) {
-    if let Some(c) = FW_RULE_CTR1.get_ptr_mut(slot) {
+    if let Some(c) = FW_RULE_CTR2.get_ptr_mut(slot) {
         // SAFETY: as in `count_reason`.
         unsafe {
             (*c).packets += 1;

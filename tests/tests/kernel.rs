@@ -589,3 +589,99 @@ fn failsafe_ports_skip_pre_dnat_policy() {
         "the default list no longer applies"
     );
 }
+
+/// A table of 15,000 rules, so deciding rules sit in every summary word of
+/// the sparse class storage: for random packets the kernel's verdict and
+/// the rule it counts (and the Log rules it passes) are the emulation's.
+#[test]
+fn kernel_finds_the_emulated_rule_anywhere_in_a_full_size_table() {
+    if !privileged("kernel_finds_the_emulated_rule_anywhere_in_a_full_size_table") {
+        return;
+    }
+    use filter_agent::{
+        compile::emulate::{self, Fields},
+        dataplane::{first_slots, PinnedCounters},
+    };
+    use filter_common::{action, direction, stage};
+    const RULES: usize = 15_000;
+    let mut rng = Rng(0x5eed_0000_0010_0000);
+    // 128 sources × 64 ports: a rule matches one packet in 8,192, so the
+    // first match falls anywhere in the table (or nowhere).
+    let addr = |i: u64| [10, 9, (i / 256) as u8, (i % 256) as u8];
+    let port = |i: u64| 20_000 + i as u16;
+    let mut text = String::from(
+        "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: test-hep, labels: {role: pub}}\nspec: {node: kernel-test, interfaceName: lo}\n\
+         ---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: big}\nspec:\n  preDNAT: true\n  applyOnForward: true\n  selector: role == 'pub'\n  ingress:\n",
+    );
+    for _ in 0..RULES {
+        let act = rng.pick(&["Allow", "Deny", "Allow", "Deny", "Log"]);
+        let [a, b, c, d] = addr(rng.next_u64() % 128);
+        // A few rules cover every source, so several rules often match.
+        let net = if rng.one_in(300) {
+            "10.9.0.0/25".to_string()
+        } else {
+            format!("{a}.{b}.{c}.{d}/32")
+        };
+        text += &format!(
+            "  - action: {act}\n    protocol: TCP\n    source: {{nets: [{net}]}}\n    destination: {{ports: [{}]}}\n",
+            port(rng.next_u64() % 64)
+        );
+    }
+    let mut store = Store::default();
+    let mut errors = Vec::new();
+    store.add_text(Path::new("big.yaml"), &text, &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    let node = Node {
+        name: "kernel-test".into(),
+        interfaces: BTreeMap::new(),
+    };
+    let compiled = compile::compile(&store, &node).expect("compiles");
+    let pin_dir = Path::new("/sys/fs/bpf").join(unique("fwbig"));
+    let mut k = Loaded {
+        dp: Some(Dataplane::load(&pin_dir).expect("load")),
+        pin_dir,
+    };
+    let ifaces: Interfaces = [("lo".to_string(), LO)].into();
+    let generation =
+        k.dp.as_mut()
+            .expect("loaded")
+            .publish(&compiled, &ifaces)
+            .expect("a 15,000-rule table fits");
+    let index = (stage::PRE_DNAT * 2 + direction::INGRESS) as usize;
+    let first_slot = first_slots(&compiled, generation)[index];
+    let table = compiled.table(stage::PRE_DNAT, direction::INGRESS);
+    assert!(table.rules.len() >= RULES);
+    let counters = PinnedCounters::open(&k.pin_dir).expect("open the counters");
+    let mut expected: BTreeMap<usize, u64> = BTreeMap::new();
+    let mut deepest = 0;
+    for n in 0..2000 {
+        let src = addr(rng.next_u64() % 130);
+        let dport = port(rng.next_u64() % 64);
+        let fields = Fields {
+            src: src.into(),
+            dst: WORKER.into(),
+            proto: 6,
+            sport: Some(40000),
+            dport: Some(dport),
+        };
+        let out = emulate::lookup(&compiled, table, "lo", fields).expect("the endpoint has a mask");
+        let want = match out.decided {
+            Some(r) if table.rules[r].action == action::DENY => XDP_DROP,
+            _ => XDP_PASS,
+        };
+        assert_eq!(
+            k.run(&tcp4(src, WORKER, dport)),
+            want,
+            "packet {n}: {fields:?}"
+        );
+        for r in out.decided.iter().chain(&out.logged) {
+            *expected.entry(*r).or_default() += 1;
+            let got = counters.rule(first_slot + *r as u32).expect("read").packets;
+            assert_eq!(got, expected[r], "packet {n}: counter of rule {r}");
+        }
+        deepest = deepest.max(out.decided.unwrap_or(0));
+    }
+    // The test means something only if deciding rules reach the last
+    // summary word the table uses (rule 12,288 and up).
+    assert!(deepest >= 12_288, "deepest deciding rule {deepest}");
+}

@@ -127,10 +127,21 @@ fn run(cli: Cli) -> Result<()> {
             println!("tests: {passed} passed, {failed} failed");
             Ok(())
         }
-        Cmd::Bench => cargo(
-            &root,
-            &["bench", "-p", "filter-agent", "--bench", "compile"],
-        ),
+        Cmd::Bench => {
+            // Part 2 runs programs under BPF_PROG_TEST_RUN: root, and the
+            // kernel object built first.
+            require_root("cargo xtask bench")?;
+            prereqs()?;
+            build_ebpf(&root)?;
+            cargo(&root, RELEASE_BUILD)?;
+            cargo(
+                &root,
+                &["bench", "-p", "filter-agent", "--bench", "compile"],
+            )?;
+            let mut cmd = Command::new(root.join("target/release/fw-bench"));
+            cmd.current_dir(&root);
+            status(&mut cmd, "fw-bench")
+        }
         Cmd::Fuzz { target, seconds } => {
             prereqs()?;
             fuzz(&root, &target, &[format!("-max_total_time={seconds}")])

@@ -14,7 +14,7 @@ use std::{
 };
 
 use clap::ValueEnum;
-use filter_common::{action, reason, rule_slot, table_id};
+use filter_common::{action, reason};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -107,8 +107,8 @@ pub fn state(
     attachments: &[(String, u32, &str)],
 ) -> StateFile {
     let mut rules = Vec::new();
-    for t in &compiled.tables {
-        let table = table_id(generation, t.stage, t.direction);
+    let first_slots = crate::dataplane::first_slots(compiled, generation);
+    for (t, first_slot) in compiled.tables.iter().zip(first_slots) {
         let stage = STAGES
             .iter()
             .find(|(s, _)| *s == t.stage)
@@ -139,7 +139,7 @@ pub fn state(
                 _ => "pass",
             };
             rules.push(SlotInfo {
-                slot: rule_slot(table, i as u32),
+                slot: first_slot + i as u32,
                 stage: stage.into(),
                 direction: direction.into(),
                 action: action.into(),

@@ -2,8 +2,8 @@
 //!
 //! [`RuleSet`] is dense and trimmed (no trailing zero words), so equal sets
 //! are equal vectors whatever the table size, and interning them finds
-//! every duplicate. The dataplane widens them to the kernel's fixed
-//! `Bitmap` and checks its capacity.
+//! every duplicate. The dataplane stores them sparse in the kernel's class
+//! maps (`dataplane::classes`) and checks their capacity.
 
 /// A set of rule numbers.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

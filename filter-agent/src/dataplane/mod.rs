@@ -8,6 +8,7 @@
 //!
 //! This is the only module that imports aya.
 
+mod classes;
 pub mod conntrack;
 pub mod live;
 
@@ -32,10 +33,10 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use filter_common::{
-    names, rule_slot, table_id, AddrV4Key, AddrV6Key, Bitmap, EndpointKey, FailsafeKey, HostKey,
-    PortKey, RuleCounter, RuleMeta, SvcKey, CLASSES_PER_GEN, FAILSAFE_ADDR_OFFSET_BITS,
-    FAILSAFE_PORT_BITS, GENERATIONS, MAX_RULES, PORT_KEY_ANY_PROTO_BITS, PORT_KEY_FLAG_BITS,
-    TABLES_PER_GEN, TABLE_PREFIX_BITS,
+    names, table_id, AddrV4Key, AddrV6Key, ClassHead, EndpointKey, EndpointValue, FailsafeKey,
+    HostKey, PortKey, RuleCounter, RuleMeta, SvcKey, CLASSES_PER_GEN, CLASS_WORDS_PER_GEN,
+    FAILSAFE_ADDR_OFFSET_BITS, FAILSAFE_PORT_BITS, GENERATIONS, MAX_RULES, PORT_KEY_ANY_PROTO_BITS,
+    PORT_KEY_FLAG_BITS, RULE_SLOTS_PER_GEN, TABLES_PER_GEN, TABLE_PREFIX_BITS,
 };
 
 use crate::compile::{prefix::Prefix, services::Frontend, Compiled, PortEntry, Table};
@@ -411,18 +412,15 @@ impl Dataplane {
     pub fn publish(&mut self, compiled: &Compiled, ifaces: &Interfaces) -> Result<u32, Error> {
         let next = (self.live + 1) % GENERATIONS;
         check_capacity(compiled)?;
-        if compiled.classes.len() > CLASSES_PER_GEN as usize {
-            return Err(Error::Capacity(format!(
-                "{} distinct rule bitmaps; a generation holds {CLASSES_PER_GEN}",
-                compiled.classes.len()
-            )));
-        }
+        // Everything that can exceed a capacity is laid out before the
+        // first write, so a policy that does not fit changes nothing.
+        let plan = Plan::new(compiled, ifaces, next)?;
         // The inactive generation may still hold entries if a previous
         // update failed half-way; start it clean.
         self.clear_generation(next)?;
         self.write_failsafe(&compiled.failsafe)?;
         self.write_frontends(&compiled.frontends)?;
-        self.write_generation(next, compiled, ifaces)?;
+        self.write_generation(next, compiled, &plan)?;
         self.set_generation(next)?;
         let old = self.live;
         self.live = next;
@@ -435,20 +433,28 @@ impl Dataplane {
         &mut self,
         generation: u32,
         compiled: &Compiled,
-        ifaces: &Interfaces,
+        plan: &Plan,
     ) -> Result<(), Error> {
-        let base = generation * CLASSES_PER_GEN;
         {
-            let mut classes: Array<&mut MapData, Bitmap> = self.map(names::MAP_CLASS)?;
-            for (i, b) in compiled.classes.iter().enumerate() {
-                classes
-                    .set(base + i as u32, &to_bitmap(b), 0)
+            let mut words: Array<&mut MapData, u64> = self.map(names::MAP_CLASS_WORDS)?;
+            let base = generation * CLASS_WORDS_PER_GEN;
+            for (i, w) in plan.layout.words.iter().enumerate() {
+                words
+                    .set(base + i as u32, w, 0)
+                    .map_err(map_error(names::MAP_CLASS_WORDS, format!("set word {i}")))?;
+            }
+        }
+        {
+            let mut heads: Array<&mut MapData, ClassHead> = self.map(names::MAP_CLASS)?;
+            for (i, h) in plan.layout.heads.iter().enumerate() {
+                heads
+                    .set(plan.class_base + i as u32, h, 0)
                     .map_err(map_error(names::MAP_CLASS, format!("set class {i}")))?;
             }
         }
-        for t in &compiled.tables {
+        for (t, first_slot) in compiled.tables.iter().zip(&plan.first_slots) {
             let table = table_id(generation, t.stage, t.direction);
-            self.write_table(table, base, t, ifaces)?;
+            self.write_table(table, *first_slot, t, plan)?;
         }
         Ok(())
     }
@@ -456,11 +462,11 @@ impl Dataplane {
     fn write_table(
         &mut self,
         table: u32,
-        base: u32,
+        first_slot: u32,
         t: &Table,
-        ifaces: &Interfaces,
+        plan: &Plan,
     ) -> Result<(), Error> {
-        self.zero_counters(table, t.rules.len())?;
+        self.zero_counters(first_slot, t.rules.len())?;
         let tb = table.to_be_bytes();
         {
             let mut rules: Array<&mut MapData, RuleMeta> = self.map(names::MAP_RULE)?;
@@ -472,7 +478,7 @@ impl Dataplane {
                     next: r.next,
                 };
                 rules
-                    .set(rule_slot(table, i as u32), &meta, 0)
+                    .set(first_slot + i as u32, &meta, 0)
                     .map_err(map_error(names::MAP_RULE, format!("set rule {i}")))?;
             }
         }
@@ -494,7 +500,7 @@ impl Dataplane {
                         },
                     )
                 },
-                base,
+                plan,
             )?;
         }
         for (name, entries) in [
@@ -514,24 +520,33 @@ impl Dataplane {
                         },
                     )
                 },
-                base,
+                plan,
             )?;
         }
         for (name, entries) in [(names::MAP_PORT, &t.dports), (names::MAP_SPORT, &t.sports)] {
             let mut ports: LpmTrie<&mut MapData, PortKey, u32> = self.map(name)?;
             for e in entries {
                 ports
-                    .insert(&port_key(tb, e), &(base + e.class), 0)
+                    .insert(&port_key(tb, e), &plan.class(e.class), 0)
                     .map_err(map_error(name, format!("insert {e:?}")))?;
             }
         }
-        let mut eps: HashMap<&mut MapData, EndpointKey, Bitmap> = self.map(names::MAP_ENDPOINT)?;
-        for (iface, mask) in &t.masks {
-            let Some(&ifindex) = ifaces.get(iface) else {
-                continue;
+        let mut eps: HashMap<&mut MapData, EndpointKey, EndpointValue> =
+            self.map(names::MAP_ENDPOINT)?;
+        for (ifindex, class) in &plan.masks[&table] {
+            let value = EndpointValue {
+                class: *class,
+                first_slot,
             };
-            eps.insert(&EndpointKey { ifindex, table }, &to_bitmap(mask), 0)
-                .map_err(map_error(names::MAP_ENDPOINT, format!("insert {iface}")))?;
+            eps.insert(
+                &EndpointKey {
+                    ifindex: *ifindex,
+                    table,
+                },
+                &value,
+                0,
+            )
+            .map_err(map_error(names::MAP_ENDPOINT, format!("insert {ifindex}")))?;
         }
         Ok(())
     }
@@ -541,11 +556,11 @@ impl Dataplane {
         name: &'static str,
         entries: &[(Prefix, u32)],
         key: impl Fn(&Prefix) -> Key<K>,
-        base: u32,
+        plan: &Plan,
     ) -> Result<(), Error> {
         let mut trie: LpmTrie<&mut MapData, K, u32> = self.map(name)?;
         for (p, class) in entries {
-            trie.insert(&key(p), &(base + class), 0)
+            trie.insert(&key(p), &plan.class(*class), 0)
                 .map_err(map_error(name, format!("insert {p:?}")))?;
         }
         Ok(())
@@ -577,9 +592,10 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Zeroes the counters of a table's first `rules` slots: a slot counts
-    /// for the rule the live generation puts there, from when it went live.
-    fn zero_counters(&mut self, table: u32, rules: usize) -> Result<(), Error> {
+    /// Zeroes the counters of a table's `rules` slots from `first_slot`: a
+    /// slot counts for the rule the live generation puts there, from when
+    /// it went live.
+    fn zero_counters(&mut self, first_slot: u32, rules: usize) -> Result<(), Error> {
         let cpus = aya::util::nr_cpus().map_or(1, |n| n.get() as usize);
         let mut ctr: PerCpuArray<&mut MapData, RuleCounter> = self.map(names::MAP_RULE_COUNTERS)?;
         for i in 0..rules as u32 {
@@ -590,7 +606,7 @@ impl Dataplane {
                     path: names::MAP_RULE_COUNTERS.into(),
                     source: e,
                 })?;
-            ctr.set(rule_slot(table, i), zeros, 0)
+            ctr.set(first_slot + i, zeros, 0)
                 .map_err(map_error(names::MAP_RULE_COUNTERS, "zero"))?;
         }
         Ok(())
@@ -606,7 +622,8 @@ impl Dataplane {
         self.clear_trie::<AddrV6Key>(names::MAP_DST_V6, |k| in_gen(k.table))?;
         self.clear_trie::<PortKey>(names::MAP_PORT, |k| in_gen(k.table))?;
         self.clear_trie::<PortKey>(names::MAP_SPORT, |k| in_gen(k.table))?;
-        let mut eps: HashMap<&mut MapData, EndpointKey, Bitmap> = self.map(names::MAP_ENDPOINT)?;
+        let mut eps: HashMap<&mut MapData, EndpointKey, EndpointValue> =
+            self.map(names::MAP_ENDPOINT)?;
         let stale: Vec<EndpointKey> = eps
             .keys()
             .filter_map(Result::ok)
@@ -1001,7 +1018,7 @@ pub struct PinnedCounters {
 }
 
 impl PinnedCounters {
-    /// Opens `FW_RULE_CTR1` and `FW_STATS1` under `pin_dir`.
+    /// Opens the rule and reason counters pinned under `pin_dir`.
     pub fn open(pin_dir: &Path) -> Result<PinnedCounters, Error> {
         let open = |name: &'static str| -> Result<aya::maps::Map, Error> {
             let data = MapData::from_pin(pin_dir.join(name)).map_err(map_error(
@@ -1042,19 +1059,91 @@ impl PinnedCounters {
     }
 }
 
-/// The kernel's fixed-size bitmap of a rule set that fits (checked by
-/// [`check_capacity`] before anything is written).
-fn to_bitmap(set: &crate::compile::bits::RuleSet) -> Bitmap {
-    let mut b = Bitmap::EMPTY;
-    for (w, word) in set.words().iter().enumerate().take(b.words.len()) {
-        b.words[w] = *word;
+/// Rule slot of rule 0 of each of `compiled`'s tables (in their order)
+/// when it is live as `generation`: the tables' rules take consecutive
+/// slots from the generation's first.
+pub fn first_slots(compiled: &Compiled, generation: u32) -> Vec<u32> {
+    let mut next = generation * RULE_SLOTS_PER_GEN;
+    compiled
+        .tables
+        .iter()
+        .map(|t| {
+            let first = next;
+            next += t.rules.len() as u32;
+            first
+        })
+        .collect()
+}
+
+/// The kernel's class storage `compiled` takes in one generation, its
+/// endpoint masks aside: (classes, stored 64-bit words), or the capacity
+/// it exceeds.
+pub fn class_storage(compiled: &Compiled) -> Result<(usize, usize), Error> {
+    let plan = Plan::new(compiled, &Interfaces::new(), 0)?;
+    Ok((plan.layout.heads.len(), plan.layout.words.len()))
+}
+
+/// Where one generation's contents go, worked out before anything is
+/// written.
+struct Plan {
+    layout: classes::Layout,
+    /// Compiler class number → class number in the generation's range.
+    classes: Vec<u32>,
+    /// First class number of the generation.
+    class_base: u32,
+    /// Per table id: (interface index, class of its mask).
+    masks: BTreeMap<u32, Vec<(u32, u32)>>,
+    first_slots: Vec<u32>,
+}
+
+impl Plan {
+    fn new(compiled: &Compiled, ifaces: &Interfaces, generation: u32) -> Result<Plan, Error> {
+        let word_base = generation * CLASS_WORDS_PER_GEN;
+        let class_base = generation * CLASSES_PER_GEN;
+        let mut layout = classes::Layout::new();
+        let mut classes = Vec::with_capacity(compiled.classes.len());
+        for c in &compiled.classes {
+            classes.push(class_base + layout.intern(c, word_base).map_err(Error::Capacity)?);
+        }
+        let mut masks = BTreeMap::new();
+        for t in &compiled.tables {
+            let mut eps = Vec::new();
+            for (iface, mask) in &t.masks {
+                // Bound interfaces that do not exist yet are skipped (and
+                // written when they appear).
+                let Some(&ifindex) = ifaces.get(iface) else {
+                    continue;
+                };
+                let class = layout.intern(mask, word_base).map_err(Error::Capacity)?;
+                eps.push((ifindex, class_base + class));
+            }
+            masks.insert(table_id(generation, t.stage, t.direction), eps);
+        }
+        Ok(Plan {
+            layout,
+            classes,
+            class_base,
+            masks,
+            first_slots: first_slots(compiled, generation),
+        })
     }
-    b
+
+    /// The kernel's number for compiler class `c`.
+    fn class(&self, c: u32) -> u32 {
+        self.classes[c as usize]
+    }
 }
 
 /// Whether every table fits the kernel's tables: at most `MAX_RULES` rules
-/// per stage and direction. The compiler has no such limit.
+/// per stage and direction, `RULE_SLOTS_PER_GEN` in all. The compiler has
+/// no such limit.
 fn check_capacity(compiled: &Compiled) -> Result<(), Error> {
+    let total: usize = compiled.tables.iter().map(|t| t.rules.len()).sum();
+    if total > RULE_SLOTS_PER_GEN as usize {
+        return Err(Error::Capacity(format!(
+            "the policy has {total} rules over all stages and directions; the kernel tables hold {RULE_SLOTS_PER_GEN}"
+        )));
+    }
     for t in &compiled.tables {
         if t.rules.len() > MAX_RULES as usize {
             let stage = crate::compile::STAGES

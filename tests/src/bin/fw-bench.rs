@@ -2,7 +2,7 @@
 //! under BPF_PROG_TEST_RUN beside a program that only returns XDP_PASS, in
 //! one run. A 64-byte TCP SYN whose deciding rule is the last one.
 
-use std::{collections::BTreeMap, path::Path};
+use std::{collections::BTreeMap, path::Path, time::Instant};
 
 use etherparse::PacketBuilder;
 use filter_agent::{
@@ -56,49 +56,29 @@ fn main() {
     let mut dp = Dataplane::load(&pin_dir).expect("load the kernel object");
     // Unpins also when a run panics (a closed stdout, say).
     let _unpin = Unpin(pin_dir.clone());
-    println!("| rules | CIDRs | fw_xdp ns/packet | XDP_PASS ns/packet | verdict |");
-    println!("|---:|---:|---:|---:|---|");
-    for rules in [0usize, 1, 100, 1000] {
-        let text = policy(rules);
-        let mut store = Store::default();
-        let mut errors = Vec::new();
-        store.add_text(Path::new("bench.yaml"), &text, &mut errors);
-        assert!(errors.is_empty(), "{errors:?}");
-        let compiled = compile::compile(
-            &store,
-            &Node {
-                name: "bench".into(),
-                interfaces: BTreeMap::new(),
-            },
-        )
-        .expect("compiles");
+    println!("| rules | CIDRs | fw_xdp ns/packet | XDP_PASS ns/packet | verdict | publish ms |");
+    println!("|---:|---:|---:|---:|---|---:|");
+    for rules in [0usize, 1, 100, 1000, 10_000] {
+        let compiled = compiled(&policy(rules));
         let ifaces: Interfaces = [("lo".to_string(), 1)].into();
+        let started = Instant::now();
         dp.publish(&compiled, &ifaces).expect("publish");
+        let publish = started.elapsed();
         // Source: the last CIDR of the last rule; port: the last rule's.
         let last = CIDRS
             .checked_div(rules)
             .map_or(1, |per| (per * rules) as u32);
         let a = 0x0a00_0000u32 + last;
-        let mut frame = Vec::new();
-        PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
-            .ipv4(a.to_be_bytes(), [192, 0, 2, 1], 64)
-            .tcp(40000, 1000 + rules.saturating_sub(1) as u16, 1, 1024)
-            .syn()
-            .write(&mut frame, &[0u8; 10])
-            .expect("build");
-        frame.resize(64, 0);
+        let frame = syn(a.to_be_bytes(), 1000 + rules.saturating_sub(1) as u16);
         let (ret, t) = dp.time_xdp(&frame, 1, REPEAT, false).expect("run fw_xdp");
         let (_, base) = dp.time_xdp(&frame, 1, REPEAT, true).expect("run fw_pass");
-        let verdict = match ret {
-            1 => "drop",
-            2 => "pass",
-            _ => "other",
-        };
         println!(
-            "| {rules} | {} | {} | {} | {verdict} |",
+            "| {rules} | {} | {} | {} | {} | {} |",
             if rules == 0 { 0 } else { CIDRS },
             t.as_nanos(),
-            base.as_nanos()
+            base.as_nanos(),
+            verdict(ret),
+            publish.as_millis()
         );
         if rules == 1000 {
             // The same packet on a flow conntrack knows: the pre-DNAT stage
@@ -115,14 +95,84 @@ fn main() {
             let (_, base) = dp.time_xdp(&frame, 1, REPEAT, true).expect("run fw_pass");
             dp.forget_flow(&flow).expect("forget the flow");
             println!(
-                "| {rules}, established flow | {CIDRS} | {} | {} | {} |",
+                "| {rules}, established flow | {CIDRS} | {} | {} | {} | |",
                 t.as_nanos(),
                 base.as_nanos(),
-                if ret == 2 { "pass" } else { "other" }
+                verdict(ret)
             );
         }
     }
+    worst_case(&mut dp);
     let _ = dp.shutdown();
+}
+
+/// The classifier's worst case: 10,000 rules where every bitmap word has
+/// rules for the packet's source and rules for its port, but never both,
+/// so the scan cannot skip a word; only the last rule matches.
+fn worst_case(dp: &mut Dataplane) {
+    const RULES: usize = 10_000;
+    let mut y = String::from(
+        "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: hep, labels: {role: pub}}\nspec: {node: bench, interfaceName: lo}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: bench}\nspec:\n  preDNAT: true\n  applyOnForward: true\n  selector: role == 'pub'\n  ingress:\n",
+    );
+    for r in 0..RULES {
+        let (net, port) = match (r == RULES - 1, r % 2) {
+            (true, _) => ("10.0.0.1", 80),
+            (false, 0) => ("10.0.0.1", 81),
+            (false, _) => ("10.0.0.2", 80),
+        };
+        y += &format!("  - action: Deny\n    protocol: TCP\n    source: {{nets: [{net}/32]}}\n    destination: {{ports: [{port}]}}\n");
+    }
+    let compiled = compiled(&y);
+    let started = Instant::now();
+    dp.publish(&compiled, &[("lo".to_string(), 1)].into())
+        .expect("publish");
+    let publish = started.elapsed();
+    let frame = syn([10, 0, 0, 1], 80);
+    let (ret, t) = dp.time_xdp(&frame, 1, REPEAT, false).expect("run fw_xdp");
+    let (_, base) = dp.time_xdp(&frame, 1, REPEAT, true).expect("run fw_pass");
+    println!(
+        "| {RULES}, worst case (no word skipped) | 0 | {} | {} | {} | {} |",
+        t.as_nanos(),
+        base.as_nanos(),
+        verdict(ret),
+        publish.as_millis()
+    );
+}
+
+fn compiled(text: &str) -> compile::Compiled {
+    let mut store = Store::default();
+    let mut errors = Vec::new();
+    store.add_text(Path::new("bench.yaml"), text, &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    compile::compile(
+        &store,
+        &Node {
+            name: "bench".into(),
+            interfaces: BTreeMap::new(),
+        },
+    )
+    .expect("compiles")
+}
+
+/// A 64-byte TCP SYN to 192.0.2.1.
+fn syn(src: [u8; 4], dport: u16) -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+        .ipv4(src, [192, 0, 2, 1], 64)
+        .tcp(40000, dport, 1, 1024)
+        .syn()
+        .write(&mut frame, &[0u8; 10])
+        .expect("build");
+    frame.resize(64, 0);
+    frame
+}
+
+fn verdict(xdp_action: u32) -> &'static str {
+    match xdp_action {
+        1 => "drop",
+        2 => "pass",
+        _ => "other",
+    }
 }
 
 /// Removes the benchmark's pins when dropped.
