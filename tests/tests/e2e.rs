@@ -397,3 +397,78 @@ fn explain_dataplane_runs_the_live_programs_beside_the_reference() {
     assert_eq!(j["kernel"]["verdict"], "deny", "{j}");
     assert!(agent.stop().success());
 }
+
+/// VLAN and bond devices have no native XDP in their drivers; this
+/// machine kind's kernel has neither module, so a macvlan (no native XDP
+/// either) stands in: the agent falls back to generic XDP, says so in
+/// `stats`, and the endpoint is enforced at XDP all the same.
+#[test]
+fn a_device_without_native_xdp_gets_generic_xdp_and_is_enforced() {
+    if !privileged("a_device_without_native_xdp_gets_generic_xdp_and_is_enforced") {
+        return;
+    }
+    let p = pair();
+    // The worker's address moves to a macvlan on top of eth1; eth1 stops
+    // answering ARP so frames for 192.0.2.1 carry the macvlan's MAC.
+    p.worker.ip(&[
+        "link", "add", "link", "eth1", "name", "mv0", "type", "macvlan", "mode", "bridge",
+    ]);
+    p.worker.ip(&["addr", "del", "192.0.2.1/24", "dev", "eth1"]);
+    p.worker.ip(&["addr", "add", "192.0.2.1/24", "dev", "mv0"]);
+    p.worker.ip(&["link", "set", "eth1", "arp", "off"]);
+    p.worker.ip(&["link", "set", "mv0", "up"]);
+    let _s7000 = TcpServer::start(&p.worker, "0.0.0.0:7000".parse().expect("addr"), "7000");
+    let _s7001 = TcpServer::start(&p.worker, "0.0.0.0:7001".parse().expect("addr"), "7001");
+    let to = |port: u16| SocketAddr::from(([192, 0, 2, 1], port));
+    let t = Duration::from_millis(1500);
+    assert_eq!(
+        tcp_probe(&p.client, to(7000), t).as_deref(),
+        Ok("7000"),
+        "7000 reachable through the macvlan before enforcement"
+    );
+    let dir = demo::TempDir::new(&unique("fwgeneric"));
+    std::fs::write(
+        dir.0.join("policy.yaml"),
+        HEP_AND_DENY.replace("interfaceName: eth1", "interfaceName: mv0"),
+    )
+    .expect("write policy");
+    let pins = Path::new("/sys/fs/bpf").join(unique("fwg"));
+    let mut agent = Agent::start(&agent_binary(), &p.worker, &dir.0, "pair", &pins);
+    agent
+        .wait_for("policy applied", 0, Duration::from_secs(15))
+        .expect("applied");
+    assert!(tcp_probe(&p.client, to(7000), t).is_err(), "7000 denied");
+    assert_eq!(tcp_probe(&p.client, to(7001), t).as_deref(), Ok("7001"));
+
+    let out = std::process::Command::new(agent_binary())
+        .args(["stats", "--output", "json", "--pin-dir"])
+        .arg(&pins)
+        .output()
+        .expect("run stats");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+    let mv0 = json["interfaces"]
+        .as_array()
+        .expect("interfaces")
+        .iter()
+        .find(|i| i["name"] == "mv0")
+        .unwrap_or_else(|| panic!("no mv0 in {json}"));
+    assert_eq!(mv0["xdp_mode"], "generic", "{json}");
+    let deny = json["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .find(|r| r["policy"] == "deny-7000" && r["stage"] == "pre-dnat")
+        .unwrap_or_else(|| panic!("no deny-7000 rule in {json}"));
+    assert!(
+        deny["packets"].as_u64().expect("packets") >= 1,
+        "the SYN was dropped by the pre-DNAT rule at XDP: {json}"
+    );
+    assert!(
+        agent
+            .log_text()
+            .contains("native XDP unavailable, using generic mode"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(agent.stop().success());
+}
