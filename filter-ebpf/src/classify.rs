@@ -26,7 +26,7 @@ use filter_common::{
     SUMMARY_WORDS, TABLE_PREFIX_BITS, WORDS,
 };
 
-use crate::parse::{Family, Packet};
+use crate::parse::{Family, Packet, IPPROTO_ICMP, IPPROTO_ICMPV6};
 
 #[map(name = "FW_GEN1")]
 static FW_GEN1: Array<u32> = Array::pinned(1, 0);
@@ -168,7 +168,7 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> St
     ));
     // ICMP type and code ride in the destination port; there is no source
     // port, so its source key says "no ports" like a fragment's.
-    let icmp = pkt.proto == 1 || pkt.proto == 58;
+    let icmp = pkt.proto == IPPROTO_ICMP || pkt.proto == IPPROTO_ICMPV6;
     let sport = FW_SPORT1.get(&Key::new(
         PORT_KEY_FULL_BITS,
         port_key(pkt.has_ports && !icmp, pkt.sport),
@@ -366,11 +366,12 @@ fn probe_inline(f: &mut Find) -> Result<Option<u32>, u32> {
         f.next_word = (s as u32 + 1) * 64;
         return Ok(None);
     }
-    let w = s as u32 * 64 + lowest_bit(c);
+    let b = lowest_bit(c);
+    let w = s as u32 * 64 + b;
     f.next_word = w + 1;
     let mut hits = u64::MAX;
     for h in &heads {
-        hits &= word(h, w)?;
+        hits &= word(h, s, b)?;
     }
     if w == f.start / 64 {
         hits &= u64::MAX << (f.start % 64);
@@ -378,12 +379,11 @@ fn probe_inline(f: &mut Find) -> Result<Option<u32>, u32> {
     Ok((hits != 0).then(|| w * 64 + lowest_bit(hits)))
 }
 
-/// Bitmap word `w` of a class whose summary has `w` (every candidate word
-/// is in all five summaries).
+/// Bitmap word `64 * s + b` of a class whose summary has it (every
+/// candidate word is in all five summaries); `s` is bounds-checked by the
+/// caller.
 #[inline(always)]
-fn word(h: &ClassHead, w: u32) -> Result<u64, u32> {
-    let s = (w / 64) as usize % SUMMARY_WORDS;
-    let b = w % 64;
+fn word(h: &ClassHead, s: usize, b: u32) -> Result<u64, u32> {
     // A dense summary word stores all its 64 words (rank `b`); a sparse one
     // only the non-zero words, where the rank is the number of bits set
     // below. (A branch costs the verifier little here: this runs once per

@@ -15,7 +15,9 @@ use filter_common::{
     CtKey, CtValue,
 };
 
-use crate::parse::{Family, Packet};
+use crate::parse::{
+    Family, Packet, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
+};
 
 #[map(name = "FW_CT1")]
 static FW_CT1: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(ct::DEFAULT_SIZE, 0);
@@ -97,8 +99,8 @@ fn flow(family: Family, proto: u8, src: &[u8; 16], dst: &[u8; 16], sport: u16, d
 #[inline(always)]
 fn packet_flow(pkt: &Packet) -> Flow {
     let (sport, dport) = match pkt.proto {
-        6 | 17 | 132 => (pkt.sport, pkt.dport),
-        1 | 58 => (pkt.echo_id, pkt.echo_id),
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => (pkt.sport, pkt.dport),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => (pkt.echo_id, pkt.echo_id),
         _ => (0, 0),
     };
     flow(pkt.family, pkt.proto, &pkt.src, &pkt.dst, sport, dport)
@@ -137,7 +139,7 @@ pub fn track(pkt: &Packet, hook: Hook) -> Known {
     let from_opener = f.from_a == (v.flags & ct::OPENED_BY_A != 0);
     let flags = pkt.tcp_flags;
     // A fresh SYN on a closed flow opens a new one: judge it.
-    if pkt.proto == 6
+    if pkt.proto == IPPROTO_TCP
         && flags & (TCP_SYN | TCP_ACK) == TCP_SYN
         && v.flags & (ct::RST | ct::FIN_A | ct::FIN_B) != 0
     {
@@ -161,7 +163,7 @@ pub fn track(pkt: &Packet, hook: Hook) -> Known {
     if !from_opener {
         nf = (nf | ct::SEEN_REPLY) & !ct::FORWARD_PENDING;
     }
-    if pkt.proto == 6 {
+    if pkt.proto == IPPROTO_TCP {
         if flags & TCP_RST != 0 {
             nf |= ct::RST;
         }
@@ -190,7 +192,10 @@ fn live(v: &CtValue, proto: u8, now: u64) -> bool {
 /// judged (see `ct::FORWARD_PENDING`). A RST or an ICMP error opens nothing.
 #[inline(never)]
 pub fn open(pkt: &Packet, pending: bool) {
-    if pkt.inner.present || pkt.fragment || (pkt.proto == 6 && pkt.tcp_flags & TCP_RST != 0) {
+    if pkt.inner.present
+        || pkt.fragment
+        || (pkt.proto == IPPROTO_TCP && pkt.tcp_flags & TCP_RST != 0)
+    {
         return;
     }
     let f = packet_flow(pkt);
