@@ -176,6 +176,21 @@ fn a_bad_edit_keeps_the_last_good_policy_and_a_fix_applies() {
     assert!(agent.stop().success());
 }
 
+/// `filter-agent stats --output json` on the agent pinned at `pins`.
+fn stats_json(pins: &Path) -> serde_json::Value {
+    let out = std::process::Command::new(agent_binary())
+        .args(["stats", "--output", "json", "--pin-dir"])
+        .arg(pins)
+        .output()
+        .expect("run stats");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("stats JSON")
+}
+
 #[test]
 fn stats_count_the_packets_each_rule_decided() {
     if !privileged("stats_count_the_packets_each_rule_decided") {
@@ -200,17 +215,7 @@ fn stats_count_the_packets_each_rule_decided() {
         Ok("7001")
     );
 
-    let out = std::process::Command::new(agent_binary())
-        .args(["stats", "--output", "json", "--pin-dir"])
-        .arg(&pins)
-        .output()
-        .expect("run stats");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+    let json = stats_json(&pins);
     let deny = json["rules"]
         .as_array()
         .expect("rules")
@@ -440,12 +445,7 @@ fn a_device_without_native_xdp_gets_generic_xdp_and_is_enforced() {
     assert!(tcp_probe(&p.client, to(7000), t).is_err(), "7000 denied");
     assert_eq!(tcp_probe(&p.client, to(7001), t).as_deref(), Ok("7001"));
 
-    let out = std::process::Command::new(agent_binary())
-        .args(["stats", "--output", "json", "--pin-dir"])
-        .arg(&pins)
-        .output()
-        .expect("run stats");
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+    let json = stats_json(&pins);
     let mv0 = json["interfaces"]
         .as_array()
         .expect("interfaces")

@@ -494,41 +494,31 @@ fn kernel_and_emulated_tables_agree_on_random_pre_dnat_policies() {
             let dport = *rng.pick(&[80u16, 443, 31000, 8080, 30000]);
             let mut frame = Vec::new();
             let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(src, dst, 64);
-            let fields = match proto {
+            // ICMP type and code (echo request: 8, 0) ride in the port.
+            let (l4_sport, l4_dport) = match proto {
                 6 => {
                     b.tcp(sport, dport, 1, 1024)
                         .write(&mut frame, &[])
                         .expect("build");
-                    Fields {
-                        src: src.into(),
-                        dst: dst.into(),
-                        proto,
-                        sport: Some(sport),
-                        dport: Some(dport),
-                    }
+                    (Some(sport), Some(dport))
                 }
                 17 => {
                     b.udp(sport, dport).write(&mut frame, &[]).expect("build");
-                    Fields {
-                        src: src.into(),
-                        dst: dst.into(),
-                        proto,
-                        sport: Some(sport),
-                        dport: Some(dport),
-                    }
+                    (Some(sport), Some(dport))
                 }
                 _ => {
                     b.icmpv4_echo_request(1, 1)
                         .write(&mut frame, &[])
                         .expect("build");
-                    Fields {
-                        src: src.into(),
-                        dst: dst.into(),
-                        proto,
-                        sport: None,
-                        dport: Some(0x0800),
-                    }
+                    (None, Some(0x0800))
                 }
+            };
+            let fields = Fields {
+                src: src.into(),
+                dst: dst.into(),
+                proto,
+                sport: l4_sport,
+                dport: l4_dport,
             };
             let want = match emulate::lookup(&compiled, table, "lo", fields).and_then(|o| o.decided)
             {

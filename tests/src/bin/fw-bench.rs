@@ -19,18 +19,21 @@ use filter_agent::{
 const REPEAT: u32 = 1_000_000;
 const CIDRS: usize = 100_000;
 
+/// The host endpoint every benchmark policy applies to.
+const HEP: &str = "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: hep, labels: {role: pub}}\nspec: {node: bench, interfaceName: lo}\n";
+/// The pre-DNAT policy the benchmark rules are appended to.
+const POLICY_HEAD: &str = "---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: bench}\nspec:\n  preDNAT: true\n  applyOnForward: true\n  selector: role == 'pub'\n  ingress:\n";
+
 /// `rules` pre-DNAT Deny rules for TCP, each with its own destination port
 /// and its share of `CIDRS` /32 sources; the benchmark packet matches only
 /// the last one.
 fn policy(rules: usize) -> String {
-    let mut y = String::from(
-        "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: hep, labels: {role: pub}}\nspec: {node: bench, interfaceName: lo}\n",
-    );
+    let mut y = String::from(HEP);
     if rules == 0 {
         return y;
     }
     let per_rule = CIDRS / rules;
-    y += "---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: bench}\nspec:\n  preDNAT: true\n  applyOnForward: true\n  selector: role == 'pub'\n  ingress:\n";
+    y += POLICY_HEAD;
     let mut n: u32 = 0;
     for r in 0..rules {
         let nets: Vec<String> = (0..per_rule)
@@ -64,25 +67,18 @@ fn main() {
     println!("| rules | CIDRs | fw_xdp ns/packet | XDP_PASS ns/packet | verdict | publish ms |");
     println!("|---:|---:|---:|---:|---|---:|");
     for rules in [0usize, 1, 100, 1000, 10_000] {
-        let compiled = compiled(&policy(rules));
-        let ifaces: Interfaces = [("lo".to_string(), 1)].into();
-        let started = Instant::now();
-        dp.publish(&compiled, &ifaces).expect("publish");
-        let publish = started.elapsed();
+        let publish = publish(&mut dp, &policy(rules));
         // Source: the last CIDR of the last rule; port: the last rule's.
         let last = CIDRS
             .checked_div(rules)
             .map_or(1, |per| (per * rules) as u32);
         let a = 0x0a00_0000u32 + last;
         let frame = syn(a.to_be_bytes(), 1000 + rules.saturating_sub(1) as u16);
-        let (ret, t, base) = measure(&mut dp, &frame);
-        println!(
-            "| {rules} | {} | {} | {} | {} | {} |",
+        row(
+            &rules.to_string(),
             if rules == 0 { 0 } else { CIDRS },
-            t.as_nanos(),
-            base.as_nanos(),
-            verdict(ret),
-            publish.as_millis()
+            measure(&mut dp, &frame),
+            Some(publish),
         );
         if rules == 1000 {
             // The same packet on a flow conntrack knows: the pre-DNAT stage
@@ -95,14 +91,9 @@ fn main() {
                 dport: 1000 + rules as u16 - 1,
             };
             dp.open_flow(&flow, true, true).expect("record the flow");
-            let (ret, t, base) = measure(&mut dp, &frame);
+            let measured = measure(&mut dp, &frame);
             dp.forget_flow(&flow).expect("forget the flow");
-            println!(
-                "| {rules}, established flow | {CIDRS} | {} | {} | {} | |",
-                t.as_nanos(),
-                base.as_nanos(),
-                verdict(ret)
-            );
+            row(&format!("{rules}, established flow"), CIDRS, measured, None);
         }
     }
     worst_case(&mut dp);
@@ -114,9 +105,7 @@ fn main() {
 /// so the scan cannot skip a word; only the last rule matches.
 fn worst_case(dp: &mut Dataplane) {
     const RULES: usize = 10_000;
-    let mut y = String::from(
-        "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: hep, labels: {role: pub}}\nspec: {node: bench, interfaceName: lo}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: bench}\nspec:\n  preDNAT: true\n  applyOnForward: true\n  selector: role == 'pub'\n  ingress:\n",
-    );
+    let mut y = format!("{HEP}{POLICY_HEAD}");
     for r in 0..RULES {
         let (net, port) = match (r == RULES - 1, r % 2) {
             (true, _) => ("10.0.0.1", 80),
@@ -125,19 +114,38 @@ fn worst_case(dp: &mut Dataplane) {
         };
         y += &format!("  - action: Deny\n    protocol: TCP\n    source: {{nets: [{net}/32]}}\n    destination: {{ports: [{port}]}}\n");
     }
-    let compiled = compiled(&y);
-    let started = Instant::now();
-    dp.publish(&compiled, &[("lo".to_string(), 1)].into())
-        .expect("publish");
-    let publish = started.elapsed();
+    let publish = publish(dp, &y);
     let frame = syn([10, 0, 0, 1], 80);
-    let (ret, t, base) = measure(dp, &frame);
+    row(
+        &format!("{RULES}, worst case (no word skipped)"),
+        0,
+        measure(dp, &frame),
+        Some(publish),
+    );
+}
+
+/// Compiles `text` and makes it the live policy on `lo`: the time taken.
+fn publish(dp: &mut Dataplane, text: &str) -> Duration {
+    let compiled = compiled(text);
+    let ifaces: Interfaces = [("lo".to_string(), 1)].into();
+    let started = Instant::now();
+    dp.publish(&compiled, &ifaces).expect("publish");
+    started.elapsed()
+}
+
+/// One table row: what [`measure`] gave, and the publish time if any.
+fn row(
+    label: &str,
+    cidrs: usize,
+    (ret, fw, pass): (u32, Duration, Duration),
+    publish: Option<Duration>,
+) {
+    let publish = publish.map_or(String::new(), |p| p.as_millis().to_string());
     println!(
-        "| {RULES}, worst case (no word skipped) | 0 | {} | {} | {} | {} |",
-        t.as_nanos(),
-        base.as_nanos(),
-        verdict(ret),
-        publish.as_millis()
+        "| {label} | {cidrs} | {} | {} | {} | {publish} |",
+        fw.as_nanos(),
+        pass.as_nanos(),
+        verdict(ret)
     );
 }
 
