@@ -259,14 +259,14 @@ pub struct RuleCounter {
     pub bytes: u64,
 }
 
-/// Why a program returned what it did; indexes `FW_STATS1`.
+/// Why a program returned what it did; indexes `FW_STATS2`.
 ///
 /// Append-only: never renumber or reuse a value (style.md, Errors).
 pub mod reason {
     /// The frame is not one the parser understands (ARP, LLDP, …): passed.
     pub const PASS_NOT_IP: u32 = 0;
-    /// A header claims more bytes than the frame has: passed to the kernel,
-    /// whose own checks drop it.
+    /// No longer produced: a truncated IP packet is dropped
+    /// ([`DROP_MALFORMED`]). Kept so the numbering stays stable.
     pub const PASS_TRUNCATED: u32 = 1;
     /// No policy of this stage applies to the interface.
     pub const PASS_NO_POLICY: u32 = 2;
@@ -291,8 +291,8 @@ pub mod reason {
     /// TC ingress: the packet is not for this node; the forward stage judges
     /// it at TC egress.
     pub const PASS_FORWARDED: u32 = 11;
-    /// A non-first fragment: its first fragment carried the ports and was
-    /// judged; this one passes the stateful stages.
+    /// A non-first fragment whose first fragment (which carried the ports)
+    /// this hook judged and passed moments ago: it follows that verdict.
     pub const PASS_FRAGMENT: u32 = 12;
     /// An earlier stage (untracked or pre-DNAT) allowed the packet, so the
     /// later host-policy stages of its endpoint are skipped (3.7, 3.8).
@@ -300,8 +300,23 @@ pub mod reason {
     /// Not a packet any stage of this hook polices (TC egress: forwarded
     /// traffic that touches no host endpoint).
     pub const PASS_NOT_POLICED: u32 = 14;
-    /// Number of reason slots in `FW_STATS1`.
-    pub const COUNT: u32 = 16;
+    /// An IP packet policy cannot be judged on, dropped (fail closed): a
+    /// header or the L4 fields rules read (ports, TCP flags, ICMP type and
+    /// code) lie beyond the frame, a first fragment too short to hold them
+    /// (RFC 1858, RFC 7112), a TCP fragment at offset 8 (RFC 3128), more
+    /// VLAN tags or IPv6 extension headers than the parser walks, or an
+    /// IP header the kernel would refuse too.
+    pub const DROP_MALFORMED: u32 = 15;
+    /// A non-first fragment whose first fragment this hook did not pass
+    /// (denied, never seen, or arrived later): dropped.
+    pub const DROP_FRAGMENT: u32 = 16;
+    /// Number of reason slots in `FW_STATS2`.
+    pub const COUNT: u32 = 32;
+
+    /// Whether a program returning this reason dropped the packet.
+    pub const fn is_drop(reason: u32) -> bool {
+        matches!(reason, DROP_RULE | DROP_MALFORMED | DROP_FRAGMENT)
+    }
 }
 
 /// Program and map names, as the kernel and `bpftool` show them (≤ 15
@@ -341,7 +356,7 @@ pub mod names {
     /// Per-rule counters.
     pub const MAP_RULE_COUNTERS: &str = "FW_RULE_CTR2";
     /// Per-reason packet counters.
-    pub const MAP_STATS: &str = "FW_STATS1";
+    pub const MAP_STATS: &str = "FW_STATS2";
     /// Failsafe ports.
     pub const MAP_FAILSAFE: &str = "FW_FAILSAFE1";
     /// Connection tracking table.
@@ -350,6 +365,8 @@ pub mod names {
     pub const MAP_HOST: &str = "FW_HOST1";
     /// Service frontends.
     pub const MAP_SERVICES: &str = "FW_SVC1";
+    /// The first fragments each hook passed (`FragKey` → time).
+    pub const MAP_FRAGMENTS: &str = "FW_FRAG1";
 }
 
 /// The verdict XDP hands to TC ingress in the packet's metadata area
@@ -504,6 +521,38 @@ pub struct CtValue {
     pub pad: u32,
 }
 
+/// Key of the fragment table (`FW_FRAG1`): one IP datagram whose first
+/// fragment a hook passed. Its later fragments carry no L4 header; they
+/// follow the first one's verdict (as Cilium does) or are dropped. The
+/// protocol is not part of the key: an IPv6 fragment header names the next
+/// header of the fragmentable part, not the upper layer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    /// 4 or 6.
+    pub family: u8,
+    /// The hook that passed the first fragment (`parse::slot` + 1 in the
+    /// kernel): a later fragment follows the verdict of its own hook.
+    pub hook: u8,
+    /// Zero.
+    pub pad: [u8; 2],
+    /// IPv4 identification (16 bits) or IPv6 fragment identification.
+    pub id: u32,
+    /// Source address, network order; IPv4 in the first four bytes.
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+}
+
+/// Entries of the fragment table (an LRU: a flood of first fragments can
+/// only cost later fragments of other datagrams their way in, never let
+/// one through).
+pub const MAX_FRAGMENTS: u32 = 16_384;
+
+/// How long after its first fragment a datagram's later fragments are let
+/// through: the kernel's reassembly timeout (`ipfrag_time`, 30 s).
+pub const FRAGMENT_TIMEOUT_NS: u64 = 30_000_000_000;
+
 /// Key of the node-address map (`FW_HOST1`): one of the node's own
 /// addresses. Traffic to them is host-bound (design.md).
 #[repr(C)]
@@ -559,6 +608,7 @@ const _: () = assert!(core::mem::size_of::<XdpMeta>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
 const _: () = assert!(core::mem::size_of::<CtValue>() == 16);
 const _: () = assert!(core::mem::size_of::<HostKey>() == 20);
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 const _: () = assert!(core::mem::size_of::<SvcKey>() == 20);
 const _: () = assert!(
     table_id(GENERATIONS - 1, stage::FORWARD, direction::EGRESS) < TABLES_PER_GEN * GENERATIONS
@@ -582,5 +632,6 @@ mod pod {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for HostKey {}
+    unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for SvcKey {}
 }

@@ -6,8 +6,8 @@
 use aya_ebpf::{macros::map, maps::PerCpuArray};
 use filter_common::{reason, RuleCounter, MAX_RULE_SLOTS};
 
-#[map(name = "FW_STATS1")]
-static FW_STATS1: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
+#[map(name = "FW_STATS2")]
+static FW_STATS2: PerCpuArray<u64> = PerCpuArray::pinned(reason::COUNT, 0);
 
 #[map(name = "FW_RULE_CTR2")]
 static FW_RULE_CTR2: PerCpuArray<RuleCounter> = PerCpuArray::pinned(MAX_RULE_SLOTS, 0);
@@ -15,7 +15,7 @@ static FW_RULE_CTR2: PerCpuArray<RuleCounter> = PerCpuArray::pinned(MAX_RULE_SLO
 /// Counts one packet for `reason`.
 #[inline(always)]
 pub fn count_reason(reason: u32) {
-    if let Some(c) = FW_STATS1.get_ptr_mut(reason) {
+    if let Some(c) = FW_STATS2.get_ptr_mut(reason) {
         // SAFETY: the pointer comes from a successful lookup in a per-CPU
         // array, so it is valid and only this CPU writes it while we run.
         unsafe { *c += 1 };

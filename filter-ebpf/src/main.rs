@@ -29,6 +29,7 @@ mod classify;
 mod conntrack;
 mod counters;
 mod failsafe;
+mod fragments;
 mod host;
 mod parse;
 
@@ -85,9 +86,6 @@ fn early_ingress(ifindex: u32, pkt: &Packet, bytes: u64) -> Early {
             Verdict::Continue(_) => {}
         }
     }
-    if pkt.fragment {
-        return Early::Pass(xdp_verdict::NONE, reason::PASS_FRAGMENT);
-    }
     if conntrack::track(pkt, Hook::Peek) != Known::New {
         return Early::Pass(xdp_verdict::NONE, reason::ALLOW_CONNTRACK);
     }
@@ -109,16 +107,44 @@ pub fn fw_xdp(ctx: XdpContext) -> u32 {
     verdict
 }
 
+/// A frame the parser did not turn into a packet: passed (not IP) or
+/// dropped (an IP packet that cannot be judged).
+#[inline(always)]
+fn unparsed<T>(why: u32, pass: T, drop: T) -> (T, u32) {
+    if reason::is_drop(why) {
+        (drop, why)
+    } else {
+        (pass, why)
+    }
+}
+
+/// A non-first fragment follows the verdict its first fragment got at
+/// this hook (`fragments`).
+#[inline(always)]
+fn later_fragment<T>(hook: u32, pkt: &Packet, pass: T, drop: T) -> (T, u32) {
+    if fragments::first_passed(hook, pkt) {
+        (pass, reason::PASS_FRAGMENT)
+    } else {
+        (drop, reason::DROP_FRAGMENT)
+    }
+}
+
 #[inline(always)]
 fn try_xdp(ctx: &XdpContext) -> (u32, u32) {
-    let pkt = match parse::parse_into(parse::slot::XDP, ctx.data(), ctx.data_end()) {
+    let hook = parse::slot::XDP;
+    let pkt = match parse::parse_into(hook, ctx.data(), ctx.data_end(), 0) {
         Ok(p) => p,
-        Err(why) => return (xdp_action::XDP_PASS, why),
+        Err(why) => return unparsed(why, xdp_action::XDP_PASS, xdp_action::XDP_DROP),
     };
+    if pkt.fragment {
+        // TC ingress applies the same rule on its own (no metadata needed).
+        return later_fragment(hook, pkt, xdp_action::XDP_PASS, xdp_action::XDP_DROP);
+    }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
     match early_ingress(ctx.ingress_ifindex() as u32, pkt, bytes) {
         Early::Drop => (xdp_action::XDP_DROP, reason::DROP_RULE),
         Early::Pass(verdict, why) => {
+            fragments::remember(hook, pkt);
             // Without room for metadata TC runs these stages again itself.
             parse::set_xdp_meta(
                 ctx,
@@ -148,11 +174,25 @@ pub fn fw_tc_in(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_tc_in(ctx: &TcContext) -> (i32, u32) {
-    let (skb, pkt) = parse::skb(ctx, parse::slot::TC_INGRESS);
+    let hook = parse::slot::TC_INGRESS;
+    let (skb, pkt) = parse::skb(ctx, hook);
     let pkt = match pkt {
         Ok(p) => p,
-        Err(why) => return (TC_ACT_OK, why),
+        Err(why) => return unparsed(why, TC_ACT_OK, TC_ACT_SHOT),
     };
+    if pkt.fragment {
+        return later_fragment(hook, pkt, TC_ACT_OK, TC_ACT_SHOT);
+    }
+    let judged = tc_in(ctx, &skb, pkt);
+    if judged.0 == TC_ACT_OK {
+        fragments::remember(hook, pkt);
+    }
+    judged
+}
+
+/// TC ingress for a packet that is not a later fragment.
+#[inline(always)]
+fn tc_in(ctx: &TcContext, skb: &parse::Skb, pkt: &Packet) -> (i32, u32) {
     let bytes = skb.len as u64;
     let early = match skb.meta {
         Some(m) => m.verdict,
@@ -167,9 +207,6 @@ fn try_tc_in(ctx: &TcContext) -> (i32, u32) {
             ctx.set_mark((skb.mark & !mark::MASK) | mark::UNTRACKED);
         }
         return (TC_ACT_OK, reason::ALLOW_EARLIER_STAGE);
-    }
-    if pkt.fragment {
-        return (TC_ACT_OK, reason::PASS_FRAGMENT);
     }
     if conntrack::track(pkt, Hook::TcIngress) != Known::New {
         return (TC_ACT_OK, reason::ALLOW_CONNTRACK);
@@ -217,23 +254,31 @@ pub fn fw_tc_eg(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn try_tc_eg(ctx: &TcContext) -> (i32, u32) {
-    let (skb, pkt) = parse::skb(ctx, parse::slot::TC_EGRESS);
+    let hook = parse::slot::TC_EGRESS;
+    let (skb, pkt) = parse::skb(ctx, hook);
     let pkt = match pkt {
         Ok(p) => p,
-        Err(why) => return (TC_ACT_OK, why),
+        Err(why) => return unparsed(why, TC_ACT_OK, TC_ACT_SHOT),
     };
     let bytes = skb.len as u64;
-    if skb.ingress_ifindex == 0 {
+    let judged = if skb.ingress_ifindex == 0 {
         host_egress(skb.ifindex, pkt, bytes)
     } else {
         forward_egress(&skb, pkt, bytes)
+    };
+    if judged.0 == TC_ACT_OK {
+        fragments::remember(hook, pkt);
     }
+    judged
 }
 
 /// A packet the node itself sends (3.9, "EGRESS via HEP h,
 /// host-originated").
 #[inline(always)]
 fn host_egress(ifindex: u32, pkt: &Packet, bytes: u64) -> (i32, u32) {
+    if pkt.fragment {
+        return later_fragment(parse::slot::TC_EGRESS, pkt, TC_ACT_OK, TC_ACT_SHOT);
+    }
     let failsafe_out = failsafe::is_failsafe(direction::EGRESS, pkt);
     if !failsafe_out && !failsafe::is_reply_failsafe(direction::EGRESS, pkt) {
         match run_stage(stage::UNTRACKED, direction::EGRESS, ifindex, pkt, bytes) {
@@ -241,9 +286,6 @@ fn host_egress(ifindex: u32, pkt: &Packet, bytes: u64) -> (i32, u32) {
             Verdict::Deny => return (TC_ACT_SHOT, reason::DROP_RULE),
             Verdict::Continue(_) => {}
         }
-    }
-    if pkt.fragment {
-        return (TC_ACT_OK, reason::PASS_FRAGMENT);
     }
     if conntrack::track(pkt, Hook::TcEgress) != Known::New {
         return (TC_ACT_OK, reason::ALLOW_CONNTRACK);
@@ -267,7 +309,7 @@ fn forward_egress(skb: &parse::Skb, pkt: &Packet, bytes: u64) -> (i32, u32) {
         return (TC_ACT_OK, reason::PASS_NOT_POLICED);
     }
     if pkt.fragment {
-        return (TC_ACT_OK, reason::PASS_FRAGMENT);
+        return later_fragment(parse::slot::TC_EGRESS, pkt, TC_ACT_OK, TC_ACT_SHOT);
     }
     if conntrack::track(pkt, Hook::TcEgress) != Known::New {
         return (TC_ACT_OK, reason::ALLOW_CONNTRACK);

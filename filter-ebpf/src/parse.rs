@@ -2,12 +2,19 @@
 //! the XDP metadata area in front of them).
 //!
 //! In: the `[data, data_end)` window of an XDP or TC context. Out: a plain
-//! copy of the fields the classifier needs, or a reason to pass the frame
-//! untouched. Every read goes through [`ptr_at`], whose bounds check is what
-//! the verifier sees. Handles Ethernet with up to two VLAN tags (802.1Q and
-//! 802.1ad), IPv4 with options and fragments, IPv6 with the common extension
-//! headers and fragments, TCP, UDP, SCTP, ICMP and ICMPv6. Anything else is
-//! reported as not understood, so the caller passes it to the kernel.
+//! copy of the fields the classifier needs, or a reason: pass the frame
+//! untouched (not IP: ARP, LLDP, …) or drop it (an IP packet policy cannot
+//! be judged on). Every read goes through [`ptr_at`], whose bounds check
+//! is what the verifier sees.
+//!
+//! The parser fails closed (docs/threat-model.md): what the kernel's stack
+//! would deliver is either parsed to the fields rules read or dropped.
+//! VLAN tags are walked as far as [`MAX_VLAN_TAGS`] (the kernel strips any
+//! number of priority tags), IPv6 extension headers as far as
+//! [`MAX_IPV6_EXT_HEADERS`] (the kernel walks any number); a longer chain,
+//! a truncated header or a first fragment without the L4 fields is
+//! dropped. Non-first fragments are reported as such; the caller lets
+//! them follow their first fragment's verdict (`fragments`).
 
 use core::mem;
 
@@ -31,12 +38,25 @@ pub const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ROUTING: u8 = 43;
 const IPPROTO_FRAGMENT: u8 = 44;
 pub const IPPROTO_ICMPV6: u8 = 58;
+const IPPROTO_AH: u8 = 51;
 const IPPROTO_DSTOPTS: u8 = 60;
 pub const IPPROTO_SCTP: u8 = 132;
 
-/// IPv6 extension headers walked before giving up and treating the next
-/// header as the upper layer. A bound the verifier can see.
-const MAX_IPV6_EXT_HEADERS: usize = 4;
+/// VLAN tags walked (in the frame plus the one a TC program finds in the
+/// skb's metadata). The kernel strips tag after tag while they carry VID 0
+/// and delivers what is inside, so a frame with more tags than this is
+/// dropped rather than passed as "not IP".
+pub const MAX_VLAN_TAGS: usize = 8;
+
+/// IPv6 extension headers walked to reach the upper layer (the kernel
+/// walks any number); a longer chain is dropped. A bound the verifier can
+/// see.
+const MAX_IPV6_EXT_HEADERS: usize = 8;
+
+/// IPv4 flags: more fragments.
+const IPV4_MF: u16 = 0x2000;
+/// IPv4 fragment offset (8-byte units).
+const IPV4_OFFSET: u16 = 0x1fff;
 
 /// Address family of a [`Packet`].
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -66,14 +86,21 @@ pub mod slot {
 }
 
 /// Parses the frame in `[start, end)` into scratch slot `slot`.
+/// `stripped_tags`: VLAN tags the kernel already moved out of the frame
+/// into the skb's metadata (TC), so XDP and TC walk the same tags.
 #[inline(always)]
-pub fn parse_into(slot: u32, start: usize, end: usize) -> Result<&'static Packet, NotParsed> {
+pub fn parse_into(
+    slot: u32,
+    start: usize,
+    end: usize,
+    stripped_tags: usize,
+) -> Result<&'static Packet, NotParsed> {
     let out = SCRATCH.get_ptr_mut(slot).ok_or(reason::PASS_TABLE_ERROR)?;
     // SAFETY: a per-CPU array element, valid for the program's run and
     // used only by this CPU; programs do not nest on one CPU. Parsing
     // straight into it keeps the packet off the 512-byte stack.
     let pkt = unsafe { &mut *out };
-    parse(start, end, pkt)?;
+    parse(start, end, stripped_tags, pkt)?;
     Ok(pkt)
 }
 
@@ -96,6 +123,11 @@ pub struct Packet {
     pub dport: u16,
     /// A non-first fragment (no L4 header).
     pub fragment: bool,
+    /// The first fragment of a fragmented datagram (offset 0, more to come).
+    pub first_fragment: bool,
+    /// IPv4 identification or IPv6 fragment identification, when
+    /// `fragment` or `first_fragment`.
+    pub frag_id: u32,
     /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10); else 0.
     pub tcp_flags: u8,
     /// ICMP echo request or reply: the identifier, which conntrack uses as
@@ -130,6 +162,8 @@ impl Packet {
         self.sport = 0;
         self.dport = 0;
         self.fragment = false;
+        self.first_fragment = false;
+        self.frag_id = 0;
         self.tcp_flags = 0;
         self.echo_id = 0;
         self.inner.present = false;
@@ -138,7 +172,8 @@ impl Packet {
 
 const TCP_FLAGS_OFFSET: usize = 13;
 
-/// Why a frame was not parsed; a `filter_common::reason` value.
+/// Why a frame was not parsed; a `filter_common::reason` value:
+/// `reason::is_drop` tells whether the caller drops it.
 pub type NotParsed = u32;
 
 /// Returns a pointer to a `T` at `offset` from `start`, or `None` when the
@@ -159,7 +194,9 @@ fn ptr_at<T>(start: usize, end: usize, offset: usize) -> Option<*const T> {
 /// Reads a `T` (which must be valid for any bit pattern) at `offset`.
 #[inline(always)]
 fn read<T: Copy>(start: usize, end: usize, offset: usize) -> Result<T, NotParsed> {
-    let p = ptr_at::<T>(start, end, offset).ok_or(reason::PASS_TRUNCATED)?;
+    // A header the frame does not hold: the packet cannot be judged, and
+    // the kernel must not be left to decide what it makes of it.
+    let p = ptr_at::<T>(start, end, offset).ok_or(reason::DROP_MALFORMED)?;
     // SAFETY: `ptr_at` checked that `size_of::<T>()` bytes at `p` are inside
     // the frame; the header types are byte arrays and integers, valid for
     // any bit pattern; `read_unaligned` because frames have no alignment.
@@ -168,18 +205,28 @@ fn read<T: Copy>(start: usize, end: usize, offset: usize) -> Result<T, NotParsed
 
 /// Parses the frame in `[start, end)` into `pkt`.
 #[inline(always)]
-fn parse(start: usize, end: usize, pkt: &mut Packet) -> Result<(), NotParsed> {
+fn parse(
+    start: usize,
+    end: usize,
+    stripped_tags: usize,
+    pkt: &mut Packet,
+) -> Result<(), NotParsed> {
     let eth: EthHdr = read(start, end, 0)?;
     let mut ether_type = u16::from_be(eth.ether_type);
     let mut offset = EthHdr::LEN;
-    // Up to two tags: an 802.1ad outer tag and an 802.1Q inner one (QinQ).
-    for _ in 0..2 {
+    let mut tags = stripped_tags;
+    // 802.1ad and 802.1Q tags, in any order, as the kernel strips them.
+    for _ in 0..MAX_VLAN_TAGS {
         if ether_type != ETH_P_8021Q && ether_type != ETH_P_8021AD {
             break;
         }
         let vlan: VlanHdr = read(start, end, offset)?;
         ether_type = u16::from_be(vlan.ether_type);
         offset += VlanHdr::LEN;
+        tags += 1;
+    }
+    if ether_type == ETH_P_8021Q || ether_type == ETH_P_8021AD || tags > MAX_VLAN_TAGS {
+        return Err(reason::DROP_MALFORMED);
     }
     match ether_type {
         ETH_P_IP => parse_ipv4(start, end, offset, pkt),
@@ -193,21 +240,31 @@ fn parse_ipv4(start: usize, end: usize, offset: usize, pkt: &mut Packet) -> Resu
     let ip: Ipv4Hdr = read(start, end, offset)?;
     let ihl = (ip.vihl & 0x0f) as usize;
     if ip.vihl >> 4 != 4 || ihl < 5 {
-        // Not a header the kernel would accept either; let it drop it.
-        return Err(reason::PASS_TRUNCATED);
+        // ip_rcv drops these too; nothing to judge.
+        return Err(reason::DROP_MALFORMED);
     }
     pkt.reset(Family::V4, ip.proto);
     pkt.src = [0; 16];
     pkt.dst = [0; 16];
     pkt.src[..4].copy_from_slice(&ip.src_addr);
     pkt.dst[..4].copy_from_slice(&ip.dst_addr);
-    let frag_offset = u16::from_be_bytes(ip.frags) & 0x1fff;
+    let frags = u16::from_be_bytes(ip.frags);
+    let frag_offset = frags & IPV4_OFFSET;
+    pkt.frag_id = u16::from_be_bytes(ip.id) as u32;
     if frag_offset != 0 {
-        // Non-first fragment: no L4 header, so no ports to match.
+        // RFC 3128: a TCP fragment at offset 8 can only serve to rewrite
+        // the flags of the header the first fragment showed.
+        if frag_offset == 1 && ip.proto == IPPROTO_TCP {
+            return Err(reason::DROP_MALFORMED);
+        }
+        // Non-first fragment: no L4 header; it follows its first fragment.
         pkt.fragment = true;
         return Ok(());
     }
+    pkt.first_fragment = frags & IPV4_MF != 0;
     // ihl is 5..=15, so the L4 offset is bounded: the verifier can follow it.
+    // A first fragment too short for the L4 fields fails the reads there
+    // and is dropped (RFC 1858's tiny-fragment rule).
     let l4 = offset + ihl * 4;
     parse_l4(start, end, l4, pkt)
 }
@@ -228,20 +285,39 @@ fn parse_ipv6(start: usize, end: usize, offset: usize, pkt: &mut Packet) -> Resu
                 next = hdr[0];
                 l4 += (hdr[1] as usize + 1) * 8;
             }
+            IPPROTO_AH => {
+                // RFC 4302: length in 4-octet units, minus 2.
+                let hdr: [u8; 2] = read(start, end, l4)?;
+                next = hdr[0];
+                l4 += (hdr[1] as usize + 2) * 4;
+            }
             IPPROTO_FRAGMENT => {
-                // next header, reserved, offset (13 bits) + flags.
-                let hdr: [u8; 4] = read(start, end, l4)?;
+                // next header, reserved, offset (13 bits) + flags, identification.
+                let hdr: [u8; 8] = read(start, end, l4)?;
                 next = hdr[0];
                 l4 += 8;
+                pkt.frag_id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
                 let frag_offset = u16::from_be_bytes([hdr[2], hdr[3]]) >> 3;
                 if frag_offset != 0 {
                     pkt.proto = next;
                     pkt.fragment = true;
                     return Ok(());
                 }
+                // RFC 8200 4.5 / RFC 7112: the first fragment holds the
+                // whole chain through the upper-layer header, or is dropped
+                // (the reads below fail).
+                pkt.first_fragment = hdr[3] & 1 != 0;
             }
             _ => break,
         }
+    }
+    if matches!(
+        next,
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT
+    ) {
+        // Longer than the walk: the kernel would find an upper layer we
+        // did not see.
+        return Err(reason::DROP_MALFORMED);
     }
     pkt.proto = next;
     parse_l4(start, end, l4, pkt)
@@ -385,9 +461,10 @@ pub struct Skb {
     pub meta: Option<XdpMeta>,
 }
 
-/// Headers the parser may read: Ethernet, two VLAN tags, IPv6 with its
+/// Headers the parser may read: Ethernet, VLAN tags, IPv6 with its
 /// extension headers, ICMP and an ICMP error's embedded header and ports.
-const HEADROOM: u32 = 256;
+/// Headers beyond it cannot be read and the packet is dropped.
+const HEADROOM: u32 = 512;
 
 /// Reads the skb fields and makes the headers linear, so `parse` sees them
 /// between `data` and `data_end` (a TC program sees only the linear part).
@@ -401,7 +478,7 @@ pub fn skb(
     let raw = ctx.as_ptr() as *const aya_ebpf::bindings::__sk_buff;
     // SAFETY: `raw` is the live __sk_buff the kernel passed in; these are
     // context field reads the verifier rewrites into skb accesses.
-    let (len, mark, ifindex, ingress_ifindex, meta, data) = unsafe {
+    let (len, mark, ifindex, ingress_ifindex, meta, data, vlan_present) = unsafe {
         (
             (*raw).len,
             (*raw).mark,
@@ -409,6 +486,7 @@ pub fn skb(
             (*raw).ingress_ifindex,
             (*raw).data_meta as usize,
             (*raw).data as usize,
+            (*raw).vlan_present,
         )
     };
     let fields = Skb {
@@ -424,5 +502,10 @@ pub fn skb(
         // it could not read.
         let _ = ctx.pull_data(want);
     }
-    (fields, parse_into(slot, ctx.data(), ctx.data_end()))
+    // The kernel moved the outer VLAN tag (if any) into the skb before TC.
+    let stripped = (vlan_present != 0) as usize;
+    (
+        fields,
+        parse_into(slot, ctx.data(), ctx.data_end(), stripped),
+    )
 }

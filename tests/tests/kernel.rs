@@ -123,12 +123,35 @@ impl Loaded {
             .expect("BPF_PROG_TEST_RUN")
     }
 
+    /// Runs a frame through `fw_xdp` and, as if XDP had left no metadata,
+    /// `fw_tc_in`; both must agree. Returns the XDP action.
+    fn both(&mut self, frame: &[u8], what: &str) -> u32 {
+        let xdp = self.run(frame);
+        let (tc, _) = self
+            .dp
+            .as_mut()
+            .expect("loaded")
+            .test_run_tc(
+                frame,
+                filter_agent::dataplane::TcRun {
+                    ingress: true,
+                    ifindex: LO,
+                    ingress_ifindex: LO,
+                    mark: 0,
+                },
+            )
+            .expect("BPF_PROG_TEST_RUN tc");
+        let tc_as_xdp = if tc == 2 { XDP_DROP } else { XDP_PASS };
+        assert_eq!(xdp, tc_as_xdp, "{what}: XDP and TC disagree");
+        xdp
+    }
+
     fn reasons(&mut self) -> Vec<u64> {
         self.dp
             .as_mut()
             .expect("loaded")
             .reason_counts()
-            .expect("read FW_STATS1")
+            .expect("read FW_STATS2")
     }
 }
 
@@ -288,8 +311,8 @@ fn parser_reads_vlan_tags_options_and_extension_headers() {
 }
 
 #[test]
-fn fragments_truncation_and_other_protocols_pass_or_match_by_protocol() {
-    if !privileged("fragments_truncation_and_other_protocols_pass_or_match_by_protocol") {
+fn fragments_truncation_and_other_protocols_fail_closed_or_match_by_protocol() {
+    if !privileged("fragments_truncation_and_other_protocols_fail_closed_or_match_by_protocol") {
         return;
     }
     let mut k = Loaded::new(POLICY);
@@ -297,33 +320,34 @@ fn fragments_truncation_and_other_protocols_pass_or_match_by_protocol() {
     let mut first = tcp4(OTHER, WORKER, 31000);
     first[IP4 + 6] = 0x20;
     assert_eq!(k.run(&first), XDP_DROP, "first fragment");
-    // A later fragment has no L4 header: port rules cannot match it.
+    // Its later fragment follows it: dropped.
     let mut later = tcp4(OTHER, WORKER, 31000);
     later[IP4 + 6..IP4 + 8].copy_from_slice(&[0x00, 0x10]);
-    assert_eq!(k.run(&later), XDP_PASS, "non-first fragment");
+    assert_eq!(k.run(&later), XDP_DROP, "fragment of a denied datagram");
+    assert_eq!(k.reasons()[reason::DROP_FRAGMENT as usize], 1);
 
-    let before = k.reasons()[reason::PASS_TRUNCATED as usize];
-    let full = tcp4(OTHER, WORKER, 31000);
+    let before = k.reasons()[reason::DROP_MALFORMED as usize];
+    let full = tcp4(OTHER, WORKER, 8080);
     // (BPF_PROG_TEST_RUN refuses frames shorter than an Ethernet header.)
-    for cut in [IP4 + 10, IP4 + 20 + 2] {
-        assert_eq!(k.run(&full[..cut]), XDP_PASS, "truncated at {cut}");
+    for cut in [IP4 + 10, IP4 + 20 + 2, IP4 + 20 + 13] {
+        assert_eq!(k.run(&full[..cut]), XDP_DROP, "truncated at {cut}");
     }
     let mut tagged = Vec::new();
     PacketBuilder::ethernet2(MAC_A, MAC_B)
         .single_vlan(VlanId::try_new(10).expect("vid"))
         .ipv4(OTHER, WORKER, 64)
-        .tcp(40000, 31000, 1, 1024)
+        .tcp(40000, 8080, 1, 1024)
         .write(&mut tagged, &[])
         .expect("build");
     assert_eq!(
         k.run(&tagged[..16]),
-        XDP_PASS,
+        XDP_DROP,
         "truncated inside the VLAN tag"
     );
     let mut bad_ihl = full.clone();
     bad_ihl[IP4] = 0x43;
-    assert_eq!(k.run(&bad_ihl), XDP_PASS, "IHL below 5");
-    assert_eq!(k.reasons()[reason::PASS_TRUNCATED as usize] - before, 4);
+    assert_eq!(k.run(&bad_ihl), XDP_DROP, "IHL below 5");
+    assert_eq!(k.reasons()[reason::DROP_MALFORMED as usize] - before, 5);
 
     // ARP is not IP: passed, counted as such.
     let mut arp = vec![0xffu8; 6];
@@ -674,4 +698,171 @@ fn kernel_finds_the_emulated_rule_anywhere_in_a_full_size_table() {
     // The test means something only if deciding rules reach the last
     // summary word the table uses (rule 12,288 and up).
     assert!(deepest >= 12_288, "deepest deciding rule {deepest}");
+}
+
+/// `frame` with `n` priority tags (802.1Q, VID 0) after the MAC addresses:
+/// the kernel strips every one of them and delivers what is inside.
+fn with_priority_tags(frame: &[u8], n: usize) -> Vec<u8> {
+    let mut v = frame[..12].to_vec();
+    for _ in 0..n {
+        v.extend_from_slice(&[0x81, 0x00, 0x00, 0x00]);
+    }
+    v.extend_from_slice(&frame[12..]);
+    v
+}
+
+/// `frame` (IPv6) with `n` destination-options headers (8 bytes each)
+/// between the fixed header and the upper layer.
+fn with_dest_options(frame: &[u8], n: usize) -> Vec<u8> {
+    let mut v = frame.to_vec();
+    let upper = v[IP6 + 6];
+    let mut chain = Vec::new();
+    for i in 0..n {
+        let next = if i + 1 == n { upper } else { 60 };
+        // next header, length 0 (8 bytes), PadN option of 4 bytes.
+        chain.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    v.splice(IP6 + 40..IP6 + 40, chain);
+    if n > 0 {
+        v[IP6 + 6] = 60;
+    }
+    let plen = u16::from_be_bytes([v[IP6 + 4], v[IP6 + 5]]) + 8 * n as u16;
+    v[IP6 + 4..IP6 + 6].copy_from_slice(&plen.to_be_bytes());
+    v
+}
+
+/// An IPv4 fragment of a TCP segment to `dport`: the L4 bytes
+/// `[offset * 8, offset * 8 + len)` of a SYN with 12 bytes of payload.
+fn tcp4_fragment(dport: u16, id: u16, offset: u16, len: usize, more: bool) -> Vec<u8> {
+    let whole = {
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4(OTHER, WORKER, 64)
+            .tcp(40000, dport, 1, 1024)
+            .syn()
+            .write(&mut v, &[7u8; 12])
+            .expect("build");
+        v
+    };
+    let l4 = &whole[IP4 + 20..];
+    let start = offset as usize * 8;
+    let part = &l4[start..(start + len).min(l4.len())];
+    let mut v = whole[..IP4 + 20].to_vec();
+    v.extend_from_slice(part);
+    let total = (20 + part.len()) as u16;
+    v[IP4 + 2..IP4 + 4].copy_from_slice(&total.to_be_bytes());
+    v[IP4 + 4..IP4 + 6].copy_from_slice(&id.to_be_bytes());
+    let flags = offset | if more { 0x2000 } else { 0 };
+    v[IP4 + 6..IP4 + 8].copy_from_slice(&flags.to_be_bytes());
+    v
+}
+
+/// The evasions of the hardening issue, as crafted frames through `fw_xdp`
+/// and, without XDP metadata, `fw_tc_in`: each is dropped or judged on the
+/// fields the kernel would deliver, never passed unjudged.
+#[test]
+fn evasions_are_dropped_or_judged_at_xdp_and_tc() {
+    if !privileged("evasions_are_dropped_or_judged_at_xdp_and_tc") {
+        return;
+    }
+    let mut k = Loaded::new(POLICY);
+    // Tiny first fragment: 8 bytes of TCP header, no flags byte (RFC 1858).
+    assert_eq!(
+        k.both(&tcp4_fragment(31000, 7, 0, 8, true), "tiny"),
+        XDP_DROP,
+        "tiny first fragment"
+    );
+    // The rest of that header at offset 8 (RFC 3128) and beyond.
+    assert_eq!(
+        k.both(&tcp4_fragment(31000, 7, 1, 24, false), "offset 1"),
+        XDP_DROP,
+        "TCP fragment at offset 8"
+    );
+    assert_eq!(
+        k.both(&tcp4_fragment(31000, 7, 2, 16, false), "offset 2"),
+        XDP_DROP,
+        "fragment without its first"
+    );
+    // An allowed datagram in two fragments: the later one follows the first.
+    assert_eq!(
+        k.both(&tcp4_fragment(8080, 9, 0, 24, true), "allowed first"),
+        XDP_PASS
+    );
+    assert_eq!(
+        k.both(&tcp4_fragment(8080, 9, 3, 8, false), "allowed later"),
+        XDP_PASS,
+        "later fragment of an allowed datagram"
+    );
+    assert_eq!(
+        k.both(&tcp4_fragment(8080, 10, 3, 8, false), "other id"),
+        XDP_DROP,
+        "a fragment of another datagram"
+    );
+    // A denied datagram's first fragment, then its later one.
+    assert_eq!(
+        k.both(&tcp4_fragment(31000, 11, 0, 24, true), "denied first"),
+        XDP_DROP
+    );
+    assert_eq!(
+        k.both(&tcp4_fragment(31000, 11, 3, 8, false), "denied later"),
+        XDP_DROP
+    );
+
+    // Priority tags: judged through all of them, up to the parser's bound.
+    for n in [1, 3, 4, 8] {
+        let denied = with_priority_tags(&tcp4(OTHER, WORKER, 31000), n);
+        assert_eq!(k.both(&denied, "tags"), XDP_DROP, "{n} tags, denied port");
+        let allowed = with_priority_tags(&tcp4(OTHER, WORKER, 8080), n);
+        assert_eq!(k.both(&allowed, "tags"), XDP_PASS, "{n} tags, allowed port");
+    }
+    let malformed = k.reasons()[reason::DROP_MALFORMED as usize];
+    let deep = with_priority_tags(&tcp4(OTHER, WORKER, 8080), 9);
+    assert_eq!(
+        k.both(&deep, "9 tags"),
+        XDP_DROP,
+        "more tags than the bound"
+    );
+    assert_eq!(
+        k.reasons()[reason::DROP_MALFORMED as usize],
+        malformed + 2,
+        "counted as malformed at XDP and TC"
+    );
+
+    // IPv6 extension chains: judged on the upper layer behind any number
+    // the parser walks, dropped beyond it.
+    for n in [1, 5, 8] {
+        assert_eq!(
+            k.both(&with_dest_options(&tcp6(31000), n), "ext"),
+            XDP_DROP,
+            "{n} extension headers, denied port"
+        );
+        assert_eq!(
+            k.both(&with_dest_options(&tcp6(8080), n), "ext"),
+            XDP_PASS,
+            "{n} extension headers, allowed port"
+        );
+    }
+    assert_eq!(
+        k.both(&with_dest_options(&tcp6(8080), 9), "9 ext"),
+        XDP_DROP,
+        "a chain longer than the walk"
+    );
+    // AH is walked like the others (length in 4-octet units).
+    let mut ah = tcp6(31000);
+    ah.splice(IP6 + 40..IP6 + 40, [6u8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    ah[IP6 + 6] = 51;
+    let plen = u16::from_be_bytes([ah[IP6 + 4], ah[IP6 + 5]]) + 12;
+    ah[IP6 + 4..IP6 + 6].copy_from_slice(&plen.to_be_bytes());
+    assert_eq!(k.both(&ah, "ah"), XDP_DROP, "TCP behind AH");
+    // An IPv6 first fragment that stops inside the TCP header (RFC 7112).
+    let mut frag6 = tcp6(8080);
+    frag6.truncate(IP6 + 40 + 8);
+    frag6.splice(IP6 + 40..IP6 + 40, [6u8, 0, 0, 1, 0, 0, 0, 5]);
+    frag6[IP6 + 6] = 44;
+    frag6[IP6 + 4..IP6 + 6].copy_from_slice(&16u16.to_be_bytes());
+    assert_eq!(
+        k.both(&frag6, "frag6"),
+        XDP_DROP,
+        "IPv6 tiny first fragment"
+    );
 }

@@ -174,7 +174,7 @@ pub fn write_state(dir: &Path, state: &StateFile) -> std::io::Result<()> {
 }
 
 /// Names of `filter_common::reason` values, as JSON keys.
-const REASONS: [(u32, &str); 15] = [
+const REASONS: [(u32, &str); 17] = [
     (reason::PASS_NOT_IP, "pass_not_ip"),
     (reason::PASS_TRUNCATED, "pass_truncated"),
     (reason::PASS_NO_POLICY, "pass_no_policy"),
@@ -190,6 +190,8 @@ const REASONS: [(u32, &str); 15] = [
     (reason::PASS_FRAGMENT, "pass_fragment"),
     (reason::ALLOW_EARLIER_STAGE, "allow_earlier_stage"),
     (reason::PASS_NOT_POLICED, "pass_not_policed"),
+    (reason::DROP_MALFORMED, "drop_malformed"),
+    (reason::DROP_FRAGMENT, "drop_fragment"),
 ];
 
 /// Prints the counters; exit 2 when the agent's pins or state are missing.
