@@ -684,3 +684,198 @@ impl Drop for PinsGuard {
         remove_agent_state(&self.0);
     }
 }
+
+/// A raw link-layer socket on one interface of a namespace: sends crafted
+/// frames (what no socket API would send: tiny fragments, stacked tags)
+/// and reads the frames that come back.
+pub struct RawLink {
+    fd: std::os::fd::OwnedFd,
+    ifindex: i32,
+}
+
+impl RawLink {
+    /// Opens an `AF_PACKET` socket on `ifname` inside `ns`.
+    pub fn open(ns: &Netns, ifname: &str) -> RawLink {
+        let ifname = ifname.to_owned();
+        ns.run(move || {
+            use std::os::fd::FromRawFd;
+            let name = std::ffi::CString::new(ifname.clone()).expect("interface name");
+            // SAFETY: plain libc calls with valid arguments; the returned
+            // descriptor is checked and owned from here on.
+            unsafe {
+                let ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+                assert!(ifindex > 0, "no interface {ifname}");
+                let proto = (libc::ETH_P_ALL as u16).to_be();
+                let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, proto as i32);
+                assert!(
+                    fd >= 0,
+                    "AF_PACKET socket: {}",
+                    std::io::Error::last_os_error()
+                );
+                let fd = std::os::fd::OwnedFd::from_raw_fd(fd);
+                let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+                sll.sll_family = libc::AF_PACKET as u16;
+                sll.sll_protocol = proto;
+                sll.sll_ifindex = ifindex;
+                let rc = libc::bind(
+                    std::os::fd::AsRawFd::as_raw_fd(&fd),
+                    &sll as *const _ as *const libc::sockaddr,
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+                RawLink { fd, ifindex }
+            }
+        })
+    }
+
+    /// Sends one frame as it is.
+    pub fn send(&self, frame: &[u8]) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `frame` is a valid buffer of its length; the address is a
+        // zeroed sockaddr_ll with the family and interface set.
+        let rc = unsafe {
+            let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_ifindex = self.ifindex;
+            sll.sll_halen = 6;
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                frame.as_ptr() as *const libc::c_void,
+                frame.len(),
+                0,
+                &sll as *const _ as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert_eq!(
+            rc,
+            frame.len() as isize,
+            "send: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Whether a frame for which `want` holds arrives within `timeout`
+    /// (outgoing frames of this end are seen too; `want` tells them apart).
+    pub fn wait_for(&self, timeout: Duration, want: impl Fn(&[u8]) -> bool) -> bool {
+        use std::os::fd::AsRawFd;
+        let deadline = std::time::Instant::now() + timeout;
+        let mut buf = [0u8; 2048];
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd; then a read into a buffer of its size.
+            let n = unsafe {
+                if libc::poll(&mut pfd, 1, left.as_millis().max(1) as i32) <= 0 {
+                    continue;
+                }
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    0,
+                )
+            };
+            if n > 0 && want(&buf[..n as usize]) {
+                return true;
+            }
+        }
+    }
+}
+
+/// The MAC address of `ifname` in `ns`.
+pub fn mac(ns: &Netns, ifname: &str) -> [u8; 6] {
+    let out = ns.ip(&["-o", "link", "show", ifname]);
+    let text = out
+        .split("link/ether ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no MAC address in {out:?}"));
+    let mut mac = [0u8; 6];
+    for (b, part) in mac.iter_mut().zip(text.split(':')) {
+        *b = u8::from_str_radix(part, 16).expect("hex MAC byte");
+    }
+    mac
+}
+
+/// Splits an IPv4 frame (Ethernet + IPv4 without options + payload) into
+/// fragments of the payload bytes `[cut[i], cut[i+1])` (multiples of 8
+/// but the last), each with a correct header checksum: what a sender, or
+/// an attacker, puts on the wire.
+pub fn ipv4_fragments(frame: &[u8], cuts: &[usize], id: u16) -> Vec<Vec<u8>> {
+    const IP: usize = 14;
+    let payload = &frame[IP + 20..];
+    let mut bounds = cuts.to_vec();
+    bounds.insert(0, 0);
+    bounds.push(payload.len());
+    bounds
+        .windows(2)
+        .map(|w| {
+            let (from, to) = (w[0], w[1]);
+            let mut v = frame[..IP + 20].to_vec();
+            v.extend_from_slice(&payload[from..to]);
+            let total = (20 + to - from) as u16;
+            v[IP + 2..IP + 4].copy_from_slice(&total.to_be_bytes());
+            v[IP + 4..IP + 6].copy_from_slice(&id.to_be_bytes());
+            let more = if to < payload.len() { 0x2000 } else { 0 };
+            let flags = (from / 8) as u16 | more;
+            v[IP + 6..IP + 8].copy_from_slice(&flags.to_be_bytes());
+            v[IP + 10..IP + 12].copy_from_slice(&[0, 0]);
+            let sum = internet_checksum(&v[IP..IP + 20]);
+            v[IP + 10..IP + 12].copy_from_slice(&sum.to_be_bytes());
+            v
+        })
+        .collect()
+}
+
+/// The RFC 1071 checksum of `data`.
+pub fn internet_checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u32)
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet + IPv6 `frame` with `n` destination-options headers (8
+/// bytes each) between the fixed header and the upper layer; the upper
+/// layer's checksum stays valid (it does not cover extension headers).
+pub fn ipv6_with_dest_options(frame: &[u8], n: usize) -> Vec<u8> {
+    const IP6: usize = 14;
+    let mut v = frame.to_vec();
+    let upper = v[IP6 + 6];
+    let mut chain = Vec::new();
+    for i in 0..n {
+        let next = if i + 1 == n { upper } else { 60 };
+        // next header, length 0 (8 bytes), PadN option of 4 bytes.
+        chain.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    v.splice(IP6 + 40..IP6 + 40, chain);
+    if n > 0 {
+        v[IP6 + 6] = 60;
+    }
+    let plen = u16::from_be_bytes([v[IP6 + 4], v[IP6 + 5]]) + 8 * n as u16;
+    v[IP6 + 4..IP6 + 6].copy_from_slice(&plen.to_be_bytes());
+    v
+}
+
+/// `frame` with `n` priority tags (802.1Q, VID 0) after the MAC addresses:
+/// the kernel strips every one of them and delivers what is inside.
+pub fn with_priority_tags(frame: &[u8], n: usize) -> Vec<u8> {
+    let mut v = frame[..12].to_vec();
+    for _ in 0..n {
+        v.extend_from_slice(&[0x81, 0x00, 0x00, 0x00]);
+    }
+    v.extend_from_slice(&frame[12..]);
+    v
+}

@@ -14,7 +14,7 @@ use filter_agent::{
     model::Store,
 };
 use filter_common::reason;
-use filter_tests::{privileged, unique, Rng};
+use filter_tests::{ipv6_with_dest_options, privileged, unique, with_priority_tags, Rng};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
@@ -700,37 +700,6 @@ fn kernel_finds_the_emulated_rule_anywhere_in_a_full_size_table() {
     assert!(deepest >= 12_288, "deepest deciding rule {deepest}");
 }
 
-/// `frame` with `n` priority tags (802.1Q, VID 0) after the MAC addresses:
-/// the kernel strips every one of them and delivers what is inside.
-fn with_priority_tags(frame: &[u8], n: usize) -> Vec<u8> {
-    let mut v = frame[..12].to_vec();
-    for _ in 0..n {
-        v.extend_from_slice(&[0x81, 0x00, 0x00, 0x00]);
-    }
-    v.extend_from_slice(&frame[12..]);
-    v
-}
-
-/// `frame` (IPv6) with `n` destination-options headers (8 bytes each)
-/// between the fixed header and the upper layer.
-fn with_dest_options(frame: &[u8], n: usize) -> Vec<u8> {
-    let mut v = frame.to_vec();
-    let upper = v[IP6 + 6];
-    let mut chain = Vec::new();
-    for i in 0..n {
-        let next = if i + 1 == n { upper } else { 60 };
-        // next header, length 0 (8 bytes), PadN option of 4 bytes.
-        chain.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
-    }
-    v.splice(IP6 + 40..IP6 + 40, chain);
-    if n > 0 {
-        v[IP6 + 6] = 60;
-    }
-    let plen = u16::from_be_bytes([v[IP6 + 4], v[IP6 + 5]]) + 8 * n as u16;
-    v[IP6 + 4..IP6 + 6].copy_from_slice(&plen.to_be_bytes());
-    v
-}
-
 /// An IPv4 fragment of a TCP segment to `dport`: the L4 bytes
 /// `[offset * 8, offset * 8 + len)` of a SYN with 12 bytes of payload.
 fn tcp4_fragment(dport: u16, id: u16, offset: u16, len: usize, more: bool) -> Vec<u8> {
@@ -832,18 +801,18 @@ fn evasions_are_dropped_or_judged_at_xdp_and_tc() {
     // the parser walks, dropped beyond it.
     for n in [1, 5, 8] {
         assert_eq!(
-            k.both(&with_dest_options(&tcp6(31000), n), "ext"),
+            k.both(&ipv6_with_dest_options(&tcp6(31000), n), "ext"),
             XDP_DROP,
             "{n} extension headers, denied port"
         );
         assert_eq!(
-            k.both(&with_dest_options(&tcp6(8080), n), "ext"),
+            k.both(&ipv6_with_dest_options(&tcp6(8080), n), "ext"),
             XDP_PASS,
             "{n} extension headers, allowed port"
         );
     }
     assert_eq!(
-        k.both(&with_dest_options(&tcp6(8080), 9), "9 ext"),
+        k.both(&ipv6_with_dest_options(&tcp6(8080), 9), "9 ext"),
         XDP_DROP,
         "a chain longer than the walk"
     );

@@ -1,0 +1,242 @@
+//! End to end, as an attacker on the wire would try it: crafted frames
+//! from the client namespace (raw link-layer socket) at a worker whose
+//! policy denies a port. Each case first shows that the worker's kernel
+//! does deliver the frame without the firewall (so the test can fail),
+//! then that with the agent running the denied port never answers.
+
+use std::{path::Path, time::Duration};
+
+use etherparse::PacketBuilder;
+use filter_tests::{
+    agent_binary, demo, ipv4_fragments, ipv6_with_dest_options, mac, privileged, unique,
+    with_priority_tags, Agent, Pair, RawLink, TcpServer, UdpServer,
+};
+
+const T: Duration = Duration::from_millis(1500);
+
+/// Pre-DNAT denies TCP 7200 and UDP 7300; everything else is allowed.
+const POLICY: &str = "apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata: {name: w, labels: {role: pub}}
+spec: {node: pair, interfaceName: eth1}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: deny-ports}
+spec:
+  selector: role == 'pub'
+  preDNAT: true
+  applyOnForward: true
+  order: 10
+  ingress:
+  - action: Deny
+    protocol: TCP
+    destination: {ports: [7200]}
+  - action: Deny
+    protocol: UDP
+    destination: {ports: [7300]}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: allow-rest}
+spec:
+  selector: role == 'pub'
+  order: 100
+  ingress:
+  - action: Allow
+  egress:
+  - action: Allow
+";
+
+const CLIENT6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+];
+const WORKER6: [u8; 16] = [
+    0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x01,
+];
+
+/// The worker's servers, the client's raw socket and both MACs.
+struct Wire {
+    p: Pair,
+    _tcp: Vec<TcpServer>,
+    _udp: Vec<UdpServer>,
+    raw: RawLink,
+    client_mac: [u8; 6],
+    worker_mac: [u8; 6],
+}
+
+impl Wire {
+    fn new(prefix: &str) -> Wire {
+        let p = Pair::new(prefix);
+        let tcp = [7200, 7201]
+            .map(|port| TcpServer::start(&p.worker, Pair::worker(port), "t"))
+            .into();
+        let udp = [7300, 7301]
+            .into_iter()
+            .flat_map(|port| {
+                [
+                    UdpServer::start(&p.worker, Pair::worker(port), "u"),
+                    UdpServer::start(
+                        &p.worker,
+                        format!("[2001:db8::1]:{port}").parse().expect("addr"),
+                        "u",
+                    ),
+                ]
+            })
+            .collect();
+        let raw = RawLink::open(&p.client, "eth0");
+        let client_mac = mac(&p.client, "eth0");
+        let worker_mac = mac(&p.worker, "eth1");
+        Wire {
+            p,
+            _tcp: tcp,
+            _udp: udp,
+            raw,
+            client_mac,
+            worker_mac,
+        }
+    }
+
+    /// A TCP SYN from the client's port `sport` to the worker's `dport`,
+    /// with `payload` (so it can be cut into fragments).
+    fn syn(&self, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2(self.client_mac, self.worker_mac)
+            .ipv4(Pair::CLIENT_V4, Pair::WORKER_V4, 64)
+            .tcp(sport, dport, 1000, 64240)
+            .syn()
+            .write(&mut v, payload)
+            .expect("build");
+        v
+    }
+
+    /// Whether the worker answers the client's `sport` with a SYN-ACK.
+    fn syn_ack(&self, sport: u16) -> bool {
+        self.raw.wait_for(T, |f| {
+            f.len() >= 14 + 20 + 14
+                && f[12..14] == [0x08, 0x00]
+                && f[14 + 9] == 6
+                && f[14 + 12..14 + 16] == Pair::WORKER_V4
+                && u16::from_be_bytes([f[14 + 22], f[14 + 23]]) == sport
+                && f[14 + 20 + 13] & 0x12 == 0x12
+        })
+    }
+
+    /// Whether the worker's UDP server answers the client's `sport`.
+    fn udp_answer(&self, sport: u16) -> bool {
+        self.raw.wait_for(T, |f| {
+            let (ethertype, l3) = (&f[12..14], 14);
+            match ethertype {
+                [0x08, 0x00] => {
+                    f.len() >= l3 + 24
+                        && f[l3 + 9] == 17
+                        && u16::from_be_bytes([f[l3 + 22], f[l3 + 23]]) == sport
+                }
+                [0x86, 0xdd] => {
+                    f.len() >= l3 + 44
+                        && f[l3 + 6] == 17
+                        && f[l3 + 8..l3 + 24] == WORKER6
+                        && u16::from_be_bytes([f[l3 + 42], f[l3 + 43]]) == sport
+                }
+                _ => false,
+            }
+        })
+    }
+
+    fn udp4(&self, sport: u16, dport: u16) -> Vec<u8> {
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2(self.client_mac, self.worker_mac)
+            .ipv4(Pair::CLIENT_V4, Pair::WORKER_V4, 64)
+            .udp(sport, dport)
+            .write(&mut v, b"knock")
+            .expect("build");
+        v
+    }
+
+    fn udp6(&self, sport: u16, dport: u16) -> Vec<u8> {
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2(self.client_mac, self.worker_mac)
+            .ipv6(CLIENT6, WORKER6, 64)
+            .udp(sport, dport)
+            .write(&mut v, b"knock")
+            .expect("build");
+        v
+    }
+
+    fn start_agent(&self, dir: &demo::TempDir) -> Agent {
+        std::fs::write(dir.0.join("policy.yaml"), POLICY).expect("write policy");
+        let pins = Path::new("/sys/fs/bpf").join(unique("fwhd"));
+        let mut agent = Agent::start(&agent_binary(), &self.p.worker, &dir.0, "pair", &pins);
+        agent
+            .wait_for("policy applied", 0, Duration::from_secs(15))
+            .expect("applied");
+        agent
+    }
+}
+
+/// The tiny-fragment SYN (RFC 1858): 8 bytes of TCP header in the first
+/// fragment, the flags in the second. The kernel reassembles it into a SYN.
+fn tiny_fragments(w: &Wire, sport: u16, dport: u16, id: u16) -> Vec<Vec<u8>> {
+    ipv4_fragments(&w.syn(sport, dport, &[]), &[8], id)
+}
+
+#[test]
+fn evasions_on_the_wire_do_not_reach_a_denied_port() {
+    if !privileged("evasions_on_the_wire_do_not_reach_a_denied_port") {
+        return;
+    }
+    let w = Wire::new("fwhd");
+    // The ARP and neighbour entries the worker needs to answer at all.
+    let _ = filter_tests::tcp_probe(&w.p.client, Pair::worker(7201), T);
+    let send_all = |frames: &[Vec<u8>]| frames.iter().for_each(|f| w.raw.send(f));
+
+    // Without the firewall every crafted frame reaches its server.
+    send_all(&tiny_fragments(&w, 41000, 7200, 1));
+    assert!(
+        w.syn_ack(41000),
+        "control: the kernel reassembles a tiny-fragment SYN"
+    );
+    w.raw.send(&with_priority_tags(&w.udp4(41001, 7300), 4));
+    assert!(
+        w.udp_answer(41001),
+        "control: the kernel delivers behind 4 priority tags"
+    );
+    w.raw.send(&ipv6_with_dest_options(&w.udp6(41002, 7300), 5));
+    assert!(
+        w.udp_answer(41002),
+        "control: the kernel walks 5 extension headers"
+    );
+
+    let dir = demo::TempDir::new(&unique("fwhd"));
+    let _agent = w.start_agent(&dir);
+    send_all(&tiny_fragments(&w, 42000, 7200, 2));
+    assert!(
+        !w.syn_ack(42000),
+        "tiny-fragment SYN reached the denied port"
+    );
+    w.raw.send(&with_priority_tags(&w.udp4(42001, 7300), 4));
+    assert!(
+        !w.udp_answer(42001),
+        "4 priority tags carried a datagram to the denied port"
+    );
+    w.raw.send(&ipv6_with_dest_options(&w.udp6(42002, 7300), 5));
+    assert!(
+        !w.udp_answer(42002),
+        "5 extension headers carried a datagram to the denied port"
+    );
+
+    // What is legitimate still works: fragments with the whole header
+    // first, tags and extension headers in front of an allowed port.
+    send_all(&ipv4_fragments(&w.syn(43000, 7201, &[9u8; 16]), &[24], 3));
+    assert!(w.syn_ack(43000), "a fragmented SYN to an allowed port");
+    w.raw.send(&with_priority_tags(&w.udp4(43001, 7301), 4));
+    assert!(
+        w.udp_answer(43001),
+        "4 priority tags in front of an allowed port"
+    );
+    w.raw.send(&ipv6_with_dest_options(&w.udp6(43002, 7301), 5));
+    assert!(
+        w.udp_answer(43002),
+        "5 extension headers in front of an allowed port"
+    );
+}
