@@ -11,6 +11,7 @@ pub mod dataplane;
 pub mod fuzzing;
 pub mod model;
 pub mod node;
+pub mod private;
 pub mod reference;
 pub mod selector;
 pub mod source;

@@ -240,3 +240,108 @@ fn evasions_on_the_wire_do_not_reach_a_denied_port() {
         "5 extension headers in front of an allowed port"
     );
 }
+
+/// A pin directory another user made beforehand (bpffs is world-writable
+/// on many hosts) is refused, with the reason, before anything is pinned.
+#[test]
+fn a_pin_directory_owned_by_another_user_is_refused() {
+    if !privileged("a_pin_directory_owned_by_another_user_is_refused") {
+        return;
+    }
+    let ns = filter_tests::Netns::new(&unique("fwpo"));
+    let dir = demo::TempDir::new(&unique("fwpo"));
+    let pins = Path::new("/sys/fs/bpf").join(unique("fwpo"));
+    let _guard = filter_tests::PinsGuard(pins.clone());
+    std::fs::create_dir(&pins).expect("mkdir");
+    nix::unistd::chown(&pins, Some(nix::unistd::Uid::from_raw(65534)), None).expect("chown");
+    let out = run_briefly(&ns, &dir.0, &pins);
+    assert!(
+        !out.status.success(),
+        "the agent ran on a foreign pin directory"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("owned by uid 65534"), "{err}");
+    assert_eq!(
+        std::fs::read_dir(&pins).expect("read").count(),
+        0,
+        "nothing pinned into it"
+    );
+    // World-writable, even if root's: refused too.
+    nix::unistd::chown(&pins, Some(nix::unistd::Uid::from_raw(0)), None).expect("chown");
+    std::fs::set_permissions(&pins, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
+        .expect("chmod");
+    let out = run_briefly(&ns, &dir.0, &pins);
+    assert!(
+        !out.status.success(),
+        "the agent ran on a world-writable pin directory"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("writable by group or others"));
+}
+
+/// Runs the agent in `ns`; kills it after 10 s (it should have refused).
+fn run_briefly(ns: &filter_tests::Netns, policy: &Path, pins: &Path) -> std::process::Output {
+    let child = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", ns.path().display()))
+        .arg(agent_binary())
+        .args(["run", "--node", "x", "--detach-on-exit", "--policy-dir"])
+        .arg(policy)
+        .arg("--pin-dir")
+        .arg(pins)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start agent");
+    let pid = child.id();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(10));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    });
+    let out = child.wait_with_output().expect("wait");
+    drop(killer);
+    out
+}
+
+/// Pins removed while the agent runs come back, and the agent says so;
+/// its pin directory and state files are root's alone.
+#[test]
+fn removed_pins_are_restored_and_state_is_private() {
+    if !privileged("removed_pins_are_restored_and_state_is_private") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let p = Pair::new("fwrp");
+    let dir = demo::TempDir::new(&unique("fwrp"));
+    std::fs::write(dir.0.join("policy.yaml"), POLICY).expect("write policy");
+    let pins = Path::new("/sys/fs/bpf").join(unique("fwrp"));
+    let mut agent = Agent::start(&agent_binary(), &p.worker, &dir.0, "pair", &pins);
+    agent
+        .wait_for("policy applied", 0, Duration::from_secs(15))
+        .expect("applied");
+    let mode = |path: &Path| std::fs::metadata(path).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode(&pins), 0o700, "pin directory");
+    let state = Path::new("/run/filter-agent").join(pins.file_name().expect("name"));
+    assert_eq!(mode(&state), 0o700, "state directory");
+    assert_eq!(mode(&state.join("rules.json")), 0o600, "rules.json");
+
+    let link = std::fs::read_dir(&pins)
+        .expect("read pins")
+        .map(|e| e.expect("entry").path())
+        .find(|p| p.to_string_lossy().contains("fw_xdp@"))
+        .expect("a pinned XDP link");
+    let removed = [pins.join("FW_GEN1"), pins.join("fw_tc_in"), link];
+    for pin in &removed {
+        std::fs::remove_file(pin).expect("unpin");
+    }
+    agent
+        .wait_for("re-pinned", 0, Duration::from_secs(5))
+        .expect("the agent noticed");
+    for pin in &removed {
+        assert!(pin.exists(), "{} not restored", pin.display());
+    }
+    // The restored link still enforces: the denied port stays closed.
+    let _srv = TcpServer::start(&p.worker, Pair::worker(7200), "t");
+    assert!(filter_tests::tcp_probe(&p.client, Pair::worker(7200), T).is_err());
+}

@@ -98,6 +98,7 @@ pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
                 agent.reload();
             }
             _ = poll.tick() => {
+                agent.restore_pins();
                 // One read of the interfaces serves both checks.
                 let (ifaces, addrs) = interface_snapshot();
                 if ifaces != agent.last_ifaces {
@@ -179,6 +180,19 @@ impl Agent {
             }
             Err(e) => {
                 tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "updating the node addresses failed")
+            }
+        }
+    }
+
+    /// Pins again what someone removed from the pin directory.
+    fn restore_pins(&mut self) {
+        match self.dp.restore_pins() {
+            Ok(restored) if restored.is_empty() => {}
+            Ok(restored) => {
+                tracing::warn!(pins = ?restored, "pins had been removed from the pin directory: re-pinned")
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "pins were removed and could not be restored: the next agent cannot adopt this one's enforcement")
             }
         }
     }

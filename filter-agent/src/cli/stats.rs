@@ -167,10 +167,9 @@ pub fn state(
 
 /// Writes `rules.json` atomically (a reader never sees half of it).
 pub fn write_state(dir: &Path, state: &StateFile) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    let tmp = dir.join("rules.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(state)?)?;
-    std::fs::rename(tmp, dir.join("rules.json"))
+    // Root's alone: it names every policy and rule of the node.
+    crate::private::ensure_dir(dir).map_err(std::io::Error::other)?;
+    crate::private::write_file(&dir.join("rules.json"), &serde_json::to_vec(state)?)
 }
 
 /// Names of `filter_common::reason` values, as JSON keys.

@@ -94,6 +94,9 @@ pub enum Error {
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
+    /// The pin directory is not the agent's alone.
+    #[error("pin directory")]
+    NotPrivate(#[from] crate::private::NotPrivate),
     /// Filesystem work on bpffs failed.
     #[error("{op} {path}")]
     Fs {
@@ -275,6 +278,8 @@ pub struct Dataplane {
     pin_dir: PathBuf,
     attached: BTreeMap<String, Attachment>,
     live: u32,
+    /// Names of the maps pinned under `pin_dir` (see [`Dataplane::restore_pins`]).
+    pinned_maps: Vec<String>,
 }
 
 /// A test run of a TC program (see [`Dataplane::test_run_tc`]).
@@ -322,6 +327,8 @@ impl Dataplane {
             return Err(Error::NoObject);
         }
         ensure_bpffs(pin_dir)?;
+        // Before anything is read from it (or removed from it on failure).
+        crate::private::ensure_dir(pin_dir)?;
         let adopting = pin_dir.join(names::MAP_GENERATION).exists();
         if adopting {
             tracing::info!(dir = %pin_dir.display(), "adopting the pinned maps and links of a previous agent");
@@ -336,11 +343,6 @@ impl Dataplane {
     }
 
     fn load_pinned(pin_dir: &Path, options: &Options) -> Result<Dataplane, Error> {
-        std::fs::create_dir_all(pin_dir).map_err(|source| Error::Fs {
-            op: "create",
-            path: pin_dir.to_owned(),
-            source,
-        })?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .map_max_entries(names::MAP_CONNTRACK, options.conntrack_size)
@@ -387,11 +389,18 @@ impl Dataplane {
                 source: Box::new(e),
             })?;
         }
+        // The maps the object pins by name: the ones whose pin exists now.
+        let pinned_maps = ebpf
+            .maps()
+            .map(|(name, _)| name.to_owned())
+            .filter(|name| pin_dir.join(name).exists())
+            .collect();
         let mut dp = Dataplane {
             ebpf,
             pin_dir: pin_dir.to_owned(),
             attached: BTreeMap::new(),
             live: 0,
+            pinned_maps,
         };
         dp.live = dp.generation()?;
         Ok(dp)
@@ -991,6 +1000,64 @@ impl Dataplane {
         };
         let tc: &mut SchedClassifier = self.program(name)?;
         run_tc(tc, name, frame, run)
+    }
+
+    /// Pins again whatever pin has disappeared from the pin directory (a
+    /// user or a careless script removed it): without its pins the next
+    /// agent could not adopt the enforcement, and a removed link pin would
+    /// let the attachment go when this agent exits. Returns the pins
+    /// restored.
+    pub fn restore_pins(&mut self) -> Result<Vec<PathBuf>, Error> {
+        crate::private::ensure_dir(&self.pin_dir)?;
+        let pin_err = |what: String| {
+            move |e: aya::pin::PinError| Error::Load {
+                what,
+                source: Box::new(e),
+            }
+        };
+        let mut restored = Vec::new();
+        for name in &self.pinned_maps {
+            let path = self.pin_dir.join(name);
+            if path.exists() {
+                continue;
+            }
+            if let Some(map) = self.ebpf.map(name) {
+                map.pin(&path)
+                    .map_err(pin_err(format!("re-pin map {name}")))?;
+                restored.push(path);
+            }
+        }
+        for name in [
+            names::PROG_XDP,
+            names::PROG_TC_INGRESS,
+            names::PROG_TC_EGRESS,
+        ] {
+            let path = self.pin_dir.join(name);
+            if path.exists() {
+                continue;
+            }
+            if let Some(prog) = self.ebpf.program_mut(name) {
+                prog.pin(&path)
+                    .map_err(pin_err(format!("re-pin program {name}")))?;
+                restored.push(path);
+            }
+        }
+        for a in self.attached.values_mut() {
+            for i in 0..a.links.len() {
+                if a.links[i].1.exists() {
+                    continue;
+                }
+                // Pinning consumes the fd link; the pinned link it returns
+                // holds the same attachment.
+                let (link, path) = a.links.remove(i);
+                let pinned = link
+                    .pin(&path)
+                    .map_err(pin_err(format!("re-pin link {}", path.display())))?;
+                a.links.insert(i, (FdLink::from(pinned), path.clone()));
+                restored.push(path);
+            }
+        }
+        Ok(restored)
     }
 
     /// Detaches everything and removes the pins (`--detach-on-exit`).
