@@ -345,3 +345,53 @@ fn removed_pins_are_restored_and_state_is_private() {
     let _srv = TcpServer::start(&p.worker, Pair::worker(7200), "t");
     assert!(filter_tests::tcp_probe(&p.client, Pair::worker(7200), T).is_err());
 }
+
+/// Hostile files in the policy directory (a FIFO, a symlink to /dev/zero,
+/// YAML nested 100,000 deep) are refused by name while the last good
+/// policy stays enforced for real traffic, and SIGTERM is answered.
+#[test]
+fn hostile_policy_files_are_refused_and_the_last_good_policy_stays() {
+    if !privileged("hostile_policy_files_are_refused_and_the_last_good_policy_stays") {
+        return;
+    }
+    let w = Wire::new("fwpf");
+    let dir = demo::TempDir::new(&unique("fwpf"));
+    let mut agent = w.start_agent(&dir);
+    let enforced = |what: &str| {
+        assert!(
+            filter_tests::tcp_probe(&w.p.client, Pair::worker(7200), T).is_err(),
+            "{what}: the denied port answered"
+        );
+        assert!(
+            filter_tests::tcp_probe(&w.p.client, Pair::worker(7201), T).is_ok(),
+            "{what}: the allowed port did not answer"
+        );
+    };
+    enforced("before");
+    let mut rejected = 0;
+    let mut refuse = |path: &Path, needle: &str, agent: &mut Agent| {
+        agent
+            .wait_for("policy rejected", rejected, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        rejected += 1;
+        let log = agent.log_text();
+        assert!(
+            log.contains(&path.display().to_string()) && log.contains(needle),
+            "{needle}: {log}"
+        );
+        std::fs::remove_file(path).expect("remove");
+    };
+    let fifo = dir.0.join("zz-fifo.yaml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    refuse(&fifo, "not a regular file", &mut agent);
+    enforced("after a FIFO");
+    let zero = dir.0.join("zz-zero.yaml");
+    std::os::unix::fs::symlink("/dev/zero", &zero).expect("symlink");
+    refuse(&zero, "not a regular file inside", &mut agent);
+    enforced("after a symlink to /dev/zero");
+    let deep = dir.0.join("zz-deep.yaml");
+    std::fs::write(&deep, format!("a: {}", "[".repeat(100_000))).expect("write");
+    refuse(&deep, "nested deeper than", &mut agent);
+    enforced("after deep nesting");
+    assert!(agent.stop().success(), "SIGTERM answered");
+}

@@ -88,6 +88,14 @@ pub struct RunArgs {
     /// occupancy.
     #[arg(long, default_value = "30", value_name = "SECONDS")]
     pub conntrack_sweep: u64,
+    /// Largest policy file read; a larger one is refused (the last good
+    /// policy stays).
+    #[arg(long, default_value_t = crate::model::DEFAULT_MAX_FILE_BYTES, value_name = "BYTES")]
+    pub max_file_size: u64,
+    /// Longest a reload may take to read, parse and compile the policy
+    /// before it is given up (the last good policy stays).
+    #[arg(long, default_value = "10", value_name = "SECONDS")]
+    pub parse_timeout: u64,
 }
 
 /// `filter-agent check`.

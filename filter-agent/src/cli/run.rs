@@ -14,7 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::{
     compile::{self, Compiled},
     dataplane::{self, Dataplane},
-    model::Store,
+    model::{Limits, Store},
     node,
 };
 
@@ -24,8 +24,9 @@ use super::RunArgs;
 fn load_and_compile(
     dir: &Path,
     node_name: &str,
+    limits: &Limits,
 ) -> Result<(Compiled, BTreeMap<String, u32>), String> {
-    let store = Store::load_dir(dir).map_err(|errors| {
+    let store = Store::load_dir_limited(dir, limits).map_err(|errors| {
         errors
             .iter()
             .map(|e| e.to_string())
@@ -75,8 +76,18 @@ pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let (_watcher, mut changes) = crate::source::watch(&args.policy_dir)
         .with_context(|| format!("watch {}", args.policy_dir.display()))?;
+    // Signals end the agent even while a reload is under way (a policy
+    // file that takes long to parse must not hold up SIGTERM).
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
+    let (stop_tx, mut stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+        let _ = stop_tx.send(true);
+    });
     let mut poll = tokio::time::interval(Duration::from_secs(args.interface_poll.max(1)));
     let mut sweep = tokio::time::interval(Duration::from_secs(args.conntrack_sweep.max(1)));
     let mut agent = Agent {
@@ -87,15 +98,20 @@ pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
         last_good: None,
         last_ifaces: BTreeMap::new(),
         host_addrs: BTreeSet::new(),
+        limits: Limits {
+            max_file_bytes: args.max_file_size,
+            ..Limits::default()
+        },
+        parse_timeout: Duration::from_secs(args.parse_timeout.max(1)),
     };
-    agent.reload();
-    loop {
+    agent.reload(&mut stop).await;
+    while !*stop.borrow() {
         tokio::select! {
             Some(()) = changes.recv() => {
                 // Editors write in several steps: let the burst settle.
                 tokio::time::sleep(Duration::from_millis(150)).await;
                 while changes.try_recv().is_ok() {}
-                agent.reload();
+                agent.reload(&mut stop).await;
             }
             _ = poll.tick() => {
                 agent.restore_pins();
@@ -103,14 +119,13 @@ pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
                 let (ifaces, addrs) = interface_snapshot();
                 if ifaces != agent.last_ifaces {
                     tracing::debug!("interfaces changed");
-                    agent.reload();
+                    agent.reload(&mut stop).await;
                 } else {
                     agent.sync_host_addresses(addrs);
                 }
             }
             _ = sweep.tick() => agent.sweep(),
-            _ = sigterm.recv() => break,
-            _ = sigint.recv() => break,
+            _ = stop.changed() => {}
         }
     }
     if args.detach_on_exit {
@@ -164,6 +179,10 @@ struct Agent {
     last_ifaces: BTreeMap<String, u32>,
     /// The node addresses `FW_HOST1` holds.
     host_addrs: BTreeSet<IpAddr>,
+    /// What one policy file may cost to read.
+    limits: Limits,
+    /// How long a reload may read, parse and compile.
+    parse_timeout: Duration,
 }
 
 impl Agent {
@@ -215,9 +234,27 @@ impl Agent {
     }
 
     /// Loads, compiles and applies; on any error keeps the last good policy.
-    fn reload(&mut self) {
+    /// Reading and compiling run on a blocking thread with a time limit, so
+    /// the loop (signals, sweeper) is never held by a hostile file; a stop
+    /// requested meanwhile abandons the reload.
+    async fn reload(&mut self, stop: &mut tokio::sync::watch::Receiver<bool>) {
+        let (dir, node, limits) = (self.policy_dir.clone(), self.node_name.clone(), self.limits);
+        let task = tokio::task::spawn_blocking(move || load_and_compile(&dir, &node, &limits));
+        let loaded = tokio::select! {
+            r = task => r.unwrap_or_else(|e| Err(format!("loading the policy failed: {e}"))),
+            _ = tokio::time::sleep(self.parse_timeout) => Err(format!(
+                "reading and compiling the policy took longer than {:?} (--parse-timeout): given up",
+                self.parse_timeout
+            )),
+            _ = stop.changed() => return,
+        };
+        self.settle(loaded);
+    }
+
+    /// Applies a loaded policy, or reports why it was rejected.
+    fn settle(&mut self, loaded: Result<(Compiled, BTreeMap<String, u32>), String>) {
         let _span = tracing::info_span!("sync").entered();
-        match load_and_compile(&self.policy_dir, &self.node_name) {
+        match loaded {
             Ok((compiled, ifaces)) => {
                 let rules: Vec<usize> = compiled.tables.iter().map(|t| t.rules.len()).collect();
                 tracing::info!(

@@ -125,11 +125,16 @@ struct Document<S> {
 
 impl Store {
     /// Loads every `*.yaml`, `*.yml` and `*.json` file under `dir`
-    /// (recursively, in name order). Returns the store only if every file
-    /// loaded; otherwise every error found.
+    /// (recursively, in name order) with the default [`Limits`]. Returns
+    /// the store only if every file loaded; otherwise every error found.
     pub fn load_dir(dir: &Path) -> Result<Store, Vec<Error>> {
+        Self::load_dir_limited(dir, &Limits::default())
+    }
+
+    /// [`Store::load_dir`] with `limits`.
+    pub fn load_dir_limited(dir: &Path, limits: &Limits) -> Result<Store, Vec<Error>> {
         let mut files = Vec::new();
-        collect_files(dir, &mut files).map_err(|e| {
+        let dir_error = |e: std::io::Error| {
             vec![Error {
                 origin: Origin {
                     file: dir.to_owned(),
@@ -138,25 +143,50 @@ impl Store {
                 field: "-".into(),
                 message: format!("cannot read directory: {e}"),
             }]
-        })?;
-        Self::load_files(&files)
+        };
+        let root = dir.canonicalize().map_err(dir_error)?;
+        let mut refused = Vec::new();
+        collect_files(&root, dir, &mut files, &mut refused).map_err(dir_error)?;
+        match Self::load_files_limited(&files, limits) {
+            Ok(store) if refused.is_empty() => Ok(store),
+            Ok(_) => Err(refused),
+            Err(mut errors) => {
+                errors.extend(refused);
+                Err(errors)
+            }
+        }
     }
 
     /// Loads the given files into one store.
     pub fn load_files(files: &[PathBuf]) -> Result<Store, Vec<Error>> {
+        Self::load_files_limited(files, &Limits::default())
+    }
+
+    /// [`Store::load_files`] with `limits`.
+    pub fn load_files_limited(files: &[PathBuf], limits: &Limits) -> Result<Store, Vec<Error>> {
         let mut store = Store::default();
         let mut errors = Vec::new();
         for file in files {
-            match std::fs::read_to_string(file) {
-                Ok(text) => store.add_text(file, &text, &mut errors),
-                Err(e) => errors.push(Error {
-                    origin: Origin {
-                        file: file.clone(),
-                        line: 0,
-                    },
-                    field: "-".into(),
-                    message: format!("cannot read file: {e}"),
-                }),
+            let error = |line: usize, message: String| Error {
+                origin: Origin {
+                    file: file.clone(),
+                    line,
+                },
+                field: "-".into(),
+                message,
+            };
+            match read_policy_file(file, limits.max_file_bytes) {
+                Ok(text) => match nesting_beyond(&text, limits.max_nesting) {
+                    Some(line) => errors.push(error(
+                        line,
+                        format!(
+                            "nested deeper than {} levels: refused before parsing",
+                            limits.max_nesting
+                        ),
+                    )),
+                    None => store.add_text(file, &text, &mut errors),
+                },
+                Err(message) => errors.push(error(0, message)),
             }
         }
         if errors.is_empty() {
@@ -420,7 +450,122 @@ pub fn split_documents(text: &str) -> Vec<(usize, &str)> {
         .collect()
 }
 
-fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// What a policy source reads, at most: a file of the policy directory
+/// cannot stall the agent or fill its memory (docs/threat-model.md).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Bytes of one file.
+    pub max_file_bytes: u64,
+    /// Nesting of YAML collections (see [`nesting_beyond`]).
+    pub max_nesting: usize,
+}
+
+/// 4 MiB: the largest real policy file we know (a cluster export) is a
+/// few hundred KiB.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 4 << 20;
+
+/// Calico resources nest about ten levels deep; 64 leaves room for lists
+/// of lists and refuses what only an attack would write.
+pub const DEFAULT_MAX_NESTING: usize = 64;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            max_nesting: DEFAULT_MAX_NESTING,
+        }
+    }
+}
+
+/// Reads one policy file: a regular file (not a FIFO, device or socket,
+/// which could block or never end) of at most `max_bytes`.
+fn read_policy_file(file: &Path, max_bytes: u64) -> Result<String, String> {
+    use std::{io::Read, os::unix::fs::OpenOptionsExt};
+    // O_NONBLOCK: opening a FIFO for reading must not wait for a writer.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open(file)
+        .map_err(|e| format!("cannot read file: {e}"))?;
+    let meta = f.metadata().map_err(|e| format!("cannot stat file: {e}"))?;
+    if !meta.file_type().is_file() {
+        return Err("not a regular file (a FIFO, device or socket): refused".into());
+    }
+    if meta.len() > max_bytes {
+        return Err(format!(
+            "{} bytes, more than the limit of {max_bytes}: refused",
+            meta.len()
+        ));
+    }
+    let mut text = String::new();
+    // The file may grow after the stat: read one byte past the limit at most.
+    f.take(max_bytes + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("cannot read file: {e}"))?;
+    if text.len() as u64 > max_bytes {
+        return Err(format!("more than the limit of {max_bytes} bytes: refused"));
+    }
+    Ok(text)
+}
+
+/// The 1-based line where `text` nests deeper than `max`, if it does.
+///
+/// A conservative count before the YAML parser sees the text (deep nesting
+/// costs the parser time and stack): flow brackets (`[`, `{`) outside
+/// quotes and comments, plus the block levels a line opens by indentation
+/// (one per two columns) and by compact `- ` or `? ` entries. It may
+/// overcount odd but valid YAML; never undercount.
+pub fn nesting_beyond(text: &str, max: usize) -> Option<usize> {
+    let mut flow = 0usize;
+    for (i, line) in text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        let mut rest = line.trim_start_matches(' ');
+        let mut compact = 0;
+        while let Some(r) = rest.strip_prefix("- ").or_else(|| rest.strip_prefix("? ")) {
+            compact += 1;
+            rest = r.trim_start_matches(' ');
+        }
+        let mut quote: Option<char> = None;
+        let mut peak = flow;
+        // A quote opens a quoted scalar only where a scalar starts (as in
+        // `it's`, a quote inside a plain scalar is just a character).
+        let mut scalar_start = true;
+        for c in rest.chars() {
+            let starts = std::mem::replace(&mut scalar_start, false);
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') if starts => quote = Some(c),
+                (None, ' ' | ',' | ':' | '-' | '?') => scalar_start = true,
+                (None, '#') => break,
+                (None, '[' | '{') => {
+                    flow += 1;
+                    peak = peak.max(flow);
+                    scalar_start = true;
+                }
+                (None, ']' | '}') => flow = flow.saturating_sub(1),
+                _ => {}
+            }
+        }
+        if peak + indent / 2 + compact > max {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+/// Collects the policy files under `dir` (inside the canonical `root`).
+/// Symlinks are followed only to regular files inside `root` (a
+/// Kubernetes ConfigMap volume is made of such links); a policy file that
+/// is a link out of the directory, to a non-file or to nothing is an error
+/// in `refused` (so the last good policy stays, rather than its resources
+/// silently going away).
+fn collect_files(
+    root: &Path,
+    dir: &Path,
+    out: &mut Vec<PathBuf>,
+    refused: &mut Vec<Error>,
+) -> std::io::Result<()> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
     entries.sort_by_key(|e| e.file_name());
     for entry in entries {
@@ -430,14 +575,39 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
             // Editors' swap files and Kubernetes ConfigMap "..data" links.
             continue;
         }
-        if entry.file_type()?.is_dir() {
-            collect_files(&path, out)?;
-        } else if matches!(
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            collect_files(root, &path, out, refused)?;
+            continue;
+        }
+        if !matches!(
             path.extension().and_then(|e| e.to_str()),
             Some("yaml" | "yml" | "json")
         ) {
-            out.push(path);
+            continue;
         }
+        if kind.is_symlink() {
+            let why = match path.canonicalize() {
+                Ok(target) if target.starts_with(root) && target.is_file() => None,
+                Ok(target) => Some(format!(
+                    "a symlink to {}, which is not a regular file inside the policy directory: refused",
+                    target.display()
+                )),
+                Err(e) => Some(format!("a symlink that cannot be followed: {e}")),
+            };
+            if let Some(message) = why {
+                refused.push(Error {
+                    origin: Origin {
+                        file: path,
+                        line: 0,
+                    },
+                    field: "-".into(),
+                    message,
+                });
+                continue;
+            }
+        }
+        out.push(path);
     }
     Ok(())
 }
@@ -515,6 +685,49 @@ mod tests {
             "{}",
             err[0]
         );
+    }
+
+    #[test]
+    fn deep_nesting_is_found_before_parsing() {
+        let flow = format!("a: {}1{}\n", "[".repeat(70), "]".repeat(70));
+        assert_eq!(nesting_beyond(&flow, 64), Some(1));
+        let compact = format!("x: 1\n{}y\n", "- ".repeat(70));
+        assert_eq!(nesting_beyond(&compact, 64), Some(2));
+        let indented: String = (0..70)
+            .map(|i| format!("{}k{i}:\n", "  ".repeat(i)))
+            .collect();
+        assert!(nesting_beyond(&indented, 64).is_some());
+        // Brackets in quotes and comments do not count; a real file passes.
+        let quoted = format!("a: '{}' # {}\n", "[".repeat(100), "{".repeat(100));
+        assert_eq!(nesting_beyond(&quoted, 64), None);
+        let apostrophe = format!("a: [it's, {}1{}]\n", "[".repeat(70), "]".repeat(70));
+        assert_eq!(nesting_beyond(&apostrophe, 64), Some(1));
+        let tutorial = include_str!("../../../examples/demo/default-host-policies.yaml");
+        assert_eq!(nesting_beyond(tutorial, 64), None);
+    }
+
+    #[test]
+    fn fifos_devices_large_files_and_links_out_are_refused() {
+        let dir = std::env::temp_dir().join(format!("fw-model-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let fifo = dir.join("a-fifo.yaml");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .expect("mkfifo");
+        std::os::unix::fs::symlink("/dev/zero", dir.join("b-zero.yaml")).expect("symlink");
+        std::fs::write(dir.join("c-big.yaml"), vec![b'#'; 2048]).expect("write");
+        let limits = Limits {
+            max_file_bytes: 1024,
+            max_nesting: 64,
+        };
+        let errors = Store::load_dir_limited(&dir, &limits).expect_err("refused");
+        let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        let has =
+            |file: &str, what: &str| text.iter().any(|t| t.contains(file) && t.contains(what));
+        assert!(has("a-fifo.yaml", "not a regular file"), "{text:?}");
+        assert!(has("b-zero.yaml", "not a regular file inside"), "{text:?}");
+        assert!(has("c-big.yaml", "more than the limit"), "{text:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
