@@ -360,7 +360,7 @@ pub mod names {
     /// Failsafe ports.
     pub const MAP_FAILSAFE: &str = "FW_FAILSAFE1";
     /// Connection tracking table.
-    pub const MAP_CONNTRACK: &str = "FW_CT1";
+    pub const MAP_CONNTRACK: &str = "FW_CT2";
     /// The node's own addresses.
     pub const MAP_HOST: &str = "FW_HOST1";
     /// Service frontends.
@@ -436,6 +436,17 @@ pub mod ct {
     /// tuple, before the forward stage judged it: only a reply seen at TC
     /// egress (after the kernel's un-NAT and source checks) establishes it.
     pub const FORWARD_PENDING: u32 = 1 << 5;
+    /// TCP: `CtValue::end_a` holds the end of what side A has sent.
+    pub const END_A: u32 = 1 << 6;
+    /// TCP: `CtValue::end_b` holds the end of what side B has sent.
+    pub const END_B: u32 = 1 << 7;
+    /// How far a RST's sequence number may lie from the end of what its
+    /// sender has sent (segments this hook did not see, data in flight)
+    /// and still close the flow: a blind attacker must hit a 128 KiB window
+    /// of the 4 GiB sequence space (1 in 32,768 per try). A RST outside it
+    /// passes (the endpoint's own stack judges it, RFC 5961) but leaves the
+    /// flow's state alone.
+    pub const RST_WINDOW: u32 = 1 << 16;
 
     const SECOND: u64 = 1_000_000_000;
     /// TCP, opened but not answered (netfilter's SYN_SENT is 120 s).
@@ -517,6 +528,11 @@ pub struct CtValue {
     pub last_seen: u64,
     /// [`ct`] flags.
     pub flags: u32,
+    /// TCP: sequence number after the last byte (SYN and FIN count one)
+    /// side A has sent, when [`ct::END_A`] is set.
+    pub end_a: u32,
+    /// The same for side B ([`ct::END_B`]).
+    pub end_b: u32,
     /// Zero.
     pub pad: u32,
 }
@@ -606,7 +622,7 @@ const _: () = assert!(core::mem::size_of::<RuleMeta>() == 16);
 const _: () = assert!(core::mem::size_of::<RuleCounter>() == 16);
 const _: () = assert!(core::mem::size_of::<XdpMeta>() == 8);
 const _: () = assert!(core::mem::size_of::<CtKey>() == 40);
-const _: () = assert!(core::mem::size_of::<CtValue>() == 16);
+const _: () = assert!(core::mem::size_of::<CtValue>() == 24);
 const _: () = assert!(core::mem::size_of::<HostKey>() == 20);
 const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 const _: () = assert!(core::mem::size_of::<SvcKey>() == 20);

@@ -19,8 +19,8 @@ use crate::parse::{
     Family, Packet, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
-#[map(name = "FW_CT1")]
-static FW_CT1: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(ct::DEFAULT_SIZE, 0);
+#[map(name = "FW_CT2")]
+static FW_CT2: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(ct::DEFAULT_SIZE, 0);
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -106,25 +106,80 @@ fn packet_flow(pkt: &Packet) -> Flow {
     flow(pkt.family, pkt.proto, &pkt.src, &pkt.dst, sport, dport)
 }
 
+/// Whether the side the flow's side-A-ness `from_a` names has sent on the
+/// flow: its opener always, the other side once it answered.
+#[inline(always)]
+fn has_sent(v: &CtValue, from_a: bool) -> bool {
+    from_a == (v.flags & ct::OPENED_BY_A != 0) || v.flags & ct::SEEN_REPLY != 0
+}
+
+/// ICMP echo request (IPv4 8, IPv6 128): `dport` holds `type << 8 | code`.
+#[inline(always)]
+fn is_echo_request(pkt: &Packet) -> bool {
+    let ty = (pkt.dport >> 8) as u8;
+    (pkt.proto == IPPROTO_ICMP && ty == 8) || (pkt.proto == IPPROTO_ICMPV6 && ty == 128)
+}
+
+/// An ICMP error about a flow: related only when it goes back to the
+/// sender of the packet it quotes (the error's destination is the quoted
+/// source), and that sender has sent on the flow. An error quoting a flow
+/// "in the other direction", or a packet the flow never sent, is a packet
+/// of its own for policy to judge (netfilter relates errors to the reply
+/// direction the same way).
+#[inline(always)]
+fn related(pkt: &Packet) -> Known {
+    let i = &pkt.inner;
+    if i.src != pkt.dst {
+        return Known::New;
+    }
+    let f = flow(pkt.family, i.proto, &i.src, &i.dst, i.sport, i.dport);
+    // SAFETY: LRU values are plain integers; a racing update leaves an
+    // entry of either version, both valid.
+    match unsafe { FW_CT2.get(&f.key) } {
+        Some(v) if live(v, f.key.proto, now()) && has_sent(v, f.from_a) => Known::Related,
+        _ => Known::New,
+    }
+}
+
+/// Whether a RST from side `from_a` is plausible for the flow: its
+/// sequence number lies within `ct::RST_WINDOW` of the end of what that
+/// side has sent, or (side unknown so far) it acknowledges exactly what
+/// the other side has sent, as a RST answering a segment does.
+#[inline(always)]
+fn rst_plausible(v: &CtValue, from_a: bool, pkt: &Packet) -> bool {
+    let (mine, mine_known, theirs, theirs_known) = if from_a {
+        (
+            v.end_a,
+            v.flags & ct::END_A != 0,
+            v.end_b,
+            v.flags & ct::END_B != 0,
+        )
+    } else {
+        (
+            v.end_b,
+            v.flags & ct::END_B != 0,
+            v.end_a,
+            v.flags & ct::END_A != 0,
+        )
+    };
+    if mine_known {
+        let d = pkt.tcp_seq.wrapping_sub(mine) as i32;
+        return d.unsigned_abs() <= ct::RST_WINDOW;
+    }
+    theirs_known && pkt.tcp_flags & TCP_ACK != 0 && pkt.tcp_ack == theirs
+}
+
 /// Looks the packet up and, except for a [`Hook::Peek`], records it:
-/// refreshes the entry, marks the flow answered, follows TCP's FIN and RST.
-/// A called function, not inlined: its key and flow live in their own
-/// stack frame.
+/// refreshes the entry, marks the flow answered, follows TCP's FIN and
+/// (plausible) RST. A called function, not inlined: its key and flow live
+/// in their own stack frame.
 #[inline(never)]
 pub fn track(pkt: &Packet, hook: Hook) -> Known {
     if pkt.inner.present {
-        let now = now();
-        let i = &pkt.inner;
-        let f = flow(pkt.family, i.proto, &i.src, &i.dst, i.sport, i.dport);
-        // SAFETY: LRU values are plain integers; a racing update leaves an
-        // entry of either version, both valid.
-        return match unsafe { FW_CT1.get(&f.key) } {
-            Some(v) if live(v, f.key.proto, now) => Known::Related,
-            _ => Known::New,
-        };
+        return related(pkt);
     }
     let f = packet_flow(pkt);
-    let Some(v) = FW_CT1.get_ptr_mut(&f.key) else {
+    let Some(v) = FW_CT2.get_ptr_mut(&f.key) else {
         return Known::New;
     };
     // Only a hit needs the time.
@@ -137,6 +192,16 @@ pub fn track(pkt: &Packet, hook: Hook) -> Known {
         return Known::New;
     }
     let from_opener = f.from_a == (v.flags & ct::OPENED_BY_A != 0);
+    // An echo flow's opener sends requests, the other side replies: a
+    // request from the answering side (say, with the identifier of the
+    // node's own ping) is a new flow, not part of this one. (A ping of
+    // one's own address has one side only: nothing to tell apart.)
+    if (pkt.proto == IPPROTO_ICMP || pkt.proto == IPPROTO_ICMPV6)
+        && is_echo_request(pkt) != from_opener
+        && f.key.addr_a != f.key.addr_b
+    {
+        return Known::New;
+    }
     let flags = pkt.tcp_flags;
     // A fresh SYN on a closed flow opens a new one: judge it.
     if pkt.proto == IPPROTO_TCP
@@ -165,7 +230,11 @@ pub fn track(pkt: &Packet, hook: Hook) -> Known {
     }
     if pkt.proto == IPPROTO_TCP {
         if flags & TCP_RST != 0 {
-            nf |= ct::RST;
+            if rst_plausible(v, f.from_a, pkt) {
+                nf |= ct::RST;
+            }
+        } else {
+            record_end(v, &mut nf, f.from_a, pkt.tcp_end);
         }
         if flags & TCP_FIN != 0 {
             nf |= if f.from_a { ct::FIN_A } else { ct::FIN_B };
@@ -174,6 +243,21 @@ pub fn track(pkt: &Packet, hook: Hook) -> Known {
     v.flags = nf;
     v.last_seen = now;
     known
+}
+
+/// Moves side `from_a`'s end forward to `end` (never back: segments
+/// arrive out of order).
+#[inline(always)]
+fn record_end(v: &mut CtValue, nf: &mut u32, from_a: bool, end: u32) {
+    let (slot, bit) = if from_a {
+        (&mut v.end_a, ct::END_A)
+    } else {
+        (&mut v.end_b, ct::END_B)
+    };
+    if *nf & bit == 0 || (end.wrapping_sub(*slot) as i32) > 0 {
+        *slot = end;
+        *nf |= bit;
+    }
 }
 
 #[inline(always)]
@@ -198,17 +282,27 @@ pub fn open(pkt: &Packet, pending: bool) {
     {
         return;
     }
+    // Only a request opens an echo flow (see `track`).
+    if (pkt.proto == IPPROTO_ICMP || pkt.proto == IPPROTO_ICMPV6) && !is_echo_request(pkt) {
+        return;
+    }
     let f = packet_flow(pkt);
     let mut flags = if f.from_a { ct::OPENED_BY_A } else { 0 };
     if pending {
         flags |= ct::FORWARD_PENDING;
     }
-    let value = CtValue {
+    let mut value = CtValue {
         last_seen: now(),
         flags,
+        end_a: 0,
+        end_b: 0,
         pad: 0,
     };
+    if pkt.proto == IPPROTO_TCP {
+        record_end(&mut value, &mut flags, f.from_a, pkt.tcp_end);
+        value.flags = flags;
+    }
     // Failing to insert (never for an LRU map with room to evict) leaves
     // the flow untracked: its next packets are judged again, which is safe.
-    let _ = FW_CT1.insert(&f.key, &value, 0);
+    let _ = FW_CT2.insert(&f.key, &value, 0);
 }

@@ -130,6 +130,12 @@ pub struct Packet {
     pub frag_id: u32,
     /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10); else 0.
     pub tcp_flags: u8,
+    /// TCP sequence and acknowledgement numbers; else 0.
+    pub tcp_seq: u32,
+    pub tcp_ack: u32,
+    /// TCP: the sequence number after this segment (payload, SYN and FIN
+    /// each count), what the other side will acknowledge; else 0.
+    pub tcp_end: u32,
     /// ICMP echo request or reply: the identifier, which conntrack uses as
     /// both ports; else 0.
     pub echo_id: u16,
@@ -165,12 +171,13 @@ impl Packet {
         self.first_fragment = false;
         self.frag_id = 0;
         self.tcp_flags = 0;
+        self.tcp_seq = 0;
+        self.tcp_ack = 0;
+        self.tcp_end = 0;
         self.echo_id = 0;
         self.inner.present = false;
     }
 }
-
-const TCP_FLAGS_OFFSET: usize = 13;
 
 /// Why a frame was not parsed; a `filter_common::reason` value:
 /// `reason::is_drop` tells whether the caller drops it.
@@ -266,7 +273,8 @@ fn parse_ipv4(start: usize, end: usize, offset: usize, pkt: &mut Packet) -> Resu
     // A first fragment too short for the L4 fields fails the reads there
     // and is dropped (RFC 1858's tiny-fragment rule).
     let l4 = offset + ihl * 4;
-    parse_l4(start, end, l4, pkt)
+    let ip_end = offset + u16::from_be_bytes(ip.tot_len) as usize;
+    parse_l4(start, end, l4, ip_end, pkt)
 }
 
 #[inline(always)]
@@ -320,21 +328,42 @@ fn parse_ipv6(start: usize, end: usize, offset: usize, pkt: &mut Packet) -> Resu
         return Err(reason::DROP_MALFORMED);
     }
     pkt.proto = next;
-    parse_l4(start, end, l4, pkt)
+    let ip_end = offset + Ipv6Hdr::LEN + u16::from_be_bytes(ip.payload_len) as usize;
+    parse_l4(start, end, l4, ip_end, pkt)
 }
 
+/// `ip_end`: where the IP packet ends by its own length field (the frame
+/// may be longer: Ethernet padding).
 #[inline(always)]
-fn parse_l4(start: usize, end: usize, l4: usize, pkt: &mut Packet) -> Result<(), NotParsed> {
+fn parse_l4(
+    start: usize,
+    end: usize,
+    l4: usize,
+    ip_end: usize,
+    pkt: &mut Packet,
+) -> Result<(), NotParsed> {
     match pkt.proto {
-        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
-            // All three start with source and destination port.
+        IPPROTO_TCP => {
+            // Ports, sequence, acknowledgement, data offset, flags.
+            let h: [u8; 14] = read(start, end, l4)?;
+            pkt.sport = u16::from_be_bytes([h[0], h[1]]);
+            pkt.dport = u16::from_be_bytes([h[2], h[3]]);
+            pkt.has_ports = true;
+            pkt.tcp_seq = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+            pkt.tcp_ack = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
+            pkt.tcp_flags = h[13];
+            let header = (h[12] >> 4) as usize * 4;
+            let payload = ip_end.saturating_sub(l4 + header) as u32;
+            // SYN and FIN each take one sequence number.
+            let syn_fin = (pkt.tcp_flags & 0x01) as u32 + ((pkt.tcp_flags >> 1) & 0x01) as u32;
+            pkt.tcp_end = pkt.tcp_seq.wrapping_add(payload).wrapping_add(syn_fin);
+        }
+        IPPROTO_UDP | IPPROTO_SCTP => {
+            // Both start with source and destination port.
             let ports: [u8; 4] = read(start, end, l4)?;
             pkt.sport = u16::from_be_bytes([ports[0], ports[1]]);
             pkt.dport = u16::from_be_bytes([ports[2], ports[3]]);
             pkt.has_ports = true;
-            if pkt.proto == IPPROTO_TCP {
-                pkt.tcp_flags = read(start, end, l4 + TCP_FLAGS_OFFSET)?;
-            }
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => {
             // type, code, checksum, then identifier for echoes.

@@ -307,7 +307,16 @@ fn kernel(dp: &mut Dataplane, p: &Probe, other_if: u32) -> Verdict {
     let f = flow(p);
     dp.forget_flow(&f).expect("forget");
     if p.established {
-        dp.open_flow(&f, true, true).expect("record flow");
+        // An echo reply belongs to the flow its peer's request opened.
+        let opened = match p.packet.icmp {
+            Some((0 | 129, _)) => Flow {
+                src: f.dst,
+                dst: f.src,
+                ..f
+            },
+            _ => f,
+        };
+        dp.open_flow(&opened, true, true).expect("record flow");
     }
     let data = frame(p);
     let route = Route {

@@ -835,3 +835,143 @@ fn evasions_are_dropped_or_judged_at_xdp_and_tc() {
         "IPv6 tiny first fragment"
     );
 }
+
+/// Conntrack forgeries of the hardening issue, under BPF_PROG_TEST_RUN:
+/// an echo request carrying the identifier of the node's own ping, ICMP
+/// errors quoting a flow in the wrong direction or a packet it never sent,
+/// and a blind RST, against a policy that denies all ICMP before DNAT.
+#[test]
+fn conntrack_is_not_fooled_by_forged_echoes_errors_or_resets() {
+    if !privileged("conntrack_is_not_fooled_by_forged_echoes_errors_or_resets") {
+        return;
+    }
+    use filter_agent::dataplane::{conntrack::Flow, live::Live};
+    use filter_common::ct;
+    use std::net::IpAddr;
+    let policy = POLICY.replace("icmp: {type: 8}", "source: {}");
+    let mut k = Loaded::new(&policy);
+    let ip = |a: [u8; 4]| IpAddr::from(a);
+    let flow = |src, dst, proto, sport, dport| Flow {
+        src: ip(src),
+        dst: ip(dst),
+        proto,
+        sport,
+        dport,
+    };
+    let dp = k.dp.as_mut().expect("loaded");
+
+    // The node pings OTHER with identifier 77 (its request went out).
+    dp.open_flow(&flow(WORKER, OTHER, 1, 77, 77), false, true)
+        .expect("record the ping");
+    let echo = |request: bool| {
+        let mut v = Vec::new();
+        let b = PacketBuilder::ethernet2(MAC_A, MAC_B).ipv4(OTHER, WORKER, 64);
+        if request {
+            b.icmpv4_echo_request(77, 1).write(&mut v, &[])
+        } else {
+            b.icmpv4_echo_reply(77, 1).write(&mut v, &[])
+        }
+        .expect("build");
+        v
+    };
+    assert_eq!(
+        k.run(&echo(false)),
+        XDP_PASS,
+        "the reply to the node's ping"
+    );
+    assert_eq!(
+        k.run(&echo(true)),
+        XDP_DROP,
+        "an inbound request with the node's identifier is a new flow"
+    );
+
+    // The node's TCP connection WORKER:40000 -> OTHER:5000, not answered.
+    let dp = k.dp.as_mut().expect("loaded");
+    dp.open_flow(&flow(WORKER, OTHER, 6, 40000, 5000), false, true)
+        .expect("record the connection");
+    // A port unreachable sent to `to`, quoting a TCP header `inner_src` ->
+    // `inner_dst` with ports `sport` -> `dport`.
+    let unreachable =
+        |to: [u8; 4], inner_src: [u8; 4], inner_dst: [u8; 4], sport: u16, dport: u16| {
+            let mut quoted = Vec::new();
+            PacketBuilder::ipv4(inner_src, inner_dst, 64)
+                .tcp(sport, dport, 1, 1024)
+                .syn()
+                .write(&mut quoted, &[])
+                .expect("quoted");
+            let mut v = Vec::new();
+            PacketBuilder::ethernet2(MAC_A, MAC_B)
+                .ipv4(OTHER, to, 64)
+                .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+                    etherparse::icmpv4::DestUnreachableHeader::Port,
+                ))
+                .write(&mut v, &quoted[..28])
+                .expect("build");
+            v
+        };
+    assert_eq!(
+        k.run(&unreachable(WORKER, WORKER, OTHER, 40000, 5000)),
+        XDP_PASS,
+        "an error about the node's own SYN is related"
+    );
+    assert_eq!(
+        k.run(&unreachable(WORKER, OTHER, WORKER, 5000, 40000)),
+        XDP_DROP,
+        "an error quoting the flow in the other direction, which never sent"
+    );
+    assert_eq!(
+        k.run(&unreachable(LB, WORKER, OTHER, 40000, 5000)),
+        XDP_DROP,
+        "an error about the flow sent to someone else"
+    );
+
+    // An established connection OTHER:41000 -> WORKER:8080; OTHER's side
+    // has sent up to 1000 (learned from its next segment at TC ingress).
+    let conn = flow(OTHER, WORKER, 6, 41000, 8080);
+    let dp = k.dp.as_mut().expect("loaded");
+    dp.open_flow(&conn, true, true).expect("record");
+    let segment = |seq: u32, rst: bool| {
+        let mut v = Vec::new();
+        let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4(OTHER, WORKER, 64)
+            .tcp(41000, 8080, seq, 1024)
+            .ack(5);
+        if rst { b.rst() } else { b }
+            .write(&mut v, &[])
+            .expect("build");
+        v
+    };
+    let tc_in = |k: &mut Loaded, frame: &[u8]| {
+        k.dp.as_mut()
+            .expect("loaded")
+            .test_run_tc(
+                frame,
+                filter_agent::dataplane::TcRun {
+                    ingress: true,
+                    ifindex: LO,
+                    ingress_ifindex: LO,
+                    mark: 0,
+                },
+            )
+            .expect("tc")
+            .0
+    };
+    assert_eq!(tc_in(&mut k, &segment(1000, false)), 0, "established");
+    let live = Live::open(&k.pin_dir).expect("open the pins");
+    let entry = live.flow_entry(&conn).expect("entry");
+    assert!(entry.flags & (ct::END_A | ct::END_B) != 0, "{entry:?}");
+    assert_eq!(tc_in(&mut k, &segment(1000 + 50_000_000, true)), 0);
+    let entry = live.flow_entry(&conn).expect("entry");
+    assert_eq!(
+        entry.flags & ct::RST,
+        0,
+        "a blind RST closed the flow: {entry:?}"
+    );
+    assert_eq!(tc_in(&mut k, &segment(1000, true)), 0);
+    let entry = live.flow_entry(&conn).expect("entry");
+    assert_ne!(
+        entry.flags & ct::RST,
+        0,
+        "an in-window RST must close it: {entry:?}"
+    );
+}

@@ -179,10 +179,11 @@ pub(super) fn entry(flow: &Flow, answered: bool) -> (CtKey, CtValue) {
     if answered {
         flags |= ct::SEEN_REPLY;
     }
+    // Sequence ends unknown: the first packet of each side sets them.
     let value = CtValue {
         last_seen: monotonic_ns(),
         flags,
-        pad: 0,
+        ..CtValue::default()
     };
     (key, value)
 }
