@@ -310,6 +310,11 @@ pub mod reason {
     /// A non-first fragment whose first fragment this hook did not pass
     /// (denied, never seen, or arrived later): dropped.
     pub const DROP_FRAGMENT: u32 = 16;
+    /// Not a verdict but an event, counted beside the packet's own reason:
+    /// a flow qualified as assured but the assured table was full, so it
+    /// stays in the LRU table (where new flows may evict it; its packets
+    /// are then judged again by policy, the safe side).
+    pub const EVENT_ASSURED_TABLE_FULL: u32 = 17;
     /// Number of reason slots in `FW_STATS2`.
     pub const COUNT: u32 = 32;
 
@@ -361,6 +366,9 @@ pub mod names {
     pub const MAP_FAILSAFE: &str = "FW_FAILSAFE1";
     /// Connection tracking table.
     pub const MAP_CONNTRACK: &str = "FW_CT2";
+    /// The assured flows (`ct::ASSURED`): a hash, not an LRU, so a flood of
+    /// new flows cannot evict them.
+    pub const MAP_CONNTRACK_ASSURED: &str = "FW_CTA1";
     /// The node's own addresses.
     pub const MAP_HOST: &str = "FW_HOST1";
     /// Service frontends.
@@ -447,6 +455,17 @@ pub mod ct {
     /// passes (the endpoint's own stack judges it, RFC 5961) but leaves the
     /// flow's state alone.
     pub const RST_WINDOW: u32 = 1 << 16;
+    /// The flow is assured and lives in the assured table (`FW_CTA1`),
+    /// from which nothing evicts it: TCP once its handshake completed (the
+    /// opener acknowledged the answer), UDP and other protocols once both
+    /// sides sent and the flow is more than [`ASSURED_AFTER`] units old
+    /// (netfilter's rule). ICMP echo flows are never assured.
+    pub const ASSURED: u32 = 1 << 8;
+    /// Age (in `CtValue::opened` units) an answered non-TCP flow needs to
+    /// be assured: two, as netfilter's 2 s for UDP streams.
+    pub const ASSURED_AFTER: u32 = 2;
+    /// `CtValue::opened` units: nanoseconds shifted right by this.
+    pub const OPENED_SHIFT: u32 = 30;
 
     const SECOND: u64 = 1_000_000_000;
     /// TCP, opened but not answered (netfilter's SYN_SENT is 120 s).
@@ -533,8 +552,9 @@ pub struct CtValue {
     pub end_a: u32,
     /// The same for side B ([`ct::END_B`]).
     pub end_b: u32,
-    /// Zero.
-    pub pad: u32,
+    /// When the flow was opened, in units of 2^30 ns (about a second): the
+    /// age a UDP flow needs to be assured.
+    pub opened: u32,
 }
 
 /// Key of the fragment table (`FW_FRAG1`): one IP datagram whose first

@@ -9,7 +9,12 @@
 //! `CtKey`); why our own table rather than the kernel's conntrack is in
 //! docs/conntrack.md.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::LruHashMap};
+use aya_ebpf::{
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
+    helpers::bpf_ktime_get_ns,
+    macros::map,
+    maps::{HashMap, LruHashMap},
+};
 use filter_common::{
     ct::{self, timeout_ns},
     CtKey, CtValue,
@@ -19,8 +24,26 @@ use crate::parse::{
     Family, Packet, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
 };
 
+/// New and not yet assured flows: when full, the least recently used one
+/// makes room (its next packet is judged again by policy).
 #[map(name = "FW_CT2")]
 static FW_CT2: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(ct::DEFAULT_SIZE, 0);
+
+/// Assured flows (`ct::ASSURED`), moved here from `FW_CT2`: a plain hash,
+/// so no flood of new flows evicts them; only expiry (the agent's sweeper)
+/// removes them. Allocated as used.
+#[map(name = "FW_CTA1")]
+static FW_CTA1: HashMap<CtKey, CtValue> = HashMap::pinned(ct::DEFAULT_SIZE, BPF_F_NO_PREALLOC);
+
+/// The entry of `key` and whether it is in the assured table, which is
+/// looked at first (most packets belong to long-lived flows).
+#[inline(always)]
+fn lookup(key: &CtKey) -> Option<(*mut CtValue, bool)> {
+    if let Some(v) = FW_CTA1.get_ptr_mut(key) {
+        return Some((v, true));
+    }
+    FW_CT2.get_ptr_mut(key).map(|v| (v, false))
+}
 
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -133,11 +156,16 @@ fn related(pkt: &Packet) -> Known {
         return Known::New;
     }
     let f = flow(pkt.family, i.proto, &i.src, &i.dst, i.sport, i.dport);
-    // SAFETY: LRU values are plain integers; a racing update leaves an
-    // entry of either version, both valid.
-    match unsafe { FW_CT2.get(&f.key) } {
-        Some(v) if live(v, f.key.proto, now()) && has_sent(v, f.from_a) => Known::Related,
-        _ => Known::New,
+    let Some((v, _)) = lookup(&f.key) else {
+        return Known::New;
+    };
+    // SAFETY: from a successful lookup, alive for the program's run (RCU);
+    // plain integers, so a racing update leaves either version.
+    let v = unsafe { &*v };
+    if live(v, f.key.proto, now()) && has_sent(v, f.from_a) {
+        Known::Related
+    } else {
+        Known::New
     }
 }
 
@@ -179,7 +207,7 @@ pub fn track(pkt: &Packet, hook: Hook) -> Known {
         return related(pkt);
     }
     let f = packet_flow(pkt);
-    let Some(v) = FW_CT2.get_ptr_mut(&f.key) else {
+    let Some((v, assured)) = lookup(&f.key) else {
         return Known::New;
     };
     // Only a hit needs the time.
@@ -242,7 +270,48 @@ pub fn track(pkt: &Packet, hook: Hook) -> Known {
     }
     v.flags = nf;
     v.last_seen = now;
+    if !assured && qualifies_as_assured(pkt, v, from_opener, now) {
+        assure(&f.key, v);
+    }
     known
+}
+
+/// netfilter's rule for "assured": TCP once the opener acknowledges the
+/// answer (the handshake completed), other protocols once both sides sent
+/// and the flow is [`ct::ASSURED_AFTER`] old; ICMP echo flows never.
+#[inline(always)]
+fn qualifies_as_assured(pkt: &Packet, v: &CtValue, from_opener: bool, now: u64) -> bool {
+    if v.flags & ct::SEEN_REPLY == 0 || v.flags & ct::FORWARD_PENDING != 0 {
+        return false;
+    }
+    match pkt.proto {
+        IPPROTO_TCP => {
+            from_opener
+                && pkt.tcp_flags & (TCP_ACK | TCP_SYN | TCP_RST) == TCP_ACK
+                && v.flags & (ct::RST | ct::FIN_A | ct::FIN_B) == 0
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => false,
+        _ => opened_units(now).wrapping_sub(v.opened) >= ct::ASSURED_AFTER,
+    }
+}
+
+/// Moves the entry `v` of `key` into the assured table. When that table is
+/// full the flow stays where it is (counted): new flows may then evict it,
+/// and its packets are judged again by policy.
+#[inline(never)]
+fn assure(key: &CtKey, v: &CtValue) {
+    let mut copy = *v;
+    copy.flags |= ct::ASSURED;
+    if FW_CTA1.insert(key, &copy, BPF_NOEXIST as u64).is_ok() {
+        let _ = FW_CT2.remove(key);
+    } else {
+        crate::counters::count_reason(filter_common::reason::EVENT_ASSURED_TABLE_FULL);
+    }
+}
+
+#[inline(always)]
+fn opened_units(now: u64) -> u32 {
+    (now >> ct::OPENED_SHIFT) as u32
 }
 
 /// Moves side `from_a`'s end forward to `end` (never back: segments
@@ -291,12 +360,13 @@ pub fn open(pkt: &Packet, pending: bool) {
     if pending {
         flags |= ct::FORWARD_PENDING;
     }
+    let now = now();
     let mut value = CtValue {
-        last_seen: now(),
+        last_seen: now,
         flags,
         end_a: 0,
         end_b: 0,
-        pad: 0,
+        opened: opened_units(now),
     };
     if pkt.proto == IPPROTO_TCP {
         record_end(&mut value, &mut flags, f.from_a, pkt.tcp_end);
@@ -304,5 +374,8 @@ pub fn open(pkt: &Packet, pending: bool) {
     }
     // Failing to insert (never for an LRU map with room to evict) leaves
     // the flow untracked: its next packets are judged again, which is safe.
+    // A new flow replaces whatever an old one of the same tuple left in
+    // the assured table (closed or expired, or `track` would have known it).
+    let _ = FW_CTA1.remove(&f.key);
     let _ = FW_CT2.insert(&f.key, &value, 0);
 }

@@ -96,8 +96,12 @@ struct Loaded {
 
 impl Loaded {
     fn new(policy: &str) -> Loaded {
+        Self::with_options(policy, &filter_agent::dataplane::Options::default())
+    }
+
+    fn with_options(policy: &str, options: &filter_agent::dataplane::Options) -> Loaded {
         let pin_dir = Path::new("/sys/fs/bpf").join(unique("fwk"));
-        let mut dp = Dataplane::load(&pin_dir).expect("load the kernel object");
+        let mut dp = Dataplane::load_with(&pin_dir, options).expect("load the kernel object");
         let mut store = Store::default();
         let mut errors = Vec::new();
         store.add_text(Path::new("kernel-test.yaml"), policy, &mut errors);
@@ -123,24 +127,30 @@ impl Loaded {
             .expect("BPF_PROG_TEST_RUN")
     }
 
-    /// Runs a frame through `fw_xdp` and, as if XDP had left no metadata,
-    /// `fw_tc_in`; both must agree. Returns the XDP action.
-    fn both(&mut self, frame: &[u8], what: &str) -> u32 {
-        let xdp = self.run(frame);
-        let (tc, _) = self
-            .dp
+    /// Runs `fw_tc_in` (`ingress`, as if XDP had left no metadata) or
+    /// `fw_tc_eg` (a packet the host sends) on `lo`; returns the TC action.
+    fn tc(&mut self, frame: &[u8], ingress: bool) -> i32 {
+        self.dp
             .as_mut()
             .expect("loaded")
             .test_run_tc(
                 frame,
                 filter_agent::dataplane::TcRun {
-                    ingress: true,
+                    ingress,
                     ifindex: LO,
-                    ingress_ifindex: LO,
+                    ingress_ifindex: if ingress { LO } else { 0 },
                     mark: 0,
                 },
             )
-            .expect("BPF_PROG_TEST_RUN tc");
+            .expect("BPF_PROG_TEST_RUN tc")
+            .0
+    }
+
+    /// Runs a frame through `fw_xdp` and, as if XDP had left no metadata,
+    /// `fw_tc_in`; both must agree. Returns the XDP action.
+    fn both(&mut self, frame: &[u8], what: &str) -> u32 {
+        let xdp = self.run(frame);
+        let tc = self.tc(frame, true);
         let tc_as_xdp = if tc == 2 { XDP_DROP } else { XDP_PASS };
         assert_eq!(xdp, tc_as_xdp, "{what}: XDP and TC disagree");
         xdp
@@ -941,21 +951,7 @@ fn conntrack_is_not_fooled_by_forged_echoes_errors_or_resets() {
             .expect("build");
         v
     };
-    let tc_in = |k: &mut Loaded, frame: &[u8]| {
-        k.dp.as_mut()
-            .expect("loaded")
-            .test_run_tc(
-                frame,
-                filter_agent::dataplane::TcRun {
-                    ingress: true,
-                    ifindex: LO,
-                    ingress_ifindex: LO,
-                    mark: 0,
-                },
-            )
-            .expect("tc")
-            .0
-    };
+    let tc_in = |k: &mut Loaded, frame: &[u8]| k.tc(frame, true);
     assert_eq!(tc_in(&mut k, &segment(1000, false)), 0, "established");
     let live = Live::open(&k.pin_dir).expect("open the pins");
     let entry = live.flow_entry(&conn).expect("entry");
@@ -973,5 +969,103 @@ fn conntrack_is_not_fooled_by_forged_echoes_errors_or_resets() {
         entry.flags & ct::RST,
         0,
         "an in-window RST must close it: {entry:?}"
+    );
+}
+
+/// A flood of new flows cannot evict an assured one (the handshake
+/// completed): after 3,000 answered new flows through a 64-entry table, packets of
+/// the assured TCP connection to a port pre-DNAT now denies still pass as
+/// established, while an answered but unassured UDP flow was evicted and
+/// its next packet is judged (and dropped) as new.
+#[test]
+fn a_flood_of_new_flows_does_not_evict_assured_ones() {
+    if !privileged("a_flood_of_new_flows_does_not_evict_assured_ones") {
+        return;
+    }
+    use filter_agent::dataplane::{conntrack::Flow, live::Live, Options};
+    use filter_common::ct;
+    let policy = format!(
+        "{POLICY}---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {{name: allow-9000}}
+spec:
+  selector: ibm.role=='worker_public'
+  ingress:
+  - action: Allow
+    protocol: TCP
+    destination: {{ports: [9000]}}
+"
+    );
+    let mut k = Loaded::with_options(&policy, &Options { conntrack_size: 64 });
+    let live = Live::open(&k.pin_dir).expect("open the pins");
+    let tcp = |src, dst, sport, dport, flags: &str| {
+        let mut v = Vec::new();
+        let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4(src, dst, 64)
+            .tcp(sport, dport, 100, 1024);
+        match flags {
+            "syn" => b.syn(),
+            "synack" => b.syn().ack(101),
+            _ => b.ack(101),
+        }
+        .write(&mut v, &[])
+        .expect("build");
+        v
+    };
+    let udp = |src, dst, sport, dport| {
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4(src, dst, 64)
+            .udp(sport, dport)
+            .write(&mut v, b"x")
+            .expect("build");
+        v
+    };
+    let flow = |proto, sport| Flow {
+        src: OTHER.into(),
+        dst: WORKER.into(),
+        proto,
+        sport,
+        dport: 31000,
+    };
+    // Both flows were allowed before node ports were denied (recorded as
+    // the programs record an allowed new flow), then answered.
+    let dp = k.dp.as_mut().expect("loaded");
+    dp.open_flow(&flow(6, 41000), false, true).expect("tcp");
+    dp.open_flow(&flow(17, 42000), false, true).expect("udp");
+    assert_eq!(k.tc(&tcp(WORKER, OTHER, 31000, 41000, "synack"), false), 0);
+    assert_eq!(k.tc(&udp(WORKER, OTHER, 31000, 42000), false), 0);
+    // The opener's ACK completes the handshake: assured.
+    assert_eq!(k.tc(&tcp(OTHER, WORKER, 41000, 31000, "ack"), true), 0);
+    let assured = live.flow_entry(&flow(6, 41000)).expect("tcp entry");
+    assert_ne!(assured.flags & ct::ASSURED, 0, "{assured:?}");
+    let udp_entry = live.flow_entry(&flow(17, 42000)).expect("udp entry");
+    assert_eq!(udp_entry.flags & ct::ASSURED, 0, "two packets: not assured");
+    assert_eq!(
+        k.run(&udp(OTHER, WORKER, 42000, 31000)),
+        XDP_PASS,
+        "control"
+    );
+
+    // Two-packet flows, as in the attack: each answered, so each is
+    // recently used, and the LRU's own ageing alone would evict the others.
+    let flooder = [198, 51, 100, 99];
+    for port in 0..3000u16 {
+        let syn = tcp(flooder, WORKER, 10_000 + port, 9000, "syn");
+        assert_eq!(k.tc(&syn, true), 0, "flood SYN {port} allowed");
+        let answer = tcp(WORKER, flooder, 9000, 10_000 + port, "synack");
+        assert_eq!(k.tc(&answer, false), 0, "flood answer {port}");
+    }
+    assert_eq!(
+        k.run(&tcp(OTHER, WORKER, 41000, 31000, "ack")),
+        XDP_PASS,
+        "the assured connection survived the flood"
+    );
+    assert!(live.flow_entry(&flow(17, 42000)).is_none(), "evicted");
+    assert_eq!(
+        k.run(&udp(OTHER, WORKER, 42000, 31000)),
+        XDP_DROP,
+        "the evicted unassured flow is judged as new"
     );
 }

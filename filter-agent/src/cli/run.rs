@@ -222,9 +222,9 @@ impl Agent {
             Ok(s) => {
                 let full = s.capacity > 0 && s.live as u64 * 10 >= u64::from(s.capacity) * 9;
                 if full {
-                    tracing::warn!(live = s.live, capacity = s.capacity, "conntrack table over 90% full: the oldest flows are being evicted (raise --conntrack-size)");
+                    tracing::warn!(live = s.live, assured = s.assured, capacity = s.capacity, "conntrack table of new flows over 90% full: the oldest unassured flows are being evicted, assured ones are kept (raise --conntrack-size)");
                 } else {
-                    tracing::debug!(live = s.live, removed = s.removed, capacity = s.capacity, took = ?s.took, "conntrack swept");
+                    tracing::debug!(live = s.live, assured = s.assured, removed = s.removed, capacity = s.capacity, took = ?s.took, "conntrack swept");
                 }
             }
             Err(e) => {

@@ -173,7 +173,7 @@ pub fn write_state(dir: &Path, state: &StateFile) -> std::io::Result<()> {
 }
 
 /// Names of `filter_common::reason` values, as JSON keys.
-const REASONS: [(u32, &str); 17] = [
+const REASONS: [(u32, &str); 18] = [
     (reason::PASS_NOT_IP, "pass_not_ip"),
     (reason::PASS_TRUNCATED, "pass_truncated"),
     (reason::PASS_NO_POLICY, "pass_no_policy"),
@@ -191,6 +191,7 @@ const REASONS: [(u32, &str); 17] = [
     (reason::PASS_NOT_POLICED, "pass_not_policed"),
     (reason::DROP_MALFORMED, "drop_malformed"),
     (reason::DROP_FRAGMENT, "drop_fragment"),
+    (reason::EVENT_ASSURED_TABLE_FULL, "event_assured_table_full"),
 ];
 
 /// Prints the counters; exit 2 when the agent's pins or state are missing.
@@ -235,7 +236,7 @@ pub fn run(args: StatsArgs) -> anyhow::Result<ExitCode> {
     let mut rows: Vec<_> = totals.into_iter().collect();
     rows.sort_by_key(|(_, (_, _, slot))| *slot);
     let reasons = counters.reasons()?;
-    let (ct_live, ct_capacity) = crate::dataplane::conntrack::pinned_occupancy(&args.pin_dir)?;
+    let ct = crate::dataplane::conntrack::pinned_occupancy(&args.pin_dir)?;
     match args.output {
         Output::Json => {
             let rules: Vec<serde_json::Value> = rows
@@ -252,7 +253,7 @@ pub fn run(args: StatsArgs) -> anyhow::Result<ExitCode> {
             println!(
                 "{}",
                 serde_json::json!({"generation": state.generation, "rules": rules, "reasons": reasons,
-                    "conntrack": {"entries": ct_live, "capacity": ct_capacity},
+                    "conntrack": {"entries": ct.entries, "assured": ct.assured, "capacity": ct.capacity},
                     "interfaces": state.interfaces.iter().map(|i| serde_json::json!({"name": i.name, "ifindex": i.ifindex, "xdp_mode": i.xdp_mode})).collect::<Vec<_>>()})
             );
         }
@@ -278,7 +279,10 @@ pub fn run(args: StatsArgs) -> anyhow::Result<ExitCode> {
                 .map(|(i, n)| format!("{n}={}", reasons[*i as usize]))
                 .collect();
             println!("packets by reason: {}", line.join(" "));
-            println!("conntrack: {ct_live} live entries of {ct_capacity}");
+            println!(
+                "conntrack: {} live entries ({} assured), {} per table",
+                ct.entries, ct.assured, ct.capacity
+            );
             for i in &state.interfaces {
                 println!("interface {} ({}): XDP {}", i.name, i.ifindex, i.xdp_mode);
             }

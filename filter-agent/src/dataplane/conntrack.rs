@@ -156,8 +156,10 @@ pub fn monotonic_ns() -> u64 {
 /// What a sweep found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Sweep {
-    /// Live entries left.
+    /// Live entries left in the table of new flows (`capacity` is its size).
     pub live: usize,
+    /// Live entries left in the assured table.
+    pub assured: usize,
     /// Expired entries removed.
     pub removed: usize,
     /// The table's size.
@@ -171,18 +173,37 @@ pub(super) fn expired(key: &CtKey, v: &CtValue, now: u64) -> bool {
     now.saturating_sub(v.last_seen) > ct::timeout_ns(key.proto, v.flags)
 }
 
+/// The two tables: new flows (LRU) and assured ones (hash).
+pub(super) const TABLES: [&str; 2] = [names::MAP_CONNTRACK, names::MAP_CONNTRACK_ASSURED];
+
+/// The table an entry belongs in.
+pub(super) fn table_of(v: &CtValue) -> &'static str {
+    if v.flags & ct::ASSURED != 0 {
+        names::MAP_CONNTRACK_ASSURED
+    } else {
+        names::MAP_CONNTRACK
+    }
+}
+
 /// The table entry the kernel writes when policy allows `flow` (opened by
-/// `flow.src`), seen now; with `answered`, already established.
+/// `flow.src`), seen now; with `answered`, already established and (but
+/// for ICMP, which is never assured) assured, as an existing connection
+/// the kernel's conntrack reports is.
 pub(super) fn entry(flow: &Flow, answered: bool) -> (CtKey, CtValue) {
     let (key, opener_is_a) = flow.key();
     let mut flags = if opener_is_a { ct::OPENED_BY_A } else { 0 };
     if answered {
         flags |= ct::SEEN_REPLY;
+        if !matches!(flow.proto, 1 | 58) {
+            flags |= ct::ASSURED;
+        }
     }
     // Sequence ends unknown: the first packet of each side sets them.
+    let now = monotonic_ns();
     let value = CtValue {
-        last_seen: monotonic_ns(),
+        last_seen: now,
         flags,
+        opened: (now >> ct::OPENED_SHIFT) as u32,
         ..CtValue::default()
     };
     (key, value)
@@ -195,7 +216,13 @@ impl Dataplane {
     pub fn open_flow(&mut self, flow: &Flow, answered: bool, replace: bool) -> Result<(), Error> {
         let (key, value) = entry(flow, answered);
         const BPF_NOEXIST: u64 = 1;
-        let mut table: HashMap<&mut MapData, CtKey, CtValue> = self.map(names::MAP_CONNTRACK)?;
+        let name = table_of(&value);
+        if replace {
+            self.forget_flow(flow)?;
+        } else if self.has_entry(&key)? {
+            return Ok(());
+        }
+        let mut table: HashMap<&mut MapData, CtKey, CtValue> = self.map(name)?;
         match table.insert(&key, &value, if replace { 0 } else { BPF_NOEXIST }) {
             Ok(()) => Ok(()),
             Err(aya::maps::MapError::SyscallError(e))
@@ -203,8 +230,19 @@ impl Dataplane {
             {
                 Ok(())
             }
-            Err(e) => Err(map_error(names::MAP_CONNTRACK, "insert")(e)),
+            Err(e) => Err(map_error(name, "insert")(e)),
         }
+    }
+
+    /// Whether either table has an entry for `key`.
+    fn has_entry(&mut self, key: &CtKey) -> Result<bool, Error> {
+        for name in TABLES {
+            let table: HashMap<&mut MapData, CtKey, CtValue> = self.map(name)?;
+            if table.get(key, 0).is_ok() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Seeds the table with the kernel's conntrack flows of this network
@@ -246,25 +284,29 @@ impl Dataplane {
         let start = Instant::now();
         let now = monotonic_ns();
         let capacity = self.conntrack_capacity();
-        let mut table: HashMap<&mut MapData, CtKey, CtValue> = self.map(names::MAP_CONNTRACK)?;
-        let mut stale = Vec::new();
-        let mut live = 0;
-        for entry in table.iter() {
-            // An entry evicted or deleted while we walk is simply gone.
-            let Ok((k, v)) = entry else { continue };
-            if expired(&k, &v, now) {
-                stale.push(k);
-            } else {
-                live += 1;
+        let mut live = [0; 2];
+        let mut removed = 0;
+        for (i, name) in TABLES.into_iter().enumerate() {
+            let mut table: HashMap<&mut MapData, CtKey, CtValue> = self.map(name)?;
+            let mut stale = Vec::new();
+            for entry in table.iter() {
+                // An entry evicted or deleted while we walk is simply gone.
+                let Ok((k, v)) = entry else { continue };
+                if expired(&k, &v, now) {
+                    stale.push(k);
+                } else {
+                    live[i] += 1;
+                }
+            }
+            removed += stale.len();
+            for k in stale {
+                // Deleted by the kernel in the meantime: fine.
+                let _ = table.remove(&k);
             }
         }
-        let removed = stale.len();
-        for k in stale {
-            // Deleted by the kernel (LRU) in the meantime: fine.
-            let _ = table.remove(&k);
-        }
         Ok(Sweep {
-            live,
+            live: live[0],
+            assured: live[1],
             removed,
             capacity,
             took: start.elapsed(),
@@ -279,39 +321,72 @@ impl Dataplane {
         }
     }
 
-    /// Removes the entry of `flow` (either direction), if any.
+    /// Removes the entry of `flow` (either direction) from both tables.
     pub fn forget_flow(&mut self, flow: &Flow) -> Result<(), Error> {
         let (key, _) = flow.key();
-        let mut table: HashMap<&mut MapData, CtKey, CtValue> = self.map(names::MAP_CONNTRACK)?;
-        match table.remove(&key) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
+        for name in TABLES {
+            let mut table: HashMap<&mut MapData, CtKey, CtValue> = self.map(name)?;
+            match table.remove(&key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(aya::maps::MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(map_error(name, "remove")(e)),
             }
-            Err(e) => Err(map_error(names::MAP_CONNTRACK, "remove")(e)),
         }
+        Ok(())
     }
 }
 
-/// Live entries in the pinned table of a running agent, and its size.
-pub fn pinned_occupancy(pin_dir: &Path) -> Result<(usize, u32), Error> {
-    let data = MapData::from_pin(pin_dir.join(names::MAP_CONNTRACK)).map_err(map_error(
-        names::MAP_CONNTRACK,
+/// Opens the pinned conntrack table `name` (one of [`TABLES`]) of a running
+/// agent, and its size.
+pub(super) fn open_pinned(
+    pin_dir: &Path,
+    name: &'static str,
+) -> Result<(HashMap<MapData, CtKey, CtValue>, u32), Error> {
+    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_error(
+        name,
         format!("open pin in {}", pin_dir.display()),
     ))?;
     let capacity = data.info().map_or(0, |i| i.max_entries());
-    let table: HashMap<MapData, CtKey, CtValue> =
-        HashMap::try_from(aya::maps::Map::LruHashMap(data))
-            .map_err(map_error(names::MAP_CONNTRACK, "open"))?;
+    let map = if name == names::MAP_CONNTRACK {
+        aya::maps::Map::LruHashMap(data)
+    } else {
+        aya::maps::Map::HashMap(data)
+    };
+    let table = HashMap::try_from(map).map_err(map_error(name, "open"))?;
+    Ok((table, capacity))
+}
+
+/// How full the conntrack tables of a running agent are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Occupancy {
+    /// Live entries, both tables.
+    pub entries: usize,
+    /// Of which assured (in the table nothing evicts).
+    pub assured: usize,
+    /// Size of each table (`--conntrack-size`).
+    pub capacity: u32,
+}
+
+/// Live entries in the pinned tables of a running agent.
+pub fn pinned_occupancy(pin_dir: &Path) -> Result<Occupancy, Error> {
     let now = monotonic_ns();
-    let live = table
-        .iter()
-        .filter_map(Result::ok)
-        .filter(|(k, v)| !expired(k, v, now))
-        .count();
-    Ok((live, capacity))
+    let mut live = [0; 2];
+    let mut capacity = 0;
+    for (i, name) in TABLES.into_iter().enumerate() {
+        let (table, size) = open_pinned(pin_dir, name)?;
+        capacity = capacity.max(size);
+        live[i] = table
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| !expired(k, v, now))
+            .count();
+    }
+    Ok(Occupancy {
+        entries: live[0] + live[1],
+        assured: live[1],
+        capacity,
+    })
 }
 
 #[cfg(test)]

@@ -125,7 +125,8 @@ pub struct Live {
     xdp: Xdp,
     tc_in: SchedClassifier,
     tc_eg: SchedClassifier,
-    ct: HashMap<MapData, CtKey, CtValue>,
+    /// The conntrack tables: new flows, assured flows.
+    ct: [HashMap<MapData, CtKey, CtValue>; 2],
 }
 
 impl Hooks for Live {
@@ -158,12 +159,11 @@ impl Live {
             .map_err(|e| load(names::PROG_TC_INGRESS, e))?;
         let tc_eg = SchedClassifier::from_pin(pin_dir.join(names::PROG_TC_EGRESS))
             .map_err(|e| load(names::PROG_TC_EGRESS, e))?;
-        let data = MapData::from_pin(pin_dir.join(names::MAP_CONNTRACK)).map_err(map_error(
-            names::MAP_CONNTRACK,
-            format!("open pin in {}", pin_dir.display()),
-        ))?;
-        let ct = HashMap::try_from(aya::maps::Map::LruHashMap(data))
-            .map_err(map_error(names::MAP_CONNTRACK, "open"))?;
+        let [new, assured] = super::conntrack::TABLES;
+        let ct = [
+            super::conntrack::open_pinned(pin_dir, new)?.0,
+            super::conntrack::open_pinned(pin_dir, assured)?.0,
+        ];
         Ok(Live {
             xdp,
             tc_in,
@@ -172,34 +172,36 @@ impl Live {
         })
     }
 
-    /// The conntrack entry of `flow` as it is now.
+    /// The conntrack entry of `flow` as it is now (in either table).
     pub fn flow_entry(&self, flow: &Flow) -> Option<CtValue> {
-        self.ct.get(&flow.key().0, 0).ok()
+        let key = flow.key().0;
+        self.ct.iter().find_map(|t| t.get(&key, 0).ok())
     }
 
     /// Puts the entry of `flow` back as it was (`None`: absent), so a
-    /// crafted packet leaves no trace in the live table.
+    /// crafted packet leaves no trace in the live tables.
     pub fn restore_flow(&mut self, flow: &Flow, was: Option<CtValue>) -> Result<(), Error> {
         let key = flow.key().0;
+        for t in &mut self.ct {
+            // Absent already is fine.
+            let _ = t.remove(&key);
+        }
         match was {
-            Some(v) => self
-                .ct
-                .insert(&key, &v, 0)
-                .map_err(map_error(names::MAP_CONNTRACK, "restore")),
-            None => {
-                // Absent already is fine.
-                let _ = self.ct.remove(&key);
-                Ok(())
-            }
+            Some(v) => self.insert(&key, &v, "restore"),
+            None => Ok(()),
         }
     }
 
     /// Records `flow` as established (for `--established`).
     pub fn establish_flow(&mut self, flow: &Flow) -> Result<(), Error> {
         let (key, value) = super::conntrack::entry(flow, true);
-        self.ct
-            .insert(&key, &value, 0)
-            .map_err(map_error(names::MAP_CONNTRACK, "insert"))
+        self.insert(&key, &value, "insert")
+    }
+
+    fn insert(&mut self, key: &CtKey, v: &CtValue, op: &'static str) -> Result<(), Error> {
+        let name = super::conntrack::table_of(v);
+        let i = usize::from(name != super::conntrack::TABLES[0]);
+        self.ct[i].insert(key, v, 0).map_err(map_error(name, op))
     }
 }
 

@@ -346,6 +346,7 @@ impl Dataplane {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .map_max_entries(names::MAP_CONNTRACK, options.conntrack_size)
+            .map_max_entries(names::MAP_CONNTRACK_ASSURED, options.conntrack_size)
             .load(OBJECT)
             .map_err(|e| Error::Load {
                 what: "kernel object".into(),
