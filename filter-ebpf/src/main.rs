@@ -201,7 +201,10 @@ fn tc_in(ctx: &TcContext, skb: &parse::Skb, pkt: &Packet) -> (i32, u32) {
             Early::Pass(v, _) => v,
         },
     };
-    let host_bound = host::is_host_bound(pkt);
+    let host_bound = {
+        use aya_ebpf::EbpfContext;
+        host::is_host_bound(ctx.as_ptr(), skb.ifindex, pkt)
+    };
     if early == xdp_verdict::UNTRACKED_ALLOW {
         if !host_bound {
             ctx.set_mark((skb.mark & !mark::MASK) | mark::UNTRACKED);

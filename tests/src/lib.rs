@@ -140,6 +140,38 @@ impl Drop for Netns {
     }
 }
 
+/// A namespace whose FIB is a router's: `v4` and `v6` are the node's own
+/// addresses (on `lo`), everything else is routed out by `other0` (one end
+/// of a veth pair inside it), forwarding on. TC ingress asks the FIB
+/// whether a packet is for the node, so tests that run the TC programs on
+/// crafted packets do it in here, not in whatever namespace runs the tests.
+pub fn router_netns(prefix: &str, v4: &str, v6: &str) -> Netns {
+    let ns = Netns::new(&unique(prefix));
+    ns.ip(&[
+        "link", "add", "other0", "type", "veth", "peer", "name", "other1",
+    ]);
+    for link in ["other0", "other1"] {
+        ns.ip(&["link", "set", link, "up"]);
+    }
+    ns.ip(&["addr", "add", &format!("{v4}/32"), "dev", "lo"]);
+    ns.ip(&["addr", "add", &format!("{v6}/128"), "dev", "lo"]);
+    ns.ip(&["route", "add", "default", "dev", "other0"]);
+    ns.ip(&["-6", "route", "add", "default", "dev", "other0"]);
+    sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns.name(),
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+            "net.ipv6.conf.all.forwarding=1",
+        ],
+    );
+    ns
+}
+
 /// Joins `a` and `b` with a veth pair named `a_if` / `b_if` (names are per
 /// namespace, so they can repeat across tests) and brings both ends up.
 pub fn veth(a: &Netns, a_if: &str, b: &Netns, b_if: &str) {

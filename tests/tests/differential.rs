@@ -27,7 +27,7 @@ use filter_agent::{
     model::Store,
     reference::{self, Direction, Failsafe, Reference, Verdict},
 };
-use filter_tests::{privileged, unique, Netns, Rng};
+use filter_tests::{privileged, unique, Rng};
 
 const HEP_IF: u32 = 1; // lo: the host endpoint
 
@@ -421,12 +421,9 @@ fn kernel_pipeline_agrees_with_the_reference_on_random_policies_and_packets() {
     if !privileged("kernel_pipeline_agrees_with_the_reference_on_random_policies_and_packets") {
         return;
     }
-    // A namespace of our own: `lo` is the host endpoint, `other0` (one end
-    // of a veth pair) an interface forwarded traffic leaves or arrives by.
-    let ns = Netns::new(&unique("fwdiff"));
-    ns.ip(&[
-        "link", "add", "other0", "type", "veth", "peer", "name", "other1",
-    ]);
+    // `lo` is the host endpoint, `other0` an interface forwarded traffic
+    // leaves or arrives by.
+    let ns = filter_tests::router_netns("fwdiff", WORKER, WORKER6);
     let pin_dir = Path::new("/sys/fs/bpf").join(unique("fwdf"));
     let pins = pin_dir.clone();
     let result = ns.run(move || std::panic::catch_unwind(|| run_differential(&pins)));

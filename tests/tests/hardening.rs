@@ -395,3 +395,83 @@ fn hostile_policy_files_are_refused_and_the_last_good_policy_stays() {
     enforced("after deep nesting");
     assert!(agent.stop().success(), "SIGTERM answered");
 }
+
+/// What the kernel delivers locally is host-bound and meets the normal
+/// stage: UDP to the subnet's directed broadcast, and to an address added
+/// to the interface a moment ago (no poll between). The normal stage
+/// denies UDP 7302; 7303 is allowed (the control: such packets do arrive).
+#[test]
+fn broadcasts_and_fresh_addresses_meet_the_normal_stage() {
+    if !privileged("broadcasts_and_fresh_addresses_meet_the_normal_stage") {
+        return;
+    }
+    let w = Wire::new("fwhb");
+    let _servers: Vec<UdpServer> = [7302, 7303]
+        .into_iter()
+        .map(|port| {
+            UdpServer::start(
+                &w.p.worker,
+                format!("0.0.0.0:{port}").parse().expect("addr"),
+                "u",
+            )
+        })
+        .collect();
+    // The worker learns the client's MAC address.
+    let _ = filter_tests::udp_probe(&w.p.client, Pair::worker(7303), T);
+    let to = |dst: [u8; 4], mac: [u8; 6], sport: u16, dport: u16| {
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2(w.client_mac, mac)
+            .ipv4(Pair::CLIENT_V4, dst, 64)
+            .udp(sport, dport)
+            .write(&mut v, b"knock")
+            .expect("build");
+        v
+    };
+    let broadcast = [192, 0, 2, 255];
+    let all = [0xff; 6];
+    w.raw.send(&to(broadcast, all, 44000, 7302));
+    assert!(
+        w.udp_answer(44000),
+        "control: the kernel delivers a directed broadcast"
+    );
+
+    let dir = demo::TempDir::new(&unique("fwhb"));
+    let deny_7302 = "---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: deny-7302}
+spec:
+  selector: role == 'pub'
+  order: 50
+  ingress:
+  - action: Deny
+    protocol: UDP
+    destination: {ports: [7302]}
+";
+    std::fs::write(dir.0.join("policy.yaml"), format!("{POLICY}{deny_7302}")).expect("write");
+    let pins = Path::new("/sys/fs/bpf").join(unique("fwhb"));
+    let mut agent = Agent::start(&agent_binary(), &w.p.worker, &dir.0, "pair", &pins);
+    agent
+        .wait_for("policy applied", 0, Duration::from_secs(15))
+        .expect("applied");
+    w.raw.send(&to(broadcast, all, 45000, 7303));
+    assert!(w.udp_answer(45000), "a broadcast to an allowed port");
+    w.raw.send(&to(broadcast, all, 45001, 7302));
+    assert!(
+        !w.udp_answer(45001),
+        "a directed broadcast reached the denied port"
+    );
+
+    // An address added now is local at once: the frame follows within
+    // milliseconds, long before the agent's next interface poll (1 s).
+    w.p.worker
+        .ip(&["addr", "add", "192.0.2.77/24", "dev", "eth1"]);
+    let fresh = [192, 0, 2, 77];
+    w.raw.send(&to(fresh, w.worker_mac, 45002, 7302));
+    assert!(
+        !w.udp_answer(45002),
+        "a fresh address reached the denied port"
+    );
+    w.raw.send(&to(fresh, w.worker_mac, 45003, 7303));
+    assert!(w.udp_answer(45003), "a fresh address, allowed port");
+}

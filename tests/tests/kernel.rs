@@ -744,7 +744,22 @@ fn evasions_are_dropped_or_judged_at_xdp_and_tc() {
     if !privileged("evasions_are_dropped_or_judged_at_xdp_and_tc") {
         return;
     }
-    let mut k = Loaded::new(POLICY);
+    in_router_ns(evasions_are_dropped_or_judged_at_xdp_and_tc_in_ns);
+}
+
+fn evasions_are_dropped_or_judged_at_xdp_and_tc_in_ns() {
+    // The normal stage allows everything at TC, so both hooks decide on
+    // the pre-DNAT rules alone.
+    let allow_normal = "---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: allow-normal}
+spec:
+  selector: ibm.role=='worker_public'
+  ingress:
+  - action: Allow
+";
+    let mut k = Loaded::new(&format!("{POLICY}{allow_normal}"));
     // Tiny first fragment: 8 bytes of TCP header, no flags byte (RFC 1858).
     assert_eq!(
         k.both(&tcp4_fragment(31000, 7, 0, 8, true), "tiny"),
@@ -855,6 +870,10 @@ fn conntrack_is_not_fooled_by_forged_echoes_errors_or_resets() {
     if !privileged("conntrack_is_not_fooled_by_forged_echoes_errors_or_resets") {
         return;
     }
+    in_router_ns(conntrack_is_not_fooled_by_forged_echoes_errors_or_resets_in_ns);
+}
+
+fn conntrack_is_not_fooled_by_forged_echoes_errors_or_resets_in_ns() {
     use filter_agent::dataplane::{conntrack::Flow, live::Live};
     use filter_common::ct;
     use std::net::IpAddr;
@@ -982,6 +1001,10 @@ fn a_flood_of_new_flows_does_not_evict_assured_ones() {
     if !privileged("a_flood_of_new_flows_does_not_evict_assured_ones") {
         return;
     }
+    in_router_ns(a_flood_of_new_flows_does_not_evict_assured_ones_in_ns);
+}
+
+fn a_flood_of_new_flows_does_not_evict_assured_ones_in_ns() {
     use filter_agent::dataplane::{conntrack::Flow, live::Live, Options};
     use filter_common::ct;
     let policy = format!(
@@ -1068,4 +1091,12 @@ spec:
         XDP_DROP,
         "the evicted unassured flow is judged as new"
     );
+}
+
+/// Runs `body` in a namespace with a router's FIB (WORKER's addresses
+/// local, the rest routed on): the TC programs ask the FIB whether a
+/// packet is for the node.
+fn in_router_ns(body: fn()) {
+    let ns = filter_tests::router_netns("fwkr", "198.51.100.1", "2001:db8::1");
+    ns.run(body);
 }
