@@ -163,6 +163,22 @@ impl Wire {
         v
     }
 
+    /// Asserts that TCP `denied` ports do not answer and `allowed` ones do.
+    fn assert_tcp(&self, denied: &[u16], allowed: &[u16], what: &str) {
+        for &port in denied {
+            assert!(
+                filter_tests::tcp_probe(&self.p.client, Pair::worker(port), T).is_err(),
+                "{what}: denied port {port} answered"
+            );
+        }
+        for &port in allowed {
+            assert!(
+                filter_tests::tcp_probe(&self.p.client, Pair::worker(port), T).is_ok(),
+                "{what}: allowed port {port} did not answer"
+            );
+        }
+    }
+
     fn start_agent(&self, dir: &demo::TempDir) -> Agent {
         std::fs::write(dir.0.join("policy.yaml"), POLICY).expect("write policy");
         let pins = Path::new("/sys/fs/bpf").join(unique("fwhd"));
@@ -357,16 +373,7 @@ fn hostile_policy_files_are_refused_and_the_last_good_policy_stays() {
     let w = Wire::new("fwpf");
     let dir = demo::TempDir::new(&unique("fwpf"));
     let mut agent = w.start_agent(&dir);
-    let enforced = |what: &str| {
-        assert!(
-            filter_tests::tcp_probe(&w.p.client, Pair::worker(7200), T).is_err(),
-            "{what}: the denied port answered"
-        );
-        assert!(
-            filter_tests::tcp_probe(&w.p.client, Pair::worker(7201), T).is_ok(),
-            "{what}: the allowed port did not answer"
-        );
-    };
+    let enforced = |what: &str| w.assert_tcp(&[7200], &[7201], what);
     enforced("before");
     let mut rejected = 0;
     let mut refuse = |path: &Path, needle: &str, agent: &mut Agent| {
@@ -474,4 +481,60 @@ spec:
     );
     w.raw.send(&to(fresh, w.worker_mac, 45003, 7303));
     assert!(w.udp_answer(45003), "a fresh address, allowed port");
+}
+
+/// A policy file emptied while it is rewritten keeps its resources in
+/// force (the host endpoint stays, the programs stay attached) until it has
+/// resources again; a policy directory replaced by a new one is watched
+/// anew.
+#[test]
+fn rewritten_files_and_replaced_directories_keep_enforcement() {
+    if !privileged("rewritten_files_and_replaced_directories_keep_enforcement") {
+        return;
+    }
+    let w = Wire::new("fwrw");
+    let dir = demo::TempDir::new(&unique("fwrw"));
+    let mut agent = w.start_agent(&dir);
+    w.assert_tcp(&[7200], &[7201], "before");
+    let file = dir.0.join("policy.yaml");
+
+    // Truncated, as `>` or an editor's save does, then written again.
+    std::fs::write(&file, "").expect("truncate");
+    agent
+        .wait_for("has no resources", 0, Duration::from_secs(10))
+        .expect("the empty file is noticed");
+    w.assert_tcp(&[7200], &[7201], "while the file is empty");
+    let applied = agent.count("policy applied");
+    std::fs::write(
+        &file,
+        POLICY.replace("ports: [7200]", "ports: [7200, 7201]"),
+    )
+    .expect("rewrite");
+    agent
+        .wait_for("policy applied", applied, Duration::from_secs(10))
+        .expect("the new content applies");
+    w.assert_tcp(&[7200, 7201], &[], "after the rewrite");
+
+    // The directory replaced: moved away, created again with new content.
+    let old = dir.0.with_extension("old");
+    std::fs::rename(&dir.0, &old).expect("move the directory away");
+    std::fs::create_dir(&dir.0).expect("create it again");
+    std::fs::write(dir.0.join("policy.yaml"), POLICY).expect("write");
+    let result = agent.wait_for("policy directory was replaced", 0, Duration::from_secs(10));
+    let _ = std::fs::remove_dir_all(&old);
+    result.expect("the new directory is watched");
+    agent
+        .wait_for("policy applied", applied + 1, Duration::from_secs(10))
+        .expect("the new directory's policy applies");
+    w.assert_tcp(&[7200], &[7201], "the new directory's policy");
+    let applied = agent.count("policy applied");
+    std::fs::write(
+        dir.0.join("policy.yaml"),
+        POLICY.replace("ports: [7200]", "ports: [7201]"),
+    )
+    .expect("edit in the new directory");
+    agent
+        .wait_for("policy applied", applied, Duration::from_secs(10))
+        .expect("the edit applies");
+    w.assert_tcp(&[7201], &[7200], "an edit in the new directory");
 }

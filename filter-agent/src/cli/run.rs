@@ -20,19 +20,53 @@ use crate::{
 
 use super::RunArgs;
 
+/// Each policy file's text as last applied.
+type Texts = BTreeMap<PathBuf, String>;
+
+/// A policy read and compiled for this node.
+struct Loaded {
+    compiled: Compiled,
+    /// Interface name → index, as compiled against.
+    ifaces: BTreeMap<String, u32>,
+    /// The file texts it was compiled from.
+    texts: Texts,
+}
+
 /// Loads and compiles the directory for this node.
+///
+/// A file found without any resource (empty, blank or only comments)
+/// that had some when the policy in force was applied is read as it was
+/// then: an editor or a shell redirection rewriting a file leaves it empty
+/// for a moment, and that moment must not take its host endpoints and
+/// policies away (the programs would detach). Deleting the file removes
+/// its resources.
 fn load_and_compile(
     dir: &Path,
     node_name: &str,
     limits: &Limits,
-) -> Result<(Compiled, BTreeMap<String, u32>), String> {
-    let store = Store::load_dir_limited(dir, limits).map_err(|errors| {
+    in_force: &Texts,
+) -> Result<Loaded, String> {
+    let joined = |errors: Vec<crate::model::Error>| {
         errors
             .iter()
             .map(|e| e.to_string())
             .collect::<Vec<_>>()
             .join("\n")
-    })?;
+    };
+    let mut texts = crate::model::read_dir_texts(dir, limits).map_err(joined)?;
+    for (file, text) in &mut texts {
+        if !crate::model::has_no_documents(text) {
+            continue;
+        }
+        if let Some(good) = in_force
+            .get(file)
+            .filter(|t| !crate::model::has_no_documents(t))
+        {
+            tracing::warn!(file = %file.display(), "policy file has no resources (being rewritten?): its last applied content stays in force until it has resources again or is deleted");
+            text.clone_from(good);
+        }
+    }
+    let store = Store::from_texts(texts.clone()).map_err(joined)?;
     // Said once per agent: the same files are reloaded on every change.
     static WARNED: std::sync::Once = std::sync::Once::new();
     if !store.network_policies.is_empty() {
@@ -51,7 +85,11 @@ fn load_and_compile(
     };
     let compiled = compile::compile(&store, &cnode).map_err(|e| e.to_string())?;
     let indexes = ifaces.into_iter().map(|(n, (i, _))| (n, i)).collect();
-    Ok((compiled, indexes))
+    Ok(Loaded {
+        compiled,
+        ifaces: indexes,
+        texts: texts.into_iter().collect(),
+    })
 }
 
 /// Runs until SIGTERM or SIGINT.
@@ -74,7 +112,7 @@ pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
     if !adopting {
         seed_conntrack(&mut dp);
     }
-    let (_watcher, mut changes) = crate::source::watch(&args.policy_dir)
+    let (mut watch, mut changes) = crate::source::watch(&args.policy_dir)
         .with_context(|| format!("watch {}", args.policy_dir.display()))?;
     // Signals end the agent even while a reload is under way (a policy
     // file that takes long to parse must not hold up SIGTERM).
@@ -102,6 +140,7 @@ pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
             max_file_bytes: args.max_file_size,
             ..Limits::default()
         },
+        texts: Texts::new(),
         parse_timeout: Duration::from_secs(args.parse_timeout.max(1)),
     };
     agent.reload(&mut stop).await;
@@ -115,6 +154,9 @@ pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
             }
             _ = poll.tick() => {
                 agent.restore_pins();
+                if watch.refresh() {
+                    tracing::warn!(dir = %args.policy_dir.display(), "the policy directory was replaced: watching the new one");
+                }
                 // One read of the interfaces serves both checks.
                 let (ifaces, addrs) = interface_snapshot();
                 if ifaces != agent.last_ifaces {
@@ -181,6 +223,8 @@ struct Agent {
     host_addrs: BTreeSet<IpAddr>,
     /// What one policy file may cost to read.
     limits: Limits,
+    /// The file texts of the policy in force.
+    texts: Texts,
     /// How long a reload may read, parse and compile.
     parse_timeout: Duration,
 }
@@ -239,7 +283,9 @@ impl Agent {
     /// requested meanwhile abandons the reload.
     async fn reload(&mut self, stop: &mut tokio::sync::watch::Receiver<bool>) {
         let (dir, node, limits) = (self.policy_dir.clone(), self.node_name.clone(), self.limits);
-        let task = tokio::task::spawn_blocking(move || load_and_compile(&dir, &node, &limits));
+        let in_force = self.texts.clone();
+        let task =
+            tokio::task::spawn_blocking(move || load_and_compile(&dir, &node, &limits, &in_force));
         let loaded = tokio::select! {
             r = task => r.unwrap_or_else(|e| Err(format!("loading the policy failed: {e}"))),
             _ = tokio::time::sleep(self.parse_timeout) => Err(format!(
@@ -252,10 +298,14 @@ impl Agent {
     }
 
     /// Applies a loaded policy, or reports why it was rejected.
-    fn settle(&mut self, loaded: Result<(Compiled, BTreeMap<String, u32>), String>) {
+    fn settle(&mut self, loaded: Result<Loaded, String>) {
         let _span = tracing::info_span!("sync").entered();
         match loaded {
-            Ok((compiled, ifaces)) => {
+            Ok(Loaded {
+                compiled,
+                ifaces,
+                texts,
+            }) => {
                 let rules: Vec<usize> = compiled.tables.iter().map(|t| t.rules.len()).collect();
                 tracing::info!(
                     ?rules,
@@ -268,7 +318,9 @@ impl Agent {
                 {
                     tracing::warn!(iface = %e.iface, hep = %e.hep, "interface of a host endpoint does not exist (yet)");
                 }
-                self.apply(compiled, ifaces);
+                if self.apply(compiled, ifaces) {
+                    self.texts = texts;
+                }
             }
             Err(errors) => {
                 for line in errors.lines() {
@@ -282,7 +334,7 @@ impl Agent {
                 let ifaces = current_interfaces();
                 if ifaces != self.last_ifaces {
                     if let Some(good) = self.last_good.clone() {
-                        self.apply(good, ifaces);
+                        let _ = self.apply(good, ifaces);
                     }
                 }
             }
@@ -290,7 +342,8 @@ impl Agent {
     }
 
     /// Makes `compiled` live; on failure the previous policy stays.
-    fn apply(&mut self, compiled: Compiled, ifaces: BTreeMap<String, u32>) {
+    /// Returns whether it is live.
+    fn apply(&mut self, compiled: Compiled, ifaces: BTreeMap<String, u32>) -> bool {
         // Before the tables: a host endpoint's first enforcement must know
         // which packets are for the node.
         self.sync_host_addresses(interface_snapshot().1);
@@ -312,10 +365,12 @@ impl Agent {
                 );
                 self.last_good = Some(compiled);
                 self.last_ifaces = ifaces;
+                true
             }
             Err(e) => {
                 let chain = anyhow::Error::from(e);
                 tracing::error!(error = %format!("{chain:#}"), "applying the policy to the kernel failed");
+                false
             }
         }
     }

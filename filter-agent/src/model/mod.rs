@@ -133,27 +133,23 @@ impl Store {
 
     /// [`Store::load_dir`] with `limits`.
     pub fn load_dir_limited(dir: &Path, limits: &Limits) -> Result<Store, Vec<Error>> {
-        let mut files = Vec::new();
-        let dir_error = |e: std::io::Error| {
-            vec![Error {
-                origin: Origin {
-                    file: dir.to_owned(),
-                    line: 0,
-                },
-                field: "-".into(),
-                message: format!("cannot read directory: {e}"),
-            }]
-        };
-        let root = dir.canonicalize().map_err(dir_error)?;
-        let mut refused = Vec::new();
-        collect_files(&root, dir, &mut files, &mut refused).map_err(dir_error)?;
-        match Self::load_files_limited(&files, limits) {
-            Ok(store) if refused.is_empty() => Ok(store),
-            Ok(_) => Err(refused),
-            Err(mut errors) => {
-                errors.extend(refused);
-                Err(errors)
-            }
+        Self::from_texts(read_dir_texts(dir, limits)?)
+    }
+
+    /// Parses and validates files already read (see [`read_dir_texts`]).
+    pub fn from_texts(texts: Vec<(PathBuf, String)>) -> Result<Store, Vec<Error>> {
+        let mut store = Store::default();
+        let mut errors = Vec::new();
+        for (file, text) in &texts {
+            store.add_text(file, text, &mut errors);
+        }
+        if errors.is_empty() {
+            validate::store(&store, &mut errors);
+        }
+        if errors.is_empty() {
+            Ok(store)
+        } else {
+            Err(errors)
         }
     }
 
@@ -164,39 +160,7 @@ impl Store {
 
     /// [`Store::load_files`] with `limits`.
     pub fn load_files_limited(files: &[PathBuf], limits: &Limits) -> Result<Store, Vec<Error>> {
-        let mut store = Store::default();
-        let mut errors = Vec::new();
-        for file in files {
-            let error = |line: usize, message: String| Error {
-                origin: Origin {
-                    file: file.clone(),
-                    line,
-                },
-                field: "-".into(),
-                message,
-            };
-            match read_policy_file(file, limits.max_file_bytes) {
-                Ok(text) => match nesting_beyond(&text, limits.max_nesting) {
-                    Some(line) => errors.push(error(
-                        line,
-                        format!(
-                            "nested deeper than {} levels: refused before parsing",
-                            limits.max_nesting
-                        ),
-                    )),
-                    None => store.add_text(file, &text, &mut errors),
-                },
-                Err(message) => errors.push(error(0, message)),
-            }
-        }
-        if errors.is_empty() {
-            validate::store(&store, &mut errors);
-        }
-        if errors.is_empty() {
-            Ok(store)
-        } else {
-            Err(errors)
-        }
+        Self::from_texts(read_texts(files, limits)?)
     }
 
     /// Parses one file's text into the store, appending errors.
@@ -448,6 +412,78 @@ pub fn split_documents(text: &str) -> Vec<(usize, &str)> {
             })
         })
         .collect()
+}
+
+/// Reads every policy file under `dir` (as [`Store::load_dir`] finds them)
+/// within `limits`: each file's path and text, or every error.
+pub fn read_dir_texts(dir: &Path, limits: &Limits) -> Result<Vec<(PathBuf, String)>, Vec<Error>> {
+    let mut files = Vec::new();
+    let dir_error = |e: std::io::Error| {
+        vec![Error {
+            origin: Origin {
+                file: dir.to_owned(),
+                line: 0,
+            },
+            field: "-".into(),
+            message: format!("cannot read directory: {e}"),
+        }]
+    };
+    let root = dir.canonicalize().map_err(dir_error)?;
+    let mut refused = Vec::new();
+    collect_files(&root, dir, &mut files, &mut refused).map_err(dir_error)?;
+    match read_texts(&files, limits) {
+        Ok(texts) if refused.is_empty() => Ok(texts),
+        Ok(_) => Err(refused),
+        Err(mut errors) => {
+            errors.extend(refused);
+            Err(errors)
+        }
+    }
+}
+
+/// Reads `files` within `limits` (regular files only, size and nesting
+/// bounded, see [`Limits`]).
+pub fn read_texts(
+    files: &[PathBuf],
+    limits: &Limits,
+) -> Result<Vec<(PathBuf, String)>, Vec<Error>> {
+    let mut texts = Vec::new();
+    let mut errors = Vec::new();
+    for file in files {
+        let error = |line: usize, message: String| Error {
+            origin: Origin {
+                file: file.clone(),
+                line,
+            },
+            field: "-".into(),
+            message,
+        };
+        match read_policy_file(file, limits.max_file_bytes) {
+            Ok(text) => match nesting_beyond(&text, limits.max_nesting) {
+                Some(line) => errors.push(error(
+                    line,
+                    format!(
+                        "nested deeper than {} levels: refused before parsing",
+                        limits.max_nesting
+                    ),
+                )),
+                None => texts.push((file.clone(), text)),
+            },
+            Err(message) => errors.push(error(0, message)),
+        }
+    }
+    if errors.is_empty() {
+        Ok(texts)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Whether `text` holds no YAML document (empty, blank or only comments):
+/// what a file looks like while an editor or a shell redirection rewrites
+/// it.
+pub fn has_no_documents(text: &str) -> bool {
+    split_documents(text).is_empty()
 }
 
 /// What a policy source reads, at most: a file of the policy directory
