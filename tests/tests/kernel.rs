@@ -16,6 +16,9 @@ use filter_agent::{
 use filter_common::reason;
 use filter_tests::{ipv6_with_dest_options, privileged, unique, with_priority_tags, Rng};
 
+#[path = "kernel/frames.rs"]
+mod frames;
+
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const LO: u32 = 1;
@@ -1099,4 +1102,99 @@ spec:
 fn in_router_ns(body: fn()) {
     let ns = filter_tests::router_netns("fwkr", "198.51.100.1", "2001:db8::1");
     ns.run(body);
+}
+
+/// The property of the hardening issue: every random frame (VLAN stacks,
+/// IPv4 options and fragments, IPv6 extension chains, truncations) is,
+/// at XDP and at TC ingress, either dropped or judged on what the kernel's
+/// stack would deliver from it (`frames::kernel_view`): never passed when
+/// that is a denied port or cannot be known, and (liveness) never dropped
+/// when it is well formed, within the parser's bounds and allowed.
+#[test]
+fn random_frames_are_dropped_or_judged_on_what_the_kernel_delivers() {
+    if !privileged("random_frames_are_dropped_or_judged_on_what_the_kernel_delivers") {
+        return;
+    }
+    in_router_ns(random_frames_in_ns);
+}
+
+fn random_frames_in_ns() {
+    use frames::View;
+    let allow_normal = "---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: allow-normal}
+spec:
+  selector: ibm.role=='worker_public'
+  ingress:
+  - action: Allow
+";
+    let mut k = Loaded::new(&format!("{POLICY}{allow_normal}"));
+    // POLICY's pre-DNAT rules for a packet from 198.51.100.20 to the node.
+    let denied = |proto: u8, dport: u16| match proto {
+        6 | 17 => (30000..=32767).contains(&dport),
+        1 => dport >> 8 == 8,
+        _ => false,
+    };
+    let seed = std::env::var("FILTER_FRAMES_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x00f4_a3e5_u64);
+    let mut rng = Rng(seed);
+    let mut seen = std::collections::BTreeMap::<&str, usize>::new();
+    for i in 0..6000 {
+        let f = frames::random(&mut rng);
+        let view = frames::kernel_view(&f.bytes);
+        let xdp = k.run(&f.bytes) == XDP_PASS;
+        let mut hooks = vec![("XDP", xdp)];
+        if !frames::cut_in_ip_header(&f.bytes) {
+            hooks.push(("TC", k.tc(&f.bytes, true) == 0));
+        }
+        for (hook, passed) in hooks {
+            let what = || {
+                format!(
+                    "frame {i} (seed {seed:#x}) at {hook}: {view:?} {:02x?}",
+                    f.bytes
+                )
+            };
+            match view {
+                View::Ambiguous => assert!(
+                    !passed,
+                    "passed a first fragment without the fields policy reads: {}",
+                    what()
+                ),
+                View::Delivered { proto, dport } => {
+                    if passed {
+                        assert!(!denied(proto, dport), "passed a denied port: {}", what());
+                    } else if f.within_bounds {
+                        assert!(
+                            denied(proto, dport),
+                            "dropped an allowed, well-formed frame: {}",
+                            what()
+                        );
+                    }
+                }
+                View::Nothing => {}
+            }
+        }
+        let kind = match (view, xdp) {
+            (View::Nothing, _) => "not delivered",
+            (View::Ambiguous, _) => "ambiguous first fragment",
+            (View::Delivered { .. }, true) => "delivered, passed",
+            (View::Delivered { .. }, false) => "delivered, dropped",
+        };
+        *seen.entry(kind).or_default() += 1;
+    }
+    // The generator must reach every case, or the property proves little.
+    for kind in [
+        "not delivered",
+        "ambiguous first fragment",
+        "delivered, passed",
+        "delivered, dropped",
+    ] {
+        assert!(
+            seen.get(kind).copied().unwrap_or(0) >= 50,
+            "{kind}: {seen:?}"
+        );
+    }
 }
