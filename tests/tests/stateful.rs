@@ -29,11 +29,16 @@ struct Setup {
 }
 
 fn start(p: &Pair, policy: &str) -> Setup {
+    start_with(p, policy, &["--detach-on-exit"])
+}
+
+/// [`start`] with other agent arguments.
+fn start_with(p: &Pair, policy: &str, args: &[&str]) -> Setup {
     let dir = demo::TempDir::new(&unique("fwst"));
     let file = dir.0.join("policy.yaml");
     std::fs::write(&file, policy).expect("write policy");
     let pins = Path::new("/sys/fs/bpf").join(unique("fwst"));
-    let mut agent = Agent::start(&agent_binary(), &p.worker, &dir.0, "pair", &pins);
+    let mut agent = Agent::start_with(&agent_binary(), &p.worker, &dir.0, "pair", &pins, args);
     agent
         .wait_for("policy applied", 0, Duration::from_secs(15))
         .expect("applied");
@@ -460,4 +465,58 @@ fn sigkill_and_restart_under_traffic_never_open_or_close_the_node() {
         "{d_wrong} of {d_probes} denied probes slipped through"
     );
     assert!(second.stop().success());
+}
+
+/// The conntrack flood of the hardening issue, for real: an established
+/// connection to a port policy has since revoked survives 3,000 new
+/// answered UDP flows through a 256-entry table (it is assured; the flood's
+/// two-packet flows are not, and evict only each other).
+#[test]
+fn an_assured_connection_survives_a_flood_of_new_flows() {
+    if !privileged("an_assured_connection_survives_a_flood_of_new_flows") {
+        return;
+    }
+    let p = Pair::new("fwfl");
+    let _echo = EchoServer::start(&p.worker, "0.0.0.0:7100".parse().expect("addr"));
+    let _udp = UdpServer::start(&p.worker, Pair::worker(7300), "u");
+    let allow = format!(
+        "{HEP}{}",
+        gnp(
+            "allow-in",
+            "  types: [Ingress]\n  ingress:\n  - action: Allow\n"
+        )
+    );
+    let mut s = start_with(&p, &allow, &["--detach-on-exit", "--conntrack-size", "256"]);
+    let mut conn = Conn::open(&p.client, Pair::worker(7100), T).expect("connect while allowed");
+    conn.echo("before").expect("echo while allowed");
+    let deny = format!(
+        "{allow}{}",
+        gnp(
+            "deny-7100",
+            "  order: 10\n  types: [Ingress]\n  ingress:\n  - action: Deny\n    protocol: TCP\n    destination: {ports: [7100]}\n"
+        )
+    );
+    s.change(&deny);
+    conn.echo("after the deny")
+        .expect("established, so still allowed");
+    let answered = p.client.run(|| {
+        let target = Pair::worker(7300);
+        (0..3000)
+            .filter(|_| {
+                let sock = std::net::UdpSocket::bind("0.0.0.0:0").expect("bind");
+                sock.set_read_timeout(Some(Duration::from_millis(300)))
+                    .expect("timeout");
+                sock.send_to(b"flood", target).expect("send");
+                let mut buf = [0u8; 16];
+                sock.recv_from(&mut buf).is_ok()
+            })
+            .count()
+    });
+    assert!(
+        answered > 2900,
+        "the flood's flows were answered: {answered}"
+    );
+    conn.echo("after the flood")
+        .expect("the assured connection survives the flood");
+    assert!(s.agent.stop().success());
 }
