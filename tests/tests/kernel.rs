@@ -90,6 +90,18 @@ spec:
     icmp: {type: 8}
 "#;
 
+/// Appended to [`POLICY`] where TC runs too: the normal stage allows
+/// everything, so both hooks decide on the pre-DNAT rules alone.
+const ALLOW_NORMAL: &str = "---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: allow-normal}
+spec:
+  selector: ibm.role=='worker_public'
+  ingress:
+  - action: Allow
+";
+
 /// A loaded dataplane with [`POLICY`] published; unpinned on drop, also
 /// when the test fails.
 struct Loaded {
@@ -751,18 +763,7 @@ fn evasions_are_dropped_or_judged_at_xdp_and_tc() {
 }
 
 fn evasions_are_dropped_or_judged_at_xdp_and_tc_in_ns() {
-    // The normal stage allows everything at TC, so both hooks decide on
-    // the pre-DNAT rules alone.
-    let allow_normal = "---
-apiVersion: projectcalico.org/v3
-kind: GlobalNetworkPolicy
-metadata: {name: allow-normal}
-spec:
-  selector: ibm.role=='worker_public'
-  ingress:
-  - action: Allow
-";
-    let mut k = Loaded::new(&format!("{POLICY}{allow_normal}"));
+    let mut k = Loaded::new(&format!("{POLICY}{ALLOW_NORMAL}"));
     // Tiny first fragment: 8 bytes of TCP header, no flags byte (RFC 1858).
     assert_eq!(
         k.both(&tcp4_fragment(31000, 7, 0, 8, true), "tiny"),
@@ -1120,16 +1121,7 @@ fn random_frames_are_dropped_or_judged_on_what_the_kernel_delivers() {
 
 fn random_frames_in_ns() {
     use frames::View;
-    let allow_normal = "---
-apiVersion: projectcalico.org/v3
-kind: GlobalNetworkPolicy
-metadata: {name: allow-normal}
-spec:
-  selector: ibm.role=='worker_public'
-  ingress:
-  - action: Allow
-";
-    let mut k = Loaded::new(&format!("{POLICY}{allow_normal}"));
+    let mut k = Loaded::new(&format!("{POLICY}{ALLOW_NORMAL}"));
     // POLICY's pre-DNAT rules for a packet from 198.51.100.20 to the node.
     let denied = |proto: u8, dport: u16| match proto {
         6 | 17 => (30000..=32767).contains(&dport),

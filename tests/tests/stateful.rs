@@ -60,13 +60,10 @@ impl Setup {
     }
 }
 
-#[test]
-fn established_connections_survive_a_new_deny_and_new_ones_are_judged() {
-    if !privileged("established_connections_survive_a_new_deny_and_new_ones_are_judged") {
-        return;
-    }
-    let p = Pair::new("fwes");
-    let _echo = EchoServer::start(&p.worker, "0.0.0.0:7100".parse().expect("addr"));
+/// An agent (with `args`) allowing all ingress, a connection to the echo
+/// server on 7100 opened, then a policy denying TCP 7100 applied: the
+/// connection still echoes (it is established).
+fn connected_then_denied(p: &Pair, args: &[&str]) -> (Setup, Conn) {
     let allow = format!(
         "{HEP}{}",
         gnp(
@@ -74,10 +71,9 @@ fn established_connections_survive_a_new_deny_and_new_ones_are_judged() {
             "  types: [Ingress]\n  ingress:\n  - action: Allow\n"
         )
     );
-    let mut s = start(&p, &allow);
+    let mut s = start_with(p, &allow, args);
     let mut conn = Conn::open(&p.client, Pair::worker(7100), T).expect("connect while allowed");
     conn.echo("before").expect("echo while allowed");
-
     let deny = format!(
         "{allow}{}",
         gnp(
@@ -88,6 +84,17 @@ fn established_connections_survive_a_new_deny_and_new_ones_are_judged() {
     s.change(&deny);
     conn.echo("after the deny")
         .expect("the established connection survives the new deny");
+    (s, conn)
+}
+
+#[test]
+fn established_connections_survive_a_new_deny_and_new_ones_are_judged() {
+    if !privileged("established_connections_survive_a_new_deny_and_new_ones_are_judged") {
+        return;
+    }
+    let p = Pair::new("fwes");
+    let _echo = EchoServer::start(&p.worker, "0.0.0.0:7100".parse().expect("addr"));
+    let (s, _conn) = connected_then_denied(&p, &["--detach-on-exit"]);
     assert!(
         Conn::open(&p.client, Pair::worker(7100), T).is_err(),
         "a new connection to 7100 is denied"
@@ -479,26 +486,7 @@ fn an_assured_connection_survives_a_flood_of_new_flows() {
     let p = Pair::new("fwfl");
     let _echo = EchoServer::start(&p.worker, "0.0.0.0:7100".parse().expect("addr"));
     let _udp = UdpServer::start(&p.worker, Pair::worker(7300), "u");
-    let allow = format!(
-        "{HEP}{}",
-        gnp(
-            "allow-in",
-            "  types: [Ingress]\n  ingress:\n  - action: Allow\n"
-        )
-    );
-    let mut s = start_with(&p, &allow, &["--detach-on-exit", "--conntrack-size", "256"]);
-    let mut conn = Conn::open(&p.client, Pair::worker(7100), T).expect("connect while allowed");
-    conn.echo("before").expect("echo while allowed");
-    let deny = format!(
-        "{allow}{}",
-        gnp(
-            "deny-7100",
-            "  order: 10\n  types: [Ingress]\n  ingress:\n  - action: Deny\n    protocol: TCP\n    destination: {ports: [7100]}\n"
-        )
-    );
-    s.change(&deny);
-    conn.echo("after the deny")
-        .expect("established, so still allowed");
+    let (s, mut conn) = connected_then_denied(&p, &["--detach-on-exit", "--conntrack-size", "256"]);
     let answered = p.client.run(|| {
         let target = Pair::worker(7300);
         (0..3000)
