@@ -341,7 +341,7 @@ fn explain_dataplane_runs_the_live_programs_beside_the_reference() {
             .arg(&pins)
             .arg("--policy-dir")
             .arg(&dir.0)
-            .args(["--endpoint", "w", "--proto", "TCP"])
+            .args(["--endpoint", "w", "--proto", "tcp"])
             .args(extra);
         let out = cmd.output().expect("run explain");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -13,9 +13,9 @@ use std::{
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-/// The toolchain of rust-toolchain.toml: its LLVM (22.1) is the one
-/// bpf-linker links against.
-const TOOLCHAIN: &str = "1.98.0";
+/// Where the kernel crate's toolchain is named (its LLVM is the one
+/// bpf-linker links against); read by [`toolchain`].
+const TOOLCHAIN_FILE: &str = "filter-ebpf/rust-toolchain.toml";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
 const CARGO_FUZZ_VERSION: &str = "0.13.1";
@@ -99,12 +99,13 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Test { args } => {
             require_root("cargo xtask test")?;
             prereqs()?;
+            test_prereqs()?;
             build_ebpf(&root)?;
             lint(&root)?;
             // The end-to-end tests drive the real binary.
             cargo(&root, &["build", "-p", "filter-agent"])?;
             let agent = root.join("target/debug/filter-agent");
-            let mut cmd = Command::new("cargo");
+            let mut cmd = pinned_cargo();
             cmd.current_dir(&root)
                 .args(["test", "--workspace"])
                 .env("FILTER_REQUIRE_PRIVILEGED", "1")
@@ -144,6 +145,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Fuzz { target, seconds } => {
             prereqs()?;
+            test_prereqs()?;
             fuzz(&root, &target, &[format!("-max_total_time={seconds}")])
         }
         Cmd::Demo => {
@@ -179,15 +181,12 @@ fn lint(root: &Path) -> Result<()> {
     )?;
     let ebpf = root.join("filter-ebpf");
     status(
-        Command::new("cargo")
-            .current_dir(&ebpf)
-            .args(["fmt", "--check"]),
+        pinned_cargo().current_dir(&ebpf).args(["fmt", "--check"]),
         "cargo fmt --check (filter-ebpf)",
     )?;
     status(
-        Command::new("cargo")
+        pinned_cargo()
             .current_dir(&ebpf)
-            .arg(format!("+{TOOLCHAIN}"))
             .args([
                 "clippy",
                 "--release",
@@ -275,9 +274,19 @@ fn run_tests(cmd: &mut Command) -> Result<(u64, u64)> {
 
 fn cargo(root: &Path, args: &[&str]) -> Result<()> {
     status(
-        Command::new("cargo").current_dir(root).args(args),
+        pinned_cargo().current_dir(root).args(args),
         &format!("cargo {}", args.join(" ")),
     )
+}
+
+/// `cargo +<the pinned toolchain>`: the agent needs it too (aya's minimum
+/// Rust is that release), while xtask itself builds with whatever
+/// toolchain runs it, so `cargo xtask` works before the pinned one is
+/// installed.
+fn pinned_cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.arg(format!("+{}", toolchain()));
+    cmd
 }
 
 fn output(cmd: &str, args: &[&str]) -> Option<String> {
@@ -287,7 +296,44 @@ fn output(cmd: &str, args: &[&str]) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Checks each prerequisite and installs what is missing.
+/// The kernel crate's toolchain, as [`TOOLCHAIN_FILE`] names it.
+fn toolchain() -> &'static str {
+    static CHANNEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CHANNEL.get_or_init(|| {
+        let file = workspace_root().join(TOOLCHAIN_FILE);
+        let text = std::fs::read_to_string(&file)
+            .unwrap_or_else(|e| panic!("read {}: {e}", file.display()));
+        text.lines()
+            .find_map(|l| {
+                let v = l.trim().strip_prefix("channel")?.trim().strip_prefix('=')?;
+                Some(v.trim().trim_matches('"').to_owned())
+            })
+            .unwrap_or_else(|| panic!("{}: no channel", file.display()))
+    })
+}
+
+/// What the tests need beyond the kernel build: cargo-fuzz for the fuzz
+/// smoke runs.
+fn test_prereqs() -> Result<()> {
+    if !output("cargo", &["fuzz", "--version"]).is_some_and(|v| v.contains(CARGO_FUZZ_VERSION)) {
+        eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
+        status(
+            pinned_cargo().args([
+                "install",
+                "cargo-fuzz",
+                "--version",
+                CARGO_FUZZ_VERSION,
+                "--locked",
+            ]),
+            "cargo install cargo-fuzz",
+        )?;
+    }
+    Ok(())
+}
+
+/// Checks each prerequisite of the kernel build (and of the tests' tools:
+/// Debian packages) and installs what is missing; on a prepared machine it
+/// installs nothing.
 fn prereqs() -> Result<()> {
     let missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
@@ -311,20 +357,26 @@ fn prereqs() -> Result<()> {
     }
 
     let has_toolchain = output("rustup", &["toolchain", "list"])
-        .is_some_and(|s| s.lines().any(|l| l.starts_with(TOOLCHAIN)));
+        .is_some_and(|s| s.lines().any(|l| l.starts_with(toolchain())));
     let has_src = has_toolchain
         && output(
             "rustup",
-            &["component", "list", "--installed", "--toolchain", TOOLCHAIN],
+            &[
+                "component",
+                "list",
+                "--installed",
+                "--toolchain",
+                toolchain(),
+            ],
         )
         .is_some_and(|s| s.lines().any(|l| l.starts_with("rust-src")));
     if !has_src {
-        eprintln!("xtask: installing Rust {TOOLCHAIN} with rust-src");
+        eprintln!("xtask: installing Rust {} with rust-src", toolchain());
         status(
             Command::new("rustup").args([
                 "toolchain",
                 "install",
-                TOOLCHAIN,
+                toolchain(),
                 "--profile",
                 "minimal",
                 "-c",
@@ -338,25 +390,10 @@ fn prereqs() -> Result<()> {
         )?;
     }
 
-    if !output("cargo", &["fuzz", "--version"]).is_some_and(|v| v.contains(CARGO_FUZZ_VERSION)) {
-        eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION}");
-        status(
-            Command::new("cargo").arg(format!("+{TOOLCHAIN}")).args([
-                "install",
-                "cargo-fuzz",
-                "--version",
-                CARGO_FUZZ_VERSION,
-                "--locked",
-            ]),
-            "cargo install cargo-fuzz",
-        )?;
-    }
-
     if !bpf_linker_ok() {
         eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (takes a few minutes)");
         status(
-            Command::new("cargo")
-                .arg(format!("+{TOOLCHAIN}"))
+            pinned_cargo()
                 .args([
                     "install",
                     "bpf-linker",
@@ -391,9 +428,8 @@ fn fuzz(root: &Path, target: &str, libfuzzer_args: &[String]) -> Result<()> {
     }
     eprintln!("xtask: fuzzing {target} ({})", libfuzzer_args.join(" "));
     status(
-        Command::new("cargo")
+        pinned_cargo()
             .current_dir(&dir)
-            .arg(format!("+{TOOLCHAIN}"))
             .args(["fuzz", "run", "--sanitizer", "none", target])
             .arg(&scratch)
             .arg("--")
@@ -421,9 +457,8 @@ fn build_ebpf(root: &Path) -> Result<()> {
     let dir = root.join("filter-ebpf");
     eprintln!("xtask: building the kernel object (filter-ebpf, bpfel-unknown-none)");
     status(
-        Command::new("cargo")
+        pinned_cargo()
             .current_dir(&dir)
-            .arg(format!("+{TOOLCHAIN}"))
             .args([
                 "build",
                 "--release",

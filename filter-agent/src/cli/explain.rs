@@ -48,9 +48,10 @@ pub struct ExplainArgs {
     /// Direction relative to the endpoint.
     #[arg(long, value_enum)]
     pub direction: Dir,
-    /// Protocol: TCP, UDP, ICMP, ICMPv6, SCTP, UDPLite or a number.
+    /// Protocol: tcp, udp, icmp, icmpv6, sctp, udplite (any case) or a
+    /// number.
     #[arg(long)]
-    pub proto: String,
+    pub proto: Protocol,
     /// Source address.
     #[arg(long)]
     pub src: IpAddr,
@@ -129,10 +130,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
             args.policy_dir.display()
         ));
     };
-    let proto: Protocol = match serde_yaml::from_str(&args.proto) {
-        Ok(p) => p,
-        Err(e) => return fail(format!("--proto {:?}: {e}", args.proto)),
-    };
+    let proto = args.proto;
     if args.src.is_ipv4() != args.dst.is_ipv4() {
         return fail("--src and --dst must be of one IP family".into());
     }

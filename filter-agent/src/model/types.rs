@@ -257,6 +257,34 @@ impl fmt::Display for Protocol {
     }
 }
 
+/// Protocol names as a command line takes them: in any case, as iptables
+/// and tcpdump users type them (`tcp`, `Tcp`, `TCP`), or a number 1-255.
+/// YAML keeps Calico's case-sensitive spelling (see the `Deserialize` impl).
+impl std::str::FromStr for Protocol {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let n = match s.to_ascii_lowercase().as_str() {
+            "tcp" => 6,
+            "udp" => 17,
+            "icmp" => 1,
+            "icmpv6" => 58,
+            "sctp" => 132,
+            "udplite" => 136,
+            other => match other.parse::<u8>() {
+                Ok(n) if n > 0 => n,
+                _ => {
+                    return Err(format!(
+                        "invalid protocol {s:?}: expected tcp, udp, icmp, icmpv6, sctp, udplite \
+                         (any case) or a number 1-255"
+                    ))
+                }
+            },
+        };
+        Ok(Protocol(n))
+    }
+}
+
 impl<'de> Deserialize<'de> for Protocol {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let v = IntOrString::deserialize(d)?;
@@ -594,4 +622,29 @@ pub struct LoadBalancerIngress {
     /// Its address (hostname-only ingress points have none).
     #[serde(default)]
     pub ip: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Protocol;
+
+    #[test]
+    fn the_command_line_takes_protocol_names_in_any_case() {
+        for (name, n) in [
+            ("tcp", 6),
+            ("Tcp", 6),
+            ("UDP", 17),
+            ("icmpv6", 58),
+            ("ICMPV6", 58),
+            ("udplite", 136),
+            ("47", 47),
+        ] {
+            assert_eq!(name.parse::<Protocol>(), Ok(Protocol(n)), "{name}");
+        }
+        for bad in ["0", "256", "gre", ""] {
+            assert!(bad.parse::<Protocol>().is_err(), "{bad}");
+        }
+        // YAML stays case-sensitive, as Calico's validator.
+        assert!(serde_yaml::from_str::<Protocol>("tcp").is_err());
+    }
 }
