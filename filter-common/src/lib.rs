@@ -5,7 +5,7 @@
 //! names. Every type is `#[repr(C)]` with explicit padding, and its size is
 //! asserted at compile time, so both sides agree byte for byte.
 //!
-//! # The classifier tables (design.md, "The classifier")
+//! # The classifier tables (docs/design.md, "The classifier")
 //!
 //! Rules of one *table* (a generation × stage × direction) are numbered
 //! `0..MAX_RULES` in evaluation order. Each packet field is looked up once
@@ -72,7 +72,7 @@ pub const MAX_HOPS: u32 = 32;
 /// Entries in the endpoint map: (interface, table) pairs.
 pub const MAX_ENDPOINT_ENTRIES: u32 = 4096;
 
-/// Policy stages (calico-semantics.md 3.1), in pipeline order.
+/// Policy stages (docs/semantics.md 3.1), in pipeline order.
 pub mod stage {
     /// `doNotTrack: true` policies.
     pub const UNTRACKED: u32 = 0;
@@ -196,7 +196,7 @@ pub const PORT_KEY_FLAG_BITS: u32 = TABLE_PREFIX_BITS + 16;
 /// Prefix length of a full [`PortKey`].
 pub const PORT_KEY_FULL_BITS: u32 = TABLE_PREFIX_BITS + 32;
 
-/// Data part of a failsafe trie key (`FW_FAILSAFE1`, calico-semantics.md
+/// Data part of a failsafe trie key (`FW_FAILSAFE1`, docs/semantics.md
 /// 4). An entry without a net fixes direction, protocol and port (prefix
 /// [`FAILSAFE_PORT_BITS`]); one with a net adds the family and the net's
 /// prefix of `addr` (the source for inbound, the destination for outbound).
@@ -261,7 +261,8 @@ pub struct RuleCounter {
 
 /// Why a program returned what it did; indexes `FW_STATS2`.
 ///
-/// Append-only: never renumber or reuse a value (style.md, Errors).
+/// Append-only: never renumber or reuse a value (counters and dashboards
+/// outlive agent versions).
 pub mod reason {
     /// The frame is not one the parser understands (ARP, LLDP, …): passed.
     pub const PASS_NOT_IP: u32 = 0;
@@ -286,7 +287,7 @@ pub mod reason {
     /// A failsafe port: the stage is skipped (4).
     pub const PASS_FAILSAFE: u32 = 9;
     /// Conntrack knows the flow (established, a reply, or a related ICMP
-    /// error): accepted before policy (calico-semantics.md 3.4).
+    /// error): accepted before policy (docs/semantics.md 3.4).
     pub const ALLOW_CONNTRACK: u32 = 10;
     /// TC ingress: the packet is not for this node; the forward stage judges
     /// it at TC egress.
@@ -401,7 +402,7 @@ pub mod xdp_verdict {
     /// the packet skip them): TC goes on with the host-policy stages.
     pub const NONE: u32 = 0;
     /// The untracked stage allowed the packet: no conntrack entry, later
-    /// host-policy stages skipped (calico-semantics.md 3.8).
+    /// host-policy stages skipped (docs/semantics.md 3.8).
     pub const UNTRACKED_ALLOW: u32 = 1;
     /// The pre-DNAT stage allowed the packet: the normal and forward
     /// ingress stages of this endpoint are skipped (3.7).
@@ -421,7 +422,7 @@ pub mod mark {
     pub const PRE_DNAT: u32 = 0x0000_0200;
 }
 
-/// Connection tracking (design.md, "Conntrack"; docs/conntrack.md).
+/// Connection tracking (docs/design.md, "Conntrack"; docs/conntrack.md).
 ///
 /// One LRU hash entry per flow, keyed by the normalized 5-tuple: the
 /// lower (address, port) end is side A. The value records which side
@@ -590,7 +591,7 @@ pub const MAX_FRAGMENTS: u32 = 16_384;
 pub const FRAGMENT_TIMEOUT_NS: u64 = 30_000_000_000;
 
 /// Key of the node-address map (`FW_HOST1`): one of the node's own
-/// addresses. Traffic to them is host-bound (design.md).
+/// addresses. Traffic to them is host-bound (docs/design.md).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct HostKey {

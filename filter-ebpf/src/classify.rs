@@ -4,7 +4,7 @@
 //! deciding rule's action and slot, or no verdict. One LPM lookup per field
 //! gives a class; each class names a bitmap of the rules that field allows;
 //! the first bit of `endpoint & src & dst & dport & sport` is the rule that
-//! decides (design.md, "The classifier"). Classes are stored sparse, with a
+//! decides (docs/design.md, "The classifier"). Classes are stored sparse, with a
 //! summary of their non-zero words; the scan ANDs the summaries and visits
 //! only the words where all five have rules. The cost does not depend on
 //! the number of CIDRs, and grows with rules only by the summary words and
@@ -186,8 +186,8 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> St
         reason: reason::PASS_TOO_MANY_HOPS,
     };
     // Each hop is one bpf_loop iteration: the verifier checks the callback
-    // once instead of unrolling MAX_HOPS searches (design.md, "Measured on
-    // this machine kind").
+    // once instead of unrolling MAX_HOPS searches (a prototype measured
+    // bpf_loop at ~3 ns an iteration, against ~1.5 for a plain loop).
     // SAFETY: `hop` has the callback signature bpf_loop expects, and the
     // context pointer is to `scan`, which lives on this stack frame for the
     // whole call.

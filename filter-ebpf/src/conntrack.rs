@@ -1,5 +1,5 @@
 //! Connection tracking: which packets belong to flows policy already
-//! allowed (calico-semantics.md 3.4).
+//! allowed (docs/semantics.md 3.4).
 //!
 //! In: a parsed packet and the time. Out: whether the flow is known
 //! (established, a reply, or an ICMP error about it), and the entry kept

@@ -1,4 +1,4 @@
-//! Failsafe ports (calico-semantics.md 4): traffic to them skips policy so
+//! Failsafe ports (docs/semantics.md 4): traffic to them skips policy so
 //! an operator cannot lock themself out of SSH or the API server.
 //!
 //! In: a parsed packet and a direction. Out: whether it is failsafe. One
@@ -34,7 +34,7 @@ pub fn is_failsafe(dir: u32, pkt: &Packet) -> bool {
 /// stage, match besides [`is_failsafe`]: the *source* port against the
 /// other direction's list, so replies of failsafe flows (DNS answers from
 /// udp:53, SSH replies from tcp:22) are not caught by untracked policy
-/// (calico-semantics.md 4). Callers keep `is_failsafe`'s answer for the
+/// (docs/semantics.md 4). Callers keep `is_failsafe`'s answer for the
 /// later filter/mangle check instead of looking it up twice.
 #[inline(always)]
 pub fn is_reply_failsafe(dir: u32, pkt: &Packet) -> bool {

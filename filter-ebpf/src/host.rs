@@ -3,7 +3,7 @@
 //! In: a parsed packet at TC ingress (its destination before DNAT) and the
 //! interface it arrived on. Out: whether the normal ingress stage judges it
 //! here (host-bound) or the forward stage judges it at TC egress
-//! (design.md). The kernel's FIB decides, as it will for the packet a
+//! (docs/design.md). The kernel's FIB decides, as it will for the packet a
 //! moment later: a local, broadcast (the subnets' directed broadcasts
 //! included), multicast or anycast destination is delivered to the node,
 //! and so is everything when forwarding is off on the interface. Asking

@@ -1,5 +1,5 @@
 //! Kernel programs of the host-endpoint firewall: entry points and the
-//! pipeline of calico-semantics.md 3.9, hook by hook (design.md, "Kernel
+//! pipeline of docs/semantics.md 3.9, hook by hook (docs/design.md, "Kernel
 //! side: where each program runs").
 //!
 //! * `fw_xdp` (XDP, host-endpoint ingress): raw failsafe, untracked

@@ -1,6 +1,6 @@
 //! End to end, stateful: conntrack, default deny, untracked symmetry,
 //! failsafe and IPv6 with the real agent and real TCP/UDP/ICMP between two
-//! network namespaces (calico-semantics.md 3.4, 3.5, 3.8, 4).
+//! network namespaces (docs/semantics.md 3.4, 3.5, 3.8, 4).
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 

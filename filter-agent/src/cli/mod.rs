@@ -1,7 +1,7 @@
 //! Command line: `run` (the daemon), `check` (validate files), `selector`
 //! (evaluate one selector) and `explain` (what the policy does to a packet).
 //!
-//! Exit codes (style.md): 0 success, 1 input rejected, 2 the tool failed.
+//! Exit codes: 0 success, 1 input rejected, 2 the tool failed.
 
 mod check;
 mod explain;

@@ -1,4 +1,4 @@
-//! Failsafe ports for the kernel (calico-semantics.md 4): FelixConfiguration
+//! Failsafe ports for the kernel (docs/semantics.md 4): FelixConfiguration
 //! `default`, overridden field by field by `node.<node>`; Calico's defaults
 //! (tcp:5473 included) where neither sets a list; `[]` disables one.
 

@@ -5,7 +5,7 @@
 //! direction the ordered rule list and the trie contents of filter-common's
 //! layout, with every distinct bitmap stored once as a class.
 //!
-//! Rule order in a table is the evaluation order of calico-semantics.md 3.3:
+//! Rule order in a table is the evaluation order of docs/semantics.md 3.3:
 //! tiers by order (unset last) then name; in a tier, the policies that have a
 //! rule list for the stage and direction, by order (unset last) then name,
 //! each rule in turn; after a tier of the normal and forward stages whose end
@@ -198,7 +198,7 @@ pub struct Node {
 }
 
 /// Picks this node's host endpoints and the interface each governs
-/// (calico-semantics.md 1.3): an exact `interfaceName`, else the interface
+/// (docs/semantics.md 1.3): an exact `interfaceName`, else the interface
 /// holding one of `expectedIPs`; on a clash the name that sorts first wins.
 pub fn bind_endpoints<'a>(
     store: &'a Store,
@@ -259,7 +259,7 @@ pub fn applies_to_host_endpoint(
 ) -> bool {
     // A HEP has no namespace or service-account labels: `all()` there means
     // "has a namespace" and never matches, while a negative expression still
-    // can (calico-semantics.md 1.1).
+    // can (docs/semantics.md 1.1).
     let scoped = |s: &Option<String>| match s.as_deref().map(str::trim) {
         None | Some("") => true,
         Some(text) => match Selector::parse(text) {

@@ -7,8 +7,7 @@
 //! exactly for the q of the set that contain P. So the bitmap stored at P is
 //! exact: rule r is in it iff r has no positive list or one of its positive
 //! prefixes contains P, and none of its negative prefixes contains P
-//! (design.md, "every prefix's bitmap holds exactly the rules satisfied by
-//! any address whose longest match is that prefix").
+//! (docs/design.md, "The classifier").
 
 use std::collections::BTreeMap;
 

@@ -1,6 +1,6 @@
 //! Service frontends: the (address, protocol, port) triples kube-proxy
-//! rewrites, so traffic to them is forwarded, not host-bound (design.md,
-//! "Forwarded or host-bound"; issue: NodePort on every node address,
+//! rewrites, so traffic to them is forwarded, not host-bound (docs/design.md,
+//! "Kernel side"; issue: NodePort on every node address,
 //! LoadBalancer ingress IPs, external IPs).
 
 use std::{collections::BTreeSet, net::IpAddr};

@@ -63,7 +63,7 @@ pub struct KernelVerdict {
     pub return_code: i64,
 }
 
-/// Runs the programs a packet meets (design.md, "Kernel side"): ingress
+/// Runs the programs a packet meets (docs/design.md, "Kernel side"): ingress
 /// `fw_xdp` then `fw_tc_in`, and for a forwarded packet `fw_tc_eg` of the
 /// interface it leaves by, on `after_dnat` (the packet as kube-proxy
 /// rewrote it) with the mark TC ingress left; egress `fw_tc_eg`.

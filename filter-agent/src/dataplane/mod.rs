@@ -693,7 +693,7 @@ impl Dataplane {
     fn sync_attachments(&mut self, compiled: &Compiled, ifaces: &Interfaces) -> Result<(), Error> {
         // Host endpoints get all three programs; every other interface
         // (loopback aside) TC egress only, for the forward stage of traffic
-        // that came in by an endpoint (design.md).
+        // that came in by an endpoint (docs/design.md).
         let endpoints: BTreeSet<&str> = compiled
             .endpoints
             .iter()
@@ -753,7 +753,7 @@ impl Dataplane {
 
     /// Attaches the three programs to `iface`. A link pinned by a previous
     /// agent is kept and its program swapped for ours in one update, so
-    /// enforcement never lapses (design.md, "Atomic updates and restarts").
+    /// enforcement never lapses (docs/design.md, "Pinning and restarts").
     fn attach(&mut self, iface: &str, ifindex: u32, role: Role) -> Result<(), Error> {
         let err =
             |program: &'static str, e: Box<dyn std::error::Error + Send + Sync>| Error::Load {

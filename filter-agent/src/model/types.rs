@@ -44,7 +44,7 @@ pub struct Metadata {
     pub managed_fields: Option<serde_yaml::Value>,
 }
 
-/// `spec` of a GlobalNetworkPolicy (calico-semantics.md 1.1).
+/// `spec` of a GlobalNetworkPolicy (docs/semantics.md 1.1).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GlobalNetworkPolicySpec {
@@ -126,7 +126,7 @@ pub enum PolicyType {
     Egress,
 }
 
-/// One rule (calico-semantics.md 2).
+/// One rule (docs/semantics.md 2).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Rule {
@@ -291,7 +291,7 @@ impl<'de> Deserialize<'de> for Protocol {
         let n = match v {
             IntOrString::Int(n) => n,
             IntOrString::Str(s) => match s.as_str() {
-                // Case-sensitive, as the v3 validator (calico-semantics.md 2.2).
+                // Case-sensitive, as the v3 validator (docs/semantics.md 2.2).
                 "TCP" => 6,
                 "UDP" => 17,
                 "ICMP" => 1,
@@ -373,7 +373,7 @@ impl<'de> Deserialize<'de> for Port {
     }
 }
 
-/// IANA service name rules for named ports (calico-semantics.md 1.3).
+/// IANA service name rules for named ports (docs/semantics.md 1.3).
 pub fn validate_port_name(name: &str) -> Result<(), String> {
     let ok_chars = name
         .bytes()
@@ -389,7 +389,7 @@ pub fn validate_port_name(name: &str) -> Result<(), String> {
 }
 
 /// A CIDR in a rule; a bare address means /32 or /128. Strictly masked: host
-/// bits must be zero (calico-semantics.md 2.5).
+/// bits must be zero (docs/semantics.md 2.5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Cidr(pub IpNetwork);
 
@@ -468,7 +468,7 @@ enum IntOrString {
     Str(String),
 }
 
-/// `spec` of a Tier (calico-semantics.md 1.5).
+/// `spec` of a Tier (docs/semantics.md 1.5).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TierSpec {
@@ -543,7 +543,7 @@ impl ProtoPort {
 }
 
 /// A Kubernetes v1 Service, as far as the firewall cares: its frontends
-/// (design.md, "Forwarded or host-bound"). Read leniently: a Service has
+/// (docs/design.md, "Forwarded or host-bound"). Read leniently: a Service has
 /// many fields this firewall has no use for.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]

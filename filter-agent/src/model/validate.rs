@@ -1,4 +1,4 @@
-//! Checks that span fields (calico-semantics.md 2.7), run after parsing.
+//! Checks that span fields (docs/semantics.md 2.7), run after parsing.
 //!
 //! Single-value grammar (CIDRs, ports, protocols, actions, unknown fields) is
 //! checked while deserializing, in `types`. Here: what needs several fields
@@ -437,7 +437,7 @@ fn looks_like_template(s: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    //! One test per rule of calico-semantics.md 2.7 (and the grammar
+    //! One test per rule of docs/semantics.md 2.7 (and the grammar
     //! checks made while parsing), each asserting the field named.
 
     use std::path::Path;

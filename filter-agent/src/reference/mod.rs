@@ -2,7 +2,7 @@
 //! engine of `filter-agent explain`.
 //!
 //! In: a [`Store`], a host endpoint, a direction and a [`Packet`]. Out: what
-//! each stage of calico-semantics.md 3.9 said and who decided. It reads the
+//! each stage of docs/semantics.md 3.9 said and who decided. It reads the
 //! resources directly, rule by rule, and on purpose shares nothing with
 //! `compile` except the model and the selector: two independent readings of
 //! the same document, compared on random input.

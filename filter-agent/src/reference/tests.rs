@@ -1,4 +1,4 @@
-//! The pipeline of calico-semantics.md 3.9 on hand-made cases.
+//! The pipeline of docs/semantics.md 3.9 on hand-made cases.
 
 use std::path::Path;
 

@@ -1,6 +1,6 @@
 //! Calico selectors: text → [`Selector`] → true/false over a label map.
 //!
-//! Implements the grammar and lexical rules of calico-semantics.md 5:
+//! Implements the grammar and lexical rules of docs/semantics.md 5:
 //! `==`, `!=`, `in {}`, `not in {}`, `has()`, `all()`, `global()`,
 //! `contains`, `starts with`, `ends with`, `&&`, `||`, `!`, parentheses and
 //! both quote styles. Only space and TAB are blanks; word operators are
