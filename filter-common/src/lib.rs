@@ -72,6 +72,43 @@ pub const MAX_HOPS: u32 = 32;
 /// Entries in the endpoint map: (interface, table) pairs.
 pub const MAX_ENDPOINT_ENTRIES: u32 = 4096;
 
+/// IP protocol numbers (IPv4 protocol, IPv6 upper-layer header), named once
+/// for the kernel, the agent and the tests.
+pub mod proto {
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
+    pub const UDPLITE: u8 = 136;
+
+    /// Whether packets of `p` carry ports (and so may have port matches).
+    pub const fn has_ports(p: u8) -> bool {
+        matches!(p, TCP | UDP | SCTP)
+    }
+
+    /// ICMP of either family.
+    pub const fn is_icmp(p: u8) -> bool {
+        matches!(p, ICMP | ICMPV6)
+    }
+}
+
+/// Address families as the map keys carry them.
+pub mod family {
+    pub const V4: u8 = 4;
+    pub const V6: u8 = 6;
+}
+
+/// TCP flag bits (the flags byte, offset 13 of the header).
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+}
+
 /// Policy stages (docs/semantics.md 3.1), in pipeline order.
 pub mod stage {
     /// `doNotTrack: true` policies.
@@ -323,6 +360,39 @@ pub mod reason {
     pub const fn is_drop(reason: u32) -> bool {
         matches!(reason, DROP_RULE | DROP_MALFORMED | DROP_FRAGMENT)
     }
+
+    /// Every reason with its name, as `filter-agent stats` (text and JSON)
+    /// and the metrics show it: the one table of names, next to the codes.
+    pub const NAMES: [(u32, &str); 18] = [
+        (PASS_NOT_IP, "pass_not_ip"),
+        (PASS_TRUNCATED, "pass_truncated"),
+        (PASS_NO_POLICY, "pass_no_policy"),
+        (PASS_NO_VERDICT, "pass_no_verdict"),
+        (ALLOW_RULE, "allow_rule"),
+        (DROP_RULE, "drop_rule"),
+        (PASS_TABLE_ERROR, "pass_table_error"),
+        (PASS_TC_OBSERVED, "pass_tc_observed"),
+        (PASS_TOO_MANY_HOPS, "pass_too_many_hops"),
+        (PASS_FAILSAFE, "pass_failsafe"),
+        (ALLOW_CONNTRACK, "allow_conntrack"),
+        (PASS_FORWARDED, "pass_forwarded"),
+        (PASS_FRAGMENT, "pass_fragment"),
+        (ALLOW_EARLIER_STAGE, "allow_earlier_stage"),
+        (PASS_NOT_POLICED, "pass_not_policed"),
+        (DROP_MALFORMED, "drop_malformed"),
+        (DROP_FRAGMENT, "drop_fragment"),
+        (EVENT_ASSURED_TABLE_FULL, "event_assured_table_full"),
+    ];
+
+    // Every code below COUNT has a name, once.
+    const _: () = {
+        let mut i = 0;
+        while i < NAMES.len() {
+            assert!(NAMES[i].0 == i as u32, "NAMES lists the codes in order");
+            i += 1;
+        }
+        assert!(NAMES.len() as u32 <= COUNT);
+    };
 }
 
 /// Program and map names, as the kernel and `bpftool` show them (≤ 15
@@ -491,7 +561,7 @@ pub mod ct {
     #[inline(always)]
     pub const fn timeout_ns(proto: u8, flags: u32) -> u64 {
         match proto {
-            6 => {
+            super::proto::TCP => {
                 if flags & RST != 0 {
                     TCP_RESET
                 } else if flags & (FIN_A | FIN_B) == FIN_A | FIN_B {
@@ -502,14 +572,14 @@ pub mod ct {
                     TCP_OPENING
                 }
             }
-            17 | 132 => {
+            super::proto::UDP | super::proto::SCTP => {
                 if flags & SEEN_REPLY != 0 {
                     UDP_ESTABLISHED
                 } else {
                     UDP_OPENING
                 }
             }
-            1 | 58 => ICMP,
+            super::proto::ICMP | super::proto::ICMPV6 => ICMP,
             _ => OTHER,
         }
     }
@@ -538,6 +608,72 @@ pub struct CtKey {
     pub addr_a: [u8; 16],
     /// Side B's address.
     pub addr_b: [u8; 16],
+}
+
+impl CtKey {
+    /// The key of a packet from (`src`, `sport`) to (`dst`, `dport`) and
+    /// whether its source is side A: the lower (address, port) end, compared
+    /// lexicographically, so both directions find one entry. Kernel and
+    /// agent build keys with this one function (the kernel through
+    /// [`CtKey::fill`], which writes in place: its stack is 512 bytes).
+    pub fn normalized(
+        family: u8,
+        proto: u8,
+        src: &[u8; 16],
+        dst: &[u8; 16],
+        sport: u16,
+        dport: u16,
+    ) -> (CtKey, bool) {
+        let mut key = CtKey {
+            family,
+            proto,
+            port_a: [0; 2],
+            port_b: [0; 2],
+            pad: [0; 2],
+            addr_a: [0; 16],
+            addr_b: [0; 16],
+        };
+        let src_is_a = key.fill(src, dst, sport, dport);
+        (key, src_is_a)
+    }
+
+    /// Writes the addresses and ports of [`CtKey::normalized`] into `self`
+    /// (family and protocol are the caller's); returns whether `src` is
+    /// side A.
+    #[inline(always)]
+    pub fn fill(&mut self, src: &[u8; 16], dst: &[u8; 16], sport: u16, dport: u16) -> bool {
+        let mut src_is_a = sport <= dport;
+        let mut i = 0;
+        while i < 16 {
+            if src[i] != dst[i] {
+                src_is_a = src[i] < dst[i];
+                break;
+            }
+            i += 1;
+        }
+        if src_is_a {
+            self.addr_a = *src;
+            self.addr_b = *dst;
+            self.port_a = sport.to_be_bytes();
+            self.port_b = dport.to_be_bytes();
+        } else {
+            self.addr_a = *dst;
+            self.addr_b = *src;
+            self.port_a = dport.to_be_bytes();
+            self.port_b = sport.to_be_bytes();
+        }
+        src_is_a
+    }
+}
+
+impl CtValue {
+    /// Whether the entry of a flow of protocol `proto` is still alive at
+    /// `now` (the same clock as `last_seen`): the kernel ignores dead
+    /// entries, the agent's sweeper deletes them.
+    #[inline(always)]
+    pub const fn live(&self, proto: u8, now: u64) -> bool {
+        now.saturating_sub(self.last_seen) <= ct::timeout_ns(proto, self.flags)
+    }
 }
 
 /// Value of the conntrack table.

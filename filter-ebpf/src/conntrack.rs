@@ -15,10 +15,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap},
 };
-use filter_common::{
-    ct::{self, timeout_ns},
-    CtKey, CtValue,
-};
+use filter_common::{ct, CtKey, CtValue};
 
 use crate::parse::{
     Family, Packet, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
@@ -45,10 +42,7 @@ fn lookup(key: &CtKey) -> Option<(*mut CtValue, bool)> {
     FW_CT2.get_ptr_mut(key).map(|v| (v, false))
 }
 
-const TCP_FIN: u8 = 0x01;
-const TCP_SYN: u8 = 0x02;
-const TCP_RST: u8 = 0x04;
-const TCP_ACK: u8 = 0x10;
+use filter_common::tcp_flags::{ACK as TCP_ACK, FIN as TCP_FIN, RST as TCP_RST, SYN as TCP_SYN};
 
 /// What conntrack knows about a packet.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -83,39 +77,23 @@ struct Flow {
 #[inline(always)]
 fn flow(family: Family, proto: u8, src: &[u8; 16], dst: &[u8; 16], sport: u16, dport: u16) -> Flow {
     let family = match family {
-        Family::V4 => 4,
-        Family::V6 => 6,
+        Family::V4 => filter_common::family::V4,
+        Family::V6 => filter_common::family::V6,
     };
-    // Lexicographic (address, port): the same order the agent uses.
-    let mut order = core::cmp::Ordering::Equal;
-    for i in 0..16 {
-        if src[i] != dst[i] {
-            order = src[i].cmp(&dst[i]);
-            break;
-        }
-    }
-    let from_a = match order {
-        core::cmp::Ordering::Less => true,
-        core::cmp::Ordering::Greater => false,
-        core::cmp::Ordering::Equal => sport <= dport,
-    };
-    let (addr_a, addr_b, port_a, port_b) = if from_a {
-        (*src, *dst, sport, dport)
-    } else {
-        (*dst, *src, dport, sport)
-    };
-    Flow {
+    let mut f = Flow {
         key: CtKey {
             family,
             proto,
-            port_a: port_a.to_be_bytes(),
-            port_b: port_b.to_be_bytes(),
+            port_a: [0; 2],
+            port_b: [0; 2],
             pad: [0; 2],
-            addr_a,
-            addr_b,
+            addr_a: [0; 16],
+            addr_b: [0; 16],
         },
-        from_a,
-    }
+        from_a: false,
+    };
+    f.from_a = f.key.fill(src, dst, sport, dport);
+    f
 }
 
 /// The flow of the packet itself.
@@ -337,7 +315,7 @@ fn now() -> u64 {
 
 #[inline(always)]
 fn live(v: &CtValue, proto: u8, now: u64) -> bool {
-    now.wrapping_sub(v.last_seen) <= timeout_ns(proto, v.flags)
+    v.live(proto, now)
 }
 
 /// Records a flow policy has just allowed, opened by this packet's

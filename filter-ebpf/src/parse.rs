@@ -19,7 +19,7 @@
 use core::mem;
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
-use filter_common::{reason, XdpMeta, XDP_META_MAGIC};
+use filter_common::{reason, tcp_flags, XdpMeta, XDP_META_MAGIC};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -31,16 +31,16 @@ const ETH_P_IPV6: u16 = 0x86DD;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88A8;
 
+pub use filter_common::proto::{
+    ICMP as IPPROTO_ICMP, ICMPV6 as IPPROTO_ICMPV6, SCTP as IPPROTO_SCTP, TCP as IPPROTO_TCP,
+    UDP as IPPROTO_UDP,
+};
+// IPv6 extension headers: only the parser needs them.
 const IPPROTO_HOPOPTS: u8 = 0;
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
 const IPPROTO_ROUTING: u8 = 43;
 const IPPROTO_FRAGMENT: u8 = 44;
-pub const IPPROTO_ICMPV6: u8 = 58;
 const IPPROTO_AH: u8 = 51;
 const IPPROTO_DSTOPTS: u8 = 60;
-pub const IPPROTO_SCTP: u8 = 132;
 
 /// VLAN tags walked (in the frame plus the one a TC program finds in the
 /// skb's metadata). The kernel strips tag after tag while they carry VID 0
@@ -355,7 +355,8 @@ fn parse_l4(
             let header = (h[12] >> 4) as usize * 4;
             let payload = ip_end.saturating_sub(l4 + header) as u32;
             // SYN and FIN each take one sequence number.
-            let syn_fin = (pkt.tcp_flags & 0x01) as u32 + ((pkt.tcp_flags >> 1) & 0x01) as u32;
+            let syn_fin = u32::from(pkt.tcp_flags & tcp_flags::FIN != 0)
+                + u32::from(pkt.tcp_flags & tcp_flags::SYN != 0);
             pkt.tcp_end = pkt.tcp_seq.wrapping_add(payload).wrapping_add(syn_fin);
         }
         IPPROTO_UDP | IPPROTO_SCTP => {

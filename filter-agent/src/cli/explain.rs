@@ -135,7 +135,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         return fail("--src and --dst must be of one IP family".into());
     }
     let ported = proto.supports_ports();
-    let icmp = matches!(proto.0, 1 | 58);
+    let icmp = filter_common::proto::is_icmp(proto.0);
     if !ported && (args.sport.is_some() || args.dport.is_some()) {
         return fail(format!(
             "--sport/--dport need TCP, UDP or SCTP, not {proto}"
@@ -247,7 +247,7 @@ fn through_kernel(
     reference: impl Fn(&Packet) -> Explanation,
 ) -> Result<(Explanation, live::KernelVerdict), crate::dataplane::Error> {
     let mut kernel = live::Live::open(&args.pin_dir)?;
-    let icmp = matches!(packet.proto, 1 | 58);
+    let icmp = filter_common::proto::is_icmp(packet.proto);
     let echo_id = 1;
     let (sport, dport) = if icmp {
         (echo_id, echo_id)

@@ -172,28 +172,6 @@ pub fn write_state(dir: &Path, state: &StateFile) -> std::io::Result<()> {
     crate::private::write_file(&dir.join("rules.json"), &serde_json::to_vec(state)?)
 }
 
-/// Names of `filter_common::reason` values, as JSON keys.
-const REASONS: [(u32, &str); 18] = [
-    (reason::PASS_NOT_IP, "pass_not_ip"),
-    (reason::PASS_TRUNCATED, "pass_truncated"),
-    (reason::PASS_NO_POLICY, "pass_no_policy"),
-    (reason::PASS_NO_VERDICT, "pass_no_verdict"),
-    (reason::ALLOW_RULE, "allow_rule"),
-    (reason::DROP_RULE, "drop_rule"),
-    (reason::PASS_TABLE_ERROR, "pass_table_error"),
-    (reason::PASS_TC_OBSERVED, "pass_tc_observed"),
-    (reason::PASS_TOO_MANY_HOPS, "pass_too_many_hops"),
-    (reason::PASS_FAILSAFE, "pass_failsafe"),
-    (reason::ALLOW_CONNTRACK, "allow_conntrack"),
-    (reason::PASS_FORWARDED, "pass_forwarded"),
-    (reason::PASS_FRAGMENT, "pass_fragment"),
-    (reason::ALLOW_EARLIER_STAGE, "allow_earlier_stage"),
-    (reason::PASS_NOT_POLICED, "pass_not_policed"),
-    (reason::DROP_MALFORMED, "drop_malformed"),
-    (reason::DROP_FRAGMENT, "drop_fragment"),
-    (reason::EVENT_ASSURED_TABLE_FULL, "event_assured_table_full"),
-];
-
 /// Prints the counters; exit 2 when the agent's pins or state are missing.
 pub fn run(args: StatsArgs) -> anyhow::Result<ExitCode> {
     let state_dir = args
@@ -246,7 +224,7 @@ pub fn run(args: StatsArgs) -> anyhow::Result<ExitCode> {
                         "tier": s.tier, "policy": s.policy, "rule": s.rule, "packets": packets, "bytes": bytes})
                 })
                 .collect();
-            let reasons: serde_json::Map<String, serde_json::Value> = REASONS
+            let reasons: serde_json::Map<String, serde_json::Value> = reason::NAMES
                 .iter()
                 .map(|(i, n)| (n.to_string(), serde_json::json!(reasons[*i as usize])))
                 .collect();
@@ -274,7 +252,7 @@ pub fn run(args: StatsArgs) -> anyhow::Result<ExitCode> {
                 };
                 println!("{stage:<9} {direction:<8} {action:<6} {packets:>10} {bytes:>12}  {who}");
             }
-            let line: Vec<String> = REASONS
+            let line: Vec<String> = reason::NAMES
                 .iter()
                 .map(|(i, n)| format!("{n}={}", reasons[*i as usize]))
                 .collect();

@@ -714,7 +714,11 @@ impl<'a> Resolver<'a> {
         if named(&r.source.ports) {
             return Err("named source ports are not supported".into());
         }
-        if r.not_icmp.is_some() && !matches!(r.protocol.map(|p| p.0), Some(1 | 58)) {
+        if r.not_icmp.is_some()
+            && !r
+                .protocol
+                .is_some_and(|p| filter_common::proto::is_icmp(p.0))
+        {
             return Err("notICMP without protocol ICMP or ICMPv6 is not supported".into());
         }
         let protocol = r.protocol.map(|p| p.0);

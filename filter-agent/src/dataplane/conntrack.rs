@@ -38,24 +38,7 @@ impl Flow {
     pub fn key(&self) -> (CtKey, bool) {
         let (family, src) = super::family_octets(self.src);
         let (_, dst) = super::family_octets(self.dst);
-        let opener_is_a = (src, self.sport) <= (dst, self.dport);
-        let (addr_a, addr_b, port_a, port_b) = if opener_is_a {
-            (src, dst, self.sport, self.dport)
-        } else {
-            (dst, src, self.dport, self.sport)
-        };
-        (
-            CtKey {
-                family,
-                proto: self.proto,
-                port_a: port_a.to_be_bytes(),
-                port_b: port_b.to_be_bytes(),
-                pad: [0; 2],
-                addr_a,
-                addr_b,
-            },
-            opener_is_a,
-        )
+        CtKey::normalized(family, self.proto, &src, &dst, self.sport, self.dport)
     }
 }
 
@@ -170,7 +153,7 @@ pub struct Sweep {
 
 /// Whether an entry has outlived its timeout at `now`.
 pub(super) fn expired(key: &CtKey, v: &CtValue, now: u64) -> bool {
-    now.saturating_sub(v.last_seen) > ct::timeout_ns(key.proto, v.flags)
+    !v.live(key.proto, now)
 }
 
 /// The two tables: new flows (LRU) and assured ones (hash).
@@ -194,7 +177,7 @@ pub(super) fn entry(flow: &Flow, answered: bool) -> (CtKey, CtValue) {
     let mut flags = if opener_is_a { ct::OPENED_BY_A } else { 0 };
     if answered {
         flags |= ct::SEEN_REPLY;
-        if !matches!(flow.proto, 1 | 58) {
+        if !filter_common::proto::is_icmp(flow.proto) {
             flags |= ct::ASSURED;
         }
     }

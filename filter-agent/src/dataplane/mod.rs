@@ -260,9 +260,9 @@ fn family_octets(ip: IpAddr) -> (u8, [u8; 16]) {
         IpAddr::V4(a) => {
             let mut o = [0; 16];
             o[..4].copy_from_slice(&a.octets());
-            (4, o)
+            (filter_common::family::V4, o)
         }
-        IpAddr::V6(a) => (6, a.octets()),
+        IpAddr::V6(a) => (filter_common::family::V6, a.octets()),
     }
 }
 

@@ -239,7 +239,7 @@ pub struct Protocol(pub u8);
 impl Protocol {
     /// Whether port matches are allowed with this protocol (TCP, UDP, SCTP).
     pub fn supports_ports(self) -> bool {
-        matches!(self.0, 6 | 17 | 132)
+        filter_common::proto::has_ports(self.0)
     }
 }
 
@@ -257,6 +257,8 @@ impl fmt::Display for Protocol {
     }
 }
 
+use filter_common::proto;
+
 /// Protocol names as a command line takes them: in any case, as iptables
 /// and tcpdump users type them (`tcp`, `Tcp`, `TCP`), or a number 1-255.
 /// YAML keeps Calico's case-sensitive spelling (see the `Deserialize` impl).
@@ -265,12 +267,12 @@ impl std::str::FromStr for Protocol {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let n = match s.to_ascii_lowercase().as_str() {
-            "tcp" => 6,
-            "udp" => 17,
-            "icmp" => 1,
-            "icmpv6" => 58,
-            "sctp" => 132,
-            "udplite" => 136,
+            "tcp" => proto::TCP,
+            "udp" => proto::UDP,
+            "icmp" => proto::ICMP,
+            "icmpv6" => proto::ICMPV6,
+            "sctp" => proto::SCTP,
+            "udplite" => proto::UDPLITE,
             other => match other.parse::<u8>() {
                 Ok(n) if n > 0 => n,
                 _ => {

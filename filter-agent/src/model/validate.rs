@@ -302,7 +302,11 @@ fn rule(r: &Rule, path: &str, direction: &str, global: bool, report: &mut Report
             report.error(&format!("{path}.{field}.type"), "ICMP type must be 0-254");
         }
     }
-    if r.icmp.is_some() && !matches!(r.protocol.map(|p| p.0), Some(1 | 58)) {
+    if r.icmp.is_some()
+        && !r
+            .protocol
+            .is_some_and(|p| filter_common::proto::is_icmp(p.0))
+    {
         report.error(
             &format!("{path}.icmp"),
             "icmp needs protocol ICMP or ICMPv6",
