@@ -462,6 +462,39 @@ fn push_owner(owners: &mut Vec<Owner>, o: Owner) -> u32 {
     (owners.len() - 1) as u32
 }
 
+/// Every rule of every policy and profile this dataplane cannot enforce
+/// exactly, whether or not it applies on some node: `compile` refuses such
+/// a rule when it meets it; `check` refuses it up front, with the same
+/// message.
+pub fn unsupported_rules(store: &Store) -> Vec<Error> {
+    let resolver = Resolver::new(store);
+    let mut errors = Vec::new();
+    let mut scan = |origin: &model::Origin, name: &str, lists: [(&str, &[Rule]); 2]| {
+        for (list, rules) in lists {
+            for (i, r) in rules.iter().enumerate() {
+                if let Err(m) = resolver.rule(r) {
+                    errors.push(unsupported(origin, name, &format!("spec.{list}[{i}]"), &m));
+                }
+            }
+        }
+    };
+    for p in &store.global_policies {
+        scan(
+            &p.origin,
+            &p.meta.name,
+            [("ingress", &p.spec.ingress), ("egress", &p.spec.egress)],
+        );
+    }
+    for p in &store.profiles {
+        scan(
+            &p.origin,
+            &p.meta.name,
+            [("ingress", &p.spec.ingress), ("egress", &p.spec.egress)],
+        );
+    }
+    errors
+}
+
 fn unsupported(origin: &model::Origin, name: &str, field: &str, message: &str) -> Error {
     Error::Unsupported {
         origin: origin.clone(),

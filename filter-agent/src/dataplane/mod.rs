@@ -1151,6 +1151,22 @@ pub fn class_storage(compiled: &Compiled) -> Result<(usize, usize), Error> {
     Ok((plan.layout.heads.len(), plan.layout.words.len()))
 }
 
+/// Everything `publish` would refuse about `compiled` before writing a
+/// map, as if every interface it binds existed: the capacity of the rule
+/// tables and of the class storage. `filter-agent check` runs it, so it
+/// refuses what `run` would, with the same message.
+pub fn preflight(compiled: &Compiled) -> Result<(), Error> {
+    check_capacity(compiled)?;
+    let ifaces: Interfaces = compiled
+        .tables
+        .iter()
+        .flat_map(|t| t.masks.keys())
+        .enumerate()
+        .map(|(i, name)| (name.clone(), i as u32 + 1))
+        .collect();
+    Plan::new(compiled, &ifaces, 0).map(|_| ())
+}
+
 /// Where one generation's contents go, worked out before anything is
 /// written.
 struct Plan {
