@@ -38,5 +38,10 @@ pub fn interfaces() -> BTreeMap<String, (u32, Vec<IpAddr>)> {
         }
     }
     out.retain(|_, (index, _)| *index != 0);
+    // Sorted, so two reads of the same state compare equal.
+    for (_, addrs) in out.values_mut() {
+        addrs.sort();
+        addrs.dedup();
+    }
     out
 }

@@ -538,3 +538,42 @@ fn rewritten_files_and_replaced_directories_keep_enforcement() {
         .expect("the edit applies");
     w.assert_tcp(&[7201], &[7200], "an edit in the new directory");
 }
+
+/// A host endpoint bound by `expectedIPs` binds when its address appears,
+/// also while the policy directory is refused: the agent compiles the
+/// resources in force again for the interfaces of now, not the stale
+/// compiled policy.
+#[test]
+fn an_address_appearing_binds_its_endpoint_while_the_source_is_refused() {
+    if !privileged("an_address_appearing_binds_its_endpoint_while_the_source_is_refused") {
+        return;
+    }
+    let w = Wire::new("fwip");
+    let dir = demo::TempDir::new(&unique("fwip"));
+    let by_ip = POLICY.replace(
+        "spec: {node: pair, interfaceName: eth1}",
+        "spec: {node: pair, expectedIPs: [192.0.2.50]}",
+    );
+    std::fs::write(dir.0.join("policy.yaml"), by_ip).expect("write");
+    let pins = Path::new("/sys/fs/bpf").join(unique("fwip"));
+    let mut agent = Agent::start(&agent_binary(), &w.p.worker, &dir.0, "pair", &pins);
+    agent
+        .wait_for("policy applied", 0, Duration::from_secs(15))
+        .expect("applied");
+    w.assert_tcp(&[], &[7200, 7201], "no interface holds 192.0.2.50 yet");
+    std::fs::write(
+        dir.0.join("zz-bad.yaml"),
+        "kind: GlobalNetworkPolicy\nspec: [",
+    )
+    .expect("write");
+    agent
+        .wait_for("policy rejected", 0, Duration::from_secs(10))
+        .expect("the bad file is refused");
+    let applied = agent.count("policy applied");
+    w.p.worker
+        .ip(&["addr", "add", "192.0.2.50/24", "dev", "eth1"]);
+    agent
+        .wait_for("policy applied", applied, Duration::from_secs(10))
+        .expect("the policy in force is compiled again for the new address");
+    w.assert_tcp(&[7200], &[7201], "the endpoint is bound to eth1 now");
+}

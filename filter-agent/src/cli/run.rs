@@ -5,6 +5,7 @@ use std::{
     net::IpAddr,
     path::{Path, PathBuf},
     process::ExitCode,
+    sync::Arc,
     time::Duration,
 };
 
@@ -23,13 +24,58 @@ use super::RunArgs;
 /// Each policy file's text as last applied.
 type Texts = BTreeMap<PathBuf, String>;
 
+/// The node's interfaces: name → (index, addresses). Endpoint binding (by
+/// `expectedIPs`) and attachment depend on them: a policy is compiled for
+/// one such snapshot.
+type NodeInterfaces = BTreeMap<String, (u32, Vec<IpAddr>)>;
+
 /// A policy read and compiled for this node.
 struct Loaded {
     compiled: Compiled,
-    /// Interface name → index, as compiled against.
-    ifaces: BTreeMap<String, u32>,
-    /// The file texts it was compiled from.
+    /// The interfaces it was compiled for.
+    seen: NodeInterfaces,
+    /// The resources and file texts it was compiled from.
+    store: Arc<Store>,
     texts: Texts,
+}
+
+/// What a reload found.
+enum Outcome {
+    /// A new policy, compiled.
+    Loaded(Loaded),
+    /// The policy source was refused (the errors, one a line). `recompiled`:
+    /// the resources in force compiled again for the interfaces of now, as
+    /// endpoint binding by expectedIPs and Service frontends depend on them.
+    Rejected {
+        errors: String,
+        recompiled: Option<Loaded>,
+    },
+}
+
+/// Reads the directory; on failure compiles the resources in force
+/// (`in_force`) again for the interfaces of now.
+/// `in_force`: the resources in force and the interfaces they were
+/// compiled for.
+fn load(
+    dir: &Path,
+    node_name: &str,
+    limits: &Limits,
+    texts: &Texts,
+    in_force: Option<(Arc<Store>, NodeInterfaces)>,
+) -> Outcome {
+    match load_and_compile(dir, node_name, limits, texts) {
+        Ok(l) => Outcome::Loaded(l),
+        Err(errors) => Outcome::Rejected {
+            errors,
+            recompiled: in_force
+                .filter(|(_, compiled_for)| *compiled_for != node::interfaces())
+                .and_then(|(store, _)| {
+                    compile_for_node(store, node_name, texts.clone())
+                        .inspect_err(|e| tracing::error!(error = %e, "the policy in force does not compile for this node's interfaces of now"))
+                        .ok()
+                }),
+        },
+    }
 }
 
 /// Loads and compiles the directory for this node.
@@ -67,6 +113,11 @@ fn load_and_compile(
         }
     }
     let store = Store::from_texts(texts.clone()).map_err(joined)?;
+    compile_for_node(Arc::new(store), node_name, texts.into_iter().collect())
+}
+
+/// Compiles `store` for this node and its interfaces of now.
+fn compile_for_node(store: Arc<Store>, node_name: &str, texts: Texts) -> Result<Loaded, String> {
     // Said once per agent: the same files are reloaded on every change.
     static WARNED: std::sync::Once = std::sync::Once::new();
     if !store.network_policies.is_empty() {
@@ -84,11 +135,11 @@ fn load_and_compile(
             .collect(),
     };
     let compiled = compile::compile(&store, &cnode).map_err(|e| e.to_string())?;
-    let indexes = ifaces.into_iter().map(|(n, (i, _))| (n, i)).collect();
     Ok(Loaded {
         compiled,
-        ifaces: indexes,
-        texts: texts.into_iter().collect(),
+        seen: ifaces,
+        store,
+        texts,
     })
 }
 
@@ -133,8 +184,8 @@ pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
         policy_dir: args.policy_dir.clone(),
         node_name,
         state_dir,
-        last_good: None,
-        last_ifaces: BTreeMap::new(),
+        store: None,
+        compiled_for: NodeInterfaces::new(),
         host_addrs: BTreeSet::new(),
         limits: Limits {
             max_file_bytes: args.max_file_size,
@@ -144,12 +195,19 @@ pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
         parse_timeout: Duration::from_secs(args.parse_timeout.max(1)),
     };
     agent.reload(&mut stop).await;
+    // Editors write in several steps: a burst of changes is one reload,
+    // DEBOUNCE after the last of them (a deadline, not a sleep, so the loop
+    // keeps answering meanwhile).
+    const DEBOUNCE: Duration = Duration::from_millis(150);
+    let mut settle_at: Option<tokio::time::Instant> = None;
     while !*stop.borrow() {
+        let due = settle_at;
         tokio::select! {
             Some(()) = changes.recv() => {
-                // Editors write in several steps: let the burst settle.
-                tokio::time::sleep(Duration::from_millis(150)).await;
-                while changes.try_recv().is_ok() {}
+                settle_at = Some(tokio::time::Instant::now() + DEBOUNCE);
+            }
+            _ = async { tokio::time::sleep_until(due.expect("guarded")).await }, if due.is_some() => {
+                settle_at = None;
                 agent.reload(&mut stop).await;
             }
             _ = poll.tick() => {
@@ -157,13 +215,15 @@ pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
                 if watch.refresh() {
                     tracing::warn!(dir = %args.policy_dir.display(), "the policy directory was replaced: watching the new one");
                 }
-                // One read of the interfaces serves both checks.
-                let (ifaces, addrs) = interface_snapshot();
-                if ifaces != agent.last_ifaces {
-                    tracing::debug!("interfaces changed");
+                // One read of the interfaces serves both checks. A new
+                // interface or address can bind an endpoint (by
+                // expectedIPs): compile again.
+                let now = node::interfaces();
+                if now != agent.compiled_for {
+                    tracing::debug!("interfaces or their addresses changed");
                     agent.reload(&mut stop).await;
                 } else {
-                    agent.sync_host_addresses(addrs);
+                    agent.sync_host_addresses(addresses(&now));
                 }
             }
             _ = sweep.tick() => agent.sweep(),
@@ -196,17 +256,12 @@ fn seed_conntrack(dp: &mut Dataplane) {
     }
 }
 
-/// The node's interfaces (name → index) and every address on them, from
-/// one read.
-fn interface_snapshot() -> (BTreeMap<String, u32>, BTreeSet<IpAddr>) {
-    let all = node::interfaces();
-    let addrs = all.values().flat_map(|(_, a)| a.iter().copied()).collect();
-    let indexes = all.into_iter().map(|(n, (i, _))| (n, i)).collect();
-    (indexes, addrs)
-}
-
-fn current_interfaces() -> BTreeMap<String, u32> {
-    interface_snapshot().0
+/// Every address of the node's interfaces.
+fn addresses(ifaces: &NodeInterfaces) -> BTreeSet<IpAddr> {
+    ifaces
+        .values()
+        .flat_map(|(_, a)| a.iter().copied())
+        .collect()
 }
 
 /// The daemon's state between reloads.
@@ -216,9 +271,11 @@ struct Agent {
     node_name: String,
     /// Where `rules.json` goes for `filter-agent stats`.
     state_dir: PathBuf,
-    /// The policy in force, re-applied when interfaces change.
-    last_good: Option<Compiled>,
-    last_ifaces: BTreeMap<String, u32>,
+    /// The resources in force, compiled again when the interfaces change
+    /// while the policy source is refused.
+    store: Option<Arc<Store>>,
+    /// The interfaces the policy in force was compiled for.
+    compiled_for: NodeInterfaces,
     /// The node addresses `FW_HOST1` holds.
     host_addrs: BTreeSet<IpAddr>,
     /// What one policy file may cost to read.
@@ -283,27 +340,33 @@ impl Agent {
     /// requested meanwhile abandons the reload.
     async fn reload(&mut self, stop: &mut tokio::sync::watch::Receiver<bool>) {
         let (dir, node, limits) = (self.policy_dir.clone(), self.node_name.clone(), self.limits);
-        let in_force = self.texts.clone();
+        let texts = self.texts.clone();
+        let in_force = self.store.clone().map(|s| (s, self.compiled_for.clone()));
         let task =
-            tokio::task::spawn_blocking(move || load_and_compile(&dir, &node, &limits, &in_force));
-        let loaded = tokio::select! {
-            r = task => r.unwrap_or_else(|e| Err(format!("loading the policy failed: {e}"))),
-            _ = tokio::time::sleep(self.parse_timeout) => Err(format!(
+            tokio::task::spawn_blocking(move || load(&dir, &node, &limits, &texts, in_force));
+        let rejected = |errors: String| Outcome::Rejected {
+            errors,
+            recompiled: None,
+        };
+        let outcome = tokio::select! {
+            r = task => r.unwrap_or_else(|e| rejected(format!("loading the policy failed: {e}"))),
+            _ = tokio::time::sleep(self.parse_timeout) => rejected(format!(
                 "reading and compiling the policy took longer than {:?} (--parse-timeout): given up",
                 self.parse_timeout
             )),
             _ = stop.changed() => return,
         };
-        self.settle(loaded);
+        self.settle(outcome);
     }
 
     /// Applies a loaded policy, or reports why it was rejected.
-    fn settle(&mut self, loaded: Result<Loaded, String>) {
+    fn settle(&mut self, outcome: Outcome) {
         let _span = tracing::info_span!("sync").entered();
-        match loaded {
-            Ok(Loaded {
+        match outcome {
+            Outcome::Loaded(Loaded {
                 compiled,
-                ifaces,
+                seen,
+                store,
                 texts,
             }) => {
                 let rules: Vec<usize> = compiled.tables.iter().map(|t| t.rules.len()).collect();
@@ -314,28 +377,27 @@ impl Agent {
                 for e in compiled
                     .endpoints
                     .iter()
-                    .filter(|e| !ifaces.contains_key(&e.iface))
+                    .filter(|e| !seen.contains_key(&e.iface))
                 {
                     tracing::warn!(iface = %e.iface, hep = %e.hep, "interface of a host endpoint does not exist (yet)");
                 }
-                if self.apply(compiled, ifaces) {
+                if self.apply(compiled, seen) {
                     self.texts = texts;
+                    self.store = Some(store);
                 }
             }
-            Err(errors) => {
+            Outcome::Rejected { errors, recompiled } => {
                 for line in errors.lines() {
                     tracing::error!(error = %line, "invalid policy");
                 }
                 tracing::error!(
-                    kept = self.last_good.is_some(),
+                    kept = self.store.is_some(),
                     "policy rejected; the last good policy stays enforced"
                 );
-                // Interfaces may still have changed: re-apply the last good one.
-                let ifaces = current_interfaces();
-                if ifaces != self.last_ifaces {
-                    if let Some(good) = self.last_good.clone() {
-                        let _ = self.apply(good, ifaces);
-                    }
+                // The interfaces changed meanwhile: the resources in force,
+                // compiled for them.
+                if let Some(l) = recompiled {
+                    let _ = self.apply(l.compiled, l.seen);
                 }
             }
         }
@@ -343,10 +405,11 @@ impl Agent {
 
     /// Makes `compiled` live; on failure the previous policy stays.
     /// Returns whether it is live.
-    fn apply(&mut self, compiled: Compiled, ifaces: BTreeMap<String, u32>) -> bool {
+    fn apply(&mut self, compiled: Compiled, seen: NodeInterfaces) -> bool {
         // Before the tables: a host endpoint's first enforcement must know
         // which packets are for the node.
-        self.sync_host_addresses(interface_snapshot().1);
+        self.sync_host_addresses(addresses(&seen));
+        let ifaces = seen.iter().map(|(n, (i, _))| (n.clone(), *i)).collect();
         match self.dp.apply(&compiled, &ifaces) {
             Ok(generation) => {
                 if let Err(e) = super::stats::write_state(
@@ -363,8 +426,7 @@ impl Agent {
                     endpoints = ?self.dp.attachments(),
                     "policy applied"
                 );
-                self.last_good = Some(compiled);
-                self.last_ifaces = ifaces;
+                self.compiled_for = seen;
                 true
             }
             Err(e) => {
