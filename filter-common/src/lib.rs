@@ -446,6 +446,33 @@ pub mod names {
     pub const MAP_SERVICES: &str = "FW_SVC1";
     /// The first fragments each hook passed (`FragKey` → time).
     pub const MAP_FRAGMENTS: &str = "FW_FRAG1";
+
+    /// Every pinned map: the agent checks the loaded object has each, so a
+    /// name changed on one side only fails at load, not at first use.
+    pub const MAPS: [&str; 19] = [
+        MAP_GENERATION,
+        MAP_SRC_V4,
+        MAP_DST_V4,
+        MAP_SRC_V6,
+        MAP_DST_V6,
+        MAP_PORT,
+        MAP_SPORT,
+        MAP_CLASS,
+        MAP_CLASS_WORDS,
+        MAP_ENDPOINT,
+        MAP_RULE,
+        MAP_RULE_COUNTERS,
+        MAP_STATS,
+        MAP_FAILSAFE,
+        MAP_CONNTRACK,
+        MAP_CONNTRACK_ASSURED,
+        MAP_HOST,
+        MAP_SERVICES,
+        MAP_FRAGMENTS,
+    ];
+
+    /// Every program, likewise.
+    pub const PROGRAMS: [&str; 4] = [PROG_XDP, PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_PASS];
 }
 
 /// The verdict XDP hands to TC ingress in the packet's metadata area

@@ -39,15 +39,43 @@ struct Loaded {
     texts: Texts,
 }
 
+/// Why a policy source was refused.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    /// Files that do not load or validate: every error, each naming file,
+    /// line and field.
+    #[error("{} invalid resource(s)", .0.len())]
+    Invalid(Vec<crate::model::Error>),
+    /// A resource this dataplane cannot enforce as Calico would.
+    #[error(transparent)]
+    Unsupported(#[from] compile::Error),
+    /// Reading and compiling took longer than `--parse-timeout`.
+    #[error("reading and compiling the policy took longer than {0:?} (--parse-timeout): given up")]
+    TimedOut(Duration),
+    /// The loading task itself failed (a panic: a bug).
+    #[error("loading the policy failed: {0}")]
+    Task(String),
+}
+
+impl Refused {
+    /// One line per problem, for the log.
+    fn lines(&self) -> Vec<String> {
+        match self {
+            Refused::Invalid(errors) => errors.iter().map(|e| e.to_string()).collect(),
+            other => vec![other.to_string()],
+        }
+    }
+}
+
 /// What a reload found.
 enum Outcome {
     /// A new policy, compiled.
     Loaded(Loaded),
-    /// The policy source was refused (the errors, one a line). `recompiled`:
+    /// The policy source was refused. `recompiled`:
     /// the resources in force compiled again for the interfaces of now, as
     /// endpoint binding by expectedIPs and Service frontends depend on them.
     Rejected {
-        errors: String,
+        why: Refused,
         recompiled: Option<Loaded>,
     },
 }
@@ -65,13 +93,13 @@ fn load(
 ) -> Outcome {
     match load_and_compile(dir, node_name, limits, texts) {
         Ok(l) => Outcome::Loaded(l),
-        Err(errors) => Outcome::Rejected {
-            errors,
+        Err(why) => Outcome::Rejected {
+            why,
             recompiled: in_force
                 .filter(|(_, compiled_for)| *compiled_for != node::interfaces())
                 .and_then(|(store, _)| {
                     compile_for_node(store, node_name, texts.clone())
-                        .inspect_err(|e| tracing::error!(error = %e, "the policy in force does not compile for this node's interfaces of now"))
+                        .inspect_err(|e| tracing::error!(error = %e, "the resources in force do not compile for this node's interfaces of now"))
                         .ok()
                 }),
         },
@@ -91,15 +119,8 @@ fn load_and_compile(
     node_name: &str,
     limits: &Limits,
     in_force: &Texts,
-) -> Result<Loaded, String> {
-    let joined = |errors: Vec<crate::model::Error>| {
-        errors
-            .iter()
-            .map(|e| e.to_string())
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
-    let mut texts = crate::model::read_dir_texts(dir, limits).map_err(joined)?;
+) -> Result<Loaded, Refused> {
+    let mut texts = crate::model::read_dir_texts(dir, limits).map_err(Refused::Invalid)?;
     for (file, text) in &mut texts {
         if !crate::model::has_no_documents(text) {
             continue;
@@ -112,12 +133,12 @@ fn load_and_compile(
             text.clone_from(good);
         }
     }
-    let store = Store::from_texts(texts.clone()).map_err(joined)?;
+    let store = Store::from_texts(texts.clone()).map_err(Refused::Invalid)?;
     compile_for_node(Arc::new(store), node_name, texts.into_iter().collect())
 }
 
 /// Compiles `store` for this node and its interfaces of now.
-fn compile_for_node(store: Arc<Store>, node_name: &str, texts: Texts) -> Result<Loaded, String> {
+fn compile_for_node(store: Arc<Store>, node_name: &str, texts: Texts) -> Result<Loaded, Refused> {
     // Said once per agent: the same files are reloaded on every change.
     static WARNED: std::sync::Once = std::sync::Once::new();
     if !store.network_policies.is_empty() {
@@ -134,7 +155,7 @@ fn compile_for_node(store: Arc<Store>, node_name: &str, texts: Texts) -> Result<
             .map(|(n, (_, a))| (n.clone(), a.clone()))
             .collect(),
     };
-    let compiled = compile::compile(&store, &cnode).map_err(|e| e.to_string())?;
+    let compiled = compile::compile(&store, &cnode)?;
     Ok(Loaded {
         compiled,
         seen: ifaces,
@@ -344,16 +365,13 @@ impl Agent {
         let in_force = self.store.clone().map(|s| (s, self.compiled_for.clone()));
         let task =
             tokio::task::spawn_blocking(move || load(&dir, &node, &limits, &texts, in_force));
-        let rejected = |errors: String| Outcome::Rejected {
-            errors,
+        let rejected = |why: Refused| Outcome::Rejected {
+            why,
             recompiled: None,
         };
         let outcome = tokio::select! {
-            r = task => r.unwrap_or_else(|e| rejected(format!("loading the policy failed: {e}"))),
-            _ = tokio::time::sleep(self.parse_timeout) => rejected(format!(
-                "reading and compiling the policy took longer than {:?} (--parse-timeout): given up",
-                self.parse_timeout
-            )),
+            r = task => r.unwrap_or_else(|e| rejected(Refused::Task(e.to_string()))),
+            _ = tokio::time::sleep(self.parse_timeout) => rejected(Refused::TimedOut(self.parse_timeout)),
             _ = stop.changed() => return,
         };
         self.settle(outcome);
@@ -386,8 +404,8 @@ impl Agent {
                     self.store = Some(store);
                 }
             }
-            Outcome::Rejected { errors, recompiled } => {
-                for line in errors.lines() {
+            Outcome::Rejected { why, recompiled } => {
+                for line in why.lines() {
                     tracing::error!(error = %line, "invalid policy");
                 }
                 tracing::error!(

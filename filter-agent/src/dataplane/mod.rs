@@ -352,6 +352,26 @@ impl Dataplane {
                 what: "kernel object".into(),
                 source: Box::new(e),
             })?;
+        // The one vocabulary: every name the agent uses is in the object.
+        for name in names::MAPS {
+            if ebpf.map(name).is_none() {
+                return Err(Error::Load {
+                    what: "kernel object".into(),
+                    source: format!("map {name} (filter_common::names) missing from the object")
+                        .into(),
+                });
+            }
+        }
+        if let Some(name) = names::PROGRAMS
+            .into_iter()
+            .find(|n| ebpf.program(n).is_none())
+        {
+            return Err(Error::Load {
+                what: "kernel object".into(),
+                source: format!("program {name} (filter_common::names) missing from the object")
+                    .into(),
+            });
+        }
         for name in [
             names::PROG_XDP,
             names::PROG_TC_INGRESS,
