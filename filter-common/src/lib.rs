@@ -109,24 +109,97 @@ pub mod tcp_flags {
     pub const URG: u8 = 0x20;
 }
 
-/// Policy stages (docs/semantics.md 3.1), in pipeline order.
-pub mod stage {
+/// A policy stage (docs/semantics.md 3.1), in pipeline order.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stage {
     /// `doNotTrack: true` policies.
-    pub const UNTRACKED: u32 = 0;
+    Untracked = 0,
     /// `preDNAT: true` policies.
-    pub const PRE_DNAT: u32 = 1;
+    PreDnat = 1,
     /// Normal host-endpoint policies.
-    pub const NORMAL: u32 = 2;
+    Normal = 2,
     /// `applyOnForward: true` policies on forwarded traffic.
-    pub const FORWARD: u32 = 3;
+    Forward = 3,
+}
+
+impl Stage {
+    /// Every stage, in pipeline order.
+    pub const ALL: [Stage; 4] = [
+        Stage::Untracked,
+        Stage::PreDnat,
+        Stage::Normal,
+        Stage::Forward,
+    ];
+
+    /// The name the CLI, JSON and logs use: the one table of names.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Stage::Untracked => "untracked",
+            Stage::PreDnat => "pre-dnat",
+            Stage::Normal => "normal",
+            Stage::Forward => "forward",
+        }
+    }
+
+    /// The stage of a map value.
+    pub const fn from_u32(v: u32) -> Option<Stage> {
+        match v {
+            0 => Some(Stage::Untracked),
+            1 => Some(Stage::PreDnat),
+            2 => Some(Stage::Normal),
+            3 => Some(Stage::Forward),
+            _ => None,
+        }
+    }
+}
+
+/// Stages as map keys carry them ([`Stage`] as `u32`).
+pub mod stage {
+    use super::Stage;
+    pub const UNTRACKED: u32 = Stage::Untracked as u32;
+    pub const PRE_DNAT: u32 = Stage::PreDnat as u32;
+    pub const NORMAL: u32 = Stage::Normal as u32;
+    pub const FORWARD: u32 = Stage::Forward as u32;
 }
 
 /// Traffic direction relative to the host endpoint.
-pub mod direction {
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
     /// Arriving on the endpoint's interface.
-    pub const INGRESS: u32 = 0;
+    Ingress = 0,
     /// Leaving through the endpoint's interface.
-    pub const EGRESS: u32 = 1;
+    Egress = 1,
+}
+
+impl Direction {
+    /// Both directions.
+    pub const ALL: [Direction; 2] = [Direction::Ingress, Direction::Egress];
+
+    /// The name the CLI, JSON and Calico's YAML use.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+
+    /// The direction of a map value.
+    pub const fn from_u32(v: u32) -> Option<Direction> {
+        match v {
+            0 => Some(Direction::Ingress),
+            1 => Some(Direction::Egress),
+            _ => None,
+        }
+    }
+}
+
+/// Directions as map keys carry them ([`Direction`] as `u32`).
+pub mod direction {
+    use super::Direction;
+    pub const INGRESS: u32 = Direction::Ingress as u32;
+    pub const EGRESS: u32 = Direction::Egress as u32;
 }
 
 /// Rule actions as stored in [`RuleMeta::action`].

@@ -18,7 +18,7 @@ use filter_common::{action, reason};
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    compile::{Compiled, Owner, STAGES},
+    compile::{Compiled, Owner},
     dataplane::{self, PinnedCounters},
 };
 
@@ -109,15 +109,8 @@ pub fn state(
     let mut rules = Vec::new();
     let first_slots = crate::dataplane::first_slots(compiled, generation);
     for (t, first_slot) in compiled.tables.iter().zip(first_slots) {
-        let stage = STAGES
-            .iter()
-            .find(|(s, _)| *s == t.stage)
-            .map_or("?", |(_, n)| n);
-        let direction = if t.direction == filter_common::direction::INGRESS {
-            "ingress"
-        } else {
-            "egress"
-        };
+        let stage = filter_common::Stage::from_u32(t.stage).map_or("?", |s| s.name());
+        let direction = filter_common::Direction::from_u32(t.direction).map_or("?", |d| d.name());
         for (i, r) in t.rules.iter().enumerate() {
             let (kind, tier, policy, rule) = match &compiled.owners[r.owner as usize] {
                 Owner::Policy { tier, policy, rule } => (

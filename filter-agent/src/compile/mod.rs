@@ -50,14 +50,6 @@ pub const DEFAULT_ALLOW_PROFILE: &str = "projectcalico-default-allow";
 /// Order of the implicit `default` tier (1.5).
 pub const DEFAULT_TIER_ORDER: f64 = 1_000_000.0;
 
-/// Stages in pipeline order, with their names as CLI and JSON spell them.
-pub const STAGES: [(u32, &str); 4] = [
-    (stage::UNTRACKED, "untracked"),
-    (stage::PRE_DNAT, "pre-dnat"),
-    (stage::NORMAL, "normal"),
-    (stage::FORWARD, "forward"),
-];
-
 /// Why a store cannot be compiled.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
@@ -367,11 +359,10 @@ pub fn compile(store: &Store, node: &Node) -> Result<Compiled, Error> {
     let mut owners = Vec::new();
     let mut interner = Interner::default();
     let mut tables = Vec::new();
-    for (stage, _) in STAGES {
-        for (direction, direction_name) in [
-            (direction::INGRESS, "ingress"),
-            (direction::EGRESS, "egress"),
-        ] {
+    for stage in filter_common::Stage::ALL.map(|s| s as u32) {
+        for (direction, direction_name) in
+            filter_common::Direction::ALL.map(|d| (d as u32, d.name()))
+        {
             let mut b = TableBuilder::default();
             for tier in &tiers {
                 let members: Vec<_> = policies

@@ -340,7 +340,7 @@ fn agree(store: &Store, compiled: &Compiled, p: &reference::Packet) -> Result<()
         .find(|h| h.meta.name == "hep")
         .expect("fixture");
     let r = Reference::new(store);
-    for (stage, name) in STAGES {
+    for (stage, name) in filter_common::Stage::ALL.map(|s| (s as u32, s.name())) {
         for (dir, rdir) in [
             (direction::INGRESS, reference::Direction::Ingress),
             (direction::EGRESS, reference::Direction::Egress),

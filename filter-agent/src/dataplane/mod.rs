@@ -1250,15 +1250,9 @@ fn check_capacity(compiled: &Compiled) -> Result<(), Error> {
     }
     for t in &compiled.tables {
         if t.rules.len() > MAX_RULES as usize {
-            let stage = crate::compile::STAGES
-                .iter()
-                .find(|(s, _)| *s == t.stage)
-                .map_or("?", |(_, n)| n);
-            let direction = if t.direction == 0 {
-                "ingress"
-            } else {
-                "egress"
-            };
+            let stage = filter_common::Stage::from_u32(t.stage).map_or("?", |s| s.name());
+            let direction =
+                filter_common::Direction::from_u32(t.direction).map_or("?", |d| d.name());
             return Err(Error::Capacity(format!(
                 "the {stage} {direction} table has {} rules; the kernel tables hold {MAX_RULES} per stage and direction",
                 t.rules.len()
