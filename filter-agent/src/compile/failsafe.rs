@@ -20,29 +20,6 @@ pub struct Failsafe {
     pub net: Option<IpNetwork>,
 }
 
-const INBOUND: [(u8, u16); 9] = [
-    (6, 22),
-    (17, 68),
-    (6, 179),
-    (6, 2379),
-    (6, 2380),
-    (6, 5473),
-    (6, 6443),
-    (6, 6666),
-    (6, 6667),
-];
-const OUTBOUND: [(u8, u16); 9] = [
-    (17, 53),
-    (17, 67),
-    (6, 179),
-    (6, 2379),
-    (6, 2380),
-    (6, 5473),
-    (6, 6443),
-    (6, 6666),
-    (6, 6667),
-];
-
 /// The failsafe entries in force for `node`.
 pub fn entries(store: &Store, node: &str) -> Vec<Failsafe> {
     let defaults = |inbound: bool, list: &[(u8, u16)]| -> Vec<Failsafe> {
@@ -55,9 +32,12 @@ pub fn entries(store: &Store, node: &str) -> Vec<Failsafe> {
             })
             .collect()
     };
-    let (mut inbound, mut outbound) = (defaults(true, &INBOUND), defaults(false, &OUTBOUND));
+    let (mut inbound, mut outbound) = (
+        defaults(true, &crate::model::defaults::FAILSAFE_INBOUND),
+        defaults(false, &crate::model::defaults::FAILSAFE_OUTBOUND),
+    );
     let node_config = format!("node.{node}");
-    for name in ["default", node_config.as_str()] {
+    for name in [crate::model::defaults::FELIX_CONFIG, node_config.as_str()] {
         let Some(cfg) = store.felix_configs.iter().find(|c| c.meta.name == name) else {
             continue;
         };

@@ -37,18 +37,13 @@ use ipnetwork::IpNetwork;
 
 use crate::{
     model::{
-        self, Action, EntityRule, GlobalNetworkPolicySpec, HostEndpointSpec, PolicyType, Port,
-        ProfileSpec, Resource, Rule, Store, TierAction,
+        self, defaults, Action, EntityRule, GlobalNetworkPolicySpec, HostEndpointSpec, PolicyType,
+        Port, ProfileSpec, Resource, Rule, Store, TierAction,
     },
     selector::Selector,
 };
 use bits::RuleSet;
 use prefix::{FieldMatch, Prefix};
-
-/// The built-in profile that allows everything (1.3).
-pub const DEFAULT_ALLOW_PROFILE: &str = "projectcalico-default-allow";
-/// Order of the implicit `default` tier (1.5).
-pub const DEFAULT_TIER_ORDER: f64 = 1_000_000.0;
 
 /// Why a store cannot be compiled.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -314,10 +309,10 @@ pub fn tiers(store: &Store) -> Vec<TierInfo> {
             default_action: t.spec.default_action.unwrap_or(TierAction::Deny),
         })
         .collect();
-    if !out.iter().any(|t| t.name == "default") {
+    if !out.iter().any(|t| t.name == defaults::TIER) {
         out.push(TierInfo {
-            name: "default".into(),
-            order: Some(DEFAULT_TIER_ORDER),
+            name: defaults::TIER.into(),
+            order: Some(defaults::TIER_ORDER),
             default_action: TierAction::Deny,
         });
     }
@@ -327,7 +322,7 @@ pub fn tiers(store: &Store) -> Vec<TierInfo> {
 
 /// The tier a policy belongs to.
 pub fn policy_tier(spec: &GlobalNetworkPolicySpec) -> &str {
-    spec.tier.as_deref().unwrap_or("default")
+    spec.tier.as_deref().unwrap_or(defaults::TIER)
 }
 
 fn order_cmp(a: Option<f64>, b: Option<f64>) -> Ordering {
@@ -523,7 +518,7 @@ fn push_profiles(
         for name in list {
             let (spec, origin) = match store.profiles.iter().find(|p| &p.meta.name == name) {
                 Some(p) => (&p.spec, Some(&p.origin)),
-                None if name == DEFAULT_ALLOW_PROFILE => (&allow_all, None),
+                None if name == defaults::ALLOW_PROFILE => (&allow_all, None),
                 // A profile that does not exist contributes no rules.
                 None => continue,
             };

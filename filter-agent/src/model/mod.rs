@@ -6,6 +6,7 @@
 //! path. Invariant: a resource in a [`Store`] has passed validation, so the
 //! compiler never meets a malformed one.
 
+pub mod defaults;
 mod locate;
 pub mod types;
 pub mod validate;

@@ -58,7 +58,9 @@ pub fn store(store: &Store, errors: &mut Vec<Error>) {
                 ),
             );
         }
-        if t.meta.name == "default" && t.spec.default_action == Some(super::TierAction::Pass) {
+        if t.meta.name == super::defaults::TIER
+            && t.spec.default_action == Some(super::TierAction::Pass)
+        {
             report.error(
                 "spec.defaultAction",
                 "the default tier must keep defaultAction Deny",
@@ -67,7 +69,12 @@ pub fn store(store: &Store, errors: &mut Vec<Error>) {
     }
     // A policy's tier must exist (the default tier always does).
     for p in &store.global_policies {
-        if let Some(tier) = p.spec.tier.as_deref().filter(|t| *t != "default") {
+        if let Some(tier) = p
+            .spec
+            .tier
+            .as_deref()
+            .filter(|t| *t != super::defaults::TIER)
+        {
             if !store.tiers.iter().any(|t| t.meta.name == tier) {
                 reporter(p, errors).error(
                     "spec.tier",

@@ -17,8 +17,8 @@ use ipnetwork::IpNetwork;
 
 use crate::{
     model::{
-        Action, EntityRule, HostEndpointSpec, IcmpFields, PolicyType, Port, Resource, Rule, Store,
-        TierAction,
+        defaults, Action, EntityRule, HostEndpointSpec, IcmpFields, PolicyType, Port, Resource,
+        Rule, Store, TierAction,
     },
     selector::Selector,
 };
@@ -201,28 +201,8 @@ impl Failsafe {
                 .collect()
         };
         Failsafe {
-            inbound: list(&[
-                (6, 22),
-                (17, 68),
-                (6, 179),
-                (6, 2379),
-                (6, 2380),
-                (6, 5473),
-                (6, 6443),
-                (6, 6666),
-                (6, 6667),
-            ]),
-            outbound: list(&[
-                (17, 53),
-                (17, 67),
-                (6, 179),
-                (6, 2379),
-                (6, 2380),
-                (6, 5473),
-                (6, 6443),
-                (6, 6666),
-                (6, 6667),
-            ]),
+            inbound: list(&defaults::FAILSAFE_INBOUND),
+            outbound: list(&defaults::FAILSAFE_OUTBOUND),
         }
     }
 
@@ -231,7 +211,7 @@ impl Failsafe {
     pub fn from_store(store: &Store, node: &str) -> Failsafe {
         let mut f = Failsafe::calico_defaults();
         let node_cfg = format!("node.{node}");
-        for name in ["default", node_cfg.as_str()] {
+        for name in [defaults::FELIX_CONFIG, node_cfg.as_str()] {
             let Some(cfg) = store.felix_configs.iter().find(|c| c.meta.name == name) else {
                 continue;
             };
@@ -403,8 +383,12 @@ impl<'a> Reference<'a> {
                 )
             })
             .collect();
-        if !tiers.iter().any(|t| t.0 == "default") {
-            tiers.push(("default".into(), Some(1_000_000.0), TierAction::Deny));
+        if !tiers.iter().any(|t| t.0 == defaults::TIER) {
+            tiers.push((
+                defaults::TIER.into(),
+                Some(defaults::TIER_ORDER),
+                TierAction::Deny,
+            ));
         }
         let ord = |a: Option<f64>, b: Option<f64>| {
             a.unwrap_or(f64::INFINITY)
@@ -416,7 +400,7 @@ impl<'a> Reference<'a> {
                 .store
                 .global_policies
                 .iter()
-                .filter(|g| g.spec.tier.as_deref().unwrap_or("default") == tier)
+                .filter(|g| g.spec.tier.as_deref().unwrap_or(defaults::TIER) == tier)
                 .filter(|g| Self::in_stage(&g.spec, s, dir) && self.applies(&g.spec, h, dir))
                 .collect();
             if pols.is_empty() {
@@ -475,7 +459,7 @@ impl<'a> Reference<'a> {
         out: &mut StageResult,
     ) {
         for name in &h.spec.profiles {
-            if name == "projectcalico-default-allow"
+            if name == defaults::ALLOW_PROFILE
                 && !self.store.profiles.iter().any(|x| &x.meta.name == name)
             {
                 out.verdict = Verdict::Allow;
