@@ -15,3 +15,4 @@ pub mod private;
 pub mod reference;
 pub mod selector;
 pub mod source;
+pub mod state;

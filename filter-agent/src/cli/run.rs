@@ -170,7 +170,7 @@ pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
     let state_dir = args
         .state_dir
         .clone()
-        .unwrap_or_else(|| super::stats::default_state_dir(&args.pin_dir));
+        .unwrap_or_else(|| crate::state::default_state_dir(&args.pin_dir));
     tracing::info!(node = %node_name, policy_dir = %args.policy_dir.display(), pin_dir = %args.pin_dir.display(), "starting");
     let adopting = args
         .pin_dir
@@ -430,9 +430,9 @@ impl Agent {
         let ifaces = seen.iter().map(|(n, (i, _))| (n.clone(), *i)).collect();
         match self.dp.apply(&compiled, &ifaces) {
             Ok(generation) => {
-                if let Err(e) = super::stats::write_state(
+                if let Err(e) = crate::state::write_state(
                     &self.state_dir,
-                    &super::stats::state(&compiled, generation, &self.dp.attachments()),
+                    &crate::state::state(&compiled, generation, &self.dp.attachments()),
                 ) {
                     tracing::warn!(dir = %self.state_dir.display(), error = %e, "cannot write the rule index: stats will be unavailable");
                 }

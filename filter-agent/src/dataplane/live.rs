@@ -12,7 +12,12 @@ use aya::{
 use aya_obj::programs::XdpAttachType;
 use filter_common::{names, CtKey, CtValue};
 
-use super::{conntrack::Flow, map_error, run_tc, run_xdp, Dataplane, Error, TcRun};
+use super::{
+    conntrack::Flow,
+    map_error,
+    testrun::{run_tc, run_xdp},
+    Dataplane, Error, TcRun,
+};
 
 const XDP_DROP: u32 = 1;
 const TC_ACT_SHOT: i32 = 2;

@@ -1,0 +1,630 @@
+//! Publishing a compiled policy: the plan of one generation (classes,
+//! words, endpoint classes, rule slots) checked against the kernel tables'
+//! capacity, written into the inactive generation, made live by one write
+//! to `FW_GEN1`, the old one cleared; the node addresses and Service
+//! frontends beside it.
+
+use super::*;
+
+/// How long a packet that read the old generation may still be running
+/// when the agent starts clearing it. BPF programs run in an RCU read-side
+/// section of a few microseconds; this is generous.
+pub(super) const GRACE: Duration = Duration::from_millis(20);
+
+/// Rule slot of rule 0 of each of `compiled`'s tables (in their order)
+/// when it is live as `generation`: the tables' rules take consecutive
+/// slots from the generation's first.
+pub fn first_slots(compiled: &Compiled, generation: u32) -> Vec<u32> {
+    let mut next = generation * RULE_SLOTS_PER_GEN;
+    compiled
+        .tables
+        .iter()
+        .map(|t| {
+            let first = next;
+            next += t.rules.len() as u32;
+            first
+        })
+        .collect()
+}
+
+/// The kernel's class storage `compiled` takes in one generation, its
+/// endpoint masks aside: (classes, stored 64-bit words), or the capacity
+/// it exceeds.
+pub fn class_storage(compiled: &Compiled) -> Result<(usize, usize), Error> {
+    let plan = Plan::new(compiled, &Interfaces::new(), 0)?;
+    Ok((plan.layout.heads.len(), plan.layout.words.len()))
+}
+
+/// Everything `publish` would refuse about `compiled` before writing a
+/// map, as if every interface it binds existed: the capacity of the rule
+/// tables and of the class storage. `filter-agent check` runs it, so it
+/// refuses what `run` would, with the same message.
+pub fn preflight(compiled: &Compiled) -> Result<(), Error> {
+    check_capacity(compiled)?;
+    let ifaces: Interfaces = compiled
+        .tables
+        .iter()
+        .flat_map(|t| t.masks.keys())
+        .enumerate()
+        .map(|(i, name)| (name.clone(), i as u32 + 1))
+        .collect();
+    Plan::new(compiled, &ifaces, 0).map(|_| ())
+}
+
+/// Where one generation's contents go, worked out before anything is
+/// written.
+pub(super) struct Plan {
+    layout: classes::Layout,
+    /// Compiler class number → class number in the generation's range.
+    classes: Vec<u32>,
+    /// First class number of the generation.
+    class_base: u32,
+    /// Per table id: (interface index, class of its mask).
+    masks: BTreeMap<u32, Vec<(u32, u32)>>,
+    first_slots: Vec<u32>,
+}
+
+impl Plan {
+    pub(super) fn new(
+        compiled: &Compiled,
+        ifaces: &Interfaces,
+        generation: u32,
+    ) -> Result<Plan, Error> {
+        let word_base = generation * CLASS_WORDS_PER_GEN;
+        let class_base = generation * CLASSES_PER_GEN;
+        let mut layout = classes::Layout::new();
+        let mut classes = Vec::with_capacity(compiled.classes.len());
+        for c in &compiled.classes {
+            classes.push(class_base + layout.intern(c, word_base).map_err(Error::Capacity)?);
+        }
+        let mut masks = BTreeMap::new();
+        for t in &compiled.tables {
+            let mut eps = Vec::new();
+            for (iface, mask) in &t.masks {
+                // Bound interfaces that do not exist yet are skipped (and
+                // written when they appear).
+                let Some(&ifindex) = ifaces.get(iface) else {
+                    continue;
+                };
+                let class = layout.intern(mask, word_base).map_err(Error::Capacity)?;
+                eps.push((ifindex, class_base + class));
+            }
+            masks.insert(table_id(generation, t.stage, t.direction), eps);
+        }
+        Ok(Plan {
+            layout,
+            classes,
+            class_base,
+            masks,
+            first_slots: first_slots(compiled, generation),
+        })
+    }
+
+    /// The kernel's number for compiler class `c`.
+    pub(super) fn class(&self, c: u32) -> u32 {
+        self.classes[c as usize]
+    }
+}
+
+/// Whether every table fits the kernel's tables: at most `MAX_RULES` rules
+/// per stage and direction, `RULE_SLOTS_PER_GEN` in all. The compiler has
+/// no such limit.
+pub(super) fn check_capacity(compiled: &Compiled) -> Result<(), Error> {
+    let total: usize = compiled.tables.iter().map(|t| t.rules.len()).sum();
+    if total > RULE_SLOTS_PER_GEN as usize {
+        return Err(Error::Capacity(format!(
+            "the policy has {total} rules over all stages and directions; the kernel tables hold {RULE_SLOTS_PER_GEN}"
+        )));
+    }
+    for t in &compiled.tables {
+        if t.rules.len() > MAX_RULES as usize {
+            let stage = filter_common::Stage::from_u32(t.stage).map_or("?", |s| s.name());
+            let direction =
+                filter_common::Direction::from_u32(t.direction).map_or("?", |d| d.name());
+            return Err(Error::Capacity(format!(
+                "the {stage} {direction} table has {} rules; the kernel tables hold {MAX_RULES} per stage and direction",
+                t.rules.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn port_key(table: [u8; 4], e: &PortEntry) -> Key<PortKey> {
+    match (e.proto, e.has_ports) {
+        (None, _) => Key::new(
+            PORT_KEY_ANY_PROTO_BITS,
+            PortKey {
+                table,
+                proto: 0,
+                has_ports: 0,
+                port: [0; 2],
+            },
+        ),
+        (Some(proto), Some(false)) => Key::new(
+            PORT_KEY_FLAG_BITS,
+            PortKey {
+                table,
+                proto,
+                has_ports: 0,
+                port: [0; 2],
+            },
+        ),
+        (Some(proto), _) => Key::new(
+            PORT_KEY_FLAG_BITS + u32::from(e.port_len),
+            PortKey {
+                table,
+                proto,
+                has_ports: 1,
+                port: e.port.to_be_bytes(),
+            },
+        ),
+    }
+}
+
+/// The trie keys of a failsafe entry: without a net, one key fixing
+/// direction, protocol and port; with one, the net under its family.
+pub(super) fn failsafe_keys(f: &crate::compile::failsafe::Failsafe) -> Vec<Key<FailsafeKey>> {
+    let direction = if f.inbound {
+        filter_common::direction::INGRESS
+    } else {
+        filter_common::direction::EGRESS
+    } as u8;
+    let mut key = FailsafeKey {
+        direction,
+        proto: f.proto,
+        port: f.port.to_be_bytes(),
+        family: 0,
+        pad: [0; 3],
+        addr: [0; 16],
+    };
+    match f.net {
+        None => vec![Key::new(FAILSAFE_PORT_BITS, key)],
+        Some(ipnetwork::IpNetwork::V4(n)) => {
+            key.family = 4;
+            key.addr[..4].copy_from_slice(&n.network().octets());
+            vec![Key::new(
+                FAILSAFE_ADDR_OFFSET_BITS + u32::from(n.prefix()),
+                key,
+            )]
+        }
+        Some(ipnetwork::IpNetwork::V6(n)) => {
+            key.family = 6;
+            key.addr = n.network().octets();
+            vec![Key::new(
+                FAILSAFE_ADDR_OFFSET_BITS + u32::from(n.prefix()),
+                key,
+            )]
+        }
+    }
+}
+
+impl Dataplane {
+    /// Writes `compiled` into the inactive generation, makes it live, and
+    /// clears the old one; attaches nothing. Returns the live generation.
+    pub fn publish(&mut self, compiled: &Compiled, ifaces: &Interfaces) -> Result<u32, Error> {
+        let next = (self.live + 1) % GENERATIONS;
+        check_capacity(compiled)?;
+        // Everything that can exceed a capacity is laid out before the
+        // first write, so a policy that does not fit changes nothing.
+        let plan = Plan::new(compiled, ifaces, next)?;
+        // The inactive generation may still hold entries if a previous
+        // update failed half-way; start it clean.
+        self.clear_generation(next)?;
+        self.write_failsafe(&compiled.failsafe)?;
+        self.write_frontends(&compiled.frontends)?;
+        self.write_generation(next, compiled, &plan)?;
+        self.set_generation(next)?;
+        let old = self.live;
+        self.live = next;
+        std::thread::sleep(GRACE);
+        self.clear_generation(old)?;
+        Ok(next)
+    }
+
+    pub(super) fn write_generation(
+        &mut self,
+        generation: u32,
+        compiled: &Compiled,
+        plan: &Plan,
+    ) -> Result<(), Error> {
+        {
+            let mut words: Array<&mut MapData, u64> = self.map(names::MAP_CLASS_WORDS)?;
+            let base = generation * CLASS_WORDS_PER_GEN;
+            for (i, w) in plan.layout.words.iter().enumerate() {
+                words
+                    .set(base + i as u32, w, 0)
+                    .map_err(map_error(names::MAP_CLASS_WORDS, format!("set word {i}")))?;
+            }
+        }
+        {
+            let mut heads: Array<&mut MapData, ClassHead> = self.map(names::MAP_CLASS)?;
+            for (i, h) in plan.layout.heads.iter().enumerate() {
+                heads
+                    .set(plan.class_base + i as u32, h, 0)
+                    .map_err(map_error(names::MAP_CLASS, format!("set class {i}")))?;
+            }
+        }
+        for (t, first_slot) in compiled.tables.iter().zip(&plan.first_slots) {
+            let table = table_id(generation, t.stage, t.direction);
+            self.write_table(table, *first_slot, t, plan)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn write_table(
+        &mut self,
+        table: u32,
+        first_slot: u32,
+        t: &Table,
+        plan: &Plan,
+    ) -> Result<(), Error> {
+        self.zero_counters(first_slot, t.rules.len())?;
+        let tb = table.to_be_bytes();
+        {
+            let mut rules: Array<&mut MapData, RuleMeta> = self.map(names::MAP_RULE)?;
+            for (i, r) in t.rules.iter().enumerate() {
+                let meta = RuleMeta {
+                    action: r.action,
+                    policy: r.owner,
+                    rule: i as u32,
+                    next: r.next,
+                };
+                rules
+                    .set(first_slot + i as u32, &meta, 0)
+                    .map_err(map_error(names::MAP_RULE, format!("set rule {i}")))?;
+            }
+        }
+        let bits = |p: &Prefix| TABLE_PREFIX_BITS + u32::from(p.len);
+        for (name, entries) in [
+            (names::MAP_SRC_V4, &t.src_v4),
+            (names::MAP_DST_V4, &t.dst_v4),
+        ] {
+            let addr = |p: &Prefix| (p.value(32) as u32).to_be_bytes();
+            self.fill_trie(
+                name,
+                entries,
+                |p| {
+                    Key::new(
+                        bits(p),
+                        AddrV4Key {
+                            table: tb,
+                            addr: addr(p),
+                        },
+                    )
+                },
+                plan,
+            )?;
+        }
+        for (name, entries) in [
+            (names::MAP_SRC_V6, &t.src_v6),
+            (names::MAP_DST_V6, &t.dst_v6),
+        ] {
+            let addr = |p: &Prefix| p.value(128).to_be_bytes();
+            self.fill_trie(
+                name,
+                entries,
+                |p| {
+                    Key::new(
+                        bits(p),
+                        AddrV6Key {
+                            table: tb,
+                            addr: addr(p),
+                        },
+                    )
+                },
+                plan,
+            )?;
+        }
+        for (name, entries) in [(names::MAP_PORT, &t.dports), (names::MAP_SPORT, &t.sports)] {
+            let mut ports: LpmTrie<&mut MapData, PortKey, u32> = self.map(name)?;
+            for e in entries {
+                ports
+                    .insert(&port_key(tb, e), &plan.class(e.class), 0)
+                    .map_err(map_error(name, format!("insert {e:?}")))?;
+            }
+        }
+        let mut eps: HashMap<&mut MapData, EndpointKey, EndpointValue> =
+            self.map(names::MAP_ENDPOINT)?;
+        for (ifindex, class) in &plan.masks[&table] {
+            let value = EndpointValue {
+                class: *class,
+                first_slot,
+            };
+            eps.insert(
+                &EndpointKey {
+                    ifindex: *ifindex,
+                    table,
+                },
+                &value,
+                0,
+            )
+            .map_err(map_error(names::MAP_ENDPOINT, format!("insert {ifindex}")))?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn fill_trie<K: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        entries: &[(Prefix, u32)],
+        key: impl Fn(&Prefix) -> Key<K>,
+        plan: &Plan,
+    ) -> Result<(), Error> {
+        let mut trie: LpmTrie<&mut MapData, K, u32> = self.map(name)?;
+        for (p, class) in entries {
+            trie.insert(&key(p), &plan.class(*class), 0)
+                .map_err(map_error(name, format!("insert {p:?}")))?;
+        }
+        Ok(())
+    }
+
+    /// Makes `entries` the failsafe set: new entries first, then the stale
+    /// ones removed, so a port that stays failsafe never stops being one.
+    pub(super) fn write_failsafe(
+        &mut self,
+        entries: &[crate::compile::failsafe::Failsafe],
+    ) -> Result<(), Error> {
+        let keys: Vec<Key<FailsafeKey>> = entries.iter().flat_map(failsafe_keys).collect();
+        let mut trie: LpmTrie<&mut MapData, FailsafeKey, u32> = self.map(names::MAP_FAILSAFE)?;
+        for k in &keys {
+            trie.insert(k, &1, 0)
+                .map_err(map_error(names::MAP_FAILSAFE, "insert"))?;
+        }
+        let wanted: Vec<(u32, FailsafeKey)> =
+            keys.iter().map(|k| (k.prefix_len(), k.data())).collect();
+        let stale: Vec<Key<FailsafeKey>> = trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
+            .collect();
+        for k in stale {
+            trie.remove(&k)
+                .map_err(map_error(names::MAP_FAILSAFE, "remove"))?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes the counters of a table's `rules` slots from `first_slot`: a
+    /// slot counts for the rule the live generation puts there, from when
+    /// it went live.
+    pub(super) fn zero_counters(&mut self, first_slot: u32, rules: usize) -> Result<(), Error> {
+        let cpus = aya::util::nr_cpus().map_or(1, |n| n.get() as usize);
+        let mut ctr: PerCpuArray<&mut MapData, RuleCounter> = self.map(names::MAP_RULE_COUNTERS)?;
+        for i in 0..rules as u32 {
+            // PerCpuValues is not Clone: one per slot.
+            let zeros = aya::maps::PerCpuValues::try_from(vec![RuleCounter::default(); cpus])
+                .map_err(|e| Error::Fs {
+                    op: "size per-CPU values for",
+                    path: names::MAP_RULE_COUNTERS.into(),
+                    source: e,
+                })?;
+            ctr.set(first_slot + i, zeros, 0)
+                .map_err(map_error(names::MAP_RULE_COUNTERS, "zero"))?;
+        }
+        Ok(())
+    }
+
+    /// Removes every trie and endpoint entry of `generation`.
+    pub(super) fn clear_generation(&mut self, generation: u32) -> Result<(), Error> {
+        let tables = generation * TABLES_PER_GEN..(generation + 1) * TABLES_PER_GEN;
+        let in_gen = |t: [u8; 4]| tables.contains(&u32::from_be_bytes(t));
+        self.clear_trie::<AddrV4Key>(names::MAP_SRC_V4, |k| in_gen(k.table))?;
+        self.clear_trie::<AddrV4Key>(names::MAP_DST_V4, |k| in_gen(k.table))?;
+        self.clear_trie::<AddrV6Key>(names::MAP_SRC_V6, |k| in_gen(k.table))?;
+        self.clear_trie::<AddrV6Key>(names::MAP_DST_V6, |k| in_gen(k.table))?;
+        self.clear_trie::<PortKey>(names::MAP_PORT, |k| in_gen(k.table))?;
+        self.clear_trie::<PortKey>(names::MAP_SPORT, |k| in_gen(k.table))?;
+        let mut eps: HashMap<&mut MapData, EndpointKey, EndpointValue> =
+            self.map(names::MAP_ENDPOINT)?;
+        let stale: Vec<EndpointKey> = eps
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| tables.contains(&k.table))
+            .collect();
+        for k in stale {
+            eps.remove(&k)
+                .map_err(map_error(names::MAP_ENDPOINT, "remove"))?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn clear_trie<K: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        stale: impl Fn(&K) -> bool,
+    ) -> Result<(), Error> {
+        let mut trie: LpmTrie<&mut MapData, K, u32> = self.map(name)?;
+        let keys: Vec<Key<K>> = trie
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| stale(&k.data()))
+            .collect();
+        for k in keys {
+            trie.remove(&k).map_err(map_error(name, "remove"))?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn set_generation(&mut self, generation: u32) -> Result<(), Error> {
+        let mut gen: Array<&mut MapData, u32> = self.map(names::MAP_GENERATION)?;
+        gen.set(0, &generation, 0)
+            .map_err(map_error(names::MAP_GENERATION, "flip"))
+    }
+
+    /// Makes `addrs` the node's own addresses: traffic to them is
+    /// host-bound (normal stage at TC ingress), other traffic forwarded.
+    /// New addresses go in before stale ones leave.
+    pub fn set_host_addresses(&mut self, addrs: &BTreeSet<IpAddr>) -> Result<(), Error> {
+        let wanted = addrs
+            .iter()
+            .map(|ip| {
+                let (family, addr) = family_octets(*ip);
+                HostKey {
+                    family,
+                    pad: [0; 3],
+                    addr,
+                }
+            })
+            .collect();
+        self.sync_set(names::MAP_HOST, wanted)
+    }
+
+    /// Makes `frontends` the Service frontends: traffic to them is
+    /// forwarded (judged after DNAT), not host-bound.
+    pub(super) fn write_frontends(&mut self, frontends: &[Frontend]) -> Result<(), Error> {
+        let wanted = frontends
+            .iter()
+            .map(|f| {
+                let (family, addr) = family_octets(f.addr);
+                SvcKey {
+                    family,
+                    proto: f.proto,
+                    port: f.port.to_be_bytes(),
+                    addr,
+                }
+            })
+            .collect();
+        self.sync_set(names::MAP_SERVICES, wanted)
+    }
+
+    /// Makes the keys of hash map `name` exactly `wanted` (values 1): new
+    /// keys go in before stale ones leave.
+    pub(super) fn sync_set<K: aya::Pod + PartialEq>(
+        &mut self,
+        name: &'static str,
+        wanted: Vec<K>,
+    ) -> Result<(), Error> {
+        let mut map: HashMap<&mut MapData, K, u32> = self.map(name)?;
+        for k in &wanted {
+            map.insert(k, &1, 0).map_err(map_error(name, "insert"))?;
+        }
+        let stale: Vec<K> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for k in stale {
+            map.remove(&k).map_err(map_error(name, "remove"))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The pure parts of publishing: keys, the capacity check and the plan.
+
+    use super::*;
+    use crate::{compile::Node, model::Store};
+
+    #[test]
+    fn port_keys_fix_as_many_bits_as_the_entry_says() {
+        let table = 3u32.to_be_bytes();
+        let entry = |proto, has_ports, port, port_len| PortEntry {
+            proto,
+            has_ports,
+            port,
+            port_len,
+            class: 0,
+        };
+        let any = port_key(table, &entry(None, None, 0, 0));
+        assert_eq!(any.prefix_len(), PORT_KEY_ANY_PROTO_BITS);
+        let portless = port_key(table, &entry(Some(6), Some(false), 0, 0));
+        assert_eq!(portless.prefix_len(), PORT_KEY_FLAG_BITS);
+        assert_eq!(portless.data().has_ports, 0);
+        // 8080/16: the whole port; 30000:32767 starts with a /15 or so.
+        let exact = port_key(table, &entry(Some(6), Some(true), 8080, 16));
+        assert_eq!(exact.prefix_len(), PORT_KEY_FLAG_BITS + 16);
+        assert_eq!(exact.data().port, 8080u16.to_be_bytes());
+        assert_eq!(exact.data().has_ports, 1);
+        assert_eq!(exact.data().table, table);
+    }
+
+    #[test]
+    fn failsafe_keys_fix_direction_protocol_port_and_net() {
+        use crate::compile::failsafe::Failsafe;
+        let ssh = Failsafe {
+            inbound: true,
+            proto: 6,
+            port: 22,
+            net: None,
+        };
+        let keys = failsafe_keys(&ssh);
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].prefix_len(), FAILSAFE_PORT_BITS);
+        let k = keys[0].data();
+        assert_eq!((k.direction, k.proto, k.port), (0, 6, 22u16.to_be_bytes()));
+        let dns = Failsafe {
+            inbound: false,
+            proto: 17,
+            port: 53,
+            net: Some("10.0.0.0/8".parse().expect("net")),
+        };
+        let keys = failsafe_keys(&dns);
+        assert_eq!(keys[0].prefix_len(), FAILSAFE_ADDR_OFFSET_BITS + 8);
+        assert_eq!(keys[0].data().family, 4);
+        assert_eq!(keys[0].data().direction, 1);
+        assert_eq!(keys[0].data().addr[..4], [10, 0, 0, 0]);
+    }
+
+    fn compiled(rules: usize) -> Compiled {
+        let rules: String = (0..rules)
+            .map(|i| {
+                format!(
+                    "  - action: Allow\n    protocol: TCP\n    destination: {{ports: [{}]}}\n",
+                    1 + i % 60_000
+                )
+            })
+            .collect();
+        let yaml = format!(
+            "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {{name: w, labels: {{role: pub}}}}\nspec: {{node: n1, interfaceName: eth1}}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: p}}\nspec:\n  selector: role == 'pub'\n  types: [Ingress]\n  ingress:\n{rules}"
+        );
+        let mut store = Store::default();
+        let mut errors = Vec::new();
+        store.add_text(Path::new("t.yaml"), &yaml, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let node = Node {
+            name: "n1".into(),
+            ..Default::default()
+        };
+        crate::compile::compile(&store, &node).expect("compiles")
+    }
+
+    #[test]
+    fn the_capacity_check_names_the_limit_a_table_exceeds() {
+        assert!(check_capacity(&compiled(100)).is_ok());
+        let err = check_capacity(&compiled(MAX_RULES as usize + 1)).expect_err("too many");
+        assert!(
+            err.to_string().contains(&format!(
+                "the kernel tables hold {MAX_RULES} per stage and direction"
+            )),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_plan_places_each_generation_in_its_own_ranges() {
+        let c = compiled(200);
+        let ifaces: Interfaces = [("eth1".to_string(), 7)].into();
+        for generation in 0..GENERATIONS {
+            let plan = Plan::new(&c, &ifaces, generation).expect("fits");
+            let base = generation * CLASSES_PER_GEN;
+            for i in 0..c.classes.len() as u32 {
+                let k = plan.class(i);
+                assert!((base..base + CLASSES_PER_GEN).contains(&k), "{k}");
+            }
+            // The bound interface got its endpoint class in every table
+            // that has rules for it.
+            assert!(plan
+                .masks
+                .values()
+                .any(|eps| eps.iter().any(|&(i, _)| i == 7)));
+            assert_eq!(plan.first_slots.len(), c.tables.len());
+            assert!(plan
+                .first_slots
+                .iter()
+                .all(|&s| s >= generation * RULE_SLOTS_PER_GEN));
+        }
+    }
+}
