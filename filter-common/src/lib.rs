@@ -711,6 +711,20 @@ pub struct CtKey {
 }
 
 impl CtKey {
+    /// A key of `family` and `proto` with the ends still to [`CtKey::fill`].
+    #[inline(always)]
+    pub const fn new(family: u8, proto: u8) -> CtKey {
+        CtKey {
+            family,
+            proto,
+            port_a: [0; 2],
+            port_b: [0; 2],
+            pad: [0; 2],
+            addr_a: [0; 16],
+            addr_b: [0; 16],
+        }
+    }
+
     /// The key of a packet from (`src`, `sport`) to (`dst`, `dport`) and
     /// whether its source is side A: the lower (address, port) end, compared
     /// lexicographically, so both directions find one entry. Kernel and
@@ -724,15 +738,7 @@ impl CtKey {
         sport: u16,
         dport: u16,
     ) -> (CtKey, bool) {
-        let mut key = CtKey {
-            family,
-            proto,
-            port_a: [0; 2],
-            port_b: [0; 2],
-            pad: [0; 2],
-            addr_a: [0; 16],
-            addr_b: [0; 16],
-        };
+        let mut key = CtKey::new(family, proto);
         let src_is_a = key.fill(src, dst, sport, dport);
         (key, src_is_a)
     }

@@ -81,15 +81,7 @@ fn flow(family: Family, proto: u8, src: &[u8; 16], dst: &[u8; 16], sport: u16, d
         Family::V6 => filter_common::family::V6,
     };
     let mut f = Flow {
-        key: CtKey {
-            family,
-            proto,
-            port_a: [0; 2],
-            port_b: [0; 2],
-            pad: [0; 2],
-            addr_a: [0; 16],
-            addr_b: [0; 16],
-        },
+        key: CtKey::new(family, proto),
         from_a: false,
     };
     f.from_a = f.key.fill(src, dst, sport, dport);
