@@ -13,6 +13,27 @@ use crate::selector::Selector;
 
 /// Validates every resource of `store`, appending errors.
 pub fn store(store: &Store, errors: &mut Vec<Error>) {
+    // Names, labels and annotations of every kind (the GNP's name is
+    // checked with its spec below).
+    macro_rules! meta_of {
+        ($list:expr, $kind:expr) => {
+            for r in &$list {
+                let mut report = reporter(r, errors);
+                if $kind != "GlobalNetworkPolicy" && $kind != "NetworkPolicy" {
+                    name(&r.meta.name, $kind, &mut report);
+                }
+                metadata(&r.meta, &mut report);
+            }
+        };
+    }
+    meta_of!(store.global_policies, "GlobalNetworkPolicy");
+    meta_of!(store.network_policies, "NetworkPolicy");
+    meta_of!(store.host_endpoints, "HostEndpoint");
+    meta_of!(store.global_network_sets, "GlobalNetworkSet");
+    meta_of!(store.network_sets, "NetworkSet");
+    meta_of!(store.tiers, "Tier");
+    meta_of!(store.profiles, "Profile");
+    meta_of!(store.felix_configs, "FelixConfiguration");
     for p in &store.global_policies {
         global_policy(p, errors);
     }
@@ -39,6 +60,50 @@ pub fn store(store: &Store, errors: &mut Vec<Error>) {
             }
         }
     }
+    for (kind, sets) in [
+        ("GlobalNetworkSet", &store.global_network_sets),
+        ("NetworkSet", &store.network_sets),
+    ] {
+        for g in sets {
+            let mut report = reporter(g, errors);
+            for (i, n) in g.spec.nets.iter().enumerate() {
+                if crate::compile::lenient_net(n).is_none() {
+                    report.error(
+                        &format!("spec.nets[{i}]"),
+                        format!("invalid CIDR {n:?} in a {kind}: an address or address/prefix"),
+                    );
+                }
+            }
+        }
+    }
+    // FelixConfiguration failsafe entries: protocol TCP, UDP or SCTP.
+    for c in &store.felix_configs {
+        let mut report = reporter(c, errors);
+        for (field, list) in [
+            (
+                "spec.failsafeInboundHostPorts",
+                &c.spec.failsafe_inbound_host_ports,
+            ),
+            (
+                "spec.failsafeOutboundHostPorts",
+                &c.spec.failsafe_outbound_host_ports,
+            ),
+        ] {
+            for (i, e) in list.iter().flatten().enumerate() {
+                if !matches!(e.protocol.as_str(), "TCP" | "UDP" | "SCTP") {
+                    report.error(
+                        &format!("{field}[{i}].protocol"),
+                        format!("invalid protocol {:?}: TCP, UDP or SCTP", e.protocol),
+                    );
+                }
+                if let Some(n) = &e.net {
+                    if super::parse_net(n).is_err() {
+                        report.error(&format!("{field}[{i}].net"), format!("invalid CIDR {n:?}"));
+                    }
+                }
+            }
+        }
+    }
     for g in &store.global_network_sets {
         if g.meta.labels.contains_key("projectcalico.org/namespace") {
             reporter(g, errors).error(
@@ -49,14 +114,32 @@ pub fn store(store: &Store, errors: &mut Vec<Error>) {
     }
     for t in &store.tiers {
         let mut report = reporter(t, errors);
-        if t.meta.name.contains('.') || t.meta.name.is_empty() {
-            report.error(
-                "metadata.name",
-                format!(
-                    "invalid Tier name {:?}: a DNS label without dots",
-                    t.meta.name
-                ),
-            );
+        // The reserved tiers keep their order and action (Calico's CRD
+        // rules for the well-known tiers).
+        for (reserved, order, action) in [
+            (
+                super::defaults::TIER,
+                super::defaults::TIER_ORDER,
+                super::TierAction::Deny,
+            ),
+            ("kube-admin", 1_000.0, super::TierAction::Pass),
+            ("kube-baseline", 10_000_000.0, super::TierAction::Pass),
+        ] {
+            if t.meta.name != reserved {
+                continue;
+            }
+            if t.spec.order.is_some_and(|o| o != order) {
+                report.error(
+                    "spec.order",
+                    format!("the {reserved} tier must have order {order}"),
+                );
+            }
+            if t.spec.default_action.is_some_and(|a| a != action) {
+                report.error(
+                    "spec.defaultAction",
+                    format!("the {reserved} tier must have defaultAction {action:?}"),
+                );
+            }
         }
         if t.meta.name == super::defaults::TIER
             && t.spec.default_action == Some(super::TierAction::Pass)
@@ -147,27 +230,129 @@ fn document_text(file: &std::path::Path, line: usize) -> Option<String> {
         .map(|(_, d)| d.to_owned())
 }
 
+/// A DNS-1123 label as Calico's validator writes it
+/// (`[a-z0-9]([-a-z0-9]*[a-z0-9])?`): no length bound of its own; the
+/// whole name is bounded instead.
+fn is_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A DNS-1123 subdomain: labels joined by dots.
+fn is_subdomain(s: &str) -> bool {
+    s.split('.').all(is_label)
+}
+
+/// `metadata.name` by kind, as Calico's validator checks it: at most 253
+/// characters (a Tier's at most 63); a GlobalNetworkPolicy's a label with
+/// an optional `<tier>.` label before it; a NetworkPolicy's likewise, or
+/// `knp.default.`/`ossg.default.` and a subdomain; a Tier's a label; every
+/// other kind's a subdomain.
 fn name(name: &str, kind: &str, report: &mut Reporter<'_>) {
-    // A DNS label, optionally with one `tier.` prefix (1.1).
-    let label = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 63
-            && s.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !s.starts_with('-')
-            && !s.ends_with('-')
+    if has_placeholder(name) {
+        // A sample's `<worker-node-name>-worker-private`: for the operator
+        // to fill in, as the samples say.
+        return;
+    }
+    let max = if kind == "Tier" { 63 } else { 253 };
+    let two_labels = |n: &str| match n.split_once('.') {
+        Some((a, b)) => is_label(a) && is_label(b),
+        None => is_label(n),
     };
-    let ok = match name.split_once('.') {
-        Some((tier, rest)) => label(tier) && label(rest),
-        None => label(name),
+    let (ok, form) = match kind {
+        "GlobalNetworkPolicy" => (
+            two_labels(name),
+            "a DNS label, optionally prefixed by '<tier>.'",
+        ),
+        "NetworkPolicy" => (
+            two_labels(name)
+                || ["knp.default.", "ossg.default."]
+                    .iter()
+                    .any(|p| name.strip_prefix(p).is_some_and(is_subdomain)),
+            "a DNS label, optionally prefixed by '<tier>.'",
+        ),
+        "Tier" => (is_label(name), "a DNS label without dots"),
+        _ => (
+            is_subdomain(name),
+            "lower-case letters, digits, '-' and '.'",
+        ),
     };
-    if name.len() > 253 || !ok {
+    if name.len() > max {
         report.error(
             "metadata.name",
             format!(
-                "invalid {kind} name {name:?}: use lower-case letters, digits and '-' \
-                 (optionally prefixed by '<tier>.')"
+                "invalid {kind} name: {} characters, at most {max}",
+                name.len()
             ),
+        );
+    } else if !ok {
+        report.error(
+            "metadata.name",
+            format!("invalid {kind} name {name:?}: use {form}"),
+        );
+    }
+}
+
+/// Kubernetes' qualified name (label and annotation keys): an optional
+/// DNS-subdomain prefix of at most 253 characters and `/`, then a name of
+/// 1-63 characters of `[A-Za-z0-9-_.]` starting and ending alphanumeric.
+fn qualified_name(key: &str) -> Result<(), String> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, key),
+    };
+    if let Some(p) = prefix {
+        if p.is_empty() || p.len() > 253 || !is_subdomain(p) {
+            return Err(format!(
+                "invalid key {key:?}: the prefix must be a DNS subdomain of at most 253 characters"
+            ));
+        }
+    }
+    if name.is_empty() || name.len() > 63 || !label_value_chars(name) {
+        return Err(format!(
+            "invalid key {key:?}: the name must be 1-63 characters of letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+/// `[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?`.
+fn label_value_chars(s: &str) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && edge(s.chars().next())
+        && edge(s.chars().last())
+}
+
+/// `metadata.labels` and `metadata.annotations` as Kubernetes (and so
+/// Calico) validate them.
+fn metadata(meta: &super::Metadata, report: &mut Reporter<'_>) {
+    for (k, v) in &meta.labels {
+        if let Err(e) = qualified_name(k) {
+            report.error("metadata.labels", format!("label {e}"));
+        }
+        if v.len() > 63 || !(v.is_empty() || label_value_chars(v)) {
+            report.error(
+                "metadata.labels",
+                format!("label {k:?}: invalid value {v:?}: at most 63 characters of letters, digits, '-', '_' and '.', starting and ending with a letter or digit"),
+            );
+        }
+    }
+    let mut size = 0;
+    for (k, v) in &meta.annotations {
+        if let Err(e) = qualified_name(k) {
+            report.error("metadata.annotations", format!("annotation {e}"));
+        }
+        size += k.len() + v.len();
+    }
+    if size > 256 * 1024 {
+        report.error(
+            "metadata.annotations",
+            format!("annotations take {size} bytes, at most 262144"),
         );
     }
 }
@@ -340,7 +525,16 @@ fn rule(r: &Rule, path: &str, direction: &str, global: bool, report: &mut Report
             "http matches are allowed only on Allow rules of ingress, with protocol TCP or unset",
         );
     }
+    if let Some(http) = &r.http {
+        http_match(http, &format!("{path}.http"), report);
+    }
     for (side, e) in [("source", &r.source), ("destination", &r.destination)] {
+        if e.selector.as_deref().is_some_and(|s| s.contains("global(")) {
+            report.error(
+                &format!("{path}.{side}.selector"),
+                "global() can only be used in an EntityRule namespaceSelector",
+            );
+        }
         if let Some(ns) = e.namespace_selector.as_deref() {
             if ns.contains("global()") && ns.trim() != "global()" {
                 report.error(
@@ -353,6 +547,13 @@ fn rule(r: &Rule, path: &str, direction: &str, global: bool, report: &mut Report
             continue;
         };
         let field = format!("{path}.{side}.services");
+        if services
+            .get("name")
+            .and_then(|v| v.as_str())
+            .is_none_or(str::is_empty)
+        {
+            report.error(&field, "must specify a service name");
+        }
         let others = e.selector.is_some()
             || e.not_selector.is_some()
             || e.namespace_selector.is_some()
@@ -385,6 +586,58 @@ fn rule(r: &Rule, path: &str, direction: &str, global: bool, report: &mut Report
                 .is_none_or(str::is_empty)
         {
             report.error(&field, "a GlobalNetworkPolicy must give services.namespace");
+        }
+    }
+}
+
+/// An `http` match (ignored by this dataplane, validated as Calico does):
+/// at most 20 methods, none twice; at most 20 paths, each with exactly one
+/// of `exact` and `prefix`, starting with `/` and free of `?`, `#` and
+/// blanks (RFC 3986).
+fn http_match(http: &serde_yaml::Value, field: &str, report: &mut Reporter<'_>) {
+    let list = |key: &str| -> Vec<serde_yaml::Value> {
+        http.get(key)
+            .and_then(|v| v.as_sequence())
+            .cloned()
+            .unwrap_or_default()
+    };
+    let methods = list("methods");
+    let names: Vec<&str> = methods.iter().filter_map(|m| m.as_str()).collect();
+    if names.len() != methods.len() {
+        report.error(&format!("{field}.methods"), "methods are strings");
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    if names.iter().any(|m| !seen.insert(*m)) || methods.len() > 20 {
+        report.error(
+            &format!("{field}.methods"),
+            "invalid methods: at most 20, none twice",
+        );
+    }
+    let paths = list("paths");
+    if paths.len() > 20 {
+        report.error(&format!("{field}.paths"), "at most 20 paths");
+    }
+    for (i, p) in paths.iter().enumerate() {
+        let at = format!("{field}.paths[{i}]");
+        let get = |k: &str| p.get(k).and_then(|v| v.as_str()).filter(|v| !v.is_empty());
+        let v = match (get("exact"), get("prefix")) {
+            (Some(_), Some(_)) => {
+                report.error(&at, "invalid path match: both exact and prefix are set");
+                continue;
+            }
+            (None, None) => {
+                report.error(&at, "invalid path match: set exact or prefix");
+                continue;
+            }
+            (Some(v), None) | (None, Some(v)) => v,
+        };
+        if !v.starts_with('/') || v.contains(['?', ' ', '#']) {
+            report.error(
+                &at,
+                format!(
+                    "invalid path {v:?}: must start with '/' and not contain '?', '#' or blanks"
+                ),
+            );
         }
     }
 }
@@ -446,6 +699,12 @@ fn looks_like_template(s: &str) -> bool {
     s.starts_with('<') && s.ends_with('>')
 }
 
+/// Whether `s` holds a `<placeholder>` somewhere (sample resource names).
+fn has_placeholder(s: &str) -> bool {
+    s.find('<')
+        .is_some_and(|open| s[open..].find('>').is_some_and(|close| close > 1))
+}
+
 #[cfg(test)]
 mod tests {
     //! One test per rule of docs/semantics.md 2.7 (and the grammar
@@ -491,6 +750,227 @@ mod tests {
     fn accepts(yaml: &str) {
         let e = errors(yaml);
         assert!(e.is_empty(), "{e:?}\n{yaml}");
+    }
+
+    fn with_meta(kind: &str, meta: &str, spec: &str) -> String {
+        format!("apiVersion: projectcalico.org/v3\nkind: {kind}\nmetadata:\n{meta}spec:\n{spec}")
+    }
+
+    #[test]
+    fn names_follow_calicos_regexes_and_lengths() {
+        // A 253-character name and a 64-character label after a tier are
+        // fine (Calico bounds the whole name, not its labels).
+        let long = "a".repeat(253);
+        accepts(&with_meta(
+            "GlobalNetworkPolicy",
+            &format!("  name: {long}\n"),
+            "  selector: all()\n",
+        ));
+        let tiered = format!("t.{}", "b".repeat(64));
+        accepts(&format!(
+            "apiVersion: projectcalico.org/v3\nkind: Tier\nmetadata: {{name: t}}\nspec: {{order: 10}}\n---\n{}",
+            with_meta("GlobalNetworkPolicy", &format!("  name: {tiered}\n"), "  tier: t\n  selector: all()\n")
+        ));
+        rejects(
+            &with_meta(
+                "GlobalNetworkPolicy",
+                &format!("  name: {}\n", "a".repeat(254)),
+                "  selector: all()\n",
+            ),
+            "metadata.name",
+            "at most 253",
+        );
+        rejects(
+            &with_meta(
+                "HostEndpoint",
+                "  name: Worker_1\n",
+                "  node: n\n  interfaceName: eth0\n",
+            ),
+            "metadata.name",
+            "invalid HostEndpoint name",
+        );
+        accepts(&with_meta(
+            "HostEndpoint",
+            "  name: worker-1.public\n",
+            "  node: n\n  interfaceName: eth0\n",
+        ));
+        rejects(
+            &with_meta(
+                "Tier",
+                &format!("  name: {}\n", "t".repeat(64)),
+                "  order: 5\n",
+            ),
+            "metadata.name",
+            "at most 63",
+        );
+        rejects(
+            &with_meta(
+                "GlobalNetworkSet",
+                "  name: a..b\n",
+                "  nets: [10.0.0.0/8]\n",
+            ),
+            "metadata.name",
+            "invalid GlobalNetworkSet name",
+        );
+    }
+
+    #[test]
+    fn label_and_annotation_keys_and_values_are_kubernetes_ones() {
+        let hep = |labels: &str| {
+            with_meta(
+                "HostEndpoint",
+                &format!("  name: h\n{labels}"),
+                "  node: n\n  interfaceName: eth0\n",
+            )
+        };
+        accepts(&hep(
+            "  labels: {ibm.role: worker_public, projectcalico.org/name: x, a: ''}\n",
+        ));
+        rejects(
+            &hep("  labels: {'-bad': x}\n"),
+            "metadata.labels",
+            "invalid key",
+        );
+        rejects(
+            &hep("  labels: {'Bad.Prefix/x': y}\n"),
+            "metadata.labels",
+            "prefix",
+        );
+        rejects(
+            &hep(&format!("  labels: {{k: {}}}\n", "v".repeat(64))),
+            "metadata.labels",
+            "invalid value",
+        );
+        rejects(
+            &hep("  labels: {k: 'a b'}\n"),
+            "metadata.labels",
+            "invalid value",
+        );
+        rejects(
+            &hep("  annotations: {'no spaces': x}\n"),
+            "metadata.annotations",
+            "invalid key",
+        );
+    }
+
+    #[test]
+    fn reserved_tiers_keep_their_order_and_action() {
+        let tier = |name: &str, spec: &str| with_meta("Tier", &format!("  name: {name}\n"), spec);
+        accepts(&tier(
+            "default",
+            "  order: 1000000\n  defaultAction: Deny\n",
+        ));
+        rejects(&tier("default", "  order: 5\n"), "spec.order", "1000000");
+        rejects(
+            &tier("kube-admin", "  order: 1000\n  defaultAction: Deny\n"),
+            "spec.defaultAction",
+            "Pass",
+        );
+        rejects(
+            &tier("kube-baseline", "  order: 5\n  defaultAction: Pass\n"),
+            "spec.order",
+            "10000000",
+        );
+    }
+
+    #[test]
+    fn network_set_nets_must_parse() {
+        accepts(&with_meta(
+            "GlobalNetworkSet",
+            "  name: s\n",
+            "  nets: [10.0.0.1/8, 192.0.2.1, '2001:db8::/32']\n",
+        ));
+        rejects(
+            &with_meta(
+                "GlobalNetworkSet",
+                "  name: s\n",
+                "  nets: [10.0.0.0/8, not-a-cidr]\n",
+            ),
+            "spec.nets[1]",
+            "invalid CIDR",
+        );
+        rejects(
+            &with_meta(
+                "NetworkSet",
+                "  name: s\n  namespace: n\n",
+                "  nets: [10.0.0.0/33]\n",
+            ),
+            "spec.nets[0]",
+            "invalid CIDR",
+        );
+    }
+
+    #[test]
+    fn felix_failsafe_entries_name_tcp_udp_or_sctp() {
+        let felix = |list: &str| {
+            with_meta(
+                "FelixConfiguration",
+                "  name: default\n",
+                &format!("  failsafeInboundHostPorts: {list}\n"),
+            )
+        };
+        accepts(&felix("[{protocol: TCP, port: 22}, {protocol: SCTP, port: 9}, {protocol: UDP, port: 68, net: 10.0.0.0/8}]"));
+        rejects(
+            &felix("[{protocol: tcp, port: 22}]"),
+            "spec.failsafeInboundHostPorts[0].protocol",
+            "TCP, UDP or SCTP",
+        );
+        rejects(
+            &felix("[{protocol: ICMP, port: 22}]"),
+            "spec.failsafeInboundHostPorts[0].protocol",
+            "invalid protocol",
+        );
+        rejects(
+            &felix("[{protocol: TCP, port: 22, net: 10.0.0.0/33}]"),
+            "spec.failsafeInboundHostPorts[0].net",
+            "invalid CIDR",
+        );
+    }
+
+    #[test]
+    fn entity_rules_refuse_global_in_selector_and_nameless_services() {
+        rejects(
+            &rule("action: Allow\n    source: {selector: global()}"),
+            "spec.ingress[0].source.selector",
+            "global() can only be used",
+        );
+        rejects(
+            &rule("action: Allow\n    source: {services: {namespace: n}}"),
+            "spec.ingress[0].source.services",
+            "must specify a service name",
+        );
+    }
+
+    #[test]
+    fn http_matches_are_validated_as_calico_does() {
+        accepts(&rule(
+            "action: Allow\n    http: {methods: [GET, PUT], paths: [{exact: /a}, {prefix: /b}]}",
+        ));
+        rejects(
+            &rule("action: Allow\n    http: {methods: [GET, GET]}"),
+            "spec.ingress[0].http.methods",
+            "none twice",
+        );
+        rejects(
+            &rule("action: Allow\n    http: {paths: [{exact: /a, prefix: /b}]}"),
+            "spec.ingress[0].http.paths[0]",
+            "both exact and prefix",
+        );
+        rejects(
+            &rule("action: Allow\n    http: {paths: [{exact: 'no-slash'}]}"),
+            "spec.ingress[0].http.paths[0]",
+            "must start with '/'",
+        );
+        rejects(
+            &rule("action: Allow\n    http: {paths: [{prefix: '/a?b'}]}"),
+            "spec.ingress[0].http.paths[0]",
+            "must start with '/'",
+        );
+        rejects(
+            &rule("action: Allow\n    http: {paths: [{}]}"),
+            "spec.ingress[0].http.paths[0]",
+            "set exact or prefix",
+        );
     }
 
     #[test]
