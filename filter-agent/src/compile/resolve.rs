@@ -131,7 +131,7 @@ impl<'a> Resolver<'a> {
         e: &EntityRule,
         name: &str,
         protocol: Option<u8>,
-    ) -> Vec<(IpAddr, u16)> {
+    ) -> Vec<(IpAddr, u8, u16)> {
         let sel = e.selector.as_deref().and_then(|s| Selector::parse(s).ok());
         let mut out = Vec::new();
         for h in &self.store.host_endpoints {
@@ -153,7 +153,7 @@ impl<'a> Resolver<'a> {
                     .iter()
                     .filter_map(|ip| ip.parse::<IpAddr>().ok())
                 {
-                    out.push((ip, p.port));
+                    out.push((ip, p.protocol.0, p.port));
                 }
             }
         }
@@ -219,7 +219,10 @@ impl<'a> Resolver<'a> {
         // Destination ports: the numeric part with the rule's destination,
         // and one part per port value of each named port, its addresses
         // joined to the destination constraint.
-        let mut dst_parts: Vec<(AddrSet, Option<FieldMatch>)> = Vec::new();
+        // A named port's part matches the protocol the endpoint declares for
+        // it: without a rule protocol (accepted since Calico v3.32) a TCP
+        // named port must not match UDP to the same port.
+        let mut dst_parts: Vec<(AddrSet, Option<FieldMatch>, Option<u8>)> = Vec::new();
         let dnumeric = [numeric(&r.destination.ports), icmp(&r.icmp)].concat();
         let has_named = named(&r.destination.ports);
         if !dnumeric.is_empty() || !has_named {
@@ -227,17 +230,21 @@ impl<'a> Resolver<'a> {
             dst_parts.push((
                 dst_pos.clone(),
                 port_field(dnumeric, dneg.clone(), constrained),
+                protocol,
             ));
         }
-        let mut by_port: BTreeMap<u16, Vec<IpNetwork>> = BTreeMap::new();
+        let mut by_port: BTreeMap<(u8, u16), Vec<IpNetwork>> = BTreeMap::new();
         for p in &r.destination.ports {
             if let Port::Named(n) = p {
-                for (ip, port) in self.named_port(&r.destination, n, protocol) {
-                    by_port.entry(port).or_default().push(IpNetwork::from(ip));
+                for (ip, proto, port) in self.named_port(&r.destination, n, protocol) {
+                    by_port
+                        .entry((proto, port))
+                        .or_default()
+                        .push(IpNetwork::from(ip));
                 }
             }
         }
-        for (port, ips) in by_port {
+        for ((proto, port), ips) in by_port {
             let pos = Some(intersect(dst_pos.clone(), ips));
             let ports = vec![Prefix::new(u128::from(port), 16, 16)];
             dst_parts.push((
@@ -246,11 +253,12 @@ impl<'a> Resolver<'a> {
                     pos: ports,
                     neg: dneg.clone(),
                 }),
+                Some(proto),
             ));
         }
 
         let mut parts = Vec::new();
-        for (dpos, dport) in dst_parts {
+        for (dpos, dport, protocol) in dst_parts {
             let mut m = RuleMatch {
                 protocol,
                 not_protocol: r.not_protocol.map(|p| p.0),

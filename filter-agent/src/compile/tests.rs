@@ -115,42 +115,49 @@ fn rule() -> impl Strategy<Value = String> {
                 prop::option::of(0u8..2),
             )),
             prop::option::of(prop::sample::select(&[0u8, 8][..])),
+            any::<bool>(),
         )
-            .prop_map(move |(action, src, dst, icmp_match, not_icmp)| {
-                let mut y = format!("  - action: {action}\n");
-                if !proto.is_empty() {
-                    y += &format!("    protocol: {proto}\n");
-                }
-                if not_proto && proto.is_empty() {
-                    y += "    notProtocol: UDP\n";
-                }
-                // ICMP is v4-only and ICMPv6 v6-only (validation).
-                match (proto, fam) {
-                    ("ICMP", _) => y += "    ipVersion: 4\n",
-                    ("ICMPv6", _) => y += "    ipVersion: 6\n",
-                    (_, Fam::V4) => y += "    ipVersion: 4\n",
-                    _ => {}
-                }
-                let fam_ok = !matches!((proto, fam), ("ICMP", Fam::V6) | ("ICMPv6", Fam::V4));
-                if fam_ok && !src.is_empty() {
-                    y += &format!("    source:\n{src}");
-                }
-                if fam_ok && !dst.is_empty() {
-                    y += &format!("    destination:\n{dst}");
-                }
-                if icmp {
-                    if let Some((t, c)) = icmp_match {
-                        match c {
-                            Some(c) => y += &format!("    icmp: {{type: {t}, code: {c}}}\n"),
-                            None => y += &format!("    icmp: {{type: {t}}}\n"),
+            .prop_map(
+                move |(action, src, dst, icmp_match, not_icmp, named_only)| {
+                    let mut y = format!("  - action: {action}\n");
+                    if !proto.is_empty() {
+                        y += &format!("    protocol: {proto}\n");
+                    }
+                    if not_proto && proto.is_empty() {
+                        y += "    notProtocol: UDP\n";
+                    }
+                    // ICMP is v4-only and ICMPv6 v6-only (validation).
+                    match (proto, fam) {
+                        ("ICMP", _) => y += "    ipVersion: 4\n",
+                        ("ICMPv6", _) => y += "    ipVersion: 6\n",
+                        (_, Fam::V4) => y += "    ipVersion: 4\n",
+                        _ => {}
+                    }
+                    let fam_ok = !matches!((proto, fam), ("ICMP", Fam::V6) | ("ICMPv6", Fam::V4));
+                    if fam_ok && !src.is_empty() {
+                        y += &format!("    source:\n{src}");
+                    }
+                    if fam_ok && !dst.is_empty() {
+                        y += &format!("    destination:\n{dst}");
+                    } else if proto.is_empty() && !not_proto && named_only {
+                        // Named ports alone need no protocol: each matches with
+                        // the protocol its endpoint declares (Calico v3.32).
+                        y += "    destination:\n      ports: [http]\n";
+                    }
+                    if icmp {
+                        if let Some((t, c)) = icmp_match {
+                            match c {
+                                Some(c) => y += &format!("    icmp: {{type: {t}, code: {c}}}\n"),
+                                None => y += &format!("    icmp: {{type: {t}}}\n"),
+                            }
+                        }
+                        if let Some(t) = not_icmp {
+                            y += &format!("    notICMP: {{type: {t}}}\n");
                         }
                     }
-                    if let Some(t) = not_icmp {
-                        y += &format!("    notICMP: {{type: {t}}}\n");
-                    }
-                }
-                y
-            })
+                    y
+                },
+            )
     })
 }
 
@@ -486,4 +493,42 @@ fn rules_the_tables_cannot_express_exactly_are_refused() {
         err.to_string().contains("spec.ingress[0]") && err.to_string().contains("notPorts"),
         "{err}"
     );
+}
+
+/// A named port without a rule protocol (Calico v3.32 on) matches each
+/// endpoint port with the protocol that endpoint declares for it.
+#[test]
+fn a_named_port_without_protocol_matches_the_declared_protocol() {
+    let store = load(
+        "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: w, labels: {role: pub}}\nspec: {node: n1, interfaceName: eth1}\n\
+         ---\napiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: db, labels: {role: db}}\n\
+         spec:\n  node: n2\n  interfaceName: eth0\n  expectedIPs: [10.1.2.3]\n  ports:\n  - {name: http, protocol: TCP, port: 80}\n  - {name: http, protocol: UDP, port: 8081}\n\
+         ---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: no-http-out}\n\
+         spec:\n  selector: role == 'pub'\n  types: [Egress]\n  egress:\n\
+         \x20 - action: Deny\n    destination: {ports: [http]}\n",
+    );
+    let c = compile(&store, &node()).expect("compiles");
+    let t = c.table(stage::NORMAL, direction::EGRESS);
+    let denied_by_rule = |proto: u8, dport: u16| {
+        emulate::lookup(
+            &c,
+            t,
+            "eth1",
+            emulate::Fields {
+                src: "192.0.2.1".parse().unwrap(),
+                dst: "10.1.2.3".parse().unwrap(),
+                proto,
+                sport: Some(40000),
+                dport: Some(dport),
+            },
+        )
+        .and_then(|o| o.decided)
+        .is_some_and(|i| {
+            matches!(&c.owners[t.rules[i].owner as usize], Owner::Policy { policy, .. } if policy == "no-http-out")
+        })
+    };
+    assert!(denied_by_rule(6, 80), "TCP to the TCP http port");
+    assert!(denied_by_rule(17, 8081), "UDP to the UDP http port");
+    assert!(!denied_by_rule(17, 80), "UDP to the TCP http port");
+    assert!(!denied_by_rule(6, 8081), "TCP to the UDP http port");
 }

@@ -431,13 +431,11 @@ fn rule(r: &Rule, path: &str, direction: &str, global: bool, report: &mut Report
             .chain(&e.not_ports)
             .any(|p| matches!(p, super::Port::Range { .. }));
         match r.protocol {
+            // Named ports alone need no protocol (Calico v3.32 on): each
+            // matches with the protocol its endpoint declares.
             None if numeric => report.error(
                 &format!("{path}.{side}.ports"),
-                "rules that specify ports must set protocol to TCP, UDP or SCTP",
-            ),
-            None if has_ports => report.error(
-                &format!("{path}.{side}.ports"),
-                "rules that specify named ports must set protocol (accepted without it only from Calico v3.32)",
+                "rules with numeric port or port range must set protocol to TCP, UDP or SCTP",
             ),
             Some(p) if has_ports && !p.supports_ports() => report.error(
                 &format!("{path}.protocol"),
@@ -924,6 +922,18 @@ mod tests {
             &felix("[{protocol: TCP, port: 22, net: 10.0.0.0/33}]"),
             "spec.failsafeInboundHostPorts[0].net",
             "invalid CIDR",
+        );
+    }
+
+    #[test]
+    fn named_ports_alone_need_no_protocol() {
+        accepts(&rule(
+            "action: Allow\n    destination: {ports: [http, https]}",
+        ));
+        rejects(
+            &rule("action: Allow\n    destination: {ports: [http, 80]}"),
+            "spec.ingress[0].destination.ports",
+            "numeric port",
         );
     }
 
