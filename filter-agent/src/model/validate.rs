@@ -40,6 +40,7 @@ pub fn store(store: &Store, errors: &mut Vec<Error>) {
     for p in &store.network_policies {
         let mut report = reporter(p, errors);
         name(&p.meta.name, "NetworkPolicy", &mut report);
+        performance_hints(&p.spec.performance_hints, &mut report);
         if let Some(s) = &p.spec.selector {
             selector(s, "spec.selector", &mut report);
         }
@@ -79,6 +80,17 @@ pub fn store(store: &Store, errors: &mut Vec<Error>) {
     // FelixConfiguration failsafe entries: protocol TCP, UDP or SCTP.
     for c in &store.felix_configs {
         let mut report = reporter(c, errors);
+        if let Some(prefix) = &c.spec.log_prefix {
+            if !prefix
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "%: /_-".contains(ch))
+            {
+                report.error(
+                    "spec.logPrefix",
+                    format!("invalid logPrefix {prefix:?}: letters, digits and '%', ':', ' ', '/', '_', '-' only"),
+                );
+            }
+        }
         for (field, list) in [
             (
                 "spec.failsafeInboundHostPorts",
@@ -382,6 +394,7 @@ fn global_policy(p: &Resource<GlobalNetworkPolicySpec>, errors: &mut Vec<Error>)
             }
         }
     }
+    performance_hints(&s.performance_hints, &mut report);
     let mut seen = Vec::new();
     for t in &s.types {
         if seen.contains(t) {
@@ -584,6 +597,23 @@ fn rule(r: &Rule, path: &str, direction: &str, global: bool, report: &mut Report
                 .is_none_or(str::is_empty)
         {
             report.error(&field, "a GlobalNetworkPolicy must give services.namespace");
+        }
+    }
+}
+
+/// `spec.performanceHints`: each `AssumeNeededOnEveryNode`, none twice.
+fn performance_hints(hints: &[String], report: &mut Reporter<'_>) {
+    for (i, h) in hints.iter().enumerate() {
+        if h != "AssumeNeededOnEveryNode" {
+            report.error(
+                &format!("spec.performanceHints[{i}]"),
+                format!("invalid performance hint {h:?}: AssumeNeededOnEveryNode"),
+            );
+        } else if hints[..i].contains(h) {
+            report.error(
+                &format!("spec.performanceHints[{i}]"),
+                format!("{h} is listed twice"),
+            );
         }
     }
 }
@@ -923,6 +953,30 @@ mod tests {
             "spec.failsafeInboundHostPorts[0].net",
             "invalid CIDR",
         );
+    }
+
+    #[test]
+    fn performance_hints_and_log_prefixes_are_calicos() {
+        accepts(&gnp("  performanceHints: [AssumeNeededOnEveryNode]\n"));
+        rejects(
+            &gnp("  performanceHints: [Fast]\n"),
+            "spec.performanceHints[0]",
+            "invalid performance hint",
+        );
+        rejects(
+            &gnp("  performanceHints: [AssumeNeededOnEveryNode, AssumeNeededOnEveryNode]\n"),
+            "spec.performanceHints[1]",
+            "listed twice",
+        );
+        let felix = |p: &str| {
+            with_meta(
+                "FelixConfiguration",
+                "  name: default\n",
+                &format!("  logPrefix: '{p}'\n"),
+            )
+        };
+        accepts(&felix("calico-packet %t/%n: x_y"));
+        rejects(&felix("bad;prefix"), "spec.logPrefix", "invalid logPrefix");
     }
 
     #[test]
