@@ -352,12 +352,7 @@ fn agree(store: &Store, compiled: &Compiled, p: &reference::Packet) -> Result<()
             (direction::INGRESS, reference::Direction::Ingress),
             (direction::EGRESS, reference::Direction::Egress),
         ] {
-            let rstage = match stage {
-                stage::UNTRACKED => reference::Stage::Untracked,
-                stage::PRE_DNAT => reference::Stage::PreDnat,
-                stage::NORMAL => reference::Stage::Normal,
-                _ => reference::Stage::Forward,
-            };
+            let rstage = reference::Stage::from_u32(stage).expect("a stage");
             let want = r.stage(hep, rstage, rdir, p);
             let t = compiled.table(stage, dir);
             let got = emulate::lookup(compiled, t, "eth1", fields(p));

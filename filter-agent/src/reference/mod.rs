@@ -23,39 +23,9 @@ use crate::{
     selector::Selector,
 };
 
-/// Traffic direction relative to the endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Direction {
-    /// Arriving on the endpoint.
-    Ingress,
-    /// Leaving by the endpoint.
-    Egress,
-}
-
-/// The policy stages (3.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stage {
-    /// doNotTrack.
-    Untracked,
-    /// preDNAT.
-    PreDnat,
-    /// Normal host-endpoint policy.
-    Normal,
-    /// applyOnForward policy on forwarded traffic.
-    Forward,
-}
-
-impl Stage {
-    /// The name used on the command line and in JSON.
-    pub fn name(self) -> &'static str {
-        match self {
-            Stage::Untracked => "untracked",
-            Stage::PreDnat => "pre-dnat",
-            Stage::Normal => "normal",
-            Stage::Forward => "forward",
-        }
-    }
-}
+// The one vocabulary: the stages and directions of filter-common, with
+// their one table of names.
+pub use filter_common::{Direction, Stage};
 
 /// A packet as the policy sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
