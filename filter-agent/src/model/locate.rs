@@ -1,7 +1,8 @@
 //! Field path → line, for errors found after deserializing.
 //!
-//! serde_yaml keeps no positions once a value is built, so checks that span
-//! fields (validation) find their line again by walking the block-style YAML
+//! serde_yaml_ng (like serde_yaml before it) keeps no positions once a
+//! value is built, so checks that span fields (validation) find their line
+//! again by walking the block-style YAML
 //! text along the path (`spec.ingress[1].destination.ports[0]`). Flow style
 //! (`{...}`, `[...]`) stops the walk at the deepest line found, which is
 //! still the right neighbourhood.

@@ -121,7 +121,7 @@ struct Document<S> {
     spec: Option<S>,
     /// Exported resources may carry a status block; it is ignored.
     #[serde(default, rename = "status")]
-    _status: Option<serde_yaml::Value>,
+    _status: Option<serde_yaml_ng::Value>,
 }
 
 impl Store {
@@ -172,7 +172,7 @@ impl Store {
                 first_line,
                 text: doc,
             };
-            match serde_yaml::from_str::<serde_yaml::Value>(doc) {
+            match serde_yaml_ng::from_str::<serde_yaml_ng::Value>(doc) {
                 Ok(value) => self.add_value(&ctx, value, "", errors),
                 Err(e) => {
                     let line = e.location().map_or(1, |l| l.line());
@@ -186,11 +186,11 @@ impl Store {
     fn add_value(
         &mut self,
         ctx: &DocContext<'_>,
-        value: serde_yaml::Value,
+        value: serde_yaml_ng::Value,
         path: &str,
         errors: &mut Vec<Error>,
     ) {
-        use serde_yaml::Value;
+        use serde_yaml_ng::Value;
         let at = |field: &str| join_path(path, field);
         let map = match value {
             Value::Null => return,
@@ -325,18 +325,18 @@ impl DocContext<'_> {
 
     fn parse<S: DeserializeOwned + Default>(
         &self,
-        value: serde_yaml::Value,
+        value: serde_yaml_ng::Value,
         path: &str,
         errors: &mut Vec<Error>,
         out: &mut Vec<Resource<S>>,
     ) {
         // A plain document is parsed again from its text, so errors carry
-        // serde_yaml's exact position; items of lists are parsed from their
+        // serde_yaml_ng's exact position; items of lists are parsed from their
         // value and placed by their path.
         let parsed = if path.is_empty() {
-            serde_path_to_error::deserialize::<_, Document<S>>(serde_yaml::Deserializer::from_str(
-                self.text,
-            ))
+            serde_path_to_error::deserialize::<_, Document<S>>(
+                serde_yaml_ng::Deserializer::from_str(self.text),
+            )
             .map_err(|e| {
                 let field = e.path().to_string();
                 let inner = e.into_inner();
@@ -372,9 +372,9 @@ impl DocContext<'_> {
     }
 }
 
-/// serde_yaml's message without its own field prefix and " at line N
+/// serde_yaml_ng's message without its own field prefix and " at line N
 /// column M" suffix, since [`Error`] carries both already.
-fn yaml_message(e: &serde_yaml::Error) -> String {
+fn yaml_message(e: &serde_yaml_ng::Error) -> String {
     let s = e.to_string();
     let s = match s.find(" at line ") {
         Some(i) => &s[..i],

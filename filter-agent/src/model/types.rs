@@ -35,13 +35,13 @@ pub struct Metadata {
     pub uid: Option<String>,
     /// As above.
     #[serde(default)]
-    pub creation_timestamp: Option<serde_yaml::Value>,
+    pub creation_timestamp: Option<serde_yaml_ng::Value>,
     /// As above.
     #[serde(default)]
     pub generation: Option<i64>,
     /// As above.
     #[serde(default)]
-    pub managed_fields: Option<serde_yaml::Value>,
+    pub managed_fields: Option<serde_yaml_ng::Value>,
 }
 
 /// `spec` of a GlobalNetworkPolicy (docs/semantics.md 1.1).
@@ -155,10 +155,10 @@ pub struct Rule {
     pub destination: EntityRule,
     /// Application-layer match (not enforceable at L3/L4).
     #[serde(default)]
-    pub http: Option<serde_yaml::Value>,
+    pub http: Option<serde_yaml_ng::Value>,
     /// Free-form metadata.
     #[serde(default)]
-    pub metadata: Option<serde_yaml::Value>,
+    pub metadata: Option<serde_yaml_ng::Value>,
 }
 
 /// Rule actions.
@@ -214,10 +214,10 @@ pub struct EntityRule {
     pub not_ports: Vec<Port>,
     /// Service-account match (pods only).
     #[serde(default)]
-    pub service_accounts: Option<serde_yaml::Value>,
+    pub service_accounts: Option<serde_yaml_ng::Value>,
     /// Kubernetes service match (pods only).
     #[serde(default)]
-    pub services: Option<serde_yaml::Value>,
+    pub services: Option<serde_yaml_ng::Value>,
 }
 
 impl EntityRule {
@@ -647,6 +647,6 @@ mod tests {
             assert!(bad.parse::<Protocol>().is_err(), "{bad}");
         }
         // YAML stays case-sensitive, as Calico's validator.
-        assert!(serde_yaml::from_str::<Protocol>("tcp").is_err());
+        assert!(serde_yaml_ng::from_str::<Protocol>("tcp").is_err());
     }
 }

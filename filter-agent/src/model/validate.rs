@@ -622,8 +622,8 @@ fn performance_hints(hints: &[String], report: &mut Reporter<'_>) {
 /// at most 20 methods, none twice; at most 20 paths, each with exactly one
 /// of `exact` and `prefix`, starting with `/` and free of `?`, `#` and
 /// blanks (RFC 3986).
-fn http_match(http: &serde_yaml::Value, field: &str, report: &mut Reporter<'_>) {
-    let list = |key: &str| -> Vec<serde_yaml::Value> {
+fn http_match(http: &serde_yaml_ng::Value, field: &str, report: &mut Reporter<'_>) {
+    let list = |key: &str| -> Vec<serde_yaml_ng::Value> {
         http.get(key)
             .and_then(|v| v.as_sequence())
             .cloned()
@@ -1112,7 +1112,7 @@ mod tests {
         use super::effective_types;
         use crate::model::PolicyType::*;
         let spec = |y: &str| -> crate::model::GlobalNetworkPolicySpec {
-            serde_yaml::from_str(y).expect("spec")
+            serde_yaml_ng::from_str(y).expect("spec")
         };
         assert_eq!(effective_types(&spec("{}")), vec![Ingress]);
         assert_eq!(
