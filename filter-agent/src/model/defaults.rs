@@ -19,11 +19,9 @@ pub const ALLOW_PROFILE: &str = "projectcalico-default-allow";
 /// overrides it field by field.
 pub const FELIX_CONFIG: &str = "default";
 
-/// Felix's `FailsafeInboundHostPorts` (protocol, destination port),
-/// tcp:5473 included (the docs' table leaves it out).
-pub const FAILSAFE_INBOUND: [(u8, u16); 9] = [
-    (TCP, 22),
-    (UDP, 68),
+/// The control-plane ports both of Felix's failsafe lists hold (BGP, etcd,
+/// Typha, the API server, kube-proxy's).
+const CONTROL_PLANE: [(u8, u16); 7] = [
     (TCP, 179),
     (TCP, 2379),
     (TCP, 2380),
@@ -33,15 +31,54 @@ pub const FAILSAFE_INBOUND: [(u8, u16); 9] = [
     (TCP, 6667),
 ];
 
-/// Felix's `FailsafeOutboundHostPorts`.
-pub const FAILSAFE_OUTBOUND: [(u8, u16); 9] = [
-    (UDP, 53),
-    (UDP, 67),
-    (TCP, 179),
-    (TCP, 2379),
-    (TCP, 2380),
-    (TCP, 5473),
-    (TCP, 6443),
-    (TCP, 6666),
-    (TCP, 6667),
-];
+/// `first`, then [`CONTROL_PLANE`].
+const fn with_control_plane(first: [(u8, u16); 2]) -> [(u8, u16); 9] {
+    let mut out = [
+        first[0],
+        first[1],
+        (0, 0),
+        (0, 0),
+        (0, 0),
+        (0, 0),
+        (0, 0),
+        (0, 0),
+        (0, 0),
+    ];
+    let mut i = 0;
+    while i < CONTROL_PLANE.len() {
+        out[i + 2] = CONTROL_PLANE[i];
+        i += 1;
+    }
+    out
+}
+
+/// Felix's `FailsafeInboundHostPorts` (protocol, destination port):
+/// SSH and DHCP client, then the control plane (tcp:5473 included; the
+/// docs' table leaves it out).
+pub const FAILSAFE_INBOUND: [(u8, u16); 9] = with_control_plane([(TCP, 22), (UDP, 68)]);
+
+/// Felix's `FailsafeOutboundHostPorts`: DNS and DHCP server, then the
+/// control plane.
+pub const FAILSAFE_OUTBOUND: [(u8, u16); 9] = with_control_plane([(UDP, 53), (UDP, 67)]);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_failsafe_lists_are_felixs() {
+        let text = |l: &[(u8, u16)]| -> Vec<String> {
+            l.iter()
+                .map(|&(p, port)| format!("{}:{port}", if p == TCP { "tcp" } else { "udp" }))
+                .collect()
+        };
+        assert_eq!(
+            text(&FAILSAFE_INBOUND).join(", "),
+            "tcp:22, udp:68, tcp:179, tcp:2379, tcp:2380, tcp:5473, tcp:6443, tcp:6666, tcp:6667"
+        );
+        assert_eq!(
+            text(&FAILSAFE_OUTBOUND).join(", "),
+            "udp:53, udp:67, tcp:179, tcp:2379, tcp:2380, tcp:5473, tcp:6443, tcp:6666, tcp:6667"
+        );
+    }
+}
