@@ -67,15 +67,31 @@ use prefix::{FieldMatch, Prefix};
 pub enum Error {
     /// A policy uses something this dataplane cannot enforce exactly; it is
     /// refused rather than enforced differently from Calico.
-    #[error("{origin}: {field}: {message}")]
+    #[error("{origin}: {field}: {policy:?}: {what}")]
     Unsupported {
         /// Where the policy is.
         origin: model::Origin,
         /// The field at fault.
         field: String,
+        /// The policy or profile.
+        policy: String,
         /// What is not supported.
-        message: String,
+        what: Unsupported,
     },
+}
+
+/// Rule forms the classifier tables cannot express exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Unsupported {
+    /// `notPorts` with a named port.
+    #[error("named ports in notPorts are not supported")]
+    NamedNotPorts,
+    /// `source.ports` with a named port.
+    #[error("named source ports are not supported")]
+    NamedSourcePorts,
+    /// `notICMP` on a rule whose protocol is not ICMP or ICMPv6.
+    #[error("notICMP without protocol ICMP or ICMPv6 is not supported")]
+    NotIcmpWithoutIcmp,
 }
 
 /// A host endpoint bound to one of this node's interfaces.
@@ -344,11 +360,12 @@ pub fn unsupported_rules(store: &Store) -> Vec<Error> {
     errors
 }
 
-fn unsupported(origin: &model::Origin, name: &str, field: &str, message: &str) -> Error {
+fn unsupported(origin: &model::Origin, name: &str, field: &str, what: &Unsupported) -> Error {
     Error::Unsupported {
         origin: origin.clone(),
         field: field.to_owned(),
-        message: format!("{name:?}: {message}"),
+        policy: name.to_owned(),
+        what: *what,
     }
 }
 

@@ -162,20 +162,20 @@ impl<'a> Resolver<'a> {
 
     /// The parts of `r`: one, or several when named ports couple addresses
     /// and ports. An empty list: the rule can match nothing.
-    pub(super) fn rule(&self, r: &Rule) -> Result<Vec<RuleMatch>, String> {
+    pub(super) fn rule(&self, r: &Rule) -> Result<Vec<RuleMatch>, Unsupported> {
         let named = |ports: &[Port]| ports.iter().any(|p| matches!(p, Port::Named(_)));
         if named(&r.destination.not_ports) || named(&r.source.not_ports) {
-            return Err("named ports in notPorts are not supported".into());
+            return Err(Unsupported::NamedNotPorts);
         }
         if named(&r.source.ports) {
-            return Err("named source ports are not supported".into());
+            return Err(Unsupported::NamedSourcePorts);
         }
         if r.not_icmp.is_some()
             && !r
                 .protocol
                 .is_some_and(|p| filter_common::proto::is_icmp(p.0))
         {
-            return Err("notICMP without protocol ICMP or ICMPv6 is not supported".into());
+            return Err(Unsupported::NotIcmpWithoutIcmp);
         }
         let protocol = r.protocol.map(|p| p.0);
         let (src_pos, src_neg) = self.addresses(&r.source);
