@@ -15,7 +15,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap},
 };
-use filter_common::{ct, CtKey, CtValue};
+use filter_common::{ct, proto, CtKey, CtValue};
 
 use crate::parse::{
     Family, Packet, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP,
@@ -76,12 +76,8 @@ struct Flow {
 
 #[inline(always)]
 fn flow(family: Family, proto: u8, src: &[u8; 16], dst: &[u8; 16], sport: u16, dport: u16) -> Flow {
-    let family = match family {
-        Family::V4 => filter_common::family::V4,
-        Family::V6 => filter_common::family::V6,
-    };
     let mut f = Flow {
-        key: CtKey::new(family, proto),
+        key: CtKey::new(family.code(), proto),
         from_a: false,
     };
     f.from_a = f.key.fill(src, dst, sport, dport);
@@ -194,7 +190,7 @@ pub fn track(pkt: &Packet, hook: Hook) -> Known {
     // request from the answering side (say, with the identifier of the
     // node's own ping) is a new flow, not part of this one. (A ping of
     // one's own address has one side only: nothing to tell apart.)
-    if (pkt.proto == IPPROTO_ICMP || pkt.proto == IPPROTO_ICMPV6)
+    if proto::is_icmp(pkt.proto)
         && is_echo_request(pkt) != from_opener
         && f.key.addr_a != f.key.addr_b
     {
@@ -299,8 +295,10 @@ fn record_end(v: &mut CtValue, nf: &mut u32, from_a: bool, end: u32) {
     }
 }
 
+/// The clock conntrack and the fragment table keep time by
+/// (CLOCK_MONOTONIC, as the agent reads it).
 #[inline(always)]
-fn now() -> u64 {
+pub fn now() -> u64 {
     // SAFETY: a helper without arguments or side effects.
     unsafe { bpf_ktime_get_ns() }
 }
@@ -322,7 +320,7 @@ pub fn open(pkt: &Packet, pending: bool) {
         return;
     }
     // Only a request opens an echo flow (see `track`).
-    if (pkt.proto == IPPROTO_ICMP || pkt.proto == IPPROTO_ICMPV6) && !is_echo_request(pkt) {
+    if proto::is_icmp(pkt.proto) && !is_echo_request(pkt) {
         return;
     }
     let f = packet_flow(pkt);

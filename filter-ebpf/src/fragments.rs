@@ -10,10 +10,10 @@
 //! first fragment, which policy judged, and discards overlapping fragments
 //! (and we drop the TCP fragment at offset 8 that could rewrite flags).
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::LruHashMap};
+use aya_ebpf::{macros::map, maps::LruHashMap};
 use filter_common::{FragKey, FRAGMENT_TIMEOUT_NS, MAX_FRAGMENTS};
 
-use crate::parse::{Family, Packet};
+use crate::{conntrack::now, parse::Packet};
 
 #[map(name = "FW_FRAG1")]
 static FW_FRAG1: LruHashMap<FragKey, u64> = LruHashMap::pinned(MAX_FRAGMENTS, 0);
@@ -21,22 +21,13 @@ static FW_FRAG1: LruHashMap<FragKey, u64> = LruHashMap::pinned(MAX_FRAGMENTS, 0)
 #[inline(always)]
 fn key(hook: u32, pkt: &Packet) -> FragKey {
     FragKey {
-        family: match pkt.family {
-            Family::V4 => 4,
-            Family::V6 => 6,
-        },
+        family: pkt.family.code(),
         hook: hook as u8 + 1,
         pad: [0; 2],
         id: pkt.frag_id,
         src: pkt.src,
         dst: pkt.dst,
     }
-}
-
-#[inline(always)]
-fn now() -> u64 {
-    // SAFETY: a helper without arguments or side effects.
-    unsafe { bpf_ktime_get_ns() }
 }
 
 /// Records that `hook` (a `parse::slot`) passed `pkt`, if it is a first

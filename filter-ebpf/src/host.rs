@@ -40,12 +40,10 @@ const AF_INET6: u8 = 10;
 /// `skb`: the program's `__sk_buff`, which the FIB helper needs.
 #[inline(never)]
 pub fn is_host_bound(skb: *mut core::ffi::c_void, ifindex: u32, pkt: &Packet) -> bool {
-    let (family, multicast) = match pkt.family {
-        Family::V4 => (
-            4,
-            pkt.dst[0] & 0xf0 == 0xe0 || pkt.dst[..4] == [255, 255, 255, 255],
-        ),
-        Family::V6 => (6, pkt.dst[0] == 0xff),
+    let family = pkt.family.code();
+    let multicast = match pkt.family {
+        Family::V4 => pkt.dst[0] & 0xf0 == 0xe0 || pkt.dst[..4] == [255, 255, 255, 255],
+        Family::V6 => pkt.dst[0] == 0xff,
     };
     if multicast {
         return true;

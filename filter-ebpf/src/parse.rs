@@ -65,6 +65,17 @@ pub enum Family {
     V6,
 }
 
+impl Family {
+    /// The family as map keys carry it (`filter_common::family`).
+    #[inline(always)]
+    pub fn code(self) -> u8 {
+        match self {
+            Family::V4 => filter_common::family::V4,
+            Family::V6 => filter_common::family::V6,
+        }
+    }
+}
+
 /// Per-CPU scratch for the parsed packet, one slot per program kind.
 ///
 /// The verifier checks everything after the parser once per distinct path
