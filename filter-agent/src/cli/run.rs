@@ -80,10 +80,10 @@ enum Outcome {
     },
 }
 
-/// Reads the directory; on failure compiles the resources in force
-/// (`in_force`) again for the interfaces of now.
-/// `in_force`: the resources in force and the interfaces they were
-/// compiled for.
+/// Reads the directory and compiles it for the interfaces of now; when it
+/// is refused, compiles the resources in force again instead if the
+/// interfaces changed since (`in_force`: those resources and the interfaces
+/// they were compiled for).
 fn load(
     dir: &Path,
     node_name: &str,
@@ -91,14 +91,16 @@ fn load(
     texts: &Texts,
     in_force: Option<(Arc<Store>, NodeInterfaces)>,
 ) -> Outcome {
-    match load_and_compile(dir, node_name, limits, texts) {
+    // One read of the interfaces serves both.
+    let ifaces = node::interfaces();
+    match load_and_compile(dir, node_name, &ifaces, limits, texts) {
         Ok(l) => Outcome::Loaded(l),
         Err(why) => Outcome::Rejected {
             why,
             recompiled: in_force
-                .filter(|(_, compiled_for)| *compiled_for != node::interfaces())
+                .filter(|(_, compiled_for)| *compiled_for != ifaces)
                 .and_then(|(store, _)| {
-                    compile_for_node(store, node_name, texts.clone())
+                    compile_for_node(store, node_name, ifaces, texts.clone())
                         .inspect_err(|e| tracing::error!(error = %e, "the resources in force do not compile for this node's interfaces of now"))
                         .ok()
                 }),
@@ -117,6 +119,7 @@ fn load(
 fn load_and_compile(
     dir: &Path,
     node_name: &str,
+    ifaces: &NodeInterfaces,
     limits: &Limits,
     in_force: &Texts,
 ) -> Result<Loaded, Refused> {
@@ -133,12 +136,22 @@ fn load_and_compile(
             text.clone_from(good);
         }
     }
-    let store = Store::from_texts(texts.clone()).map_err(Refused::Invalid)?;
-    compile_for_node(Arc::new(store), node_name, texts.into_iter().collect())
+    let store = Store::from_texts(&texts).map_err(Refused::Invalid)?;
+    compile_for_node(
+        Arc::new(store),
+        node_name,
+        ifaces.clone(),
+        texts.into_iter().collect(),
+    )
 }
 
-/// Compiles `store` for this node and its interfaces of now.
-fn compile_for_node(store: Arc<Store>, node_name: &str, texts: Texts) -> Result<Loaded, Refused> {
+/// Compiles `store` for this node and its interfaces `ifaces`.
+fn compile_for_node(
+    store: Arc<Store>,
+    node_name: &str,
+    ifaces: NodeInterfaces,
+    texts: Texts,
+) -> Result<Loaded, Refused> {
     // Said once per agent: the same files are reloaded on every change.
     static WARNED: std::sync::Once = std::sync::Once::new();
     if !store.network_policies.is_empty() {
@@ -147,7 +160,6 @@ fn compile_for_node(store: Arc<Store>, node_name: &str, texts: Texts) -> Result<
             "NetworkPolicy resources select pods, never host endpoints: loaded and validated, not enforced here"
         ));
     }
-    let ifaces = node::interfaces();
     let cnode = compile::Node {
         name: node_name.to_owned(),
         interfaces: ifaces

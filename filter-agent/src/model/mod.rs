@@ -134,14 +134,14 @@ impl Store {
 
     /// [`Store::load_dir`] with `limits`.
     pub fn load_dir_limited(dir: &Path, limits: &Limits) -> Result<Store, Vec<Error>> {
-        Self::from_texts(read_dir_texts(dir, limits)?)
+        Self::from_texts(&read_dir_texts(dir, limits)?)
     }
 
     /// Parses and validates files already read (see [`read_dir_texts`]).
-    pub fn from_texts(texts: Vec<(PathBuf, String)>) -> Result<Store, Vec<Error>> {
+    pub fn from_texts(texts: &[(PathBuf, String)]) -> Result<Store, Vec<Error>> {
         let mut store = Store::default();
         let mut errors = Vec::new();
-        for (file, text) in &texts {
+        for (file, text) in texts {
             store.add_text(file, text, &mut errors);
         }
         if errors.is_empty() {
@@ -161,7 +161,7 @@ impl Store {
 
     /// [`Store::load_files`] with `limits`.
     pub fn load_files_limited(files: &[PathBuf], limits: &Limits) -> Result<Store, Vec<Error>> {
-        Self::from_texts(read_texts(files, limits)?)
+        Self::from_texts(&read_texts(files, limits)?)
     }
 
     /// Parses one file's text into the store, appending errors.
