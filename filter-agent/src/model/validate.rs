@@ -13,15 +13,12 @@ use crate::selector::Selector;
 
 /// Validates every resource of `store`, appending errors.
 pub fn store(store: &Store, errors: &mut Vec<Error>) {
-    // Names, labels and annotations of every kind (the GNP's name is
-    // checked with its spec below).
+    // Names, labels and annotations of every kind.
     macro_rules! meta_of {
         ($list:expr, $kind:expr) => {
             for r in &$list {
                 let mut report = reporter(r, errors);
-                if $kind != "GlobalNetworkPolicy" && $kind != "NetworkPolicy" {
-                    name(&r.meta.name, $kind, &mut report);
-                }
+                name(&r.meta.name, $kind, &mut report);
                 metadata(&r.meta, &mut report);
             }
         };
@@ -39,7 +36,6 @@ pub fn store(store: &Store, errors: &mut Vec<Error>) {
     }
     for p in &store.network_policies {
         let mut report = reporter(p, errors);
-        name(&p.meta.name, "NetworkPolicy", &mut report);
         performance_hints(&p.spec.performance_hints, &mut report);
         if let Some(s) = &p.spec.selector {
             selector(s, "spec.selector", &mut report);
@@ -378,7 +374,6 @@ fn selector(expr: &str, field: &str, report: &mut Reporter<'_>) {
 fn global_policy(p: &Resource<GlobalNetworkPolicySpec>, errors: &mut Vec<Error>) {
     let mut report = reporter(p, errors);
     let s = &p.spec;
-    name(&p.meta.name, "GlobalNetworkPolicy", &mut report);
     for (field, sel) in [
         ("spec.selector", &s.selector),
         ("spec.namespaceSelector", &s.namespace_selector),
