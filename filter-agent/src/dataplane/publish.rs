@@ -41,10 +41,13 @@ pub fn class_storage(compiled: &Compiled) -> Result<(usize, usize), Error> {
 /// refuses what `run` would, with the same message.
 pub fn preflight(compiled: &Compiled) -> Result<(), Error> {
     check_capacity(compiled)?;
-    let ifaces: Interfaces = compiled
+    let names: BTreeSet<&String> = compiled
         .tables
         .iter()
         .flat_map(|t| t.masks.keys())
+        .collect();
+    let ifaces: Interfaces = names
+        .into_iter()
         .enumerate()
         .map(|(i, name)| (name.clone(), i as u32 + 1))
         .collect();
