@@ -638,6 +638,12 @@ pub mod ct {
     /// `CtValue::opened` units: nanoseconds shifted right by this.
     pub const OPENED_SHIFT: u32 = 30;
 
+    /// `now` (nanoseconds, CLOCK_MONOTONIC) in `CtValue::opened` units.
+    #[inline(always)]
+    pub const fn opened_units(now: u64) -> u32 {
+        (now >> OPENED_SHIFT) as u32
+    }
+
     const SECOND: u64 = 1_000_000_000;
     /// TCP, opened but not answered (netfilter's SYN_SENT is 120 s).
     pub const TCP_OPENING: u64 = 120 * SECOND;

@@ -257,7 +257,7 @@ fn qualifies_as_assured(pkt: &Packet, v: &CtValue, from_opener: bool, now: u64) 
                 && v.flags & (ct::RST | ct::FIN_A | ct::FIN_B) == 0
         }
         IPPROTO_ICMP | IPPROTO_ICMPV6 => false,
-        _ => opened_units(now).wrapping_sub(v.opened) >= ct::ASSURED_AFTER,
+        _ => ct::opened_units(now).wrapping_sub(v.opened) >= ct::ASSURED_AFTER,
     }
 }
 
@@ -273,11 +273,6 @@ fn assure(key: &CtKey, v: &CtValue) {
     } else {
         crate::counters::count_reason(filter_common::reason::EVENT_ASSURED_TABLE_FULL);
     }
-}
-
-#[inline(always)]
-fn opened_units(now: u64) -> u32 {
-    (now >> ct::OPENED_SHIFT) as u32
 }
 
 /// Moves side `from_a`'s end forward to `end` (never back: segments
@@ -334,7 +329,7 @@ pub fn open(pkt: &Packet, pending: bool) {
         flags,
         end_a: 0,
         end_b: 0,
-        opened: opened_units(now),
+        opened: ct::opened_units(now),
     };
     if pkt.proto == IPPROTO_TCP {
         record_end(&mut value, &mut flags, f.from_a, pkt.tcp_end);

@@ -186,7 +186,7 @@ pub(super) fn entry(flow: &Flow, answered: bool) -> (CtKey, CtValue) {
     let value = CtValue {
         last_seen: now,
         flags,
-        opened: (now >> ct::OPENED_SHIFT) as u32,
+        opened: ct::opened_units(now),
         ..CtValue::default()
     };
     (key, value)
