@@ -14,7 +14,9 @@ use filter_agent::{
     model::Store,
 };
 use filter_common::reason;
-use filter_tests::{ipv6_with_dest_options, privileged, unique, with_priority_tags, Rng};
+use filter_tests::{
+    ipv4_fragments, ipv6_with_dest_options, privileged, unique, with_priority_tags, Rng,
+};
 
 #[path = "kernel/frames.rs"]
 mod frames;
@@ -725,30 +727,17 @@ fn kernel_finds_the_emulated_rule_anywhere_in_a_full_size_table() {
     assert!(deepest >= 12_288, "deepest deciding rule {deepest}");
 }
 
-/// An IPv4 fragment of a TCP segment to `dport`: the L4 bytes
-/// `[offset * 8, offset * 8 + len)` of a SYN with 12 bytes of payload.
-fn tcp4_fragment(dport: u16, id: u16, offset: u16, len: usize, more: bool) -> Vec<u8> {
-    let whole = {
-        let mut v = Vec::new();
-        PacketBuilder::ethernet2(MAC_A, MAC_B)
-            .ipv4(OTHER, WORKER, 64)
-            .tcp(40000, dport, 1, 1024)
-            .syn()
-            .write(&mut v, &[7u8; 12])
-            .expect("build");
-        v
-    };
-    let l4 = &whole[IP4 + 20..];
-    let start = offset as usize * 8;
-    let part = &l4[start..(start + len).min(l4.len())];
-    let mut v = whole[..IP4 + 20].to_vec();
-    v.extend_from_slice(part);
-    let total = (20 + part.len()) as u16;
-    v[IP4 + 2..IP4 + 4].copy_from_slice(&total.to_be_bytes());
-    v[IP4 + 4..IP4 + 6].copy_from_slice(&id.to_be_bytes());
-    let flags = offset | if more { 0x2000 } else { 0 };
-    v[IP4 + 6..IP4 + 8].copy_from_slice(&flags.to_be_bytes());
-    v
+/// A TCP SYN with 12 bytes of payload (32 L4 bytes) to `dport`, cut
+/// after `cut` L4 bytes into two fragments of datagram `id`.
+fn syn_fragments(dport: u16, cut: usize, id: u16) -> Vec<Vec<u8>> {
+    let mut whole = Vec::new();
+    PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(OTHER, WORKER, 64)
+        .tcp(40000, dport, 1, 1024)
+        .syn()
+        .write(&mut whole, &[7u8; 12])
+        .expect("build");
+    ipv4_fragments(&whole, &[cut], id)
 }
 
 /// The evasions of the hardening issue, as crafted frames through `fw_xdp`
@@ -766,43 +755,43 @@ fn evasions_are_dropped_or_judged_at_xdp_and_tc_in_ns() {
     let mut k = Loaded::new(&format!("{POLICY}{ALLOW_NORMAL}"));
     // Tiny first fragment: 8 bytes of TCP header, no flags byte (RFC 1858).
     assert_eq!(
-        k.both(&tcp4_fragment(31000, 7, 0, 8, true), "tiny"),
+        k.both(&syn_fragments(31000, 8, 7)[0], "tiny"),
         XDP_DROP,
         "tiny first fragment"
     );
     // The rest of that header at offset 8 (RFC 3128) and beyond.
     assert_eq!(
-        k.both(&tcp4_fragment(31000, 7, 1, 24, false), "offset 1"),
+        k.both(&syn_fragments(31000, 8, 7)[1], "offset 1"),
         XDP_DROP,
         "TCP fragment at offset 8"
     );
     assert_eq!(
-        k.both(&tcp4_fragment(31000, 7, 2, 16, false), "offset 2"),
+        k.both(&syn_fragments(31000, 16, 7)[1], "offset 2"),
         XDP_DROP,
         "fragment without its first"
     );
     // An allowed datagram in two fragments: the later one follows the first.
     assert_eq!(
-        k.both(&tcp4_fragment(8080, 9, 0, 24, true), "allowed first"),
+        k.both(&syn_fragments(8080, 24, 9)[0], "allowed first"),
         XDP_PASS
     );
     assert_eq!(
-        k.both(&tcp4_fragment(8080, 9, 3, 8, false), "allowed later"),
+        k.both(&syn_fragments(8080, 24, 9)[1], "allowed later"),
         XDP_PASS,
         "later fragment of an allowed datagram"
     );
     assert_eq!(
-        k.both(&tcp4_fragment(8080, 10, 3, 8, false), "other id"),
+        k.both(&syn_fragments(8080, 24, 10)[1], "other id"),
         XDP_DROP,
         "a fragment of another datagram"
     );
     // A denied datagram's first fragment, then its later one.
     assert_eq!(
-        k.both(&tcp4_fragment(31000, 11, 0, 24, true), "denied first"),
+        k.both(&syn_fragments(31000, 24, 11)[0], "denied first"),
         XDP_DROP
     );
     assert_eq!(
-        k.both(&tcp4_fragment(31000, 11, 3, 8, false), "denied later"),
+        k.both(&syn_fragments(31000, 24, 11)[1], "denied later"),
         XDP_DROP
     );
 
