@@ -745,10 +745,10 @@ fn syn_fragments(dport: u16, cut: usize, id: u16) -> Vec<Vec<u8>> {
 /// fields the kernel would deliver, never passed unjudged.
 #[test]
 fn evasions_are_dropped_or_judged_at_xdp_and_tc() {
-    if !privileged("evasions_are_dropped_or_judged_at_xdp_and_tc") {
-        return;
-    }
-    in_router_ns(evasions_are_dropped_or_judged_at_xdp_and_tc_in_ns);
+    in_router_ns(
+        "evasions_are_dropped_or_judged_at_xdp_and_tc",
+        evasions_are_dropped_or_judged_at_xdp_and_tc_in_ns,
+    );
 }
 
 fn evasions_are_dropped_or_judged_at_xdp_and_tc_in_ns() {
@@ -860,10 +860,10 @@ fn evasions_are_dropped_or_judged_at_xdp_and_tc_in_ns() {
 /// and a blind RST, against a policy that denies all ICMP before DNAT.
 #[test]
 fn conntrack_is_not_fooled_by_forged_echoes_errors_or_resets() {
-    if !privileged("conntrack_is_not_fooled_by_forged_echoes_errors_or_resets") {
-        return;
-    }
-    in_router_ns(conntrack_is_not_fooled_by_forged_echoes_errors_or_resets_in_ns);
+    in_router_ns(
+        "conntrack_is_not_fooled_by_forged_echoes_errors_or_resets",
+        conntrack_is_not_fooled_by_forged_echoes_errors_or_resets_in_ns,
+    );
 }
 
 fn conntrack_is_not_fooled_by_forged_echoes_errors_or_resets_in_ns() {
@@ -991,10 +991,10 @@ fn conntrack_is_not_fooled_by_forged_echoes_errors_or_resets_in_ns() {
 /// its next packet is judged (and dropped) as new.
 #[test]
 fn a_flood_of_new_flows_does_not_evict_assured_ones() {
-    if !privileged("a_flood_of_new_flows_does_not_evict_assured_ones") {
-        return;
-    }
-    in_router_ns(a_flood_of_new_flows_does_not_evict_assured_ones_in_ns);
+    in_router_ns(
+        "a_flood_of_new_flows_does_not_evict_assured_ones",
+        a_flood_of_new_flows_does_not_evict_assured_ones_in_ns,
+    );
 }
 
 fn a_flood_of_new_flows_does_not_evict_assured_ones_in_ns() {
@@ -1086,10 +1086,13 @@ spec:
     );
 }
 
-/// Runs `body` in a namespace with a router's FIB (WORKER's addresses
-/// local, the rest routed on): the TC programs ask the FIB whether a
-/// packet is for the node.
-fn in_router_ns(body: fn()) {
+/// Runs the privileged test `test`'s `body` in a namespace with a router's
+/// FIB (WORKER's addresses local, the rest routed on): the TC programs ask
+/// the FIB whether a packet is for the node.
+fn in_router_ns(test: &str, body: fn()) {
+    if !privileged(test) {
+        return;
+    }
     let ns = filter_tests::router_netns("fwkr", "198.51.100.1", "2001:db8::1");
     ns.run(body);
 }
@@ -1102,10 +1105,10 @@ fn in_router_ns(body: fn()) {
 /// when it is well formed, within the parser's bounds and allowed.
 #[test]
 fn random_frames_are_dropped_or_judged_on_what_the_kernel_delivers() {
-    if !privileged("random_frames_are_dropped_or_judged_on_what_the_kernel_delivers") {
-        return;
-    }
-    in_router_ns(random_frames_in_ns);
+    in_router_ns(
+        "random_frames_are_dropped_or_judged_on_what_the_kernel_delivers",
+        random_frames_in_ns,
+    );
 }
 
 fn random_frames_in_ns() {
