@@ -10,6 +10,7 @@ use filter_agent::{
         Action, Cidr, EntityRule, GlobalNetworkPolicySpec, HostEndpointSpec, Metadata, Origin,
         Port, Protocol, Resource, Rule, Store,
     },
+    selector::Written,
 };
 
 fn resource<S>(name: &str, labels: &[(&str, &str)], spec: S) -> Resource<S> {
@@ -27,7 +28,7 @@ fn resource<S>(name: &str, labels: &[(&str, &str)], spec: S) -> Resource<S> {
             file: PathBuf::from("bench"),
             line: 1,
         },
-        doc: (1, String::new()),
+        source: Default::default(),
     }
 }
 
@@ -51,7 +52,7 @@ fn store(rules: usize, cidrs: usize) -> Store {
             pre_dnat: true,
             apply_on_forward: true,
             order: Some(p as f64),
-            selector: Some("role == 'pub'".into()),
+            selector: Some(Written::new("role == 'pub'").expect("selector")),
             ..Default::default()
         };
         for r in 0..10 {

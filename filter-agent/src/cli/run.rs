@@ -222,7 +222,6 @@ pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
         host_addrs: BTreeSet::new(),
         limits: Limits {
             max_file_bytes: args.max_file_size,
-            ..Limits::default()
         },
         texts: Texts::new(),
         parse_timeout: Duration::from_secs(args.parse_timeout.max(1)),

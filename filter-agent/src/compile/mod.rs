@@ -57,7 +57,7 @@ use crate::{
         self, defaults, Action, EntityRule, GlobalNetworkPolicySpec, HostEndpointSpec, PolicyType,
         Port, ProfileSpec, Resource, Rule, Store, TierAction,
     },
-    selector::Selector,
+    selector::{Selector, Written},
 };
 use bits::RuleSet;
 use prefix::{FieldMatch, Prefix};

@@ -67,18 +67,12 @@ pub fn applies_to_host_endpoint(
     // A HEP has no namespace or service-account labels: `all()` there means
     // "has a namespace" and never matches, while a negative expression still
     // can (docs/semantics.md 1.1).
-    let scoped = |s: &Option<String>| match s.as_deref().map(str::trim) {
-        None | Some("") => true,
-        Some(text) => match Selector::parse(text) {
-            Ok(sel) if sel == Selector::parse("all()").expect("constant") => false,
-            Ok(sel) => sel.matches(&BTreeMap::new()),
-            Err(_) => false,
-        },
-    };
-    let selected = match spec.selector.as_deref() {
+    let scoped = |s: &Option<Written>| match s {
         None => true,
-        Some(text) => Selector::parse(text).is_ok_and(|s| s.matches(labels)),
+        Some(w) if w.is_blank() => true,
+        Some(w) => !w.selector().is_all() && w.matches(&BTreeMap::new()),
     };
+    let selected = spec.selector.as_ref().is_none_or(|s| s.matches(labels));
     selected && scoped(&spec.namespace_selector) && scoped(&spec.service_account_selector)
 }
 

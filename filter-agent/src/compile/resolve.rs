@@ -51,15 +51,13 @@ impl<'a> Resolver<'a> {
     /// their expectedIPs only.
     pub(super) fn selected(&self, e: &EntityRule, sel: &Selector) -> Vec<IpNetwork> {
         let mut out = Vec::new();
-        let global = match e.namespace_selector.as_deref().map(str::trim) {
-            None | Some("") => true,
-            Some("global()") => true,
-            Some(_) => false,
-        };
-        let namespaced = match e.namespace_selector.as_deref().map(str::trim) {
-            None | Some("") => Some(None),
-            Some("global()") => None,
-            Some(ns) => Some(Selector::parse(ns).ok()),
+        let ns = e.namespace_selector.as_ref().filter(|n| !n.is_blank());
+        let global = ns.is_none_or(|n| n.selector().is_global());
+        // None: no network set is in scope; Some(None): all are.
+        let namespaced = match ns {
+            None => Some(None),
+            Some(n) if n.selector().is_global() => None,
+            Some(n) => Some(Some(n.selector())),
         };
         if global {
             for h in &self.store.host_endpoints {
@@ -99,23 +97,16 @@ impl<'a> Resolver<'a> {
         let all = Selector::parse("all()").expect("constant");
         let mut pos: AddrSet = (!e.nets.is_empty()).then(|| e.nets.iter().map(|c| c.0).collect());
         let mut neg: Vec<IpNetwork> = e.not_nets.iter().map(|c| c.0).collect();
-        let scoped = e
-            .namespace_selector
-            .as_deref()
-            .is_some_and(|s| !s.trim().is_empty());
-        if let Some(sel) = e.selector.as_deref().and_then(|s| Selector::parse(s).ok()) {
-            pos = Some(intersect(pos, self.selected(e, &sel)));
+        let scoped = e.namespace_selector.as_ref().is_some_and(|s| !s.is_blank());
+        if let Some(sel) = &e.selector {
+            pos = Some(intersect(pos, self.selected(e, sel.selector())));
         } else if scoped {
             // A namespaceSelector alone (or with notSelector) limits the
             // peer to the scoped resources.
             pos = Some(intersect(pos, self.selected(e, &all)));
         }
-        if let Some(sel) = e
-            .not_selector
-            .as_deref()
-            .and_then(|s| Selector::parse(s).ok())
-        {
-            neg.extend(self.selected(e, &sel));
+        if let Some(sel) = &e.not_selector {
+            neg.extend(self.selected(e, sel.selector()));
         }
         if e.service_accounts.is_some() || e.services.is_some() {
             // Pods only: no host endpoint or network set ever matches.
@@ -132,13 +123,10 @@ impl<'a> Resolver<'a> {
         name: &str,
         protocol: Option<u8>,
     ) -> Vec<(IpAddr, u8, u16)> {
-        let sel = e.selector.as_deref().and_then(|s| Selector::parse(s).ok());
+        let sel = e.selector.as_ref();
         let mut out = Vec::new();
         for h in &self.store.host_endpoints {
-            if sel
-                .as_ref()
-                .is_some_and(|s| !s.matches(&endpoint_labels(self.store, h)))
-            {
+            if sel.is_some_and(|s| !s.matches(&endpoint_labels(self.store, h))) {
                 continue;
             }
             for p in h

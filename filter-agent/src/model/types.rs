@@ -11,6 +11,8 @@ use std::{collections::BTreeMap, fmt, net::IpAddr};
 use ipnetwork::IpNetwork;
 use serde::{de, Deserialize, Deserializer};
 
+use crate::selector::Written;
+
 /// `metadata` of any resource.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -35,13 +37,13 @@ pub struct Metadata {
     pub uid: Option<String>,
     /// As above.
     #[serde(default)]
-    pub creation_timestamp: Option<serde_yaml_ng::Value>,
+    pub creation_timestamp: Option<serde_json::Value>,
     /// As above.
     #[serde(default)]
     pub generation: Option<i64>,
     /// As above.
     #[serde(default)]
-    pub managed_fields: Option<serde_yaml_ng::Value>,
+    pub managed_fields: Option<serde_json::Value>,
 }
 
 /// `spec` of a GlobalNetworkPolicy (docs/semantics.md 1.1).
@@ -56,13 +58,13 @@ pub struct GlobalNetworkPolicySpec {
     pub order: Option<f64>,
     /// Endpoints the policy applies to; empty means `all()`.
     #[serde(default)]
-    pub selector: Option<String>,
+    pub selector: Option<Written>,
     /// ANDed into `selector` against namespace labels.
     #[serde(default)]
-    pub namespace_selector: Option<String>,
+    pub namespace_selector: Option<Written>,
     /// ANDed into `selector` against service-account labels.
     #[serde(default)]
-    pub service_account_selector: Option<String>,
+    pub service_account_selector: Option<Written>,
     /// Directions governed; defaulted from the rules when empty.
     #[serde(default)]
     pub types: Vec<PolicyType>,
@@ -99,10 +101,10 @@ pub struct NetworkPolicySpec {
     pub order: Option<f64>,
     /// Pods the policy applies to.
     #[serde(default)]
-    pub selector: Option<String>,
+    pub selector: Option<Written>,
     /// Service accounts.
     #[serde(default)]
-    pub service_account_selector: Option<String>,
+    pub service_account_selector: Option<Written>,
     /// Directions governed.
     #[serde(default)]
     pub types: Vec<PolicyType>,
@@ -155,10 +157,10 @@ pub struct Rule {
     pub destination: EntityRule,
     /// Application-layer match (not enforceable at L3/L4).
     #[serde(default)]
-    pub http: Option<serde_yaml_ng::Value>,
+    pub http: Option<serde_json::Value>,
     /// Free-form metadata.
     #[serde(default)]
-    pub metadata: Option<serde_yaml_ng::Value>,
+    pub metadata: Option<serde_json::Value>,
 }
 
 /// Rule actions.
@@ -199,13 +201,13 @@ pub struct EntityRule {
     pub not_nets: Vec<Cidr>,
     /// The address belongs to a selected endpoint or network set.
     #[serde(default)]
-    pub selector: Option<String>,
+    pub selector: Option<Written>,
     /// The address belongs to no selected endpoint or network set.
     #[serde(default)]
-    pub not_selector: Option<String>,
+    pub not_selector: Option<Written>,
     /// Scopes `selector` to namespaces.
     #[serde(default)]
-    pub namespace_selector: Option<String>,
+    pub namespace_selector: Option<Written>,
     /// The port is one of these.
     #[serde(default)]
     pub ports: Vec<Port>,
@@ -214,10 +216,10 @@ pub struct EntityRule {
     pub not_ports: Vec<Port>,
     /// Service-account match (pods only).
     #[serde(default)]
-    pub service_accounts: Option<serde_yaml_ng::Value>,
+    pub service_accounts: Option<serde_json::Value>,
     /// Kubernetes service match (pods only).
     #[serde(default)]
-    pub services: Option<serde_yaml_ng::Value>,
+    pub services: Option<serde_json::Value>,
 }
 
 impl EntityRule {
@@ -647,6 +649,6 @@ mod tests {
             assert!(bad.parse::<Protocol>().is_err(), "{bad}");
         }
         // YAML stays case-sensitive, as Calico's validator.
-        assert!(serde_yaml_ng::from_str::<Protocol>("tcp").is_err());
+        assert!(serde_saphyr::from_str::<Protocol>("tcp").is_err());
     }
 }

@@ -6,10 +6,8 @@
 //! storing a policy (1.1).
 
 use super::{
-    locate, Error, GlobalNetworkPolicySpec, HostEndpointSpec, Origin, PolicyType, Resource, Rule,
-    Store,
+    Error, GlobalNetworkPolicySpec, HostEndpointSpec, Origin, PolicyType, Resource, Rule, Store,
 };
-use crate::selector::Selector;
 
 /// Validates every resource of `store`, appending errors.
 pub fn store(store: &Store, errors: &mut Vec<Error>) {
@@ -37,9 +35,6 @@ pub fn store(store: &Store, errors: &mut Vec<Error>) {
     for p in &store.network_policies {
         let mut report = reporter(p, errors);
         performance_hints(&p.spec.performance_hints, &mut report);
-        if let Some(s) = &p.spec.selector {
-            selector(s, "spec.selector", &mut report);
-        }
         for (dir, rules) in [("ingress", &p.spec.ingress), ("egress", &p.spec.egress)] {
             for (i, r) in rules.iter().enumerate() {
                 rule(r, &format!("spec.{dir}[{i}]"), dir, false, &mut report);
@@ -195,47 +190,29 @@ pub fn effective_types(spec: &GlobalNetworkPolicySpec) -> Vec<PolicyType> {
 /// Collects errors of one resource; `field` is a path inside the resource.
 struct Reporter<'a> {
     origin: &'a Origin,
-    /// Line where the resource's document starts, and its path in it.
-    doc: &'a (usize, String),
-    text: Option<String>,
+    source: &'a super::Source,
     errors: &'a mut Vec<Error>,
 }
 
 fn reporter<'a, S>(r: &'a Resource<S>, errors: &'a mut Vec<Error>) -> Reporter<'a> {
     Reporter {
         origin: &r.origin,
-        doc: &r.doc,
-        text: None,
+        source: &r.source,
         errors,
     }
 }
 
 impl Reporter<'_> {
     fn error(&mut self, field: &str, message: impl Into<String>) {
-        // Read the document again only when there is an error to place.
-        if self.text.is_none() {
-            self.text = Some(document_text(&self.origin.file, self.doc.0).unwrap_or_default());
-        }
-        let text = self.text.as_deref().unwrap_or_default();
-        let line = self.doc.0 + locate::line_of(text, &super::join_path(&self.doc.1, field)) - 1;
         self.errors.push(Error {
             origin: Origin {
                 file: self.origin.file.clone(),
-                line,
+                line: self.source.line_of(field).unwrap_or(self.origin.line),
             },
             field: field.to_owned(),
             message: message.into(),
         });
     }
-}
-
-/// The text of the document of `file` that starts at `line`.
-fn document_text(file: &std::path::Path, line: usize) -> Option<String> {
-    let text = std::fs::read_to_string(file).ok()?;
-    super::split_documents(&text)
-        .into_iter()
-        .find(|(l, _)| *l == line)
-        .map(|(_, d)| d.to_owned())
 }
 
 /// A DNS-1123 label as Calico's validator writes it
@@ -365,12 +342,6 @@ fn metadata(meta: &super::Metadata, report: &mut Reporter<'_>) {
     }
 }
 
-fn selector(expr: &str, field: &str, report: &mut Reporter<'_>) {
-    if let Err(e) = Selector::parse(expr) {
-        report.error(field, format!("invalid selector {expr:?}: {e}"));
-    }
-}
-
 fn global_policy(p: &Resource<GlobalNetworkPolicySpec>, errors: &mut Vec<Error>) {
     let mut report = reporter(p, errors);
     let s = &p.spec;
@@ -379,9 +350,9 @@ fn global_policy(p: &Resource<GlobalNetworkPolicySpec>, errors: &mut Vec<Error>)
         ("spec.namespaceSelector", &s.namespace_selector),
         ("spec.serviceAccountSelector", &s.service_account_selector),
     ] {
+        // Calico looks for the text, wherever it is in the expression.
         if let Some(sel) = sel {
-            selector(sel, field, &mut report);
-            if sel.contains("global()") {
+            if sel.text().contains("global()") {
                 report.error(
                     field,
                     "global() is allowed only in a rule's namespaceSelector",
@@ -450,15 +421,6 @@ fn rule(r: &Rule, path: &str, direction: &str, global: bool, report: &mut Report
                 format!("protocol {p} does not support ports; only TCP, UDP and SCTP do"),
             ),
             _ => {}
-        }
-        for (field, sel) in [
-            ("selector", &e.selector),
-            ("notSelector", &e.not_selector),
-            ("namespaceSelector", &e.namespace_selector),
-        ] {
-            if let Some(sel) = sel {
-                selector(sel, &format!("{path}.{side}.{field}"), report);
-            }
         }
         for (i, n) in e.not_nets.iter().enumerate() {
             if n.0.prefix() == 0 {
@@ -535,14 +497,17 @@ fn rule(r: &Rule, path: &str, direction: &str, global: bool, report: &mut Report
         http_match(http, &format!("{path}.http"), report);
     }
     for (side, e) in [("source", &r.source), ("destination", &r.destination)] {
-        if e.selector.as_deref().is_some_and(|s| s.contains("global(")) {
+        if e.selector
+            .as_ref()
+            .is_some_and(|s| s.text().contains("global("))
+        {
             report.error(
                 &format!("{path}.{side}.selector"),
                 "global() can only be used in an EntityRule namespaceSelector",
             );
         }
-        if let Some(ns) = e.namespace_selector.as_deref() {
-            if ns.contains("global()") && ns.trim() != "global()" {
+        if let Some(ns) = &e.namespace_selector {
+            if ns.text().contains("global()") && ns.text().trim() != "global()" {
                 report.error(
                     &format!("{path}.{side}.namespaceSelector"),
                     "global() must be the whole namespaceSelector",
@@ -617,10 +582,10 @@ fn performance_hints(hints: &[String], report: &mut Reporter<'_>) {
 /// at most 20 methods, none twice; at most 20 paths, each with exactly one
 /// of `exact` and `prefix`, starting with `/` and free of `?`, `#` and
 /// blanks (RFC 3986).
-fn http_match(http: &serde_yaml_ng::Value, field: &str, report: &mut Reporter<'_>) {
-    let list = |key: &str| -> Vec<serde_yaml_ng::Value> {
+fn http_match(http: &serde_json::Value, field: &str, report: &mut Reporter<'_>) {
+    let list = |key: &str| -> Vec<serde_json::Value> {
         http.get(key)
-            .and_then(|v| v.as_sequence())
+            .and_then(|v| v.as_array())
             .cloned()
             .unwrap_or_default()
     };
@@ -1107,7 +1072,7 @@ mod tests {
         use super::effective_types;
         use crate::model::PolicyType::*;
         let spec = |y: &str| -> crate::model::GlobalNetworkPolicySpec {
-            serde_yaml_ng::from_str(y).expect("spec")
+            serde_saphyr::from_str(y).expect("spec")
         };
         assert_eq!(effective_types(&spec("{}")), vec![Ingress]);
         assert_eq!(

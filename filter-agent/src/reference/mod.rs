@@ -20,7 +20,7 @@ use crate::{
         defaults, Action, EntityRule, HostEndpointSpec, IcmpFields, PolicyType, Port, Resource,
         Rule, Store, TierAction,
     },
-    selector::Selector,
+    selector::{Selector, Written},
 };
 
 // The one vocabulary: the stages and directions of filter-common, with
@@ -278,17 +278,15 @@ impl<'a> Reference<'a> {
         dir: Direction,
     ) -> bool {
         let labels = self.hep_labels(h);
-        let sel_ok = spec
-            .selector
-            .as_deref()
-            .is_none_or(|s| Selector::parse(s).is_ok_and(|s| s.matches(&labels)));
+        let sel_ok = spec.selector.as_ref().is_none_or(|s| s.matches(&labels));
         // Namespace and service-account selectors see no labels on a HEP,
         // and all() there means "in some namespace" (1.1).
         let empty = BTreeMap::new();
-        let side_ok = |s: &Option<String>| match s.as_deref().map(str::trim) {
-            None | Some("") => true,
-            Some("all()") => false,
-            Some(t) => Selector::parse(t).is_ok_and(|s| s.matches(&empty)),
+        let side_ok = |s: &Option<Written>| match s {
+            None => true,
+            Some(w) if w.is_blank() => true,
+            Some(w) if w.selector().is_all() => false,
+            Some(w) => w.matches(&empty),
         };
         let types: Vec<PolicyType> = if spec.types.is_empty() {
             let mut t = Vec::new();
@@ -672,15 +670,13 @@ impl<'a> Reference<'a> {
         if e.service_accounts.is_some() || e.services.is_some() {
             return false;
         }
-        let scoped = e
-            .namespace_selector
-            .as_deref()
-            .is_some_and(|s| !s.trim().is_empty());
-        if let Some(sel) = e.selector.as_deref() {
-            let Ok(sel) = Selector::parse(sel) else {
-                return false;
-            };
-            if !self.known_addresses(e, &sel).iter().any(|n| n.contains(ip)) {
+        let scoped = e.namespace_selector.as_ref().is_some_and(|s| !s.is_blank());
+        if let Some(sel) = &e.selector {
+            if !self
+                .known_addresses(e, sel.selector())
+                .iter()
+                .any(|n| n.contains(ip))
+            {
                 return false;
             }
         } else if scoped {
@@ -689,11 +685,12 @@ impl<'a> Reference<'a> {
                 return false;
             }
         }
-        if let Some(sel) = e.not_selector.as_deref() {
-            let Ok(sel) = Selector::parse(sel) else {
-                return false;
-            };
-            if self.known_addresses(e, &sel).iter().any(|n| n.contains(ip)) {
+        if let Some(sel) = &e.not_selector {
+            if self
+                .known_addresses(e, sel.selector())
+                .iter()
+                .any(|n| n.contains(ip))
+            {
                 return false;
             }
         }
@@ -717,13 +714,10 @@ impl<'a> Reference<'a> {
     /// namespace selector other than `global()` is set; network sets whose
     /// namespace it selects (2.5, 5.4).
     fn known_addresses(&self, e: &EntityRule, sel: &Selector) -> Vec<IpNetwork> {
-        let ns_sel = e
-            .namespace_selector
-            .as_deref()
-            .map(str::trim)
-            .filter(|s| !s.is_empty());
+        let ns_sel = e.namespace_selector.as_ref().filter(|s| !s.is_blank());
+        let global = ns_sel.is_some_and(|s| s.selector().is_global());
         let mut out = Vec::new();
-        if ns_sel.is_none() || ns_sel == Some("global()") {
+        if ns_sel.is_none() || global {
             for h in &self.store.host_endpoints {
                 if sel.matches(&self.hep_labels(h)) {
                     out.extend(
@@ -746,17 +740,12 @@ impl<'a> Reference<'a> {
                 }
             }
         }
-        if ns_sel != Some("global()") {
-            let ns_selector = ns_sel.and_then(|s| Selector::parse(s).ok());
+        if !global {
             for s in &self.store.network_sets {
                 let ns = s.meta.namespace.clone().unwrap_or_else(|| "default".into());
                 let labels: BTreeMap<String, String> =
                     [("projectcalico.org/name".to_string(), ns)].into();
-                let ns_ok = match (ns_sel, &ns_selector) {
-                    (None, _) => true,
-                    (Some(_), Some(nsel)) => nsel.matches(&labels),
-                    (Some(_), None) => false,
-                };
+                let ns_ok = ns_sel.is_none_or(|n| n.matches(&labels));
                 if ns_ok && sel.matches(&s.meta.labels) {
                     out.extend(
                         s.spec
@@ -773,7 +762,7 @@ impl<'a> Reference<'a> {
     /// Whether `(ip, proto, port)` belongs to an endpoint that declares
     /// named port `name`, limited by the entity's selector.
     fn named_port_hit(&self, e: &EntityRule, name: &str, proto: u8, ip: IpAddr, port: u16) -> bool {
-        let sel = e.selector.as_deref().and_then(|s| Selector::parse(s).ok());
+        let sel = e.selector.as_ref();
         self.store.host_endpoints.iter().any(|h| {
             sel.as_ref().is_none_or(|s| s.matches(&self.hep_labels(h)))
                 && h.spec

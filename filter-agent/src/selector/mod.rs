@@ -63,6 +63,63 @@ impl Selector {
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         eval(&self.0, labels)
     }
+
+    /// Whether this is `all()` (written so, or blank).
+    pub fn is_all(&self) -> bool {
+        self.0 == Expr::All
+    }
+
+    /// Whether this is `global()` alone.
+    pub fn is_global(&self) -> bool {
+        self.0 == Expr::Global
+    }
+}
+
+/// A selector field as a resource writes it: the text, and the selector
+/// parsed once while loading. Some fields tell a blank text (no scope)
+/// from `all()` (any namespace), so the text stays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
+    text: String,
+    parsed: Selector,
+}
+
+impl Written {
+    /// Parses `text`.
+    pub fn new(text: &str) -> Result<Written, ParseError> {
+        Ok(Written {
+            parsed: Selector::parse(text)?,
+            text: text.to_owned(),
+        })
+    }
+
+    /// The text as written.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether the text is empty or blanks only.
+    pub fn is_blank(&self) -> bool {
+        self.text.trim().is_empty()
+    }
+
+    /// The parsed selector.
+    pub fn selector(&self) -> &Selector {
+        &self.parsed
+    }
+
+    /// Evaluates against `labels`.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.parsed.matches(labels)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Written {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Written, D::Error> {
+        let text = String::deserialize(d)?;
+        Written::new(&text)
+            .map_err(|e| serde::de::Error::custom(format!("invalid selector {text:?}: {e}")))
+    }
 }
 
 fn eval(e: &Expr, l: &BTreeMap<String, String>) -> bool {
