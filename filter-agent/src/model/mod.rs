@@ -7,6 +7,7 @@
 //! compiler never meets a malformed one.
 
 pub mod defaults;
+mod felix;
 pub mod types;
 pub mod validate;
 pub mod yaml;

@@ -510,11 +510,14 @@ pub struct ProfileSpec {
 }
 
 /// The FelixConfiguration fields this dataplane honours (4, 6). Felix has a
-/// hundred more; they configure Felix's own dataplanes and are accepted and
-/// ignored here.
+/// hundred and fifty more; they configure Felix's own dataplanes, are kept
+/// in `other` and checked as Calico checks them (model/felix.rs).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FelixConfigurationSpec {
+    /// Every other field, by its name.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
     /// Inbound failsafe ports; `[]` disables them.
     #[serde(default)]
     pub failsafe_inbound_host_ports: Option<Vec<ProtoPort>>,

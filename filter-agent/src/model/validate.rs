@@ -68,9 +68,11 @@ pub fn store(store: &Store, errors: &mut Vec<Error>) {
             }
         }
     }
-    // FelixConfiguration failsafe entries: protocol TCP, UDP or SCTP.
+    // FelixConfiguration: every field as Calico checks it; the failsafe
+    // entries' protocol TCP, UDP or SCTP.
     for c in &store.felix_configs {
         let mut report = reporter(c, errors);
+        super::felix::check(&c.spec.other, |field, why| report.error(field, why));
         if let Some(prefix) = &c.spec.log_prefix {
             if !prefix
                 .chars()
@@ -218,7 +220,7 @@ impl Reporter<'_> {
 /// A DNS-1123 label as Calico's validator writes it
 /// (`[a-z0-9]([-a-z0-9]*[a-z0-9])?`): no length bound of its own; the
 /// whole name is bounded instead.
-fn is_label(s: &str) -> bool {
+pub(super) fn is_label(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
