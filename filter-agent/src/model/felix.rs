@@ -378,8 +378,14 @@ fn value_ok(kind: Kind, v: &Value) -> Result<(), String> {
         HealthTimeouts => list()?.iter().try_for_each(|o| {
             let name = o.get("name").and_then(Value::as_str).unwrap_or_default();
             let timeout = o.get("timeout").and_then(Value::as_str);
-            if name.is_empty() {
-                return Err("each override needs a name".into());
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_ -".contains(c))
+            {
+                return Err(format!(
+                    "override name {name:?} invalid: letters, digits, '_', ' ' and '-'"
+                ));
             }
             match timeout {
                 Some(t) if is_duration(t) => Ok(()),
@@ -572,6 +578,10 @@ mod tests {
             ("logActionRateLimit: 0/second", "spec.logActionRateLimit"),
             (
                 "healthTimeoutOverrides: [{name: x}]",
+                "spec.healthTimeoutOverrides",
+            ),
+            (
+                "healthTimeoutOverrides: [{name: 'a/b', timeout: 1s}]",
                 "spec.healthTimeoutOverrides",
             ),
             ("noSuchField: 1", "spec.noSuchField"),

@@ -158,9 +158,18 @@ pub struct Rule {
     /// Application-layer match (not enforceable at L3/L4).
     #[serde(default)]
     pub http: Option<serde_json::Value>,
-    /// Free-form metadata.
+    /// Annotations of the rule (kept, not interpreted).
     #[serde(default)]
-    pub metadata: Option<serde_json::Value>,
+    pub metadata: Option<RuleMetadata>,
+}
+
+/// `metadata` of a rule.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleMetadata {
+    /// Validated as a resource's annotations are.
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// Rule actions.

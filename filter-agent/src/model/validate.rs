@@ -109,12 +109,19 @@ pub fn store(store: &Store, errors: &mut Vec<Error>) {
             }
         }
     }
-    for g in &store.global_network_sets {
-        if g.meta.labels.contains_key("projectcalico.org/namespace") {
-            reporter(g, errors).error(
-                "metadata.labels",
-                "a GlobalNetworkSet may not carry the label projectcalico.org/namespace",
-            );
+    // The namespace label maps a real namespace into Calico's v1 data
+    // model; a network set of either kind may not carry it.
+    for (sets, kind) in [
+        (&store.global_network_sets, "GlobalNetworkSet"),
+        (&store.network_sets, "NetworkSet"),
+    ] {
+        for s in sets {
+            if s.meta.labels.contains_key("projectcalico.org/namespace") {
+                reporter(s, errors).error(
+                    "metadata.labels",
+                    format!("a {kind} may not carry the label projectcalico.org/namespace"),
+                );
+            }
         }
     }
     for t in &store.tiers {
@@ -329,16 +336,26 @@ fn metadata(meta: &super::Metadata, report: &mut Reporter<'_>) {
             );
         }
     }
+    annotations(&meta.annotations, "metadata.annotations", report);
+}
+
+/// Annotations of a resource or a rule: keys are qualified names once
+/// lowercased (as Calico checks them), at most 256 KiB in all.
+fn annotations(
+    map: &std::collections::BTreeMap<String, String>,
+    field: &str,
+    report: &mut Reporter<'_>,
+) {
     let mut size = 0;
-    for (k, v) in &meta.annotations {
-        if let Err(e) = qualified_name(k) {
-            report.error("metadata.annotations", format!("annotation {e}"));
+    for (k, v) in map {
+        if let Err(e) = qualified_name(&k.to_lowercase()) {
+            report.error(field, format!("annotation {e}"));
         }
         size += k.len() + v.len();
     }
     if size > 256 * 1024 {
         report.error(
-            "metadata.annotations",
+            field,
             format!("annotations take {size} bytes, at most 262144"),
         );
     }
@@ -396,6 +413,13 @@ fn global_policy(p: &Resource<GlobalNetworkPolicySpec>, errors: &mut Vec<Error>)
 
 fn rule(r: &Rule, path: &str, direction: &str, global: bool, report: &mut Reporter<'_>) {
     use std::net::IpAddr;
+    if let Some(m) = &r.metadata {
+        annotations(
+            &m.annotations,
+            &format!("{path}.metadata.annotations"),
+            report,
+        );
+    }
     if let Some(v) = r.ip_version {
         if v != 4 && v != 6 {
             report.error(
@@ -839,6 +863,17 @@ mod tests {
         rejects(
             &hep("  annotations: {'no spaces': x}\n"),
             "metadata.annotations",
+            "invalid key",
+        );
+        // Calico lowercases annotation keys before checking them.
+        accepts(&hep("  annotations: {'Example.COM/Owner': x}\n"));
+        // A rule's annotations are checked as a resource's.
+        accepts(&gnp(
+            "  ingress:\n  - action: Allow\n    metadata:\n      annotations: {team: net}\n",
+        ));
+        rejects(
+            &gnp("  ingress:\n  - action: Allow\n    metadata:\n      annotations: {'a b': x}\n"),
+            "spec.ingress[0].metadata.annotations",
             "invalid key",
         );
     }
@@ -1357,11 +1392,16 @@ mod tests {
     }
 
     #[test]
-    fn global_network_sets_may_not_claim_a_namespace() {
+    fn network_sets_may_not_claim_a_namespace() {
         rejects(
             "apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata:\n  name: s\n  labels: {projectcalico.org/namespace: x}\nspec:\n  nets: [10.0.0.1/8]\n",
             "metadata.labels",
             "may not carry",
+        );
+        rejects(
+            "apiVersion: projectcalico.org/v3\nkind: NetworkSet\nmetadata:\n  name: s\n  namespace: n\n  labels: {projectcalico.org/namespace: x}\nspec:\n  nets: [10.0.0.0/8]\n",
+            "metadata.labels",
+            "a NetworkSet may not carry",
         );
     }
 }
