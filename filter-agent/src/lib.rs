@@ -3,8 +3,10 @@
 //! Modules follow the data's way: [`model`] (YAML → validated resources) →
 //! [`selector`] → [`compile`] (resources → classifier tables, pure) →
 //! [`dataplane`] (tables → kernel maps, programs attached); [`source`] feeds
-//! the model from a watched directory and [`cli`] drives it all.
+//! the model (a watched directory, the Kubernetes API); [`agent`] is the
+//! daemon's loop; [`cli`] parses the command line around it.
 
+pub mod agent;
 pub mod cli;
 pub mod compile;
 pub mod dataplane;

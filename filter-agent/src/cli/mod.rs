@@ -96,6 +96,10 @@ pub struct RunArgs {
     /// before it is given up (the last good policy stays).
     #[arg(long, default_value = "10", value_name = "SECONDS")]
     pub parse_timeout: u64,
+    /// A burst of changes is applied once, this long after the last of
+    /// them.
+    #[arg(long, default_value = "150", value_name = "MILLISECONDS")]
+    pub debounce: u64,
 }
 
 /// `filter-agent check`.

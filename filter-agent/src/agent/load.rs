@@ -1,0 +1,171 @@
+//! Reading and compiling a policy for this node: what a reload does off
+//! the agent's loop.
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use crate::{
+    compile::{self, Compiled},
+    model::{Limits, Store},
+    node,
+};
+
+/// Each policy file's text as last applied.
+pub type Texts = BTreeMap<PathBuf, String>;
+
+/// The node's interfaces: name → (index, addresses). Endpoint binding (by
+/// `expectedIPs`) and attachment depend on them: a policy is compiled for
+/// one such snapshot.
+pub type NodeInterfaces = BTreeMap<String, (u32, Vec<IpAddr>)>;
+
+/// A policy read and compiled for this node.
+pub struct Loaded {
+    pub compiled: Compiled,
+    /// The interfaces it was compiled for.
+    pub seen: NodeInterfaces,
+    /// The resources and file texts it was compiled from.
+    pub store: Arc<Store>,
+    pub texts: Texts,
+}
+
+/// Why a policy source was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    /// Files that do not load or validate: every error, each naming file,
+    /// line and field.
+    #[error("{} invalid resource(s)", .0.len())]
+    Invalid(Vec<crate::model::Error>),
+    /// A resource this dataplane cannot enforce as Calico would.
+    #[error(transparent)]
+    Unsupported(#[from] compile::Error),
+    /// Reading and compiling took longer than `--parse-timeout`.
+    #[error("reading and compiling the policy took longer than {0:?} (--parse-timeout): given up")]
+    TimedOut(Duration),
+    /// The loading task itself failed (a panic: a bug).
+    #[error("loading the policy failed: {0}")]
+    Task(String),
+}
+
+impl Refused {
+    /// One line per problem, for the log.
+    pub fn lines(&self) -> Vec<String> {
+        match self {
+            Refused::Invalid(errors) => errors.iter().map(|e| e.to_string()).collect(),
+            other => vec![other.to_string()],
+        }
+    }
+}
+
+/// What a reload found.
+pub enum Outcome {
+    /// A new policy, compiled.
+    Loaded(Loaded),
+    /// The policy source was refused. `recompiled`:
+    /// the resources in force compiled again for the interfaces of now, as
+    /// endpoint binding by expectedIPs and Service frontends depend on them.
+    Rejected {
+        why: Refused,
+        recompiled: Option<Loaded>,
+    },
+}
+
+/// Reads the directory and compiles it for the interfaces of now; when it
+/// is refused, compiles the resources in force again instead if the
+/// interfaces changed since (`in_force`: those resources and the interfaces
+/// they were compiled for).
+pub fn load(
+    dir: &Path,
+    node_name: &str,
+    limits: &Limits,
+    texts: &Texts,
+    in_force: Option<(Arc<Store>, NodeInterfaces)>,
+) -> Outcome {
+    // One read of the interfaces serves both.
+    let ifaces = node::interfaces();
+    match load_and_compile(dir, node_name, &ifaces, limits, texts) {
+        Ok(l) => Outcome::Loaded(l),
+        Err(why) => Outcome::Rejected {
+            why,
+            recompiled: in_force
+                .filter(|(_, compiled_for)| *compiled_for != ifaces)
+                .and_then(|(store, _)| {
+                    compile_for_node(store, node_name, ifaces, texts.clone())
+                        .inspect_err(|e| tracing::error!(error = %e, "the resources in force do not compile for this node's interfaces of now"))
+                        .ok()
+                }),
+        },
+    }
+}
+
+/// Loads and compiles the directory for this node.
+///
+/// A file found without any resource (empty, blank or only comments)
+/// that had some when the policy in force was applied is read as it was
+/// then: an editor or a shell redirection rewriting a file leaves it empty
+/// for a moment, and that moment must not take its host endpoints and
+/// policies away (the programs would detach). Deleting the file removes
+/// its resources.
+fn load_and_compile(
+    dir: &Path,
+    node_name: &str,
+    ifaces: &NodeInterfaces,
+    limits: &Limits,
+    in_force: &Texts,
+) -> Result<Loaded, Refused> {
+    let mut texts = crate::model::read_dir_texts(dir, limits).map_err(Refused::Invalid)?;
+    for (file, text) in &mut texts {
+        if !crate::model::has_no_documents(text) {
+            continue;
+        }
+        if let Some(good) = in_force
+            .get(file)
+            .filter(|t| !crate::model::has_no_documents(t))
+        {
+            tracing::warn!(file = %file.display(), "policy file has no resources (being rewritten?): its last applied content stays in force until it has resources again or is deleted");
+            text.clone_from(good);
+        }
+    }
+    let store = Store::from_texts(&texts).map_err(Refused::Invalid)?;
+    compile_for_node(
+        Arc::new(store),
+        node_name,
+        ifaces.clone(),
+        texts.into_iter().collect(),
+    )
+}
+
+/// Compiles `store` for this node and its interfaces `ifaces`.
+fn compile_for_node(
+    store: Arc<Store>,
+    node_name: &str,
+    ifaces: NodeInterfaces,
+    texts: Texts,
+) -> Result<Loaded, Refused> {
+    // Said once per agent: the same files are reloaded on every change.
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    if !store.network_policies.is_empty() {
+        WARNED.call_once(|| tracing::warn!(
+            count = store.network_policies.len(),
+            "NetworkPolicy resources select pods, never host endpoints: loaded and validated, not enforced here"
+        ));
+    }
+    let cnode = compile::Node {
+        name: node_name.to_owned(),
+        interfaces: ifaces
+            .iter()
+            .map(|(n, (_, a))| (n.clone(), a.clone()))
+            .collect(),
+    };
+    let compiled = compile::compile(&store, &cnode)?;
+    Ok(Loaded {
+        compiled,
+        seen: ifaces,
+        store,
+        texts,
+    })
+}

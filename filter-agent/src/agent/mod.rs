@@ -1,0 +1,362 @@
+//! The agent: one loop that keeps this node's enforcement equal to its
+//! policy sources (a watched directory, the Kubernetes API), survives bad
+//! input by keeping the last good policy, polls interfaces, sweeps
+//! conntrack and says when it is ready. The binary only parses flags and
+//! signals; tests run the same [`run`].
+
+mod load;
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use crate::{
+    compile::Compiled,
+    dataplane::{self, Dataplane},
+    model::{Limits, Store},
+    node,
+};
+
+use load::{load, Loaded, NodeInterfaces, Outcome, Refused, Texts};
+
+/// What the agent enforces and how.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The watched policy directory.
+    pub policy_dir: PathBuf,
+    /// This node's name (picks its host endpoints).
+    pub node_name: String,
+    /// bpffs directory of the pins.
+    pub pin_dir: PathBuf,
+    /// Where `rules.json` goes for `filter-agent stats`.
+    pub state_dir: PathBuf,
+    /// On shutdown, detach and unpin instead of leaving enforcement on.
+    pub detach_on_exit: bool,
+    /// How often interfaces and pins are checked.
+    pub interface_poll: Duration,
+    /// How often conntrack is swept.
+    pub conntrack_sweep: Duration,
+    /// Kernel map options (conntrack size).
+    pub dataplane: dataplane::Options,
+    /// What one policy file may cost to read.
+    pub limits: Limits,
+    /// How long a reload may read, parse and compile.
+    pub parse_timeout: Duration,
+    /// A burst of changes is one reload this long after the last of them.
+    pub debounce: Duration,
+    /// What the agent tells probes and tests.
+    pub status: Status,
+}
+
+/// What the running agent tells the world: readiness (a policy is
+/// enforced), for the readiness probe and for tests. Clones share it.
+#[derive(Debug, Clone)]
+pub struct Status {
+    ready: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Status {
+    fn default() -> Self {
+        Status {
+            ready: Arc::new(watch::channel(false).0),
+        }
+    }
+}
+
+impl Status {
+    /// Whether this agent has applied a policy (a previous agent's
+    /// adopted enforcement alone does not count: a policy this agent
+    /// refuses must hold a rolling update back).
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
+    }
+
+    /// Waits until the agent is ready.
+    pub async fn ready(&self) {
+        let mut rx = self.ready.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
+    fn set_ready(&self) {
+        self.ready.send_if_modified(|r| !std::mem::replace(r, true));
+    }
+}
+
+/// Runs the agent until `shutdown` turns true (or its sender goes).
+pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    tracing::info!(node = %config.node_name, policy_dir = %config.policy_dir.display(), pin_dir = %config.pin_dir.display(), "starting");
+    let adopting = config
+        .pin_dir
+        .join(filter_common::names::MAP_GENERATION)
+        .exists();
+    let mut dp = Dataplane::load_with(&config.pin_dir, &config.dataplane)
+        .context("load the kernel programs")?;
+    if !adopting {
+        seed_conntrack(&mut dp);
+    }
+    let (mut watch, mut changes) = crate::source::watch(&config.policy_dir)
+        .with_context(|| format!("watch {}", config.policy_dir.display()))?;
+    let mut poll = tokio::time::interval(config.interface_poll.max(Duration::from_millis(100)));
+    let mut sweep = tokio::time::interval(config.conntrack_sweep.max(Duration::from_secs(1)));
+    let mut agent = Agent {
+        dp,
+        policy_dir: config.policy_dir.clone(),
+        node_name: config.node_name.clone(),
+        state_dir: config.state_dir.clone(),
+        store: None,
+        compiled_for: NodeInterfaces::new(),
+        host_addrs: BTreeSet::new(),
+        limits: config.limits,
+        texts: Texts::new(),
+        parse_timeout: config.parse_timeout,
+        status: config.status.clone(),
+    };
+    agent.reload(&mut shutdown).await;
+    // Editors write in several steps: a burst of changes is one reload,
+    // `debounce` after the last of them (a deadline, not a sleep, so the
+    // loop keeps answering meanwhile).
+    let mut settle_at: Option<tokio::time::Instant> = None;
+    while !*shutdown.borrow() {
+        let due = settle_at;
+        tokio::select! {
+            Some(()) = changes.recv() => {
+                settle_at = Some(tokio::time::Instant::now() + config.debounce);
+            }
+            _ = async { tokio::time::sleep_until(due.expect("guarded")).await }, if due.is_some() => {
+                settle_at = None;
+                agent.reload(&mut shutdown).await;
+            }
+            _ = poll.tick() => {
+                agent.restore_pins();
+                if watch.refresh() {
+                    tracing::warn!(dir = %config.policy_dir.display(), "the policy directory was replaced: watching the new one");
+                }
+                // One read of the interfaces serves both checks. A new
+                // interface or address can bind an endpoint (by
+                // expectedIPs): compile again.
+                let now = node::interfaces();
+                if now != agent.compiled_for {
+                    tracing::debug!("interfaces or their addresses changed");
+                    agent.reload(&mut shutdown).await;
+                } else {
+                    agent.sync_host_addresses(addresses(&now));
+                }
+            }
+            _ = sweep.tick() => agent.sweep(),
+            r = shutdown.changed() => if r.is_err() { break },
+        }
+    }
+    if config.detach_on_exit {
+        tracing::info!("stopping: detaching programs and removing pins");
+        let _ = std::fs::remove_dir_all(&agent.state_dir);
+        agent.dp.shutdown().context("detach and unpin")?;
+    } else {
+        agent.dp.leave();
+    }
+    Ok(())
+}
+
+/// Seeds conntrack from the kernel's table before anything is enforced, so
+/// connections that already exist survive the first enforcement.
+fn seed_conntrack(dp: &mut Dataplane) {
+    let proc_file = Path::new("/proc/net/nf_conntrack");
+    match dp.seed_from_kernel(proc_file) {
+        Ok(Some(n)) => tracing::info!(flows = n, "conntrack seeded from the kernel's table"),
+        Ok(None) => tracing::warn!(
+            file = %proc_file.display(),
+            "the kernel's conntrack table is not readable (nf_conntrack not loaded?): connections open before this start are judged as new"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %format!("{:#}", anyhow::Error::from(e)), "seeding conntrack failed; connections open before this start are judged as new")
+        }
+    }
+}
+
+/// Every address of the node's interfaces.
+fn addresses(ifaces: &NodeInterfaces) -> BTreeSet<IpAddr> {
+    ifaces
+        .values()
+        .flat_map(|(_, a)| a.iter().copied())
+        .collect()
+}
+
+/// The daemon's state between reloads.
+struct Agent {
+    dp: Dataplane,
+    policy_dir: PathBuf,
+    node_name: String,
+    /// Where `rules.json` goes for `filter-agent stats`.
+    state_dir: PathBuf,
+    /// The resources in force, compiled again when the interfaces change
+    /// while the policy source is refused.
+    store: Option<Arc<Store>>,
+    /// The interfaces the policy in force was compiled for.
+    compiled_for: NodeInterfaces,
+    /// The node addresses `FW_HOST1` holds.
+    host_addrs: BTreeSet<IpAddr>,
+    /// What one policy file may cost to read.
+    limits: Limits,
+    /// The file texts of the policy in force.
+    texts: Texts,
+    /// How long a reload may read, parse and compile.
+    parse_timeout: Duration,
+    /// Readiness.
+    status: Status,
+}
+
+impl Agent {
+    /// Keeps the kernel's list of node addresses current: what is
+    /// host-bound changes with them.
+    fn sync_host_addresses(&mut self, addrs: BTreeSet<IpAddr>) {
+        if addrs == self.host_addrs {
+            return;
+        }
+        match self.dp.set_host_addresses(&addrs) {
+            Ok(()) => {
+                tracing::info!(addresses = ?addrs, "node addresses");
+                self.host_addrs = addrs;
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "updating the node addresses failed")
+            }
+        }
+    }
+
+    /// Pins again what someone removed from the pin directory.
+    fn restore_pins(&mut self) {
+        match self.dp.restore_pins() {
+            Ok(restored) if restored.is_empty() => {}
+            Ok(restored) => {
+                tracing::warn!(pins = ?restored, "pins had been removed from the pin directory: re-pinned")
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "pins were removed and could not be restored: the next agent cannot adopt this one's enforcement")
+            }
+        }
+    }
+
+    /// Removes expired conntrack entries and reports occupancy.
+    fn sweep(&mut self) {
+        match self.dp.sweep_conntrack() {
+            Ok(s) => {
+                let full = s.capacity > 0 && s.live as u64 * 10 >= u64::from(s.capacity) * 9;
+                if full {
+                    tracing::warn!(live = s.live, assured = s.assured, capacity = s.capacity, "conntrack table of new flows over 90% full: the oldest unassured flows are being evicted, assured ones are kept (raise --conntrack-size)");
+                } else {
+                    tracing::debug!(live = s.live, assured = s.assured, removed = s.removed, capacity = s.capacity, took = ?s.took, "conntrack swept");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %format!("{:#}", anyhow::Error::from(e)), "conntrack sweep failed")
+            }
+        }
+    }
+
+    /// Loads, compiles and applies; on any error keeps the last good policy.
+    /// Reading and compiling run on a blocking thread with a time limit, so
+    /// the loop (signals, sweeper) is never held by a hostile file; a stop
+    /// requested meanwhile abandons the reload.
+    async fn reload(&mut self, stop: &mut tokio::sync::watch::Receiver<bool>) {
+        let (dir, node, limits) = (self.policy_dir.clone(), self.node_name.clone(), self.limits);
+        let texts = self.texts.clone();
+        let in_force = self.store.clone().map(|s| (s, self.compiled_for.clone()));
+        let task =
+            tokio::task::spawn_blocking(move || load(&dir, &node, &limits, &texts, in_force));
+        let rejected = |why: Refused| Outcome::Rejected {
+            why,
+            recompiled: None,
+        };
+        let outcome = tokio::select! {
+            r = task => r.unwrap_or_else(|e| rejected(Refused::Task(e.to_string()))),
+            _ = tokio::time::sleep(self.parse_timeout) => rejected(Refused::TimedOut(self.parse_timeout)),
+            _ = stop.changed() => return,
+        };
+        self.settle(outcome);
+    }
+
+    /// Applies a loaded policy, or reports why it was rejected.
+    fn settle(&mut self, outcome: Outcome) {
+        let _span = tracing::info_span!("sync").entered();
+        match outcome {
+            Outcome::Loaded(Loaded {
+                compiled,
+                seen,
+                store,
+                texts,
+            }) => {
+                let rules: Vec<usize> = compiled.tables.iter().map(|t| t.rules.len()).collect();
+                tracing::info!(
+                    ?rules,
+                    "compiled every stage (rules per table, untracked/pre-DNAT/normal/forward × ingress/egress)"
+                );
+                for e in compiled
+                    .endpoints
+                    .iter()
+                    .filter(|e| !seen.contains_key(&e.iface))
+                {
+                    tracing::warn!(iface = %e.iface, hep = %e.hep, "interface of a host endpoint does not exist (yet)");
+                }
+                if self.apply(compiled, seen) {
+                    self.texts = texts;
+                    self.store = Some(store);
+                    self.status.set_ready();
+                }
+            }
+            Outcome::Rejected { why, recompiled } => {
+                for line in why.lines() {
+                    tracing::error!(error = %line, "invalid policy");
+                }
+                tracing::error!(
+                    kept = self.store.is_some(),
+                    "policy rejected; the last good policy stays enforced"
+                );
+                // The interfaces changed meanwhile: the resources in force,
+                // compiled for them.
+                if let Some(l) = recompiled {
+                    let _ = self.apply(l.compiled, l.seen);
+                }
+            }
+        }
+    }
+
+    /// Makes `compiled` live; on failure the previous policy stays.
+    /// Returns whether it is live.
+    fn apply(&mut self, compiled: Compiled, seen: NodeInterfaces) -> bool {
+        // Before the tables: a host endpoint's first enforcement must know
+        // which packets are for the node.
+        self.sync_host_addresses(addresses(&seen));
+        let ifaces = seen.iter().map(|(n, (i, _))| (n.clone(), *i)).collect();
+        match self.dp.apply(&compiled, &ifaces) {
+            Ok(generation) => {
+                if let Err(e) = crate::state::write_state(
+                    &self.state_dir,
+                    &crate::state::state(&compiled, generation, &self.dp.attachments()),
+                ) {
+                    tracing::warn!(dir = %self.state_dir.display(), error = %e, "cannot write the rule index: stats will be unavailable");
+                }
+                let rules: usize = compiled.tables.iter().map(|t| t.rules.len()).sum();
+                tracing::info!(
+                    generation,
+                    rules,
+                    classes = compiled.classes.len(),
+                    endpoints = ?self.dp.attachments(),
+                    "policy applied"
+                );
+                self.compiled_for = seen;
+                true
+            }
+            Err(e) => {
+                let chain = anyhow::Error::from(e);
+                tracing::error!(error = %format!("{chain:#}"), "applying the policy to the kernel failed");
+                false
+            }
+        }
+    }
+}
