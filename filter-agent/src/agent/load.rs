@@ -74,20 +74,37 @@ pub enum Outcome {
     },
 }
 
-/// Reads the directory and compiles it for the interfaces of now; when it
-/// is refused, compiles the resources in force again instead if the
+/// What a reload reads: the policy directory, if one is watched, and the
+/// Kubernetes API's resources as last seen, if it is watched.
+#[derive(Debug, Clone)]
+pub struct Inputs {
+    /// The policy directory.
+    pub dir: Option<PathBuf>,
+    /// This node's name.
+    pub node_name: String,
+    /// What one policy file may cost to read.
+    pub limits: Limits,
+    /// Resources from the Kubernetes API (`(Kind/namespace/name,
+    /// document)`), and the namespaces' labels.
+    pub kube: Option<(Vec<(String, serde_json::Value)>, Namespaces)>,
+}
+
+/// Namespace labels by namespace.
+pub type Namespaces = BTreeMap<String, BTreeMap<String, String>>;
+
+/// Reads the sources and compiles them for the interfaces of now; when
+/// they are refused, compiles the resources in force again instead if the
 /// interfaces changed since (`in_force`: those resources and the interfaces
 /// they were compiled for).
 pub fn load(
-    dir: &Path,
-    node_name: &str,
-    limits: &Limits,
+    inputs: &Inputs,
     texts: &Texts,
     in_force: Option<(Arc<Store>, NodeInterfaces)>,
 ) -> Outcome {
+    let node_name = inputs.node_name.as_str();
     // One read of the interfaces serves both.
     let ifaces = node::interfaces();
-    match load_and_compile(dir, node_name, &ifaces, limits, texts) {
+    match load_and_compile(inputs, &ifaces, texts) {
         Ok(l) => Outcome::Loaded(l),
         Err(why) => Outcome::Rejected {
             why,
@@ -110,13 +127,48 @@ pub fn load(
 /// for a moment, and that moment must not take its host endpoints and
 /// policies away (the programs would detach). Deleting the file removes
 /// its resources.
+///
+/// Resources from the Kubernetes API are loaded one by one: one that fails
+/// validation is left out and reported (as Calico leaves a bad resource of
+/// its datastore out), the others are enforced. A directory is loaded as a
+/// whole: one bad file keeps the last good policy.
 fn load_and_compile(
-    dir: &Path,
-    node_name: &str,
+    inputs: &Inputs,
     ifaces: &NodeInterfaces,
-    limits: &Limits,
     in_force: &Texts,
 ) -> Result<Loaded, Refused> {
+    let mut store = Store::default();
+    let mut texts = match &inputs.dir {
+        Some(dir) => read_dir(dir, &inputs.limits, in_force)?,
+        None => Vec::new(),
+    };
+    if inputs.dir.is_some() {
+        store = Store::from_texts(&texts).map_err(Refused::Invalid)?;
+    }
+    if let Some((resources, namespaces)) = &inputs.kube {
+        let (kube, errors) = Store::from_resources(resources);
+        for e in &errors {
+            tracing::error!(error = %e, "Kubernetes resource left out");
+        }
+        store.merge(kube);
+        store.namespaces.clone_from(namespaces);
+    }
+    texts.sort();
+    compile_for_node(
+        Arc::new(store),
+        &inputs.node_name,
+        ifaces.clone(),
+        texts.into_iter().collect(),
+    )
+}
+
+/// Reads the policy directory's files (see [`load_and_compile`] on files
+/// caught empty).
+fn read_dir(
+    dir: &Path,
+    limits: &Limits,
+    in_force: &Texts,
+) -> Result<Vec<(PathBuf, String)>, Refused> {
     let mut texts = crate::model::read_dir_texts(dir, limits).map_err(Refused::Invalid)?;
     for (file, text) in &mut texts {
         if !crate::model::has_no_documents(text) {
@@ -130,13 +182,7 @@ fn load_and_compile(
             text.clone_from(good);
         }
     }
-    let store = Store::from_texts(&texts).map_err(Refused::Invalid)?;
-    compile_for_node(
-        Arc::new(store),
-        node_name,
-        ifaces.clone(),
-        texts.into_iter().collect(),
-    )
+    Ok(texts)
 }
 
 /// Compiles `store` for this node and its interfaces `ifaces`.

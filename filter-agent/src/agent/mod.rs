@@ -5,6 +5,7 @@
 //! signals; tests run the same [`run`].
 
 mod load;
+mod serve;
 
 use std::{
     collections::BTreeSet,
@@ -24,13 +25,23 @@ use crate::{
     node,
 };
 
-use load::{load, Loaded, NodeInterfaces, Outcome, Refused, Texts};
+use load::{load, Inputs, Loaded, NodeInterfaces, Outcome, Refused, Texts};
+
+use crate::source::{
+    kube::{self, Access, Kube},
+    DirWatch,
+};
 
 /// What the agent enforces and how.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The watched policy directory.
-    pub policy_dir: PathBuf,
+    /// The watched policy directory, if there is one.
+    pub policy_dir: Option<PathBuf>,
+    /// The Kubernetes API, if it is a source.
+    pub kube: Option<Access>,
+    /// Create this node's host endpoint as Calico's kube-controllers would
+    /// (Kubernetes source only).
+    pub auto_host_endpoints: bool,
     /// This node's name (picks its host endpoints).
     pub node_name: String,
     /// bpffs directory of the pins.
@@ -53,6 +64,8 @@ pub struct Config {
     pub debounce: Duration,
     /// What the agent tells probes and tests.
     pub status: Status,
+    /// Where `/healthz` and `/readyz` are served, if anywhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// What the running agent tells the world: readiness (a policy is
@@ -60,12 +73,25 @@ pub struct Config {
 #[derive(Debug, Clone)]
 pub struct Status {
     ready: Arc<watch::Sender<bool>>,
+    live: Arc<std::sync::Mutex<Liveness>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Liveness {
+    /// When the loop last went round.
+    beat: std::time::Instant,
+    /// Since when a policy source has been unreachable.
+    stale_since: Option<std::time::SystemTime>,
 }
 
 impl Default for Status {
     fn default() -> Self {
         Status {
             ready: Arc::new(watch::channel(false).0),
+            live: Arc::new(std::sync::Mutex::new(Liveness {
+                beat: std::time::Instant::now(),
+                stale_since: None,
+            })),
         }
     }
 }
@@ -84,6 +110,31 @@ impl Status {
         let _ = rx.wait_for(|r| *r).await;
     }
 
+    /// How long ago the agent's loop last went round (a loop that stops
+    /// going round is a hung agent: the liveness probe restarts it).
+    pub fn since_beat(&self) -> Duration {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .beat
+            .elapsed()
+    }
+
+    /// Since when a policy source (the Kubernetes API) has been
+    /// unreachable; meanwhile the last good policy stays enforced.
+    pub fn stale_since(&self) -> Option<std::time::SystemTime> {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .stale_since
+    }
+
+    fn beat(&self, stale_since: Option<std::time::SystemTime>) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.beat = std::time::Instant::now();
+        live.stale_since = stale_since;
+    }
+
     fn set_ready(&self) {
         self.ready.send_if_modified(|r| !std::mem::replace(r, true));
     }
@@ -91,7 +142,7 @@ impl Status {
 
 /// Runs the agent until `shutdown` turns true (or its sender goes).
 pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    tracing::info!(node = %config.node_name, policy_dir = %config.policy_dir.display(), pin_dir = %config.pin_dir.display(), "starting");
+    tracing::info!(node = %config.node_name, policy_dir = ?config.policy_dir, kube = ?config.kube, pin_dir = %config.pin_dir.display(), "starting");
     let adopting = config
         .pin_dir
         .join(filter_common::names::MAP_GENERATION)
@@ -101,19 +152,53 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     if !adopting {
         seed_conntrack(&mut dp);
     }
-    let (mut watch, mut changes) = crate::source::watch(&config.policy_dir)
-        .with_context(|| format!("watch {}", config.policy_dir.display()))?;
+    if let Some(addr) = config.metrics_addr {
+        // The loop goes round at least every interface poll; ten missed
+        // rounds (at least a minute) is a hung agent.
+        let hung = (config.interface_poll * 10).max(Duration::from_secs(60));
+        let (status, stop) = (config.status.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = serve::serve(addr, status, hung, stop).await {
+                tracing::error!(%addr, error = %e, "cannot serve the probes");
+            }
+        });
+    }
+    // Every source wakes the loop through one channel.
+    let (changed, mut changes) = tokio::sync::mpsc::unbounded_channel();
+    let mut watch = match &config.policy_dir {
+        Some(dir) => Some(
+            crate::source::watch(dir, changed.clone())
+                .with_context(|| format!("watch {}", dir.display()))?,
+        ),
+        None => None,
+    };
+    let kube = match &config.kube {
+        Some(access) => {
+            let client = kube::client(access).await?;
+            Some(Kube::start(client, &config.node_name, changed.clone()))
+        }
+        None => None,
+    };
+    drop(changed);
     let mut poll = tokio::time::interval(config.interface_poll.max(Duration::from_millis(100)));
     let mut sweep = tokio::time::interval(config.conntrack_sweep.max(Duration::from_secs(1)));
     let mut agent = Agent {
         dp,
-        policy_dir: config.policy_dir.clone(),
-        node_name: config.node_name.clone(),
+        inputs: Inputs {
+            dir: config.policy_dir.clone(),
+            node_name: config.node_name.clone(),
+            limits: config.limits,
+            kube: None,
+        },
+        kube,
+        kube_options: kube::Options {
+            node: config.node_name.clone(),
+            auto_host_endpoints: config.auto_host_endpoints,
+        },
         state_dir: config.state_dir.clone(),
         store: None,
         compiled_for: NodeInterfaces::new(),
         host_addrs: BTreeSet::new(),
-        limits: config.limits,
         texts: Texts::new(),
         parse_timeout: config.parse_timeout,
         status: config.status.clone(),
@@ -135,8 +220,9 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
             }
             _ = poll.tick() => {
                 agent.restore_pins();
-                if watch.refresh() {
-                    tracing::warn!(dir = %config.policy_dir.display(), "the policy directory was replaced: watching the new one");
+                agent.status.beat(agent.kube.as_ref().and_then(Kube::stale_since));
+                if watch.as_mut().is_some_and(DirWatch::refresh) {
+                    tracing::warn!(dir = ?config.policy_dir, "the policy directory was replaced: watching the new one");
                 }
                 // One read of the interfaces serves both checks. A new
                 // interface or address can bind an endpoint (by
@@ -190,8 +276,11 @@ fn addresses(ifaces: &NodeInterfaces) -> BTreeSet<IpAddr> {
 /// The daemon's state between reloads.
 struct Agent {
     dp: Dataplane,
-    policy_dir: PathBuf,
-    node_name: String,
+    /// What a reload reads (the Kubernetes part filled in at each reload).
+    inputs: Inputs,
+    /// The Kubernetes watches, if the API is a source.
+    kube: Option<Kube>,
+    kube_options: kube::Options,
     /// Where `rules.json` goes for `filter-agent stats`.
     state_dir: PathBuf,
     /// The resources in force, compiled again when the interfaces change
@@ -201,8 +290,6 @@ struct Agent {
     compiled_for: NodeInterfaces,
     /// The node addresses `FW_HOST1` holds.
     host_addrs: BTreeSet<IpAddr>,
-    /// What one policy file may cost to read.
-    limits: Limits,
     /// The file texts of the policy in force.
     texts: Texts,
     /// How long a reload may read, parse and compile.
@@ -264,11 +351,20 @@ impl Agent {
     /// the loop (signals, sweeper) is never held by a hostile file; a stop
     /// requested meanwhile abandons the reload.
     async fn reload(&mut self, stop: &mut tokio::sync::watch::Receiver<bool>) {
-        let (dir, node, limits) = (self.policy_dir.clone(), self.node_name.clone(), self.limits);
+        let mut inputs = self.inputs.clone();
+        if let Some(kube) = &self.kube {
+            let Some(objects) = kube.snapshot() else {
+                tracing::info!("waiting for the Kubernetes API's first list of every kind");
+                return;
+            };
+            inputs.kube = Some((
+                kube::to_resources(&objects, &self.kube_options),
+                kube::namespaces(&objects),
+            ));
+        }
         let texts = self.texts.clone();
         let in_force = self.store.clone().map(|s| (s, self.compiled_for.clone()));
-        let task =
-            tokio::task::spawn_blocking(move || load(&dir, &node, &limits, &texts, in_force));
+        let task = tokio::task::spawn_blocking(move || load(&inputs, &texts, in_force));
         let rejected = |why: Refused| Outcome::Rejected {
             why,
             recompiled: None,

@@ -57,10 +57,28 @@ pub enum Command {
 
 /// `filter-agent run`.
 #[derive(Debug, clap::Args)]
+#[command(group = clap::ArgGroup::new("source").required(true).multiple(true).args(["policy_dir", "kube", "kubeconfig"]))]
+#[command(group = clap::ArgGroup::new("api").multiple(false).args(["kube", "kubeconfig"]))]
 pub struct RunArgs {
     /// Directory of Calico v3 YAML (watched; re-applied on change).
     #[arg(long)]
-    pub policy_dir: PathBuf,
+    pub policy_dir: Option<PathBuf>,
+    /// Take policy from the Kubernetes API with the pod's service account
+    /// (Calico's custom resources, Namespaces, Services, this Node).
+    #[arg(long, conflicts_with = "kubeconfig")]
+    pub kube: bool,
+    /// Take policy from the Kubernetes API through this kubeconfig file.
+    #[arg(long, value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Create this node's host endpoint in memory as Calico's
+    /// kube-controllers would (`<node>-auto-hep`, all interfaces, the
+    /// Node's addresses and labels, profile projectcalico-default-allow),
+    /// for clusters that have none.
+    #[arg(long, requires = "api")]
+    pub auto_host_endpoints: bool,
+    /// Serve /healthz and /readyz on this address (off by default).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Node name that picks this node's HostEndpoints [default: $NODE_NAME,
     /// then the hostname].
     #[arg(long)]

@@ -9,6 +9,7 @@ use crate::{
     dataplane,
     model::Limits,
     node,
+    source::kube::Access,
 };
 
 use super::RunArgs;
@@ -17,6 +18,12 @@ use super::RunArgs;
 pub fn config(args: &RunArgs) -> Config {
     Config {
         policy_dir: args.policy_dir.clone(),
+        kube: match (&args.kubeconfig, args.kube) {
+            (Some(path), _) => Some(Access::Kubeconfig(path.clone())),
+            (None, true) => Some(Access::InCluster),
+            (None, false) => None,
+        },
+        auto_host_endpoints: args.auto_host_endpoints,
         node_name: node::node_name(args.node.as_deref()),
         pin_dir: args.pin_dir.clone(),
         state_dir: args
@@ -35,6 +42,7 @@ pub fn config(args: &RunArgs) -> Config {
         parse_timeout: Duration::from_secs(args.parse_timeout.max(1)),
         debounce: Duration::from_millis(args.debounce),
         status: Status::default(),
+        metrics_addr: args.metrics_addr,
     }
 }
 

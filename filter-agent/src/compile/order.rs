@@ -7,6 +7,10 @@ use super::*;
 /// Picks this node's host endpoints and the interface each governs
 /// (docs/semantics.md 1.3): an exact `interfaceName`, else the interface
 /// holding one of `expectedIPs`; on a clash the name that sorts first wins.
+/// A `*` endpoint then governs every interface no specific endpoint
+/// claims, as Felix does, except those Felix never treats as host
+/// interfaces: the loopback, its `InterfaceExclude` default (`kube-ipvs0`,
+/// kube-proxy's dummy) and workload interfaces (`cali*`).
 pub fn bind_endpoints<'a>(
     store: &'a Store,
     node: &Node,
@@ -18,10 +22,12 @@ pub fn bind_endpoints<'a>(
         .collect();
     heps.sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
     let mut bound: BTreeMap<String, &Resource<HostEndpointSpec>> = BTreeMap::new();
+    // The first `*` endpoint by name.
+    let mut wildcard = None;
     for h in heps {
         let iface = match h.spec.interface_name.as_str() {
             "*" => {
-                tracing::warn!(hep = %h.meta.name, "interfaceName \"*\" is not supported yet; endpoint ignored");
+                wildcard.get_or_insert(h);
                 continue;
             }
             "" => node
@@ -40,7 +46,19 @@ pub fn bind_endpoints<'a>(
             bound.entry(iface).or_insert(h);
         }
     }
+    if let Some(h) = wildcard {
+        for name in node.interfaces.keys() {
+            if is_host_interface(name) {
+                bound.entry(name.clone()).or_insert(h);
+            }
+        }
+    }
     bound.into_iter().collect()
+}
+
+/// Whether an all-interfaces (`*`) endpoint governs `name`.
+pub fn is_host_interface(name: &str) -> bool {
+    name != "lo" && name != "kube-ipvs0" && !name.starts_with("cali")
 }
 
 /// Labels a host endpoint shows selectors: its own, over those its

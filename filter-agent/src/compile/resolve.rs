@@ -79,9 +79,8 @@ impl<'a> Resolver<'a> {
         }
         if let Some(ns_sel) = namespaced {
             for s in &self.store.network_sets {
-                let ns = s.meta.namespace.clone().unwrap_or_else(|| "default".into());
-                let ns_labels: BTreeMap<String, String> =
-                    [("projectcalico.org/name".to_string(), ns)].into();
+                let ns = s.meta.namespace.as_deref().unwrap_or("default");
+                let ns_labels = self.store.namespace_labels(ns);
                 if ns_sel.as_ref().is_none_or(|n| n.matches(&ns_labels))
                     && sel.matches(&s.meta.labels)
                 {

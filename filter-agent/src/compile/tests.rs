@@ -527,3 +527,45 @@ fn a_named_port_without_protocol_matches_the_declared_protocol() {
     assert!(!denied_by_rule(17, 80), "UDP to the TCP http port");
     assert!(!denied_by_rule(6, 8081), "TCP to the UDP http port");
 }
+
+#[test]
+fn an_all_interfaces_endpoint_governs_every_interface_no_specific_one_claims() {
+    let hep = |name: &str, iface: &str| {
+        format!(
+            "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata:\n  name: {name}\nspec:\n  node: n\n  interfaceName: '{iface}'\n  expectedIPs: [10.1.2.3]\n---\n"
+        )
+    };
+    let store = load(&format!(
+        "{}{}{}",
+        hep("b-all", "*"),
+        hep("a-all", "*"),
+        hep("eth0", "eth0")
+    ));
+    let node = Node {
+        name: "n".into(),
+        interfaces: [
+            "eth0",
+            "eth1",
+            "lo",
+            "cali123",
+            "kube-ipvs0",
+            "vxlan.calico",
+        ]
+        .iter()
+        .map(|i| (i.to_string(), Vec::new()))
+        .collect(),
+    };
+    let bound: Vec<(String, String)> = order::bind_endpoints(&store, &node)
+        .into_iter()
+        .map(|(i, h)| (i, h.meta.name.clone()))
+        .collect();
+    let want: Vec<(String, String)> = [
+        ("eth0", "eth0"),
+        ("eth1", "a-all"),
+        ("vxlan.calico", "a-all"),
+    ]
+    .iter()
+    .map(|(i, h)| (i.to_string(), h.to_string()))
+    .collect();
+    assert_eq!(bound, want);
+}

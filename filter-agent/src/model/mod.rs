@@ -13,6 +13,7 @@ pub mod validate;
 pub mod yaml;
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     fmt,
     path::{Path, PathBuf},
     sync::Arc,
@@ -33,7 +34,12 @@ pub struct Origin {
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.file.display(), self.line)
+        // Line 0: the whole file, or a resource that came from no file
+        // (`Kind/namespace/name` from the Kubernetes API).
+        match self.line {
+            0 => write!(f, "{}", self.file.display()),
+            line => write!(f, "{}:{line}", self.file.display()),
+        }
     }
 }
 
@@ -107,9 +113,13 @@ pub struct Store {
     pub felix_configs: Vec<Resource<FelixConfigurationSpec>>,
     /// Kubernetes Services: where their frontends are.
     pub services: Vec<Service>,
+    /// Namespace labels, where a source knows them (the Kubernetes API):
+    /// what a rule's `namespaceSelector` sees (see [`Store::namespace_labels`]).
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
 }
 
-const CALICO_V3: &str = "projectcalico.org/v3";
+/// The API version of Calico's resources as `calicoctl` writes them.
+pub const CALICO_V3: &str = "projectcalico.org/v3";
 const CALICO_CRD: &str = "crd.projectcalico.org/v1";
 
 /// Calico kinds that exist but say nothing about host-endpoint policy.
@@ -176,6 +186,75 @@ impl Store {
         } else {
             Err(errors)
         }
+    }
+
+    /// The labels a `namespaceSelector` sees for namespace `ns`: its own,
+    /// where known, and `projectcalico.org/name` (docs/semantics.md 5.4).
+    pub fn namespace_labels(&self, ns: &str) -> BTreeMap<String, String> {
+        let mut labels = self.namespaces.get(ns).cloned().unwrap_or_default();
+        labels.insert("projectcalico.org/name".into(), ns.to_owned());
+        labels
+    }
+
+    /// Resources that came from no file (`(name, document)`, the name as
+    /// `Kind/namespace/name`): each one that fails to load or validate is
+    /// left out and reported, the others load (as Calico treats a bad
+    /// resource in its datastore).
+    pub fn from_resources(items: &[(String, serde_json::Value)]) -> (Store, Vec<Error>) {
+        let mut store = Store::default();
+        let mut errors = Vec::new();
+        for (name, value) in items {
+            let file = PathBuf::from(name);
+            let ctx = DocContext {
+                file: &file,
+                root: Arc::new(yaml::Node::from_json(value)),
+            };
+            store.add_node(&ctx, &ctx.root.clone(), "", &mut errors);
+        }
+        // Checks across resources (a policy's tier must exist) can fail
+        // once another resource is left out: repeat until none fails.
+        loop {
+            let mut found = Vec::new();
+            validate::store(&store, &mut found);
+            if found.is_empty() {
+                break;
+            }
+            let bad: BTreeSet<PathBuf> = found.iter().map(|e| e.origin.file.clone()).collect();
+            store.retain(|origin| !bad.contains(&origin.file));
+            errors.extend(found);
+        }
+        (store, errors)
+    }
+
+    /// Keeps the resources whose origin passes `keep`.
+    fn retain(&mut self, keep: impl Fn(&Origin) -> bool) {
+        macro_rules! retain {
+            ($($list:ident),*) => {$(self.$list.retain(|r| keep(&r.origin));)*};
+        }
+        retain!(
+            global_policies,
+            network_policies,
+            host_endpoints,
+            global_network_sets,
+            network_sets,
+            tiers,
+            profiles,
+            felix_configs
+        );
+    }
+
+    /// Adds every resource of `other`.
+    pub fn merge(&mut self, other: Store) {
+        self.global_policies.extend(other.global_policies);
+        self.network_policies.extend(other.network_policies);
+        self.host_endpoints.extend(other.host_endpoints);
+        self.global_network_sets.extend(other.global_network_sets);
+        self.network_sets.extend(other.network_sets);
+        self.tiers.extend(other.tiers);
+        self.profiles.extend(other.profiles);
+        self.felix_configs.extend(other.felix_configs);
+        self.services.extend(other.services);
+        self.namespaces.extend(other.namespaces);
     }
 
     /// Loads the given files into one store.

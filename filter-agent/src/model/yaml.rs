@@ -225,6 +225,50 @@ impl Node {
         line
     }
 
+    /// A JSON value as a node; every line is 0 (it came from no file).
+    pub fn from_json(value: &serde_json::Value) -> Node {
+        use serde_json::Value as J;
+        let node = |value| Node {
+            line: 0,
+            value,
+            text: None,
+            span: None,
+        };
+        let scalar = |value, text: String| Node {
+            text: Some(text.into()),
+            ..node(value)
+        };
+        match value {
+            J::Null => scalar(Value::Null, String::new()),
+            J::Bool(b) => scalar(Value::Bool(*b), b.to_string()),
+            J::Number(n) => {
+                let v = if let Some(u) = n.as_u64() {
+                    Value::UInt(u)
+                } else if let Some(i) = n.as_i64() {
+                    Value::Int(i)
+                } else {
+                    Value::Float(n.as_f64().unwrap_or_default())
+                };
+                scalar(v, n.to_string())
+            }
+            J::String(s) => node(Value::String(s.clone())),
+            J::Array(items) => node(Value::Seq(items.iter().map(Node::from_json).collect())),
+            J::Object(map) => node(Value::Map(
+                map.iter()
+                    .map(|(k, v)| {
+                        (
+                            Key {
+                                name: k.clone(),
+                                line: 0,
+                            },
+                            Node::from_json(v),
+                        )
+                    })
+                    .collect(),
+            )),
+        }
+    }
+
     /// A serde deserializer over the node (see the module's notes on
     /// typing); with serde_path_to_error, errors name the field.
     pub fn deserializer(&self) -> NodeDeserializer<'_> {

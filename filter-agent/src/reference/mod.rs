@@ -742,9 +742,8 @@ impl<'a> Reference<'a> {
         }
         if !global {
             for s in &self.store.network_sets {
-                let ns = s.meta.namespace.clone().unwrap_or_else(|| "default".into());
-                let labels: BTreeMap<String, String> =
-                    [("projectcalico.org/name".to_string(), ns)].into();
+                let ns = s.meta.namespace.as_deref().unwrap_or("default");
+                let labels = self.store.namespace_labels(ns);
                 let ns_ok = ns_sel.is_none_or(|n| n.matches(&labels));
                 if ns_ok && sel.matches(&s.meta.labels) {
                     out.extend(

@@ -43,20 +43,16 @@ fn watcher_for(
     Ok(watcher)
 }
 
-/// Watches `dir`; each change sends `()` on the returned channel. Keep the
-/// watch alive as long as changes should arrive.
-pub fn watch(dir: &Path) -> notify::Result<(DirWatch, mpsc::UnboundedReceiver<()>)> {
-    let (tx, rx) = mpsc::unbounded_channel();
+/// Watches `dir`; each change sends `()` on `tx`. Keep the watch alive as
+/// long as changes should arrive.
+pub fn watch(dir: &Path, tx: mpsc::UnboundedSender<()>) -> notify::Result<DirWatch> {
     let watcher = watcher_for(dir, tx.clone())?;
-    Ok((
-        DirWatch {
-            dir: dir.to_owned(),
-            identity: identity(dir),
-            watcher,
-            tx,
-        },
-        rx,
-    ))
+    Ok(DirWatch {
+        dir: dir.to_owned(),
+        identity: identity(dir),
+        watcher,
+        tx,
+    })
 }
 
 impl DirWatch {

@@ -4,5 +4,6 @@
 //! and compiles them into one policy.
 
 pub mod dir;
+pub mod kube;
 
 pub use dir::{watch, DirWatch};
