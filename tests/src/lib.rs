@@ -8,6 +8,7 @@
 //! hold.
 
 pub mod demo;
+pub mod kubeapi;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -573,17 +574,29 @@ impl Agent {
         pin_dir: &Path,
         extra: &[&str],
     ) -> Agent {
+        let mut args = vec!["--policy-dir", policy_dir.to_str().expect("utf-8 path")];
+        args.extend_from_slice(extra);
+        Self::start_args(binary, ns, node, pin_dir, &args)
+    }
+
+    /// `filter-agent run` in `ns` as node `node` pinning at `pin_dir`,
+    /// with `args` naming its policy sources and anything else.
+    pub fn start_args(
+        binary: &Path,
+        ns: &Netns,
+        node: &str,
+        pin_dir: &Path,
+        args: &[&str],
+    ) -> Agent {
         // `ip netns exec` remounts /sys and would hide bpffs: enter the
         // network namespace only.
         let mut child = Command::new("nsenter")
             .arg(format!("--net={}", ns.path().display()))
             .arg(binary)
             .args(["run", "--interface-poll", "1", "--node", node])
-            .arg("--policy-dir")
-            .arg(policy_dir)
             .arg("--pin-dir")
             .arg(pin_dir)
-            .args(extra)
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

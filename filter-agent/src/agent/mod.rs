@@ -143,6 +143,12 @@ impl Status {
 /// Runs the agent until `shutdown` turns true (or its sender goes).
 pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     tracing::info!(node = %config.node_name, policy_dir = ?config.policy_dir, kube = ?config.kube, pin_dir = %config.pin_dir.display(), "starting");
+    // A kubeconfig that cannot be used stops the agent before it touches
+    // the kernel.
+    let client = match &config.kube {
+        Some(access) => Some(kube::client(access).await?),
+        None => None,
+    };
     let adopting = config
         .pin_dir
         .join(filter_common::names::MAP_GENERATION)
@@ -172,13 +178,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         ),
         None => None,
     };
-    let kube = match &config.kube {
-        Some(access) => {
-            let client = kube::client(access).await?;
-            Some(Kube::start(client, &config.node_name, changed.clone()))
-        }
-        None => None,
-    };
+    let kube = client.map(|c| Kube::start(c, &config.node_name, changed.clone()));
     drop(changed);
     let mut poll = tokio::time::interval(config.interface_poll.max(Duration::from_millis(100)));
     let mut sweep = tokio::time::interval(config.conntrack_sweep.max(Duration::from_secs(1)));
@@ -202,6 +202,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         texts: Texts::new(),
         parse_timeout: config.parse_timeout,
         status: config.status.clone(),
+        said_waiting: false,
     };
     agent.reload(&mut shutdown).await;
     // Editors write in several steps: a burst of changes is one reload,
@@ -296,6 +297,8 @@ struct Agent {
     parse_timeout: Duration,
     /// Readiness.
     status: Status,
+    /// "Waiting for the first list" was logged.
+    said_waiting: bool,
 }
 
 impl Agent {
@@ -354,7 +357,9 @@ impl Agent {
         let mut inputs = self.inputs.clone();
         if let Some(kube) = &self.kube {
             let Some(objects) = kube.snapshot() else {
-                tracing::info!("waiting for the Kubernetes API's first list of every kind");
+                if !std::mem::replace(&mut self.said_waiting, true) {
+                    tracing::info!("waiting for the Kubernetes API's first list of every kind");
+                }
                 return;
             };
             inputs.kube = Some((

@@ -243,6 +243,7 @@ async fn watch_kind<K>(
         let event = match event {
             Ok(e) => e,
             Err(e) => {
+                let e = with_causes(&e);
                 let mut s = state.lock().unwrap_or_else(|e| e.into_inner());
                 if !s.failing.contains_key(kind) {
                     tracing::warn!(kind, error = %e, "Kubernetes watch failed; the last objects seen stay in force while it retries");
@@ -296,6 +297,21 @@ async fn watch_kind<K>(
             let _ = changes.send(());
         }
     }
+}
+
+/// An error and its causes, `: `-joined (a refused connection shows as
+/// such, not as "client error (Connect)").
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Exponential backoff from 0.5 s to 10 s, each delay shortened by up to
