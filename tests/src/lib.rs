@@ -673,6 +673,14 @@ impl Agent {
         self.terminate().expect("agent stops")
     }
 
+    /// Sends SIGTERM as a rolling update does and leaves the pins (an
+    /// agent started without `--detach-on-exit` keeps its programs
+    /// attached for the next one); returns the exit status.
+    pub fn stop_keeping_pins(mut self) -> std::process::ExitStatus {
+        self.keep_pins = true;
+        self.terminate().expect("agent stops")
+    }
+
     fn terminate(&mut self) -> Option<std::process::ExitStatus> {
         if let Ok(Some(s)) = self.child.try_wait() {
             return Some(s);

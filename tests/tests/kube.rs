@@ -418,3 +418,58 @@ fn kubeconfig_problems_are_clear_errors() {
     }
     drop(api);
 }
+
+#[test]
+fn a_rolling_update_hands_over_without_a_gap() {
+    if !privileged("a_rolling_update_hands_over_without_a_gap") {
+        return;
+    }
+    let p = Pair::new("fwkr");
+    let _s7000 = TcpServer::start(&p.worker, "0.0.0.0:7000".parse().expect("addr"), "7000");
+    let _s7001 = TcpServer::start(&p.worker, "0.0.0.0:7001".parse().expect("addr"), "7001");
+    let api = KubeApi::start_in(&p.worker, API_PORT);
+    api.apply("HostEndpoint", hep());
+    api.apply("GlobalNetworkPolicy", allow_in());
+    api.apply("GlobalNetworkPolicy", deny(7000));
+    let dir = demo::TempDir::new(&unique("fwkrd"));
+    let pins = Path::new("/sys/fs/bpf").join(unique("fwkr"));
+    let _cleanup = filter_tests::PinsGuard(pins.clone());
+    let kubeconfig = dir.0.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig);
+    let kc = kubeconfig.to_str().expect("utf-8");
+    // The old pod: as the DaemonSet runs it, without --detach-on-exit.
+    let mut old = Agent::start_args(
+        &agent_binary(),
+        &p.worker,
+        NODE,
+        &pins,
+        &["--kubeconfig", kc],
+    );
+    applied(&mut old, 0);
+    assert!(!open(&p, 7000) && open(&p, 7001));
+    // SIGTERM: the old agent leaves; the node stays enforced meanwhile.
+    assert!(old.stop_keeping_pins().success(), "SIGTERM answered");
+    assert!(
+        !open(&p, 7000),
+        "enforced between the old pod and the new one"
+    );
+    assert!(open(&p, 7001));
+    // The new pod adopts the pinned programs and follows the API.
+    let mut new = Agent::start_args(
+        &agent_binary(),
+        &p.worker,
+        NODE,
+        &pins,
+        &["--kubeconfig", kc, "--detach-on-exit"],
+    );
+    applied(&mut new, 0);
+    assert!(!open(&p, 7000), "still denied after the handover");
+    let n = new.count("policy applied");
+    api.apply("GlobalNetworkPolicy", deny(7001));
+    applied(&mut new, n);
+    assert!(
+        open(&p, 7000) && !open(&p, 7001),
+        "the new agent follows the watch"
+    );
+    assert!(new.stop().success());
+}

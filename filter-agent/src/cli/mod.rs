@@ -16,6 +16,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::dataplane;
 
 pub use explain::{to_json as explain_json, ExplainArgs};
+pub use run::config as run_config;
 pub use selector::SelectorArgs;
 pub use stats::StatsArgs;
 
@@ -43,7 +44,7 @@ pub enum LogFormat {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Enforce the policy of a directory on this node's host endpoints.
+    /// Enforce Calico policy (a directory, the Kubernetes API) on this node's host endpoints.
     Run(RunArgs),
     /// Validate policy files; print every error; exit 1 if any.
     Check(CheckArgs),
@@ -57,66 +58,84 @@ pub enum Command {
 
 /// `filter-agent run`.
 #[derive(Debug, clap::Args)]
-#[command(group = clap::ArgGroup::new("source").required(true).multiple(true).args(["policy_dir", "kube", "kubeconfig"]))]
-#[command(group = clap::ArgGroup::new("api").multiple(false).args(["kube", "kubeconfig"]))]
 pub struct RunArgs {
     /// Directory of Calico v3 YAML (watched; re-applied on change).
-    #[arg(long)]
+    #[arg(long, env = "FILTER_POLICY_DIR")]
     pub policy_dir: Option<PathBuf>,
     /// Take policy from the Kubernetes API with the pod's service account
     /// (Calico's custom resources, Namespaces, Services, this Node).
-    #[arg(long, conflicts_with = "kubeconfig")]
+    #[arg(long, env = "FILTER_KUBE")]
     pub kube: bool,
     /// Take policy from the Kubernetes API through this kubeconfig file.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, env = "FILTER_KUBECONFIG", value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
     /// Create this node's host endpoint in memory as Calico's
     /// kube-controllers would (`<node>-auto-hep`, all interfaces, the
     /// Node's addresses and labels, profile projectcalico-default-allow),
     /// for clusters that have none.
-    #[arg(long, requires = "api")]
+    #[arg(long, env = "FILTER_AUTO_HOST_ENDPOINTS")]
     pub auto_host_endpoints: bool,
     /// Serve /healthz and /readyz on this address (off by default).
-    #[arg(long, value_name = "HOST:PORT")]
+    #[arg(long, env = "FILTER_METRICS_ADDR", value_name = "HOST:PORT")]
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Node name that picks this node's HostEndpoints [default: $NODE_NAME,
     /// then the hostname].
     #[arg(long)]
     pub node: Option<String>,
     /// bpffs directory where programs and maps are pinned.
-    #[arg(long, default_value = dataplane::DEFAULT_PIN_DIR)]
+    #[arg(long, env = "FILTER_PIN_DIR", default_value = dataplane::DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
     /// Where the agent writes what `stats` needs [default:
     /// /run/filter-agent/<pin dir name>].
-    #[arg(long)]
+    #[arg(long, env = "FILTER_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// On SIGTERM/SIGINT, detach the programs and remove the pins. Without
     /// it the programs stay attached and pinned (the node stays enforced)
     /// and the next agent adopts them.
-    #[arg(long)]
+    #[arg(long, env = "FILTER_DETACH_ON_EXIT")]
     pub detach_on_exit: bool,
     /// How often to look for interfaces that appeared or went.
-    #[arg(long, default_value = "2", value_name = "SECONDS")]
+    #[arg(
+        long,
+        env = "FILTER_INTERFACE_POLL",
+        default_value = "2",
+        value_name = "SECONDS"
+    )]
     pub interface_poll: u64,
     /// Entries of the connection tracking table (an adopted table keeps
     /// its size).
-    #[arg(long, default_value_t = filter_common::ct::DEFAULT_SIZE, value_name = "ENTRIES")]
+    #[arg(long, env = "FILTER_CONNTRACK_SIZE", default_value_t = filter_common::ct::DEFAULT_SIZE, value_name = "ENTRIES")]
     pub conntrack_size: u32,
     /// How often the sweeper removes expired conntrack entries and reports
     /// occupancy.
-    #[arg(long, default_value = "30", value_name = "SECONDS")]
+    #[arg(
+        long,
+        env = "FILTER_CONNTRACK_SWEEP",
+        default_value = "30",
+        value_name = "SECONDS"
+    )]
     pub conntrack_sweep: u64,
     /// Largest policy file read; a larger one is refused (the last good
     /// policy stays).
-    #[arg(long, default_value_t = crate::model::DEFAULT_MAX_FILE_BYTES, value_name = "BYTES")]
+    #[arg(long, env = "FILTER_MAX_FILE_SIZE", default_value_t = crate::model::DEFAULT_MAX_FILE_BYTES, value_name = "BYTES")]
     pub max_file_size: u64,
     /// Longest a reload may take to read, parse and compile the policy
     /// before it is given up (the last good policy stays).
-    #[arg(long, default_value = "10", value_name = "SECONDS")]
+    #[arg(
+        long,
+        env = "FILTER_PARSE_TIMEOUT",
+        default_value = "10",
+        value_name = "SECONDS"
+    )]
     pub parse_timeout: u64,
     /// A burst of changes is applied once, this long after the last of
     /// them.
-    #[arg(long, default_value = "150", value_name = "MILLISECONDS")]
+    #[arg(
+        long,
+        env = "FILTER_DEBOUNCE",
+        default_value = "150",
+        value_name = "MILLISECONDS"
+    )]
     pub debounce: u64,
 }
 

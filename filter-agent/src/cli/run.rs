@@ -14,15 +14,25 @@ use crate::{
 
 use super::RunArgs;
 
-/// The agent's configuration from the command line.
-pub fn config(args: &RunArgs) -> Config {
-    Config {
+/// The agent's configuration from the command line (and the FILTER_*
+/// environment a ConfigMap sets). Checked here rather than by clap, so a
+/// flag set to `false` in the environment counts as not given.
+pub fn config(args: &RunArgs) -> anyhow::Result<Config> {
+    let kube = match (&args.kubeconfig, args.kube) {
+        (Some(_), true) => anyhow::bail!("give --kube or --kubeconfig, not both"),
+        (Some(path), false) => Some(Access::Kubeconfig(path.clone())),
+        (None, true) => Some(Access::InCluster),
+        (None, false) => None,
+    };
+    if kube.is_none() && args.policy_dir.is_none() {
+        anyhow::bail!("no policy source: give --policy-dir, --kube or --kubeconfig");
+    }
+    if kube.is_none() && args.auto_host_endpoints {
+        anyhow::bail!("--auto-host-endpoints needs the Kubernetes API (--kube or --kubeconfig)");
+    }
+    Ok(Config {
         policy_dir: args.policy_dir.clone(),
-        kube: match (&args.kubeconfig, args.kube) {
-            (Some(path), _) => Some(Access::Kubeconfig(path.clone())),
-            (None, true) => Some(Access::InCluster),
-            (None, false) => None,
-        },
+        kube,
         auto_host_endpoints: args.auto_host_endpoints,
         node_name: node::node_name(args.node.as_deref()),
         pin_dir: args.pin_dir.clone(),
@@ -43,7 +53,7 @@ pub fn config(args: &RunArgs) -> Config {
         debounce: Duration::from_millis(args.debounce),
         status: Status::default(),
         metrics_addr: args.metrics_addr,
-    }
+    })
 }
 
 /// Runs until SIGTERM or SIGINT.
@@ -60,6 +70,6 @@ pub async fn run_agent(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
         let _ = stop_tx.send(true);
     });
-    agent::run(config(&args), stop).await?;
+    agent::run(config(&args)?, stop).await?;
     Ok(ExitCode::SUCCESS)
 }
