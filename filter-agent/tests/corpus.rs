@@ -191,3 +191,91 @@ fn cluster_export_loads_except_the_name_calico_rejects() {
     assert_eq!(store.host_endpoints.len(), 3);
     assert_eq!(store.global_network_sets.len(), 2);
 }
+
+/// The cluster's export as Calico's Kubernetes datastore serves it: each
+/// resource a `crd.projectcalico.org/v1` object (policies of the default
+/// tier named `default.<name>` as older releases store them, Calico's
+/// metadata annotation, server bookkeeping) must load and compile exactly
+/// as the exported files do.
+#[test]
+fn cluster_export_served_as_calico_crds_compiles_as_the_files_do() {
+    use filter_agent::source::kube::{to_resources, Object, Options, CALICO_KINDS};
+    let Some(dump) = corpus(
+        "iks-cluster-dump",
+        "cluster_export_served_as_calico_crds_compiles_as_the_files_do",
+    ) else {
+        return;
+    };
+    let files = [
+        dump.join("testcase20-0-gnps.yaml"),
+        dump.join("hep_and_wep.json"),
+    ];
+    let from_files = Store::load_files(&files).expect("files load");
+    // The same resources as the API server holds them.
+    let mut objects = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).expect("read");
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&text).expect("yaml");
+        let mut stack = docs;
+        while let Some(v) = stack.pop() {
+            if let Some(items) = v.as_array().or_else(|| v["items"].as_array()) {
+                stack.extend(items.iter().cloned());
+                continue;
+            }
+            let Some(kind) = CALICO_KINDS
+                .iter()
+                .map(|k| k.0)
+                .find(|k| v["kind"].as_str() == Some(k))
+            else {
+                continue;
+            };
+            let mut crd = v.clone();
+            crd["apiVersion"] = "crd.projectcalico.org/v1".into();
+            let name = v["metadata"]["name"].as_str().expect("name");
+            if kind == "GlobalNetworkPolicy" {
+                crd["metadata"]["name"] = format!("default.{name}").into();
+            }
+            crd["metadata"]["annotations"]["projectcalico.org/metadata"] =
+                r#"{"creationTimestamp":null}"#.into();
+            crd["metadata"]["resourceVersion"] = "12345".into();
+            objects.push(Object { kind, value: crd });
+        }
+    }
+    let (mut from_api, errors) =
+        Store::from_resources(&to_resources(&objects, &Options::default()));
+    assert!(errors.is_empty(), "{errors:?}");
+    let names = |s: &Store| {
+        let mut n: Vec<String> = s
+            .global_policies
+            .iter()
+            .map(|p| p.meta.name.clone())
+            .chain(s.host_endpoints.iter().map(|h| h.meta.name.clone()))
+            .chain(s.global_network_sets.iter().map(|h| h.meta.name.clone()))
+            .collect();
+        n.sort();
+        n
+    };
+    assert_eq!(names(&from_api), names(&from_files));
+    assert!(!from_api.global_policies.is_empty() && !from_api.host_endpoints.is_empty());
+    // Same order of resources, then the same tables for every node.
+    let sort = |s: &mut Store| {
+        s.global_policies
+            .sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
+        s.host_endpoints
+            .sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
+        s.global_network_sets
+            .sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
+    };
+    let mut from_files = from_files;
+    sort(&mut from_files);
+    sort(&mut from_api);
+    for h in &from_files.host_endpoints {
+        let node = Node {
+            name: h.spec.node.clone(),
+            interfaces: Default::default(),
+        };
+        let a = compile::compile(&from_files, &node).expect("files compile");
+        let b = compile::compile(&from_api, &node).expect("API compiles");
+        assert_eq!(a.tables, b.tables, "node {}", h.spec.node);
+    }
+}
