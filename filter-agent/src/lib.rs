@@ -10,6 +10,7 @@ pub mod agent;
 pub mod cli;
 pub mod compile;
 pub mod dataplane;
+pub mod events;
 pub mod fuzzing;
 pub mod model;
 pub mod node;

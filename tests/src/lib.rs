@@ -811,13 +811,18 @@ impl RawLink {
     /// Whether a frame for which `want` holds arrives within `timeout`
     /// (outgoing frames of this end are seen too; `want` tells them apart).
     pub fn wait_for(&self, timeout: Duration, want: impl Fn(&[u8]) -> bool) -> bool {
+        self.capture(timeout, want).is_some()
+    }
+
+    /// The first frame for which `want` holds, within `timeout`.
+    pub fn capture(&self, timeout: Duration, want: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
         use std::os::fd::AsRawFd;
         let deadline = std::time::Instant::now() + timeout;
         let mut buf = [0u8; 2048];
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
-                return false;
+                return None;
             }
             let mut pfd = libc::pollfd {
                 fd: self.fd.as_raw_fd(),
@@ -837,7 +842,7 @@ impl RawLink {
                 )
             };
             if n > 0 && want(&buf[..n as usize]) {
-                return true;
+                return Some(buf[..n as usize].to_vec());
             }
         }
     }

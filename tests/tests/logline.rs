@@ -1,0 +1,395 @@
+//! The LOG line, with the kernel as the oracle: crafted frames go from the
+//! client to the worker, where an nftables `log` rule in the prerouting
+//! hook has the kernel print its own line (to /dev/kmsg, with
+//! `net.netfilter.nf_log_all_netns=1`, restored afterwards) and an
+//! AF_PACKET socket captures the same frame for
+//! `filter_agent::events::logline`. The two lines must be equal.
+
+use std::{
+    io::{BufRead, BufReader, Seek},
+    os::unix::fs::OpenOptionsExt,
+    time::{Duration, Instant},
+};
+
+use etherparse::PacketBuilder;
+use filter_agent::events::logline::{line, Context};
+use filter_tests::{internet_checksum, mac, privileged, sh, unique, Pair, RawLink};
+
+const T: Duration = Duration::from_secs(3);
+
+/// Sets a sysctl for the test's duration.
+struct Sysctl {
+    key: &'static str,
+    old: String,
+}
+
+impl Sysctl {
+    fn set(key: &'static str, value: &str) -> Sysctl {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let old = std::fs::read_to_string(&path)
+            .expect("read sysctl")
+            .trim()
+            .to_owned();
+        std::fs::write(&path, value).expect("write sysctl");
+        Sysctl { key, old }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let path = format!("/proc/sys/{}", self.key.replace('.', "/"));
+        let _ = std::fs::write(path, &self.old);
+    }
+}
+
+/// An IPv4 frame from the client to the worker with the header fields the
+/// LOG line shows, and a valid header checksum (else the kernel drops it
+/// before any hook).
+#[allow(clippy::too_many_arguments)]
+fn ipv4(
+    macs: ([u8; 6], [u8; 6]),
+    tos: u8,
+    id: u16,
+    frag: u16,
+    proto: u8,
+    options: &[u8],
+    payload: &[u8],
+    tot_len: Option<u16>,
+) -> Vec<u8> {
+    let ihl = 5 + options.len() / 4;
+    let len = tot_len.unwrap_or((ihl * 4 + payload.len()) as u16);
+    let mut h = vec![0x40 | ihl as u8, tos];
+    h.extend(len.to_be_bytes());
+    h.extend(id.to_be_bytes());
+    h.extend(frag.to_be_bytes());
+    h.extend([64, proto, 0, 0]);
+    h.extend(Pair::CLIENT_V4);
+    h.extend(Pair::WORKER_V4);
+    h.extend(options);
+    let sum = internet_checksum(&h);
+    h[10..12].copy_from_slice(&sum.to_be_bytes());
+    let mut f = Vec::new();
+    f.extend(macs.1);
+    f.extend(macs.0);
+    f.extend([0x08, 0x00]);
+    f.extend(h);
+    f.extend(payload);
+    f
+}
+
+fn tcp_header(sport: u16, dport: u16, flags: u8, reserved: u8) -> Vec<u8> {
+    let mut t = Vec::new();
+    t.extend(sport.to_be_bytes());
+    t.extend(dport.to_be_bytes());
+    t.extend(1000u32.to_be_bytes());
+    t.extend(0u32.to_be_bytes());
+    t.extend([0x50 | (reserved & 0x0f), flags]);
+    t.extend(29200u16.to_be_bytes());
+    t.extend([0, 0, 0, 7]);
+    t
+}
+
+#[test]
+fn the_log_line_is_the_kernels_own() {
+    if !privileged("the_log_line_is_the_kernels_own") {
+        return;
+    }
+    let p = Pair::new("fwl");
+    let prefix = format!("{}: ", unique("fwlog"));
+    let _all_netns = Sysctl::set("net.netfilter.nf_log_all_netns", "1");
+    sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            p.worker.name(),
+            "nft",
+            &format!(
+                "add table inet t; add chain inet t pre {{ type filter hook prerouting priority -500; }}; \
+                 add rule inet t pre icmpv6 type {{ 133, 134, 135, 136, 143 }} accept; \
+                 add rule inet t pre iifname eth1 log prefix \"{prefix}\""
+            ),
+        ],
+    );
+    let client = RawLink::open(&p.client, "eth0");
+    let worker = RawLink::open(&p.worker, "eth1");
+    let macs = (mac(&p.client, "eth0"), mac(&p.worker, "eth1"));
+    // Non-blocking: a read at the end says so instead of waiting.
+    let mut kmsg = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+        .expect("open /dev/kmsg");
+    kmsg.seek(std::io::SeekFrom::End(0)).expect("seek kmsg");
+    let mut kmsg = BufReader::new(kmsg);
+
+    let mut udp_inner = Vec::new();
+    udp_inner.extend(
+        ipv4(
+            macs,
+            0,
+            1,
+            0,
+            17,
+            &[],
+            &[0x9c, 0x40, 0, 53, 0, 13, 0, 0],
+            None,
+        )[14..]
+            .to_vec(),
+    );
+    let six = |b: etherparse::PacketBuilderStep<etherparse::Ethernet2Header>| {
+        b.ipv6(
+            "2001:db8::10"
+                .parse::<std::net::Ipv6Addr>()
+                .expect("v6")
+                .octets(),
+            "2001:db8::1"
+                .parse::<std::net::Ipv6Addr>()
+                .expect("v6")
+                .octets(),
+            64,
+        )
+    };
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "TCP SYN, DF",
+            ipv4(
+                macs,
+                0,
+                7238,
+                0x4000,
+                6,
+                &[],
+                &tcp_header(54321, 7000, 0x02, 0),
+                None,
+            ),
+        ),
+        (
+            "TCP with every flag, reserved bits and DSCP",
+            ipv4(
+                macs,
+                0xb8,
+                9,
+                0,
+                6,
+                &[],
+                &tcp_header(1, 2, 0xff, 0x0f),
+                None,
+            ),
+        ),
+        (
+            "UDP",
+            ipv4(
+                macs,
+                0,
+                10,
+                0,
+                17,
+                &[],
+                &[
+                    0x30, 0x39, 0x1f, 0x90, 0, 13, 0, 0, b'h', b'e', b'l', b'l', b'o',
+                ],
+                None,
+            ),
+        ),
+        (
+            "UDPLite",
+            ipv4(
+                macs,
+                0,
+                11,
+                0,
+                136,
+                &[],
+                &[0x30, 0x39, 0x1f, 0x90, 0, 8, 0, 0],
+                None,
+            ),
+        ),
+        (
+            "SCTP",
+            ipv4(
+                macs,
+                0,
+                12,
+                0,
+                132,
+                &[],
+                &[0x30, 0x39, 0x1f, 0x90, 0, 0, 0, 0, 0, 0, 0, 0],
+                None,
+            ),
+        ),
+        (
+            "ICMP echo request",
+            ipv4(
+                macs,
+                0,
+                13,
+                0,
+                1,
+                &[],
+                &[8, 0, 0, 0, 0x12, 0x34, 0, 1],
+                None,
+            ),
+        ),
+        ("ICMP port unreachable with the inner packet", {
+            let mut icmp = vec![3, 3, 0, 0, 0, 0, 0, 0];
+            icmp.extend(&udp_inner);
+            ipv4(macs, 0, 14, 0, 1, &[], &icmp, None)
+        }),
+        ("ICMP fragmentation needed, MTU", {
+            let mut icmp = vec![3, 4, 0, 0, 0, 0, 0x05, 0xdc];
+            icmp.extend(&udp_inner);
+            ipv4(macs, 0, 15, 0, 1, &[], &icmp, None)
+        }),
+        (
+            "ICMP echo too short: INCOMPLETE",
+            ipv4(macs, 0, 16, 0, 1, &[], &[8, 0, 0, 0], None),
+        ),
+        (
+            "IPv4 options and DF",
+            ipv4(
+                macs,
+                0,
+                17,
+                0x4000,
+                6,
+                &[1, 1, 1, 0],
+                &tcp_header(5, 6, 0x02, 0),
+                None,
+            ),
+        ),
+        (
+            "first fragment, MF",
+            ipv4(
+                macs,
+                0,
+                18,
+                0x2000,
+                17,
+                &[],
+                &[0x30, 0x39, 0x1f, 0x90, 0, 40, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8],
+                None,
+            ),
+        ),
+        (
+            "later fragment",
+            ipv4(
+                macs,
+                0,
+                18,
+                0x0002,
+                17,
+                &[],
+                &[9, 10, 11, 12, 13, 14, 15, 16],
+                None,
+            ),
+        ),
+        (
+            "the evil bit (CE)",
+            ipv4(
+                macs,
+                0,
+                19,
+                0x8000,
+                17,
+                &[],
+                &[0, 1, 0, 2, 0, 8, 0, 0],
+                None,
+            ),
+        ),
+        (
+            "another protocol",
+            ipv4(macs, 0, 20, 0, 47, &[], &[0, 0, 0x08, 0x00], None),
+        ),
+        ("IPv6 TCP SYN", {
+            let mut v = Vec::new();
+            six(PacketBuilder::ethernet2(macs.0, macs.1))
+                .tcp(40000, 7000, 1, 64800)
+                .syn()
+                .write(&mut v, &[])
+                .expect("build");
+            v
+        }),
+        ("IPv6 UDP", {
+            let mut v = Vec::new();
+            six(PacketBuilder::ethernet2(macs.0, macs.1))
+                .udp(40001, 53)
+                .write(&mut v, b"query")
+                .expect("build");
+            v
+        }),
+        ("ICMPv6 echo request", {
+            let mut v = Vec::new();
+            six(PacketBuilder::ethernet2(macs.0, macs.1))
+                .icmpv6_echo_request(0x4242, 3)
+                .write(&mut v, b"ping")
+                .expect("build");
+            v
+        }),
+    ];
+    let mut mismatches = Vec::new();
+    for (what, frame) in &cases {
+        let sent_at = Instant::now();
+        client.send(frame);
+        let Some(seen) = worker.capture(T, |f| {
+            f == frame.as_slice() || f.starts_with(&frame[..frame.len().min(60)])
+        }) else {
+            panic!("{what}: the worker never saw the frame");
+        };
+        let kernel = next_line(&mut kmsg, &prefix, sent_at)
+            .unwrap_or_else(|| panic!("{what}: no kernel line"));
+        let ip_len = ip_length(&seen);
+        let ours = line(
+            &Context {
+                prefix: &prefix,
+                in_if: "eth1",
+                out_if: "",
+            },
+            &seen,
+            ip_len,
+        );
+        if ours.trim_end() != kernel.trim_end() {
+            mismatches.push(format!("{what}:\n  kernel: {kernel}\n  ours:   {ours}"));
+        }
+    }
+    assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
+}
+
+/// The IP packet's length as the kernel sees it at prerouting (the frame
+/// trimmed to the IP header's length).
+fn ip_length(frame: &[u8]) -> usize {
+    let l3 = &frame[14..];
+    match frame[12..14] {
+        [0x08, 0x00] => usize::from(u16::from_be_bytes([l3[2], l3[3]])).min(l3.len()),
+        _ => (usize::from(u16::from_be_bytes([l3[4], l3[5]])) + 40).min(l3.len()),
+    }
+}
+
+/// The next kernel log line with `prefix`, read from /dev/kmsg.
+fn next_line(kmsg: &mut BufReader<std::fs::File>, prefix: &str, since: Instant) -> Option<String> {
+    let deadline = since + T;
+    let mut text = String::new();
+    while Instant::now() < deadline {
+        text.clear();
+        match kmsg.read_line(&mut text) {
+            Ok(0) => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            // A record overwritten before we read it: go on with the next.
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue,
+            Err(_) => return None,
+        }
+        if let Some((_, msg)) = text.split_once(';') {
+            if let Some(at) = msg.find(prefix) {
+                return Some(msg[at..].trim_end_matches('\n').to_owned());
+            }
+        }
+    }
+    None
+}
