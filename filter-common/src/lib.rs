@@ -369,6 +369,115 @@ pub struct RuleCounter {
     pub bytes: u64,
 }
 
+/// Log records: what a kernel program tells the agent about one packet a
+/// `Log` rule matched (or, with `--log-denied`, one it dropped), through
+/// the `FW_EVENTS1` ring buffer.
+pub mod events {
+    use crate::MAX_RULE_SLOTS;
+
+    /// Bytes of the packet a record keeps, from the link-layer header: room
+    /// for two VLAN tags, an IPv6 header with a few extension headers or
+    /// an IPv4 header with options, an ICMP error and the headers of the
+    /// packet it quotes.
+    pub const CAPTURE: usize = 256;
+    /// Default size of the ring buffer (a power of two pages).
+    pub const DEFAULT_RING_BYTES: u32 = 1 << 20;
+    /// Log rules one stage can note for one packet; more are counted lost.
+    pub const MAX_NOTED: usize = 4;
+    /// Index of the logger in its program array (`FW_TAILX1`, `FW_TAILT1`).
+    pub const LOGGER: u32 = 0;
+    /// Index of the token bucket and counters of drops no rule decided.
+    pub const NO_RULE: u32 = MAX_RULE_SLOTS;
+    /// Entries of the bucket and counter maps: every rule slot, then
+    /// [`NO_RULE`].
+    pub const SLOTS: u32 = MAX_RULE_SLOTS + 1;
+
+    /// The hook a record comes from.
+    pub mod hook {
+        pub const XDP: u8 = 0;
+        pub const TC_INGRESS: u8 = 1;
+        pub const TC_EGRESS: u8 = 2;
+        pub const NAMES: [&str; 3] = ["xdp", "tc-ingress", "tc-egress"];
+    }
+
+    /// Why a record was written.
+    pub mod kind {
+        /// A Log rule matched.
+        pub const LOG: u8 = 1;
+        /// The packet was dropped (`--log-denied`).
+        pub const DENIED: u8 = 2;
+    }
+
+    /// What the record says was decided: `NONE` for a Log rule (it decides
+    /// nothing; the packet goes on), `DENY` for a drop.
+    pub mod verdict {
+        /// No rule decided in the stage.
+        pub const NONE: u8 = 0;
+        pub const ALLOW: u8 = 1;
+        pub const DENY: u8 = 2;
+    }
+
+    /// One record.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct Record {
+        /// `bpf_ktime_get_ns` (boot-relative, without suspend).
+        pub time_ns: u64,
+        /// The interface the packet came in on (0: none, host-originated).
+        pub in_ifindex: u32,
+        /// The interface it leaves by (0: not known at this hook).
+        pub out_ifindex: u32,
+        /// The rule slot that logged or decided; [`NO_RULE`] if none.
+        pub slot: u32,
+        /// The packet's length from the link-layer header.
+        pub packet_len: u32,
+        /// [`hook`].
+        pub hook: u8,
+        /// `Stage` as a number.
+        pub stage: u8,
+        /// `Direction` as a number.
+        pub direction: u8,
+        /// [`verdict`].
+        pub verdict: u8,
+        /// [`kind`].
+        pub kind: u8,
+        pub _pad: u8,
+        /// Bytes of `data` that hold the packet.
+        pub captured: u16,
+        /// The packet's first bytes.
+        pub data: [u8; CAPTURE],
+    }
+
+    /// Logging settings, one entry of `FW_LOGCFG1`, written by the agent.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Config {
+        /// Nanoseconds per record and rule (1e9 / rate); 0: no limit.
+        pub interval_ns: u64,
+        /// How far ahead of now a bucket may run: burst × interval.
+        pub burst_ns: u64,
+        /// Non-zero: write a record for every dropped packet.
+        pub log_denied: u32,
+        pub _pad: u32,
+    }
+
+    /// Records per rule slot (per CPU).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Counter {
+        /// Written to the ring buffer.
+        pub emitted: u64,
+        /// Left out by the rule's token bucket.
+        pub limited: u64,
+        /// Lost: the ring buffer was full, or more Log rules matched in
+        /// one stage than a packet can note.
+        pub lost: u64,
+    }
+
+    const _: () = assert!(core::mem::size_of::<Record>() == 32 + CAPTURE);
+    const _: () = assert!(core::mem::size_of::<Config>() == 24);
+}
+
 /// Why a program returned what it did; indexes `FW_STATS2`.
 ///
 /// Append-only: never renumber or reuse a value (counters and dashboards
@@ -480,6 +589,14 @@ pub mod names {
     pub const PROG_TC_EGRESS: &str = "fw_tc_eg";
     /// A program that only returns XDP_PASS: the benchmark's baseline.
     pub const PROG_PASS: &str = "fw_pass";
+    /// The XDP logger: writes Log records, reached by tail call.
+    pub const PROG_XDP_LOG: &str = "fw_xdp_log";
+    /// The TC logger, likewise.
+    pub const PROG_TC_LOG: &str = "fw_tc_log";
+    /// The XDP logger (a program array holds programs of one type).
+    pub const MAP_TAIL_XDP: &str = "FW_TAILX1";
+    /// The TC logger.
+    pub const MAP_TAIL_TC: &str = "FW_TAILT1";
     /// Live generation.
     pub const MAP_GENERATION: &str = "FW_GEN1";
     /// IPv4 source trie.
@@ -519,10 +636,18 @@ pub mod names {
     pub const MAP_SERVICES: &str = "FW_SVC1";
     /// The first fragments each hook passed (`FragKey` → time).
     pub const MAP_FRAGMENTS: &str = "FW_FRAG1";
+    /// Log records ([`crate::events::Record`]) for the agent.
+    pub const MAP_EVENTS: &str = "FW_EVENTS1";
+    /// Logging settings ([`crate::events::Config`]).
+    pub const MAP_LOG_CONFIG: &str = "FW_LOGCFG1";
+    /// Per-rule token buckets of Log records (time the bucket is full).
+    pub const MAP_LOG_BUCKETS: &str = "FW_LOGTB1";
+    /// Per-rule emitted / rate-limited / lost records (per CPU).
+    pub const MAP_LOG_COUNTERS: &str = "FW_LOGCTR1";
 
     /// Every pinned map: the agent checks the loaded object has each, so a
     /// name changed on one side only fails at load, not at first use.
-    pub const MAPS: [&str; 19] = [
+    pub const MAPS: [&str; 25] = [
         MAP_GENERATION,
         MAP_SRC_V4,
         MAP_DST_V4,
@@ -542,10 +667,23 @@ pub mod names {
         MAP_HOST,
         MAP_SERVICES,
         MAP_FRAGMENTS,
+        MAP_EVENTS,
+        MAP_LOG_CONFIG,
+        MAP_LOG_BUCKETS,
+        MAP_LOG_COUNTERS,
+        MAP_TAIL_XDP,
+        MAP_TAIL_TC,
     ];
 
     /// Every program, likewise.
-    pub const PROGRAMS: [&str; 4] = [PROG_XDP, PROG_TC_INGRESS, PROG_TC_EGRESS, PROG_PASS];
+    pub const PROGRAMS: [&str; 6] = [
+        PROG_XDP,
+        PROG_TC_INGRESS,
+        PROG_TC_EGRESS,
+        PROG_PASS,
+        PROG_XDP_LOG,
+        PROG_TC_LOG,
+    ];
 }
 
 /// The verdict XDP hands to TC ingress in the packet's metadata area
@@ -919,4 +1057,7 @@ mod pod {
     unsafe impl aya::Pod for HostKey {}
     unsafe impl aya::Pod for FragKey {}
     unsafe impl aya::Pod for SvcKey {}
+    unsafe impl aya::Pod for events::Record {}
+    unsafe impl aya::Pod for events::Config {}
+    unsafe impl aya::Pod for events::Counter {}
 }

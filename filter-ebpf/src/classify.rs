@@ -74,19 +74,28 @@ pub struct Decision {
 pub type StageResult = Result<Decision, u32>;
 
 /// Runs `stage` in `direction` for `pkt` arriving on or leaving by `ifindex`.
-/// `Err` carries the `reason` when no rule decided.
+/// `Err` carries the `reason` when no rule decided. The number is 1 when a
+/// Log rule matched on the way (`crate::events` has its slot), else 0: a
+/// number, not a branch, so the paths after a stage stay one for the
+/// verifier.
 #[inline(always)]
-pub fn classify(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> StageResult {
+pub fn classify(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> (StageResult, u32) {
     let packed = classify_call(stage, direction, ifindex, pkt);
+    let logged = (packed >> 63) as u32;
+    let packed = packed & !LOGGED;
     let (tag, value) = ((packed >> 32) as u32, packed as u32);
-    match tag {
+    let result = match tag {
         action::ALLOW | action::DENY => Ok(Decision {
             action: tag,
             slot: value,
         }),
         _ => Err(value),
-    }
+    };
+    (result, logged)
 }
+
+/// Bit of `classify_call`'s result: a Log rule matched.
+const LOGGED: u64 = 1 << 63;
 
 /// [`classify`] as one BPF-to-BPF call: a program runs several stages, and
 /// inlining each copy of the lookup keys and the hit bitmap would overflow
@@ -95,17 +104,16 @@ pub fn classify(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> Stage
 /// one register).
 #[inline(never)]
 fn classify_call(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u64 {
-    match classify_inline(stage, direction, ifindex, pkt) {
-        Ok(d) => ((d.action as u64) << 32) | d.slot as u64,
-        Err(why) => why as u64,
-    }
+    classify_inline(stage, direction, ifindex, pkt)
 }
 
+/// The search, packed as [`classify_call`] returns it (built in place: a
+/// result assembled from parts takes stack on the deepest call chain).
 #[inline(always)]
-fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> StageResult {
+fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u64 {
     let generation = match FW_GEN1.get(0) {
         Some(g) if *g < GENERATIONS => *g,
-        _ => return Err(reason::PASS_TABLE_ERROR),
+        _ => return reason::PASS_TABLE_ERROR as u64,
     };
     let table = table_id(generation, stage, direction);
     let endpoint = EndpointKey { ifindex, table };
@@ -113,7 +121,7 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> St
     // inactive generation, and copied out here at once.
     let ep = match unsafe { FW_EP2.get(&endpoint) } {
         Some(v) => *v,
-        None => return Err(reason::PASS_NO_POLICY),
+        None => return reason::PASS_NO_POLICY as u64,
     };
     let table_be = table.to_be_bytes();
     let (src, dst) = match pkt.family {
@@ -175,13 +183,13 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> St
     ));
     let (src, dst, dport, sport) = match (src, dst, dport, sport) {
         (Some(s), Some(d), Some(p), Some(q)) => (*s, *d, *p, *q),
-        _ => return Err(reason::PASS_TABLE_ERROR),
+        _ => return reason::PASS_TABLE_ERROR as u64,
     };
     let mut scan = Scan {
         classes: [ep.class, src, dst, dport, sport],
         first_slot: ep.first_slot,
         start: 0,
-        action: 0,
+        action: (stage << STAGE_SHIFT) | (direction << DIRECTION_SHIFT),
         slot: 0,
         reason: reason::PASS_TOO_MANY_HOPS,
     };
@@ -199,12 +207,12 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> St
             0,
         );
     }
-    match scan.action {
-        action::ALLOW | action::DENY => Ok(Decision {
-            action: scan.action,
-            slot: scan.slot,
-        }),
-        _ => Err(scan.reason),
+    // NOTED is bit 31 of the word, LOGGED bit 63 of the result.
+    let flag = ((scan.action & NOTED) as u64) << 32;
+    let decided = scan.action & ACTION_MASK;
+    flag | match decided {
+        action::ALLOW | action::DENY => ((decided as u64) << 32) | scan.slot as u64,
+        _ => scan.reason as u64,
     }
 }
 
@@ -235,13 +243,26 @@ struct Scan {
     first_slot: u32,
     /// Next rule to look at.
     start: u32,
-    /// Allow or Deny once decided, else 0.
+    /// Allow or Deny once decided, else 0 (under [`ACTION_MASK`]); above
+    /// it the stage and direction for the notes of Log rules, and
+    /// [`NOTED`] once one matched. One word: this frame is on the deepest
+    /// call chain, whose frames together must fit in 512 bytes.
     action: u32,
     slot: u32,
     /// Why there is no verdict, when there is none. Starts as "too many
     /// hops": what is left when every hop met a Log or Pass rule.
     reason: u32,
 }
+
+/// `Scan::action`: the action itself.
+const ACTION_MASK: u32 = 0xff;
+/// `Scan::action`: where the stage is.
+pub const STAGE_SHIFT: u32 = 8;
+/// `Scan::action`: where the direction is.
+pub const DIRECTION_SHIFT: u32 = 16;
+/// `Scan::action`: a Log rule matched (noted in `crate::events`).
+const NOTED: u32 = 1 << 31;
+const _: () = assert!(LOGGED == (NOTED as u64) << 32);
 
 /// One hop: the first matching rule at or after `start`. Allow and Deny
 /// end the search; Log and Pass go on at the rule's `next`.
@@ -282,22 +303,29 @@ extern "C" fn hop(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
         st.reason = reason::PASS_TABLE_ERROR;
         return STOP;
     };
-    match meta.action {
-        action::ALLOW | action::DENY => {
-            st.action = meta.action;
-            st.slot = slot;
-            return STOP;
-        }
-        // Log events arrive with the events work; the rule is counted.
-        action::LOG => crate::counters::count_rule(slot, 0),
-        _ => {}
-    }
+    // Both read before any call: a map pointer kept across calls is
+    // spilled, and this frame is on the deepest call chain.
+    let (what, next) = (meta.action, meta.next);
     // The agent makes `next` point past the rule, so every hop moves on.
-    if meta.next <= rule {
+    if what != action::ALLOW && what != action::DENY && next <= rule {
         st.reason = reason::PASS_TABLE_ERROR;
         return STOP;
     }
-    st.start = meta.next;
+    match what {
+        action::ALLOW | action::DENY => {
+            st.action = (st.action & !ACTION_MASK) | what;
+            st.slot = slot;
+            return STOP;
+        }
+        // Counted, and noted for a record as the program ends.
+        action::LOG => {
+            crate::counters::count_rule(slot, 0);
+            crate::events::note(slot, st.action);
+            st.action |= NOTED;
+        }
+        _ => {}
+    }
+    st.start = next;
     GO_ON
 }
 

@@ -28,6 +28,7 @@
 mod classify;
 mod conntrack;
 mod counters;
+mod events;
 mod failsafe;
 mod fragments;
 mod host;
@@ -50,13 +51,18 @@ enum Verdict {
     Continue(u32),
 }
 
-/// Runs one stage and counts the deciding rule.
+/// Runs one stage and counts the deciding rule; the packet remembers
+/// whether the stage left Log records to write (and a drop's, with
+/// `--log-denied`).
 #[inline(always)]
 fn run_stage(stage: u32, dir: u32, ifindex: u32, pkt: &Packet, bytes: u64) -> Verdict {
-    match classify::classify(stage, dir, ifindex, pkt) {
+    let (result, logged) = classify::classify(stage, dir, ifindex, pkt);
+    pkt.add_log_pending(logged);
+    match result {
         Ok(d) => {
             counters::count_rule(d.slot, bytes);
             if d.action == action::DENY {
+                events::denied(pkt, d.slot, stage, dir);
                 Verdict::Deny
             } else {
                 Verdict::Allow
@@ -64,6 +70,33 @@ fn run_stage(stage: u32, dir: u32, ifindex: u32, pkt: &Packet, bytes: u64) -> Ve
         }
         Err(why) => Verdict::Continue(why),
     }
+}
+
+/// A reason already counted (the program hands over to its logger):
+/// outside `FW_STATS2`, so counting it again does nothing.
+const COUNTED: u32 = u32::MAX;
+
+/// Ends a program whose packet left Log records: counts the reason and
+/// hands the verdict to the logger (see `events`).
+#[inline(always)]
+fn finish<C: events::Hook>(
+    ctx: &C,
+    pkt: &Packet,
+    origin: impl FnOnce() -> (u8, u32, u32, u32),
+    (verdict, why): (u32, u32),
+) -> (u32, u32) {
+    if !pkt.log_pending() {
+        return (verdict, why);
+    }
+    counters::count_reason(why);
+    let (hook, in_if, out_if, len) = origin();
+    let v = events::finish(
+        ctx,
+        ((hook as u64) << 32) | in_if as u64,
+        ((out_if as u64) << 32) | len as u64,
+        verdict,
+    );
+    (v, COUNTED)
 }
 
 /// The outcome of the stages before conntrack's entry point: XDP's work.
@@ -141,7 +174,10 @@ fn try_xdp(ctx: &XdpContext) -> (u32, u32) {
         return later_fragment(hook, pkt, xdp_action::XDP_PASS, xdp_action::XDP_DROP);
     }
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    match early_ingress(ctx.ingress_ifindex() as u32, pkt, bytes) {
+    // Read once: a context field read again later may be compiled from a
+    // moved context pointer, which the verifier refuses.
+    let ifindex = ctx.ingress_ifindex() as u32;
+    let judged = match early_ingress(ifindex, pkt, bytes) {
         Early::Drop => (xdp_action::XDP_DROP, reason::DROP_RULE),
         Early::Pass(verdict, why) => {
             fragments::remember(hook, pkt);
@@ -155,7 +191,24 @@ fn try_xdp(ctx: &XdpContext) -> (u32, u32) {
             );
             (xdp_action::XDP_PASS, why)
         }
-    }
+    };
+    // Read only when needed: held across the stages, the fields would
+    // take stack the classifier's call chain needs.
+    let origin = || (filter_common::events::hook::XDP, ifindex, 0, bytes as u32);
+    finish(ctx, pkt, origin, judged)
+}
+
+/// The XDP logger: writes the records `fw_xdp` left pending and returns
+/// its verdict (reached only by tail call, `events`).
+#[xdp]
+pub fn fw_xdp_log(ctx: XdpContext) -> u32 {
+    events::log_pending(&parse::XdpFrame(&ctx))
+}
+
+/// The TC logger, for both TC programs.
+#[classifier]
+pub fn fw_tc_log(ctx: TcContext) -> i32 {
+    events::log_pending(&parse::TcFrame(&ctx)) as i32
 }
 
 /// Returns XDP_PASS and nothing else: the baseline of `cargo xtask bench`
@@ -187,7 +240,18 @@ fn try_tc_in(ctx: &TcContext) -> (i32, u32) {
     if judged.0 == TC_ACT_OK {
         fragments::remember(hook, pkt);
     }
-    judged
+    // Read only when needed: held across the stages, the fields would
+    // take stack the classifier's call chain needs.
+    let origin = || {
+        (
+            filter_common::events::hook::TC_INGRESS,
+            skb.ifindex,
+            0,
+            skb.len,
+        )
+    };
+    let (v, why) = finish(ctx, pkt, origin, (judged.0 as u32, judged.1));
+    (v as i32, why)
 }
 
 /// TC ingress for a packet that is not a later fragment.
@@ -272,7 +336,17 @@ fn try_tc_eg(ctx: &TcContext) -> (i32, u32) {
     if judged.0 == TC_ACT_OK {
         fragments::remember(hook, pkt);
     }
-    judged
+    // As in `try_tc_in`.
+    let origin = || {
+        (
+            filter_common::events::hook::TC_EGRESS,
+            skb.ingress_ifindex,
+            skb.ifindex,
+            skb.len,
+        )
+    };
+    let (v, why) = finish(ctx, pkt, origin, (judged.0 as u32, judged.1));
+    (v as i32, why)
 }
 
 /// A packet the node itself sends (3.9, "EGRESS via HEP h,

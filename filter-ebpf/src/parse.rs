@@ -111,13 +111,13 @@ pub fn parse_into(
     // used only by this CPU; programs do not nest on one CPU. Parsing
     // straight into it keeps the packet off the 512-byte stack.
     let pkt = unsafe { &mut *out };
+    *pkt.log_pending.0.get_mut() = 0;
     parse(start, end, stripped_tags, pkt)?;
     Ok(pkt)
 }
 
 /// The fields of one packet the classifier reads. Plain data: once parsed,
 /// nothing downstream touches the frame again.
-#[derive(Clone, Copy)]
 pub struct Packet {
     pub family: Family,
     /// IPv4 protocol or IPv6 upper-layer header.
@@ -153,7 +153,19 @@ pub struct Packet {
     /// ICMP errors: the header of the packet that caused it, so conntrack
     /// can find the flow the error is related to.
     pub inner: Inner,
+    /// Non-zero once a stage left Log records to write (`crate::events`):
+    /// kept here, in the per-CPU scratch, not on the stack, whose 512
+    /// bytes the deepest call chain needs.
+    pub log_pending: PendingCell,
 }
+
+/// A flag the pipeline sets through `&Packet`.
+pub struct PendingCell(core::cell::UnsafeCell<u32>);
+
+// SAFETY: a `Packet` lives in a per-CPU scratch entry that one program
+// uses at a time (programs do not nest on one CPU); nothing else reads
+// or writes the flag meanwhile.
+unsafe impl Sync for PendingCell {}
 
 /// The embedded header of an ICMP error (RFC 792, RFC 4443): the packet
 /// the error answers, as the erring side sent it.
@@ -169,6 +181,23 @@ pub struct Inner {
 }
 
 impl Packet {
+    /// Adds 1 (Log records to write) or 0: arithmetic, not a branch, so
+    /// the verifier's paths after a stage stay one. Relaxed plain loads
+    /// and stores: only this CPU touches its scratch.
+    #[inline(always)]
+    pub fn add_log_pending(&self, n: u32) {
+        let p = self.log_pending.0.get();
+        // SAFETY: see `PendingCell`.
+        unsafe { *p |= n };
+    }
+
+    /// Whether a stage left Log records to write.
+    #[inline(always)]
+    pub fn log_pending(&self) -> bool {
+        // SAFETY: see `PendingCell`.
+        unsafe { *self.log_pending.0.get() != 0 }
+    }
+
     /// Clears what the previous packet of this scratch slot left, except
     /// the addresses, which the caller always writes.
     #[inline(always)]
@@ -549,4 +578,38 @@ pub fn skb(
         fields,
         parse_into(slot, ctx.data(), ctx.data_end(), stripped),
     )
+}
+
+/// [`crate::events::Frame`] for an XDP frame: the bytes from the Ethernet
+/// header on, as the driver handed them over.
+pub struct XdpFrame<'a>(pub &'a aya_ebpf::programs::XdpContext);
+
+impl crate::events::Frame for XdpFrame<'_> {
+    #[inline(always)]
+    fn copy_to(&self, dst: *mut u8, len: u32) -> bool {
+        // SAFETY: `dst` has room for `len` bytes (the caller's record) and
+        // the helper checks `len` against the frame.
+        unsafe { aya_ebpf::helpers::bpf_xdp_load_bytes(self.0.ctx, 0, dst as *mut _, len) == 0 }
+    }
+}
+
+/// [`crate::events::Frame`] for an skb at TC: the bytes from the Ethernet
+/// header on (an outer VLAN tag the kernel moved into the skb is not in
+/// them).
+pub struct TcFrame<'a>(pub &'a aya_ebpf::programs::TcContext);
+
+impl crate::events::Frame for TcFrame<'_> {
+    #[inline(always)]
+    fn copy_to(&self, dst: *mut u8, len: u32) -> bool {
+        use aya_ebpf::EbpfContext;
+        // SAFETY: as for XdpFrame.
+        unsafe {
+            aya_ebpf::helpers::bpf_skb_load_bytes(
+                self.0.as_ptr() as *const _,
+                0,
+                dst as *mut _,
+                len,
+            ) == 0
+        }
+    }
 }

@@ -17,6 +17,8 @@ mod attach;
 mod classes;
 pub mod conntrack;
 mod counters;
+mod events;
+pub use events::Rate;
 pub mod live;
 mod pins;
 mod publish;
@@ -261,6 +263,7 @@ impl Dataplane {
                 source: Box::new(e),
             })?;
         }
+        load_loggers(&mut ebpf)?;
         // The maps the object pins by name: the ones whose pin exists now.
         let pinned_maps = ebpf
             .maps()
@@ -331,4 +334,54 @@ fn map_error(
         op: op.into(),
         source: Box::new(source),
     }
+}
+
+/// Loads the logger programs and puts them where the pipeline tail-calls
+/// them (`FW_TAILX1`, `FW_TAILT1`, pinned: an adopting agent replaces
+/// them with its own).
+fn load_loggers(ebpf: &mut Ebpf) -> Result<(), Error> {
+    let load = |name: &str, e: aya::programs::ProgramError| Error::Load {
+        what: name.into(),
+        source: Box::new(e),
+    };
+    let clone = |name: &str, fd: &aya::programs::ProgramFd| {
+        fd.try_clone().map_err(|e| Error::Load {
+            what: name.into(),
+            source: Box::new(e),
+        })
+    };
+    let mut fds = Vec::new();
+    for (name, index) in [
+        (names::PROG_XDP_LOG, names::MAP_TAIL_XDP),
+        (names::PROG_TC_LOG, names::MAP_TAIL_TC),
+    ] {
+        let fd = match ebpf.program_mut(name) {
+            Some(aya::programs::Program::Xdp(p)) => {
+                p.load().map_err(|e| load(name, e))?;
+                clone(name, p.fd().map_err(|e| load(name, e))?)?
+            }
+            Some(aya::programs::Program::SchedClassifier(p)) => {
+                p.load().map_err(|e| load(name, e))?;
+                clone(name, p.fd().map_err(|e| load(name, e))?)?
+            }
+            _ => {
+                return Err(Error::Load {
+                    what: name.into(),
+                    source: "logger program missing from the object".into(),
+                })
+            }
+        };
+        fds.push((index, fd));
+    }
+    for (map_name, fd) in &fds {
+        let map = ebpf.map_mut(map_name).ok_or_else(|| Error::Load {
+            what: (*map_name).into(),
+            source: "map missing from the object".into(),
+        })?;
+        let mut tail: aya::maps::ProgramArray<&mut MapData> =
+            aya::maps::ProgramArray::try_from(map).map_err(map_error(map_name, "open"))?;
+        tail.set(filter_common::events::LOGGER, fd, 0)
+            .map_err(map_error(map_name, "set"))?;
+    }
+    Ok(())
 }
