@@ -546,6 +546,8 @@ pub fn agent_binary() -> PathBuf {
 pub struct Agent {
     child: Child,
     log: Arc<Mutex<Vec<String>>>,
+    /// Standard output: the LOG lines of Log records.
+    out: Arc<Mutex<Vec<String>>>,
     pin_dir: PathBuf,
     reader: Option<JoinHandle<()>>,
     /// Set by [`Agent::crash`]: the pins are the point.
@@ -598,7 +600,7 @@ impl Agent {
             .arg(pin_dir)
             .args(args)
             .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
@@ -610,9 +612,19 @@ impl Agent {
                 sink.lock().expect("log lock").push(line);
             }
         });
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let out_sink = out.clone();
+        let stdout = child.stdout.take().expect("piped");
+        // Read as it comes: a full pipe would stall the agent's reader.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                out_sink.lock().expect("out lock").push(line);
+            }
+        });
         Agent {
             child,
             log,
+            out,
             pin_dir: pin_dir.to_owned(),
             reader: Some(reader),
             keep_pins: false,
@@ -661,6 +673,11 @@ impl Agent {
             "agent did not log {needle:?} within {timeout:?}:\n{}",
             self.log_text()
         ))
+    }
+
+    /// Lines the agent printed on standard output so far (LOG lines).
+    pub fn output(&self) -> Vec<String> {
+        self.out.lock().expect("out lock").clone()
     }
 
     /// The whole log so far.

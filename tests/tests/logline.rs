@@ -393,3 +393,107 @@ fn next_line(kmsg: &mut BufReader<std::fs::File>, prefix: &str, since: Instant) 
     }
     None
 }
+
+/// The running agent's lines for Log rules, beside the kernel's own for the
+/// same packets: a pre-DNAT Log rule (written at XDP) and a normal-stage
+/// one (at TC ingress), each logging the first packet of a flow only (the
+/// rest is conntrack's). Both let the packets on to the kernel's stack, so
+/// its nftables log rule sees them too.
+#[test]
+fn the_agent_prints_the_kernels_line_for_log_rules() {
+    if !privileged("the_agent_prints_the_kernels_line_for_log_rules") {
+        return;
+    }
+    use filter_tests::{agent_binary, demo, tcp_probe, Agent, TcpServer};
+    let p = Pair::new("fwla");
+    let _s7000 = TcpServer::start(&p.worker, "0.0.0.0:7000".parse().expect("addr"), "7000");
+    let _s7001 = TcpServer::start(&p.worker, "0.0.0.0:7001".parse().expect("addr"), "7001");
+    let _all_netns = Sysctl::set("net.netfilter.nf_log_all_netns", "1");
+    // The kernel logs every TCP packet to 7000 and 7001 with Calico's
+    // prefix, at prerouting (what XDP and TC ingress see, before DNAT).
+    sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            p.worker.name(),
+            "nft",
+            "add table inet t; add chain inet t pre { type filter hook prerouting priority -500; }; \
+             add rule inet t pre iifname eth1 tcp dport { 7000, 7001 } log prefix \"calico-packet: \"",
+        ],
+    );
+    let policy = "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: w, labels: {role: pub}}\nspec: {node: pair, interfaceName: eth1}\n---\n\
+apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: log-7000}\nspec:\n  preDNAT: true\n  applyOnForward: true\n  selector: role == 'pub'\n  ingress:\n  - action: Log\n    protocol: TCP\n    destination: {ports: [7000]}\n---\n\
+apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: log-7001}\nspec:\n  selector: role == 'pub'\n  types: [Ingress]\n  ingress:\n  - action: Log\n    protocol: TCP\n    destination: {ports: [7001]}\n  - action: Allow\n";
+    let dir = demo::TempDir::new(&unique("fwlad"));
+    std::fs::write(dir.0.join("p.yaml"), policy).expect("write policy");
+    let pins = std::path::Path::new("/sys/fs/bpf").join(unique("fwla"));
+    let mut agent = Agent::start(&agent_binary(), &p.worker, &dir.0, "pair", &pins);
+    agent
+        .wait_for("policy applied", 0, Duration::from_secs(15))
+        .expect("applied");
+    let mut kmsg = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+        .expect("open /dev/kmsg");
+    kmsg.seek(std::io::SeekFrom::End(0)).expect("seek kmsg");
+    let mut kmsg = BufReader::new(kmsg);
+
+    // 7000: logged at XDP (pre-DNAT).
+    let since = Instant::now();
+    assert_eq!(
+        tcp_probe(&p.client, Pair::worker(7000), Duration::from_millis(1500)).as_deref(),
+        Ok("7000")
+    );
+    let kernel_7000 = next_line(&mut kmsg, "calico-packet: ", since).expect("kernel line for 7000");
+    // 7001: logged in the normal stage for the first packet of the flow
+    // only; the rest of the connection is conntrack's.
+    let since = Instant::now();
+    assert_eq!(
+        tcp_probe(&p.client, Pair::worker(7001), Duration::from_millis(1500)).as_deref(),
+        Ok("7001")
+    );
+    let mut kernel_7001 = Vec::new();
+    while let Some(l) = next_line(&mut kmsg, "calico-packet: ", since) {
+        if l.contains("DPT=7001") {
+            kernel_7001.push(l);
+        }
+        if kernel_7001.len() >= 3 {
+            break;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let ours = loop {
+        let out = agent.output();
+        if out.iter().any(|l| l.contains("DPT=7001")) || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let first = |port: &str, lines: &[String]| {
+        lines
+            .iter()
+            .find(|l| l.contains(port))
+            .map(|l| l.trim_end().to_owned())
+    };
+    assert_eq!(
+        first("DPT=7000", &ours),
+        Some(kernel_7000.trim_end().to_owned()),
+        "the pre-DNAT Log rule's line (XDP); ours: {ours:?}"
+    );
+    assert_eq!(
+        first("DPT=7001", &ours),
+        kernel_7001.first().map(|l| l.trim_end().to_owned()),
+        "the normal-stage Log rule's line (TC ingress); ours: {ours:?}"
+    );
+    for port in ["DPT=7000", "DPT=7001"] {
+        assert_eq!(
+            ours.iter().filter(|l| l.contains(port)).count(),
+            1,
+            "one record per new flow ({port}; the kernel saw {} packets to 7001): {ours:?}",
+            kernel_7001.len()
+        );
+    }
+    assert!(agent.stop().success());
+}

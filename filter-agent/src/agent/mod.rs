@@ -27,6 +27,7 @@ use crate::{
 
 use load::{load, Inputs, Loaded, NodeInterfaces, Outcome, Refused, Texts};
 
+use crate::events::reader::{self, SharedNames};
 use crate::source::{
     kube::{self, Access, Kube},
     DirWatch,
@@ -66,6 +67,10 @@ pub struct Config {
     pub status: Status,
     /// Where `/healthz` and `/readyz` are served, if anywhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Log rules' record rate per rule, where FelixConfiguration sets none.
+    pub log_rate: dataplane::Rate,
+    /// Write a record for every dropped packet too.
+    pub log_denied: bool,
 }
 
 /// What the running agent tells the world: readiness (a policy is
@@ -158,6 +163,19 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     if !adopting {
         seed_conntrack(&mut dp);
     }
+    // Log records: read as they come, printed as the kernel's LOG line.
+    let names = SharedNames::default();
+    let ring = dp
+        .take_events()
+        .context("open the Log record ring buffer")?;
+    {
+        let (names, stop) = (names.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = reader::run(ring, names, stop).await {
+                tracing::error!(error = %e, "the Log record reader stopped");
+            }
+        });
+    }
     if let Some(addr) = config.metrics_addr {
         // The loop goes round at least every interface poll; ten missed
         // rounds (at least a minute) is a hung agent.
@@ -203,6 +221,9 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         parse_timeout: config.parse_timeout,
         status: config.status.clone(),
         said_waiting: false,
+        names,
+        log_rate: config.log_rate,
+        log_denied: config.log_denied,
     };
     agent.reload(&mut shutdown).await;
     // Editors write in several steps: a burst of changes is one reload,
@@ -297,6 +318,12 @@ struct Agent {
     parse_timeout: Duration,
     /// Readiness.
     status: Status,
+    /// Rule names and the LOG prefix, for the record reader.
+    names: SharedNames,
+    /// See [`Config::log_rate`].
+    log_rate: dataplane::Rate,
+    /// See [`Config::log_denied`].
+    log_denied: bool,
     /// "Waiting for the first list" was logged.
     said_waiting: bool,
 }
@@ -404,7 +431,7 @@ impl Agent {
                 {
                     tracing::warn!(iface = %e.iface, hep = %e.hep, "interface of a host endpoint does not exist (yet)");
                 }
-                if self.apply(compiled, seen) {
+                if self.apply(compiled, seen, &store) {
                     self.texts = texts;
                     self.store = Some(store);
                     self.status.set_ready();
@@ -421,25 +448,58 @@ impl Agent {
                 // The interfaces changed meanwhile: the resources in force,
                 // compiled for them.
                 if let Some(l) = recompiled {
-                    let _ = self.apply(l.compiled, l.seen);
+                    let _ = self.apply(l.compiled, l.seen, &l.store);
                 }
             }
         }
     }
 
+    /// The record reader's names and the kernel's Log settings for the
+    /// policy just applied: FelixConfiguration's `logPrefix`,
+    /// `logActionRateLimit` and `logActionRateLimitBurst` where set.
+    fn log_settings(&mut self, state: &crate::state::StateFile, store: &Store) {
+        use crate::model::defaults::felix_setting;
+        let node = &self.inputs.node_name;
+        let prefix = felix_setting(store, node, |f| f.log_prefix.clone());
+        self.names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .update(state, prefix.as_deref());
+        let burst = felix_setting(store, node, |f| {
+            f.other
+                .get("logActionRateLimitBurst")
+                .and_then(|v| v.as_u64())
+        })
+        .map_or(self.log_rate.burst, |b| b as u32);
+        let rate = match felix_setting(store, node, |f| {
+            f.other
+                .get("logActionRateLimit")
+                .and_then(|v| v.as_str().map(str::to_owned))
+        }) {
+            // Validated already: a bad one never reaches here.
+            Some(text) => dataplane::Rate::parse(&text, burst).unwrap_or(self.log_rate),
+            None => dataplane::Rate {
+                burst,
+                ..self.log_rate
+            },
+        };
+        if let Err(e) = self.dp.set_log_config(rate, self.log_denied) {
+            tracing::warn!(error = %format!("{:#}", anyhow::Error::from(e)), "cannot set the Log record rate");
+        }
+    }
+
     /// Makes `compiled` live; on failure the previous policy stays.
     /// Returns whether it is live.
-    fn apply(&mut self, compiled: Compiled, seen: NodeInterfaces) -> bool {
+    fn apply(&mut self, compiled: Compiled, seen: NodeInterfaces, store: &Store) -> bool {
         // Before the tables: a host endpoint's first enforcement must know
         // which packets are for the node.
         self.sync_host_addresses(addresses(&seen));
         let ifaces = seen.iter().map(|(n, (i, _))| (n.clone(), *i)).collect();
         match self.dp.apply(&compiled, &ifaces) {
             Ok(generation) => {
-                if let Err(e) = crate::state::write_state(
-                    &self.state_dir,
-                    &crate::state::state(&compiled, generation, &self.dp.attachments()),
-                ) {
+                let state = crate::state::state(&compiled, generation, &self.dp.attachments());
+                self.log_settings(&state, store);
+                if let Err(e) = crate::state::write_state(&self.state_dir, &state) {
                     tracing::warn!(dir = %self.state_dir.display(), error = %e, "cannot write the rule index: stats will be unavailable");
                 }
                 let rules: usize = compiled.tables.iter().map(|t| t.rules.len()).sum();

@@ -137,6 +137,28 @@ pub struct RunArgs {
         value_name = "MILLISECONDS"
     )]
     pub debounce: u64,
+    /// Log records per rule at most (`N/second`, `/minute`, `/hour`,
+    /// `/day`), where FelixConfiguration's logActionRateLimit is unset.
+    #[arg(
+        long,
+        env = "FILTER_LOG_RATE",
+        default_value = "10/second",
+        value_name = "RATE"
+    )]
+    pub log_rate: String,
+    /// Log records a quiet rule may write at once, where
+    /// FelixConfiguration's logActionRateLimitBurst is unset.
+    #[arg(
+        long,
+        env = "FILTER_LOG_BURST",
+        default_value = "5",
+        value_name = "RECORDS"
+    )]
+    pub log_burst: u32,
+    /// Also print a line (prefix `calico-drop: `) for every packet a rule
+    /// drops.
+    #[arg(long, env = "FILTER_LOG_DENIED")]
+    pub log_denied: bool,
 }
 
 /// `filter-agent check`.

@@ -53,6 +53,9 @@ pub fn config(args: &RunArgs) -> anyhow::Result<Config> {
         debounce: Duration::from_millis(args.debounce),
         status: Status::default(),
         metrics_addr: args.metrics_addr,
+        log_rate: dataplane::Rate::parse(&args.log_rate, args.log_burst)
+            .map_err(|e| anyhow::anyhow!("--log-rate: {e}"))?,
+        log_denied: args.log_denied,
     })
 }
 

@@ -59,6 +59,23 @@ pub fn line(ctx: &Context<'_>, frame: &[u8], ip_len: usize) -> String {
     out
 }
 
+/// The IP packet's length as the kernel's stack sees it (the header's
+/// length, the frame's padding trimmed), for a frame of `frame_len` bytes
+/// whose first bytes are `frame`.
+pub fn ip_length(frame: &[u8], frame_len: usize) -> usize {
+    let Some((ethertype, l3)) = link(frame) else {
+        return 0;
+    };
+    let left = frame_len.saturating_sub(l3);
+    let h = &frame[l3.min(frame.len())..];
+    let said = match ethertype {
+        0x0800 if h.len() >= 4 => usize::from(u16::from_be_bytes([h[2], h[3]])),
+        0x86dd if h.len() >= 6 => usize::from(u16::from_be_bytes([h[4], h[5]])) + 40,
+        _ => left,
+    };
+    said.min(left)
+}
+
 /// Ethernet: the type after up to two VLAN tags, and where it ends.
 fn link(frame: &[u8]) -> Option<(u16, usize)> {
     let mut at = 12;

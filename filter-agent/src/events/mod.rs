@@ -1,4 +1,6 @@
-//! What the dataplane reports packet by packet: the kernel's LOG line for
-//! packets a `Log` rule matched ([`logline`]).
+//! What the dataplane reports packet by packet: Log records, read from
+//! the kernel's ring buffer ([`reader`]) and printed as the kernel's LOG
+//! line ([`logline`]).
 
 pub mod logline;
+pub mod reader;

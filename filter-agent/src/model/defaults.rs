@@ -61,6 +61,25 @@ pub const FAILSAFE_INBOUND: [(u8, u16); 9] = with_control_plane([(TCP, 22), (UDP
 /// control plane.
 pub const FAILSAFE_OUTBOUND: [(u8, u16); 9] = with_control_plane([(UDP, 53), (UDP, 67)]);
 
+/// A FelixConfiguration setting for `node`: its `node.<name>` resource
+/// wins over `default`, as Felix merges them.
+pub fn felix_setting<T>(
+    store: &super::Store,
+    node: &str,
+    get: impl Fn(&super::FelixConfigurationSpec) -> Option<T>,
+) -> Option<T> {
+    let node_config = format!("node.{node}");
+    [node_config.as_str(), FELIX_CONFIG]
+        .iter()
+        .find_map(|name| {
+            store
+                .felix_configs
+                .iter()
+                .find(|c| c.meta.name == *name)
+                .and_then(|c| get(&c.spec))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

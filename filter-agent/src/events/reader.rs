@@ -1,0 +1,189 @@
+//! The reader of Log records: drains the kernel's ring buffer as records
+//! arrive (tokio, woken by the ring's epoll readiness; it never blocks the
+//! programs: a slow or stopped reader only makes the kernel count records
+//! lost) and prints each as the kernel's LOG line on standard output, where
+//! `kubectl logs` shows it.
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    sync::{Arc, Mutex},
+};
+
+use aya::maps::{MapData, RingBuf};
+use filter_common::events::{kind, Record};
+use tokio::{io::unix::AsyncFd, sync::watch};
+
+use super::logline::{self, Context};
+use crate::state::{SlotInfo, StateFile};
+
+/// Calico's default `LogPrefix` (FelixConfiguration `logPrefix`).
+pub const DEFAULT_PREFIX: &str = "calico-packet";
+
+/// The prefix of drops logged with `--log-denied`: Calico has no such
+/// records, so they are told apart from Log rules' lines.
+pub const DENIED_PREFIX: &str = "calico-drop";
+
+/// The kernel's LOG target takes at most 29 prefix characters.
+const MAX_PREFIX: usize = 29;
+
+/// What the reader needs to name a record: the rules of the live
+/// generation and the one before (a record may be read after a flip), and
+/// the prefix template.
+#[derive(Debug, Default)]
+pub struct Names {
+    live: BTreeMap<u32, SlotInfo>,
+    previous: BTreeMap<u32, SlotInfo>,
+    prefix: String,
+}
+
+/// [`Names`] shared between the agent's loop and the reader.
+pub type SharedNames = Arc<Mutex<Names>>;
+
+impl Names {
+    /// After an apply: the new generation's rules and the prefix template
+    /// (FelixConfiguration `logPrefix`, else [`DEFAULT_PREFIX`]).
+    pub fn update(&mut self, state: &StateFile, prefix: Option<&str>) {
+        self.previous = std::mem::take(&mut self.live);
+        self.live = state.rules.iter().map(|r| (r.slot, r.clone())).collect();
+        self.prefix = prefix.unwrap_or(DEFAULT_PREFIX).to_owned();
+    }
+
+    fn slot(&self, slot: u32) -> Option<&SlotInfo> {
+        self.live.get(&slot).or_else(|| self.previous.get(&slot))
+    }
+}
+
+/// The prefix of a record's line: `template` with Calico's expansions
+/// (`%t` tier, `%k` kind, `%n` name, `%p` namespace/name), then `: `, at
+/// most 29 characters as the kernel's LOG target keeps.
+pub fn prefix(template: &str, rule: Option<&SlotInfo>) -> String {
+    let tier = rule.and_then(|r| r.tier.as_deref()).unwrap_or("");
+    let name = rule.and_then(|r| r.policy.as_deref()).unwrap_or("");
+    let kind = match rule.map(|r| r.kind.as_str()) {
+        Some("policy" | "tier-default-action") => "gnp",
+        Some("profile") => "pro",
+        _ => "",
+    };
+    let mut out = String::new();
+    let mut chars = template.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('t') => out.push_str(tier),
+            Some('k') => out.push_str(kind),
+            // Host endpoints meet global policies and profiles only: no
+            // namespace to put in front of the name.
+            Some('n' | 'p') => out.push_str(name),
+            Some(other) => {
+                out.push('%');
+                out.push(other);
+            }
+            None => out.push('%'),
+        }
+    }
+    out.push_str(": ");
+    out.chars().take(MAX_PREFIX).collect()
+}
+
+/// The LOG line of one record, or `None` if the bytes are not one.
+pub fn line_of(bytes: &[u8], names: &Names) -> Option<String> {
+    if bytes.len() < std::mem::size_of::<Record>() {
+        return None;
+    }
+    // SAFETY: `Record` is plain integers (repr(C), no padding), any bit
+    // pattern is one, and the length was checked.
+    let rec: Record = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const Record) };
+    let rule = names.slot(rec.slot);
+    let template = if rec.kind == kind::DENIED {
+        DENIED_PREFIX
+    } else {
+        names.prefix.as_str()
+    };
+    let frame = &rec.data[..usize::from(rec.captured).min(rec.data.len())];
+    let ip_len = logline::ip_length(frame, rec.packet_len as usize);
+    Some(logline::line(
+        &Context {
+            prefix: &prefix(template, rule),
+            in_if: &interface(rec.in_ifindex),
+            out_if: &interface(rec.out_ifindex),
+        },
+        frame,
+        ip_len,
+    ))
+}
+
+/// An interface's name by index (empty for 0, the index if it is gone).
+fn interface(ifindex: u32) -> String {
+    if ifindex == 0 {
+        return String::new();
+    }
+    nix::net::if_::if_indextoname(ifindex)
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| ifindex.to_string())
+}
+
+/// Reads records until `stop` turns true, printing a line for each.
+pub async fn run(
+    ring: RingBuf<MapData>,
+    names: SharedNames,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    // SAFETY: the ring owns its map's descriptor, which stays open and the
+    // same until the AsyncFd (which owns the ring) is dropped.
+    let mut fd = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
+    loop {
+        tokio::select! {
+            ready = fd.readable_mut() => {
+                let mut guard = ready?;
+                let ring = guard.get_inner_mut();
+                let mut out = std::io::stdout().lock();
+                while let Some(item) = ring.next() {
+                    let names = names.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(line) = line_of(&item, &names) {
+                        // A closed standard output ends nothing else.
+                        let _ = writeln!(out, "{}", line.trim_end());
+                    }
+                }
+                let _ = out.flush();
+                guard.clear_ready();
+            }
+            r = stop.changed() => if r.is_err() || *stop.borrow() { return Ok(()) },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(tier: &str, policy: &str) -> SlotInfo {
+        SlotInfo {
+            slot: 7,
+            stage: "normal".into(),
+            direction: "ingress".into(),
+            action: "log".into(),
+            kind: "policy".into(),
+            tier: Some(tier.into()),
+            policy: Some(policy.into()),
+            rule: Some(0),
+        }
+    }
+
+    #[test]
+    fn prefixes_expand_and_stop_at_29_characters() {
+        let r = rule("security", "deny-lb");
+        assert_eq!(prefix("calico-packet", Some(&r)), "calico-packet: ");
+        assert_eq!(prefix("%t/%k/%n", Some(&r)), "security/gnp/deny-lb: ");
+        assert_eq!(prefix("100%", None), "100%: ");
+        let long = prefix(
+            "calico-packet %t %n",
+            Some(&rule("a-long-tier", "a-long-policy")),
+        );
+        assert_eq!(long.chars().count(), 29);
+        assert!(long.starts_with("calico-packet a-long-tier a-"), "{long}");
+    }
+}
