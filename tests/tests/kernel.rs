@@ -1182,3 +1182,88 @@ fn random_frames_in_ns() {
         );
     }
 }
+
+/// A flood of packets an untracked Log rule matches (every packet of it,
+/// no conntrack): the rule's records stay within its rate and burst, and
+/// every matched packet is counted once, as emitted, rate-limited or lost
+/// (nothing drains the ring buffer here, so without a limit it fills).
+#[test]
+fn a_flood_of_logged_packets_is_rate_limited_and_every_packet_counted() {
+    if !privileged("a_flood_of_logged_packets_is_rate_limited_and_every_packet_counted") {
+        return;
+    }
+    use filter_agent::dataplane::Rate;
+    let policy = r#"
+apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata: {name: test-hep, labels: {ibm.role: worker_public}}
+spec: {node: kernel-test, interfaceName: lo}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: log-untracked}
+spec:
+  doNotTrack: true
+  applyOnForward: true
+  selector: ibm.role=='worker_public'
+  ingress:
+  - action: Log
+    protocol: TCP
+    destination: {ports: [7000]}
+"#;
+    let pin_dir = Path::new("/sys/fs/bpf").join(unique("fwklog"));
+    let mut dp = Dataplane::load(&pin_dir).expect("load the kernel object");
+    let _guard = filter_tests::PinsGuard(pin_dir.clone());
+    let mut store = Store::default();
+    let mut errors = Vec::new();
+    store.add_text(Path::new("log.yaml"), policy, &mut errors);
+    assert!(errors.is_empty(), "{errors:?}");
+    let node = Node {
+        name: "kernel-test".into(),
+        interfaces: BTreeMap::new(),
+    };
+    let compiled = compile::compile(&store, &node).expect("compiles");
+    let ifaces: Interfaces = [("lo".to_string(), LO)].into();
+    let generation = dp.publish(&compiled, &ifaces).expect("publish");
+    let slot = filter_agent::state::state(&compiled, generation, &[])
+        .rules
+        .iter()
+        .find(|r| r.action == "log" && r.stage == "untracked")
+        .expect("the Log rule's slot")
+        .slot;
+    let frame = tcp4(CLIENT, WORKER, 7000);
+    const N: u32 = 100_000;
+
+    // 10 a second, 5 at once.
+    let rate = Rate::parse("10/second", 5).expect("rate");
+    dp.set_log_config(rate, false).expect("set the rate");
+    let (action, mean) = dp.time_xdp(&frame, LO, N, false).expect("test run");
+    assert_eq!(action, XDP_PASS, "a Log rule decides nothing");
+    let took = mean * N;
+    let c = dp.log_counts(slot).expect("log counters");
+    assert_eq!(c.emitted + c.limited + c.lost, u64::from(N), "{c:?}");
+    let allowed = 5 + (took.as_secs_f64() * 10.0).ceil() as u64 + 1;
+    assert!(
+        c.emitted >= 5 && c.emitted <= allowed,
+        "{c:?}: at most {allowed} in {took:?}"
+    );
+
+    // No limit: the ring buffer fills, the rest is lost, all counted.
+    dp.set_log_config(
+        Rate {
+            interval: None,
+            burst: 5,
+        },
+        false,
+    )
+    .expect("no limit");
+    dp.time_xdp(&frame, LO, N, false).expect("test run");
+    let after = dp.log_counts(slot).expect("log counters");
+    let (emitted, lost) = (after.emitted - c.emitted, after.lost - c.lost);
+    assert_eq!(emitted + lost, u64::from(N), "{after:?}");
+    assert!(
+        lost > 0 && emitted > 1000,
+        "{after:?}: the ring held some, lost the rest"
+    );
+    let _ = dp.shutdown();
+}
