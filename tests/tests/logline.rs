@@ -495,5 +495,17 @@ apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: lo
             kernel_7001.len()
         );
     }
+    // A stopped reader (SIGSTOP) costs the dataplane nothing: new flows
+    // keep being logged into the ring (or counted lost) and let through.
+    let pid = nix::unistd::Pid::from_raw(agent.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    for _ in 0..20 {
+        assert_eq!(
+            tcp_probe(&p.client, Pair::worker(7001), Duration::from_millis(1500)).as_deref(),
+            Ok("7001"),
+            "verdicts unchanged while the reader is stopped"
+        );
+    }
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
     assert!(agent.stop().success());
 }
