@@ -136,6 +136,16 @@ const STEPS: &[Step] = &[
         ],
     },
     Step {
+        title: "Lesson 5: log the denied client's packets (log-denied-packets, order 300)",
+        add: &["lessons/lesson5-log-denied-packets.yaml"],
+        remove: &[],
+        rejected: false,
+        probes: &[
+            Probe(One, LoadBalancer, Blocked),
+            Probe(Two, LoadBalancer, Reached),
+        ],
+    },
+    Step {
         title: "A broken policy file is rejected; the last good policy stays enforced",
         add: &["lessons/broken-policy.yaml"],
         remove: &[],
@@ -165,6 +175,8 @@ pub struct StepReport {
     pub title: String,
     /// Probes in order.
     pub probes: Vec<ProbeReport>,
+    /// The agent's LOG lines printed during the step (Log rules).
+    pub log_lines: Vec<String>,
 }
 
 impl StepReport {
@@ -308,9 +320,11 @@ pub fn run(
         } else {
             agent.wait_for("policy applied", applied, Duration::from_secs(10))?;
         }
+        let printed = agent.output().len();
         let mut report = StepReport {
             title: step.title.to_owned(),
             probes: Vec::new(),
+            log_lines: Vec::new(),
         };
         for Probe(client, target, expected) in step.probes {
             let (ns, name, ip) = match client {
@@ -349,6 +363,13 @@ pub fn run(
                 expected: *expected,
                 observed,
             });
+        }
+        // The Log rules' lines, as an operator following the agent's
+        // output (or syslog, with iptables) sees them.
+        std::thread::sleep(Duration::from_millis(200));
+        report.log_lines = agent.output().split_off(printed);
+        for l in &report.log_lines {
+            let _ = writeln!(out, "   agent: {l}");
         }
         let _ = writeln!(out);
         reports.push(report);

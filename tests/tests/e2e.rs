@@ -17,12 +17,33 @@ fn tutorial_lessons_hold_with_real_connections() {
     let reports = demo::run(&agent_binary(), &examples(), &unique("fwt"), &mut out)
         .unwrap_or_else(|e| panic!("{e}\n{}", String::from_utf8_lossy(&out)));
     let text = String::from_utf8_lossy(&out);
-    assert_eq!(reports.len(), 5, "{text}");
+    assert_eq!(reports.len(), 6, "{text}");
     for r in &reports {
         for p in &r.probes {
             assert_eq!(p.observed, p.expected, "{}: {}\n{text}", r.title, p.what);
         }
     }
+    // Lesson 5 shows the denied client's packets as the kernel's LOG line,
+    // and only them.
+    let lesson5 = &reports[4];
+    assert!(lesson5.title.starts_with("Lesson 5"), "{text}");
+    assert!(
+        !lesson5.log_lines.is_empty(),
+        "lesson 5 logged nothing: {text}"
+    );
+    for l in &lesson5.log_lines {
+        assert!(
+            l.starts_with("calico-packet: IN=eth1 OUT= MAC=")
+                && l.contains("SRC=198.51.100.10 DST=203.0.113.80")
+                && l.contains("PROTO=TCP")
+                && l.contains("DPT=80"),
+            "{l}\n{text}"
+        );
+    }
+    assert!(
+        reports[..4].iter().all(|r| r.log_lines.is_empty()),
+        "{text}"
+    );
     // Both outcomes occurred: the lessons really blocked and really reached.
     let all: Vec<_> = reports.iter().flat_map(|r| &r.probes).collect();
     assert!(all.iter().any(|p| p.observed == demo::Outcome::Blocked));
