@@ -493,3 +493,121 @@ fn a_device_without_native_xdp_gets_generic_xdp_and_is_enforced() {
     );
     assert!(agent.stop().success());
 }
+
+/// GET `path` on `addr` from inside `ns`: the response body.
+fn http_get(ns: &filter_tests::Netns, addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    ns.run(move || {
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .expect("connect to the agent's metrics");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        s.write_all(request.as_bytes()).expect("request");
+        let mut text = String::new();
+        s.read_to_string(&mut text).expect("response");
+        let (head, body) = text.split_once("\r\n\r\n").expect("HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        body.to_owned()
+    })
+}
+
+#[test]
+fn metrics_parse_and_agree_with_stats() {
+    if !privileged("metrics_parse_and_agree_with_stats") {
+        return;
+    }
+    let p = pair();
+    let _s7001 = TcpServer::start(&p.worker, "0.0.0.0:7001".parse().expect("addr"), "7001");
+    let dir = demo::TempDir::new(&unique("fwmet"));
+    std::fs::write(dir.0.join("policy.yaml"), HEP_AND_DENY).expect("write policy");
+    let pins = Path::new("/sys/fs/bpf").join(unique("fwm"));
+    let metrics: SocketAddr = "127.0.0.1:9902".parse().expect("addr");
+    let mut agent = Agent::start_with(
+        &agent_binary(),
+        &p.worker,
+        &dir.0,
+        "pair",
+        &pins,
+        &["--detach-on-exit", "--metrics-addr", "127.0.0.1:9902"],
+    );
+    agent
+        .wait_for("policy applied", 0, Duration::from_secs(15))
+        .expect("applied");
+    let to = |port: u16| SocketAddr::from(([192, 0, 2, 1], port));
+    assert!(tcp_probe(&p.client, to(7000), Duration::from_millis(1500)).is_err());
+    assert_eq!(
+        tcp_probe(&p.client, to(7001), Duration::from_millis(1500)).as_deref(),
+        Ok("7001")
+    );
+    let stats = stats_json(&pins);
+    let body = http_get(&p.worker, metrics, "/metrics");
+    let after = stats_json(&pins);
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("not Prometheus text ({e}):\n{body}"));
+    let value = |name: &str, labels: &[(&str, &str)]| -> Option<f64> {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+    };
+    // Every rule counter equals what `stats` reads (between a read before
+    // and one after the scrape: packets may arrive meanwhile).
+    let rules = stats["rules"].as_array().expect("rules");
+    let later = after["rules"].as_array().expect("rules");
+    assert!(!rules.is_empty());
+    for (r, r2) in rules.iter().zip(later) {
+        let labels = [
+            ("tier", r["tier"].as_str().unwrap_or("")),
+            ("policy", r["policy"].as_str().unwrap_or("")),
+            ("stage", r["stage"].as_str().expect("stage")),
+            ("direction", r["direction"].as_str().expect("direction")),
+            ("action", r["action"].as_str().expect("action")),
+        ];
+        let rule = r["rule"]
+            .as_u64()
+            .map(|i| i.to_string())
+            .unwrap_or_default();
+        let mut labels = labels.to_vec();
+        labels.push(("rule", &rule));
+        let packets = value("filter_rule_packets_total", &labels)
+            .unwrap_or_else(|| panic!("no metric for {r}:\n{body}"));
+        let (low, high) = (
+            r["packets"].as_f64().expect("packets"),
+            r2["packets"].as_f64().expect("packets"),
+        );
+        assert!(
+            low <= packets && packets <= high,
+            "{r}: {packets} not in {low}..={high}"
+        );
+    }
+    let deny = value(
+        "filter_rule_packets_total",
+        &[
+            ("policy", "deny-7000"),
+            ("stage", "pre-dnat"),
+            ("action", "deny"),
+        ],
+    )
+    .expect("deny-7000");
+    assert!(deny >= 1.0, "{body}");
+    assert_eq!(
+        value("filter_policy_applies_total", &[]),
+        Some(1.0),
+        "{body}"
+    );
+    assert_eq!(value("filter_policy_apply_errors_total", &[]), Some(0.0));
+    assert!(value("filter_packets_total", &[("reason", "drop_rule")]).expect("drop_rule") >= 1.0);
+    assert_eq!(
+        value("filter_xdp_mode", &[("interface", "eth1")]),
+        Some(1.0),
+        "{body}"
+    );
+    assert!(agent.stop().success());
+}

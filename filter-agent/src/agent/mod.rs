@@ -5,7 +5,10 @@
 //! signals; tests run the same [`run`].
 
 mod load;
+mod metrics;
 mod serve;
+
+pub use metrics::Metrics;
 
 use std::{
     collections::BTreeSet,
@@ -79,6 +82,8 @@ pub struct Config {
 pub struct Status {
     ready: Arc<watch::Sender<bool>>,
     live: Arc<std::sync::Mutex<Liveness>>,
+    /// What `/metrics` serves.
+    pub metrics: Metrics,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -97,6 +102,7 @@ impl Default for Status {
                 beat: std::time::Instant::now(),
                 stale_since: None,
             })),
+            metrics: Metrics::default(),
         }
     }
 }
@@ -180,9 +186,13 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         // The loop goes round at least every interface poll; ten missed
         // rounds (at least a minute) is a hung agent.
         let hung = (config.interface_poll * 10).max(Duration::from_secs(60));
-        let (status, stop) = (config.status.clone(), shutdown.clone());
+        let (status, stop, pins) = (
+            config.status.clone(),
+            shutdown.clone(),
+            config.pin_dir.clone(),
+        );
         tokio::spawn(async move {
-            if let Err(e) = serve::serve(addr, status, hung, stop).await {
+            if let Err(e) = serve::serve(addr, status, hung, pins, stop).await {
                 tracing::error!(%addr, error = %e, "cannot serve the probes");
             }
         });
@@ -221,6 +231,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         parse_timeout: config.parse_timeout,
         status: config.status.clone(),
         said_waiting: false,
+        reload_started: std::time::Instant::now(),
         names,
         log_rate: config.log_rate,
         log_denied: config.log_denied,
@@ -324,6 +335,8 @@ struct Agent {
     log_rate: dataplane::Rate,
     /// See [`Config::log_denied`].
     log_denied: bool,
+    /// When the reload under way started (for `/metrics`).
+    reload_started: std::time::Instant,
     /// "Waiting for the first list" was logged.
     said_waiting: bool,
 }
@@ -363,6 +376,9 @@ impl Agent {
     fn sweep(&mut self) {
         match self.dp.sweep_conntrack() {
             Ok(s) => {
+                self.status
+                    .metrics
+                    .conntrack(s.live as u64, u64::from(s.capacity));
                 let full = s.capacity > 0 && s.live as u64 * 10 >= u64::from(s.capacity) * 9;
                 if full {
                     tracing::warn!(live = s.live, assured = s.assured, capacity = s.capacity, "conntrack table of new flows over 90% full: the oldest unassured flows are being evicted, assured ones are kept (raise --conntrack-size)");
@@ -381,6 +397,7 @@ impl Agent {
     /// the loop (signals, sweeper) is never held by a hostile file; a stop
     /// requested meanwhile abandons the reload.
     async fn reload(&mut self, stop: &mut tokio::sync::watch::Receiver<bool>) {
+        self.reload_started = std::time::Instant::now();
         let mut inputs = self.inputs.clone();
         if let Some(kube) = &self.kube {
             let Some(objects) = kube.snapshot() else {
@@ -445,6 +462,11 @@ impl Agent {
                     kept = self.store.is_some(),
                     "policy rejected; the last good policy stays enforced"
                 );
+                self.status.metrics.applied(
+                    false,
+                    self.reload_started.elapsed().as_secs_f64(),
+                    None,
+                );
                 // The interfaces changed meanwhile: the resources in force,
                 // compiled for them.
                 if let Some(l) = recompiled {
@@ -499,6 +521,11 @@ impl Agent {
             Ok(generation) => {
                 let state = crate::state::state(&compiled, generation, &self.dp.attachments());
                 self.log_settings(&state, store);
+                self.status.metrics.applied(
+                    true,
+                    self.reload_started.elapsed().as_secs_f64(),
+                    Some(state.clone()),
+                );
                 if let Err(e) = crate::state::write_state(&self.state_dir, &state) {
                     tracing::warn!(dir = %self.state_dir.display(), error = %e, "cannot write the rule index: stats will be unavailable");
                 }

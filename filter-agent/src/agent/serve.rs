@@ -1,7 +1,8 @@
-//! The agent's HTTP endpoints for Kubernetes probes: `/healthz` (the loop
-//! goes round) and `/readyz` (a policy this agent applied is enforced).
+//! The agent's HTTP endpoints: `/healthz` (the loop goes round),
+//! `/readyz` (a policy this agent applied is enforced) for Kubernetes
+//! probes, and `/metrics` for Prometheus.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use axum::{extract::State, http::StatusCode, routing::get, Router};
 use tokio::sync::watch;
@@ -14,14 +15,16 @@ pub async fn serve(
     addr: SocketAddr,
     status: Status,
     hung: Duration,
+    pin_dir: PathBuf,
     mut shutdown: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /healthz and /readyz");
+    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .with_state((status, hung));
+        .route("/metrics", get(metrics))
+        .with_state((status, hung, pin_dir));
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             let _ = shutdown.wait_for(|s| *s).await;
@@ -29,7 +32,24 @@ pub async fn serve(
         .await
 }
 
-async fn healthz(State((status, hung)): State<(Status, Duration)>) -> (StatusCode, String) {
+type Shared = (Status, Duration, PathBuf);
+
+async fn metrics(
+    State((status, _, pin_dir)): State<Shared>,
+) -> (StatusCode, [(&'static str, &'static str); 1], String) {
+    const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    // Map reads are quick system calls: no blocking thread needed.
+    match status.metrics.render(&pin_dir) {
+        Ok(text) => (StatusCode::OK, [("content-type", OPENMETRICS)], text),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "text/plain")],
+            format!("cannot read the counters: {e}\n"),
+        ),
+    }
+}
+
+async fn healthz(State((status, hung, _)): State<Shared>) -> (StatusCode, String) {
     let since = status.since_beat();
     if since > hung {
         return (
@@ -47,7 +67,7 @@ async fn healthz(State((status, hung)): State<(Status, Duration)>) -> (StatusCod
     (StatusCode::OK, format!("ok{stale}\n"))
 }
 
-async fn readyz(State((status, _)): State<(Status, Duration)>) -> (StatusCode, &'static str) {
+async fn readyz(State((status, _, _)): State<Shared>) -> (StatusCode, &'static str) {
     if status.is_ready() {
         (StatusCode::OK, "ready\n")
     } else {

@@ -7,6 +7,7 @@ use super::*;
 pub struct PinnedCounters {
     rules: PerCpuArray<MapData, RuleCounter>,
     stats: PerCpuArray<MapData, u64>,
+    logs: PerCpuArray<MapData, filter_common::events::Counter>,
 }
 
 impl PinnedCounters {
@@ -23,7 +24,9 @@ impl PinnedCounters {
             .map_err(map_error(names::MAP_RULE_COUNTERS, "open"))?;
         let stats = PerCpuArray::try_from(open(names::MAP_STATS)?)
             .map_err(map_error(names::MAP_STATS, "open"))?;
-        Ok(PinnedCounters { rules, stats })
+        let logs = PerCpuArray::try_from(open(names::MAP_LOG_COUNTERS)?)
+            .map_err(map_error(names::MAP_LOG_COUNTERS, "open"))?;
+        Ok(PinnedCounters { rules, stats, logs })
     }
 
     /// Packets and bytes of the rule in `slot`, summed over CPUs.
@@ -36,6 +39,23 @@ impl PinnedCounters {
             packets: a.packets + c.packets,
             bytes: a.bytes + c.bytes,
         }))
+    }
+
+    /// Log records of the rule in `slot`: emitted, rate-limited, lost,
+    /// summed over CPUs.
+    pub fn log(&self, slot: u32) -> Result<filter_common::events::Counter, Error> {
+        let v = self
+            .logs
+            .get(&slot, 0)
+            .map_err(map_error(names::MAP_LOG_COUNTERS, "get"))?;
+        Ok(v.iter()
+            .fold(filter_common::events::Counter::default(), |a, c| {
+                filter_common::events::Counter {
+                    emitted: a.emitted + c.emitted,
+                    limited: a.limited + c.limited,
+                    lost: a.lost + c.lost,
+                }
+            }))
     }
 
     /// Packets per `filter_common::reason`, summed over CPUs.
