@@ -17,6 +17,10 @@ use filter_tests::{internet_checksum, mac, privileged, sh, unique, Pair, RawLink
 
 const T: Duration = Duration::from_secs(3);
 
+/// Both tests turn `nf_log_all_netns` on and restore it as they end: one
+/// at a time, or the first to end would turn it off under the other.
+static NF_LOG_ALL_NETNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Sets a sysctl for the test's duration.
 struct Sysctl {
     key: &'static str,
@@ -96,6 +100,7 @@ fn the_log_line_is_the_kernels_own() {
     }
     let p = Pair::new("fwl");
     let prefix = format!("{}: ", unique("fwlog"));
+    let _one_at_a_time = NF_LOG_ALL_NETNS.lock().unwrap_or_else(|e| e.into_inner());
     let _all_netns = Sysctl::set("net.netfilter.nf_log_all_netns", "1");
     sh(
         "ip",
@@ -408,6 +413,7 @@ fn the_agent_prints_the_kernels_line_for_log_rules() {
     let p = Pair::new("fwla");
     let _s7000 = TcpServer::start(&p.worker, "0.0.0.0:7000".parse().expect("addr"), "7000");
     let _s7001 = TcpServer::start(&p.worker, "0.0.0.0:7001".parse().expect("addr"), "7001");
+    let _one_at_a_time = NF_LOG_ALL_NETNS.lock().unwrap_or_else(|e| e.into_inner());
     let _all_netns = Sysctl::set("net.netfilter.nf_log_all_netns", "1");
     // The kernel logs every TCP packet to 7000 and 7001 with Calico's
     // prefix, at prerouting (what XDP and TC ingress see, before DNAT).
