@@ -134,23 +134,28 @@ fn pending() -> Option<&'static mut Pending> {
 #[inline(never)]
 pub fn note(slot: u32, scan_word: u32) {
     use crate::classify::{DIRECTION_SHIFT, STAGE_SHIFT};
-    let stage = (scan_word >> STAGE_SHIFT) & 0xff;
-    let direction = (scan_word >> DIRECTION_SHIFT) & 0xff;
+    push(Entry {
+        slot,
+        stage: ((scan_word >> STAGE_SHIFT) & 0xff) as u8,
+        direction: ((scan_word >> DIRECTION_SHIFT) & 0xff) as u8,
+        outcome: verdict::NONE,
+        kind: kind::LOG,
+    });
+}
+
+/// Adds a record to the packet's pending ones; past [`MAX_NOTED`] it is
+/// counted lost.
+#[inline(always)]
+fn push(e: Entry) {
     let Some(p) = pending() else {
         return;
     };
     let i = p.n as usize;
     if i < MAX_NOTED {
-        p.entries[i] = Entry {
-            slot,
-            stage: stage as u8,
-            direction: direction as u8,
-            outcome: verdict::NONE,
-            kind: kind::LOG,
-        };
+        p.entries[i] = e;
         p.n += 1;
     } else {
-        count(slot, |c| c.lost += 1);
+        count(e.slot, |c| c.lost += 1);
     }
 }
 
@@ -162,22 +167,13 @@ pub fn denied(pkt: &crate::parse::Packet, slot: u32, stage: u32, direction: u32)
         return;
     }
     pkt.add_log_pending(1);
-    let Some(p) = pending() else {
-        return;
-    };
-    let i = p.n as usize;
-    if i < MAX_NOTED {
-        p.entries[i] = Entry {
-            slot,
-            stage: stage as u8,
-            direction: direction as u8,
-            outcome: verdict::DENY,
-            kind: kind::DENIED,
-        };
-        p.n += 1;
-    } else {
-        count(slot, |c| c.lost += 1);
-    }
+    push(Entry {
+        slot,
+        stage: stage as u8,
+        direction: direction as u8,
+        outcome: verdict::DENY,
+        kind: kind::DENIED,
+    });
 }
 
 /// Ends a program with records pending: hands them and `verdict` to the

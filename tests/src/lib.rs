@@ -262,6 +262,33 @@ impl Pair {
     }
 }
 
+impl Pair {
+    /// A "pod" namespace behind the worker (`pod0` ↔ its `eth0`,
+    /// 10.244.0.5) and kube-proxy's NodePort simulated by one nftables DNAT
+    /// rule in the worker: 192.0.2.1:30080 → 10.244.0.5:80.
+    pub fn node_port_to_pod(&self, name: &str) -> Netns {
+        let pod = Netns::new(&unique(name));
+        veth(&self.worker, "pod0", &pod, "eth0");
+        self.worker
+            .ip(&["addr", "add", "10.244.0.1/24", "dev", "pod0"]);
+        pod.ip(&["addr", "add", "10.244.0.5/24", "dev", "eth0"]);
+        pod.ip(&["route", "add", "default", "via", "10.244.0.1"]);
+        let exec = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", self.worker.name()];
+            all.extend_from_slice(args);
+            sh("ip", &all);
+        };
+        exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        exec(&[
+            "nft",
+            "add table ip kube; \
+             add chain ip kube pre { type nat hook prerouting priority -100; }; \
+             add rule ip kube pre tcp dport 30080 dnat to 10.244.0.5:80",
+        ]);
+        pod
+    }
+}
+
 /// A thread serving in a namespace until dropped: what every server below
 /// is.
 struct Background {

@@ -39,6 +39,13 @@ const WORKER6: [u8; 16] = [
 ];
 
 /// The tutorial's policies bound to `lo`, plus an ICMP rule.
+/// The host endpoint every policy here is for: the loopback.
+const TEST_HEP: &str = "apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata: {name: test-hep, labels: {ibm.role: worker_public}}
+spec: {node: kernel-test, interfaceName: lo}
+---";
+
 const POLICY: &str = r#"
 apiVersion: projectcalico.org/v3
 kind: HostEndpoint
@@ -1193,12 +1200,9 @@ fn a_flood_of_logged_packets_is_rate_limited_and_every_packet_counted() {
         return;
     }
     use filter_agent::dataplane::Rate;
-    let policy = r#"
-apiVersion: projectcalico.org/v3
-kind: HostEndpoint
-metadata: {name: test-hep, labels: {ibm.role: worker_public}}
-spec: {node: kernel-test, interfaceName: lo}
----
+    let policy = format!(
+        "{TEST_HEP}{}",
+        r#"
 apiVersion: projectcalico.org/v3
 kind: GlobalNetworkPolicy
 metadata: {name: log-untracked}
@@ -1210,13 +1214,14 @@ spec:
   - action: Log
     protocol: TCP
     destination: {ports: [7000]}
-"#;
+"#
+    );
     let pin_dir = Path::new("/sys/fs/bpf").join(unique("fwklog"));
     let mut dp = Dataplane::load(&pin_dir).expect("load the kernel object");
     let _guard = filter_tests::PinsGuard(pin_dir.clone());
     let mut store = Store::default();
     let mut errors = Vec::new();
-    store.add_text(Path::new("log.yaml"), policy, &mut errors);
+    store.add_text(Path::new("log.yaml"), &policy, &mut errors);
     assert!(errors.is_empty(), "{errors:?}");
     let node = Node {
         name: "kernel-test".into(),

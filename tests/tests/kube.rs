@@ -223,8 +223,8 @@ fn a_service_from_the_api_sends_its_node_port_to_the_forward_stage() {
         return;
     }
     let p = Pair::new("fwks");
-    let _pod = node_port_to_pod(&p);
-    let _web = TcpServer::start(&_pod, "0.0.0.0:80".parse().expect("addr"), "pod");
+    let pod = p.node_port_to_pod("fwkpod");
+    let _web = TcpServer::start(&pod, "0.0.0.0:80".parse().expect("addr"), "pod");
     let api = KubeApi::start_in(&p.worker, API_PORT);
     api.apply("HostEndpoint", hep());
     // The forward stage allows the pod's port; the policy's normal-stage
@@ -258,48 +258,6 @@ fn a_service_from_the_api_sends_its_node_port_to_the_forward_stage() {
         "the Service from the watch makes the NodePort forwarded: the forward stage allows 80"
     );
     assert!(agent.stop().success());
-}
-
-/// A pod namespace behind the worker and kube-proxy's DNAT of the worker's
-/// 30080 to it, as one nftables rule.
-fn node_port_to_pod(p: &Pair) -> Netns {
-    let pod = Netns::new(&unique("fwkpod"));
-    filter_tests::veth(&p.worker, "pod0", &pod, "eth0");
-    p.worker
-        .ip(&["addr", "add", "10.244.0.1/24", "dev", "pod0"]);
-    pod.ip(&["addr", "add", "10.244.0.5/24", "dev", "eth0"]);
-    pod.ip(&["route", "add", "default", "via", "10.244.0.1"]);
-    let exec = |args: &[&str]| {
-        let mut all = vec!["netns", "exec", p.worker.name()];
-        all.extend_from_slice(args);
-        filter_tests::sh("ip", &all);
-    };
-    exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    exec(&["nft", "add", "table", "ip", "kube"]);
-    exec(&[
-        "nft",
-        "add",
-        "chain",
-        "ip",
-        "kube",
-        "pre",
-        "{ type nat hook prerouting priority -100; }",
-    ]);
-    exec(&[
-        "nft",
-        "add",
-        "rule",
-        "ip",
-        "kube",
-        "pre",
-        "tcp",
-        "dport",
-        "30080",
-        "dnat",
-        "to",
-        "10.244.0.5:80",
-    ]);
-    pod
 }
 
 #[test]

@@ -119,14 +119,7 @@ fn the_log_line_is_the_kernels_own() {
     let client = RawLink::open(&p.client, "eth0");
     let worker = RawLink::open(&p.worker, "eth1");
     let macs = (mac(&p.client, "eth0"), mac(&p.worker, "eth1"));
-    // Non-blocking: a read at the end says so instead of waiting.
-    let mut kmsg = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open("/dev/kmsg")
-        .expect("open /dev/kmsg");
-    kmsg.seek(std::io::SeekFrom::End(0)).expect("seek kmsg");
-    let mut kmsg = BufReader::new(kmsg);
+    let mut kmsg = kmsg_from_now();
 
     let mut udp_inner = Vec::new();
     udp_inner.extend(
@@ -370,6 +363,18 @@ fn ip_length(frame: &[u8]) -> usize {
     }
 }
 
+/// The kernel log from now on, read without blocking (a read at the end
+/// says so instead of waiting).
+fn kmsg_from_now() -> BufReader<std::fs::File> {
+    let mut kmsg = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+        .expect("open /dev/kmsg");
+    kmsg.seek(std::io::SeekFrom::End(0)).expect("seek kmsg");
+    BufReader::new(kmsg)
+}
+
 /// The next kernel log line with `prefix`, read from /dev/kmsg.
 fn next_line(kmsg: &mut BufReader<std::fs::File>, prefix: &str, since: Instant) -> Option<String> {
     let deadline = since + T;
@@ -438,13 +443,7 @@ apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: lo
     agent
         .wait_for("policy applied", 0, Duration::from_secs(15))
         .expect("applied");
-    let mut kmsg = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open("/dev/kmsg")
-        .expect("open /dev/kmsg");
-    kmsg.seek(std::io::SeekFrom::End(0)).expect("seek kmsg");
-    let mut kmsg = BufReader::new(kmsg);
+    let mut kmsg = kmsg_from_now();
 
     // 7000: logged at XDP (pre-DNAT).
     let since = Instant::now();

@@ -300,48 +300,7 @@ fn node_port_traffic_meets_the_forward_stage_after_dnat() {
     let p = Pair::new("fwnp");
     // A "pod" behind the worker, and kube-proxy simulated by one nftables
     // DNAT rule: 192.0.2.1:30080 -> 10.244.0.5:80.
-    let pod = filter_tests::Netns::new(&unique("fwnpod"));
-    filter_tests::veth(&p.worker, "pod0", &pod, "eth0");
-    p.worker
-        .ip(&["addr", "add", "10.244.0.1/24", "dev", "pod0"]);
-    pod.ip(&["addr", "add", "10.244.0.5/24", "dev", "eth0"]);
-    pod.ip(&["route", "add", "default", "via", "10.244.0.1"]);
-    let exec = |ns: &filter_tests::Netns, args: &[&str]| {
-        let mut all = vec!["netns", "exec", ns.name()];
-        all.extend_from_slice(args);
-        filter_tests::sh("ip", &all);
-    };
-    exec(&p.worker, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    exec(&p.worker, &["nft", "add", "table", "ip", "kube"]);
-    exec(
-        &p.worker,
-        &[
-            "nft",
-            "add",
-            "chain",
-            "ip",
-            "kube",
-            "pre",
-            "{ type nat hook prerouting priority -100; }",
-        ],
-    );
-    exec(
-        &p.worker,
-        &[
-            "nft",
-            "add",
-            "rule",
-            "ip",
-            "kube",
-            "pre",
-            "tcp",
-            "dport",
-            "30080",
-            "dnat",
-            "to",
-            "10.244.0.5:80",
-        ],
-    );
+    let pod = p.node_port_to_pod("fwnpod");
     let _web = TcpServer::start(&pod, "0.0.0.0:80".parse().expect("addr"), "pod");
     let _host = TcpServer::start(&p.worker, "0.0.0.0:7001".parse().expect("addr"), "7001");
     let service = "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  selector: {app: web}\n  ports:\n  - {port: 80, targetPort: 80, nodePort: 30080}\n";

@@ -110,6 +110,21 @@ impl Packet<'_> {
         at + n <= self.len
     }
 
+    /// An L4 header of `n` bytes at `at`, or what the kernel prints when
+    /// the packet is shorter (`INCOMPLETE [n bytes]`), or `TRUNCATED` when
+    /// the capture ends before it.
+    fn header(&self, out: &mut String, at: usize, n: usize) -> Option<&[u8]> {
+        if !self.has(at, n) {
+            let _ = write!(out, "INCOMPLETE [{} bytes] ", self.len.saturating_sub(at));
+            return None;
+        }
+        let h = self.get(at, n);
+        if h.is_none() {
+            out.push_str("TRUNCATED");
+        }
+        h
+    }
+
     fn u16(&self, at: usize) -> u16 {
         self.get(at, 2)
             .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]))
@@ -167,12 +182,7 @@ fn tcp(out: &mut String, p: &Packet<'_>, at: usize, fragment: bool) {
     if fragment {
         return;
     }
-    if !p.has(at, 20) {
-        let _ = write!(out, "INCOMPLETE [{} bytes] ", p.len.saturating_sub(at));
-        return;
-    }
-    let Some(t) = p.get(at, 20) else {
-        out.push_str("TRUNCATED");
+    let Some(t) = p.header(out, at, 20) else {
         return;
     };
     let _ = write!(
@@ -217,12 +227,7 @@ fn udp(out: &mut String, p: &Packet<'_>, proto: u8, at: usize, fragment: bool) {
     if fragment {
         return;
     }
-    if !p.has(at, 8) {
-        let _ = write!(out, "INCOMPLETE [{} bytes] ", p.len.saturating_sub(at));
-        return;
-    }
-    if p.get(at, 8).is_none() {
-        out.push_str("TRUNCATED");
+    if p.header(out, at, 8).is_none() {
         return;
     }
     let _ = write!(
@@ -251,12 +256,7 @@ fn icmp(out: &mut String, p: &Packet<'_>, ip_at: usize, at: usize, fragment: boo
     if fragment {
         return;
     }
-    if !p.has(at, 8) {
-        let _ = write!(out, "INCOMPLETE [{} bytes] ", p.len.saturating_sub(at));
-        return;
-    }
-    let Some(h) = p.get(at, 8) else {
-        out.push_str("TRUNCATED");
+    let Some(h) = p.header(out, at, 8) else {
         return;
     };
     let (t, code) = (h[0], h[1]);
@@ -387,12 +387,7 @@ fn icmp6(out: &mut String, p: &Packet<'_>, at: usize, fragment: bool, recurse: b
     if fragment {
         return;
     }
-    if !p.has(at, 8) {
-        let _ = write!(out, "INCOMPLETE [{} bytes] ", p.len.saturating_sub(at));
-        return;
-    }
-    let Some(h) = p.get(at, 8) else {
-        out.push_str("TRUNCATED");
+    let Some(h) = p.header(out, at, 8) else {
         return;
     };
     let (t, code) = (h[0], h[1]);
