@@ -116,6 +116,8 @@ spec:
 struct Loaded {
     dp: Option<Dataplane>,
     pin_dir: std::path::PathBuf,
+    /// The policy [`Loaded::new`] published, and its generation.
+    published: Option<(compile::Compiled, u32)>,
 }
 
 impl Loaded {
@@ -136,10 +138,11 @@ impl Loaded {
         };
         let compiled = compile::compile(&store, &node).expect("compiles");
         let ifaces: Interfaces = [("lo".to_string(), LO)].into();
-        dp.publish(&compiled, &ifaces).expect("publish");
+        let generation = dp.publish(&compiled, &ifaces).expect("publish");
         Loaded {
             dp: Some(dp),
             pin_dir,
+            published: Some((compiled, generation)),
         }
     }
 
@@ -516,6 +519,7 @@ fn kernel_and_emulated_tables_agree_on_random_pre_dnat_policies() {
     let mut guard = Loaded {
         dp: Some(Dataplane::load(&pin_dir).expect("load")),
         pin_dir,
+        published: None,
     };
     let mut rng = Rng(0x00c0_ffee_1234_5678);
     let addrs: [[u8; 4]; 4] = [CLIENT, OTHER, LB, [192, 0, 2, 7]];
@@ -688,6 +692,7 @@ fn kernel_finds_the_emulated_rule_anywhere_in_a_full_size_table() {
     let mut k = Loaded {
         dp: Some(Dataplane::load(&pin_dir).expect("load")),
         pin_dir,
+        published: None,
     };
     let ifaces: Interfaces = [("lo".to_string(), LO)].into();
     let generation =
@@ -1216,26 +1221,15 @@ spec:
     destination: {ports: [7000]}
 "#
     );
-    let pin_dir = Path::new("/sys/fs/bpf").join(unique("fwklog"));
-    let mut dp = Dataplane::load(&pin_dir).expect("load the kernel object");
-    let _guard = filter_tests::PinsGuard(pin_dir.clone());
-    let mut store = Store::default();
-    let mut errors = Vec::new();
-    store.add_text(Path::new("log.yaml"), &policy, &mut errors);
-    assert!(errors.is_empty(), "{errors:?}");
-    let node = Node {
-        name: "kernel-test".into(),
-        interfaces: BTreeMap::new(),
-    };
-    let compiled = compile::compile(&store, &node).expect("compiles");
-    let ifaces: Interfaces = [("lo".to_string(), LO)].into();
-    let generation = dp.publish(&compiled, &ifaces).expect("publish");
-    let slot = filter_agent::state::state(&compiled, generation, &[])
+    let mut l = Loaded::new(&policy);
+    let (compiled, generation) = l.published.as_ref().expect("published");
+    let slot = filter_agent::state::state(compiled, *generation, &[])
         .rules
         .iter()
         .find(|r| r.action == "log" && r.stage == "untracked")
         .expect("the Log rule's slot")
         .slot;
+    let dp = l.dp.as_mut().expect("loaded");
     let frame = tcp4(CLIENT, WORKER, 7000);
     const N: u32 = 100_000;
 
@@ -1270,5 +1264,4 @@ spec:
         lost > 0 && emitted > 1000,
         "{after:?}: the ring held some, lost the rest"
     );
-    let _ = dp.shutdown();
 }

@@ -100,22 +100,8 @@ fn the_log_line_is_the_kernels_own() {
     }
     let p = Pair::new("fwl");
     let prefix = format!("{}: ", unique("fwlog"));
-    let _one_at_a_time = NF_LOG_ALL_NETNS.lock().unwrap_or_else(|e| e.into_inner());
-    let _all_netns = Sysctl::set("net.netfilter.nf_log_all_netns", "1");
-    sh(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            p.worker.name(),
-            "nft",
-            &format!(
-                "add table inet t; add chain inet t pre {{ type filter hook prerouting priority -500; }}; \
-                 add rule inet t pre icmpv6 type {{ 133, 134, 135, 136, 143 }} accept; \
-                 add rule inet t pre iifname eth1 log prefix \"{prefix}\""
-            ),
-        ],
-    );
+    // Every packet (neighbour discovery aside).
+    let _logging = kernel_logs(&p, "", &prefix);
     let client = RawLink::open(&p.client, "eth0");
     let worker = RawLink::open(&p.worker, "eth1");
     let macs = (mac(&p.client, "eth0"), mac(&p.worker, "eth1"));
@@ -363,6 +349,34 @@ fn ip_length(frame: &[u8]) -> usize {
     }
 }
 
+/// Has the kernel log, with `prefix`, the packets the worker's eth1
+/// receives that `filter` (nftables) selects, at prerouting (what XDP and
+/// TC ingress see): with `nf_log_all_netns` on for as long as the returned
+/// guards live, one test at a time.
+fn kernel_logs(
+    p: &Pair,
+    filter: &str,
+    prefix: &str,
+) -> (std::sync::MutexGuard<'static, ()>, Sysctl) {
+    let one_at_a_time = NF_LOG_ALL_NETNS.lock().unwrap_or_else(|e| e.into_inner());
+    let all_netns = Sysctl::set("net.netfilter.nf_log_all_netns", "1");
+    sh(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            p.worker.name(),
+            "nft",
+            &format!(
+                "add table inet t; add chain inet t pre {{ type filter hook prerouting priority -500; }}; \
+                 add rule inet t pre icmpv6 type {{ 133, 134, 135, 136, 143 }} accept; \
+                 add rule inet t pre iifname eth1 {filter} log prefix \"{prefix}\""
+            ),
+        ],
+    );
+    (one_at_a_time, all_netns)
+}
+
 /// The kernel log from now on, read without blocking (a read at the end
 /// says so instead of waiting).
 fn kmsg_from_now() -> BufReader<std::fs::File> {
@@ -418,21 +432,9 @@ fn the_agent_prints_the_kernels_line_for_log_rules() {
     let p = Pair::new("fwla");
     let _s7000 = TcpServer::start(&p.worker, "0.0.0.0:7000".parse().expect("addr"), "7000");
     let _s7001 = TcpServer::start(&p.worker, "0.0.0.0:7001".parse().expect("addr"), "7001");
-    let _one_at_a_time = NF_LOG_ALL_NETNS.lock().unwrap_or_else(|e| e.into_inner());
-    let _all_netns = Sysctl::set("net.netfilter.nf_log_all_netns", "1");
     // The kernel logs every TCP packet to 7000 and 7001 with Calico's
-    // prefix, at prerouting (what XDP and TC ingress see, before DNAT).
-    sh(
-        "ip",
-        &[
-            "netns",
-            "exec",
-            p.worker.name(),
-            "nft",
-            "add table inet t; add chain inet t pre { type filter hook prerouting priority -500; }; \
-             add rule inet t pre iifname eth1 tcp dport { 7000, 7001 } log prefix \"calico-packet: \"",
-        ],
-    );
+    // prefix.
+    let _logging = kernel_logs(&p, "tcp dport { 7000, 7001 }", "calico-packet: ");
     let policy = "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: w, labels: {role: pub}}\nspec: {node: pair, interfaceName: eth1}\n---\n\
 apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: log-7000}\nspec:\n  preDNAT: true\n  applyOnForward: true\n  selector: role == 'pub'\n  ingress:\n  - action: Log\n    protocol: TCP\n    destination: {ports: [7000]}\n---\n\
 apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: log-7001}\nspec:\n  selector: role == 'pub'\n  types: [Ingress]\n  ingress:\n  - action: Log\n    protocol: TCP\n    destination: {ports: [7001]}\n  - action: Allow\n";

@@ -251,16 +251,29 @@ fn icmp_required(t: u8) -> usize {
     }
 }
 
-fn icmp(out: &mut String, p: &Packet<'_>, ip_at: usize, at: usize, fragment: bool) {
-    out.push_str("PROTO=ICMP ");
+/// `PROTO=<name> TYPE= CODE=` of ICMP and ICMPv6: the message's first 8
+/// bytes, unless the packet is a later fragment or too short.
+fn icmp_head<'a>(
+    out: &mut String,
+    p: &'a Packet<'_>,
+    name: &str,
+    at: usize,
+    fragment: bool,
+) -> Option<&'a [u8]> {
+    let _ = write!(out, "PROTO={name} ");
     if fragment {
-        return;
+        return None;
     }
-    let Some(h) = p.header(out, at, 8) else {
+    let h = p.header(out, at, 8)?;
+    let _ = write!(out, "TYPE={} CODE={} ", h[0], h[1]);
+    Some(h)
+}
+
+fn icmp(out: &mut String, p: &Packet<'_>, ip_at: usize, at: usize, fragment: bool) {
+    let Some(h) = icmp_head(out, p, "ICMP", at, fragment) else {
         return;
     };
     let (t, code) = (h[0], h[1]);
-    let _ = write!(out, "TYPE={t} CODE={code} ");
     let required = icmp_required(t);
     if required != 0 && p.len.saturating_sub(at) < required {
         let _ = write!(out, "INCOMPLETE [{} bytes] ", p.len.saturating_sub(at));
@@ -383,15 +396,10 @@ fn ipv6(out: &mut String, p: &Packet<'_>, at: usize, recurse: bool) {
 }
 
 fn icmp6(out: &mut String, p: &Packet<'_>, at: usize, fragment: bool, recurse: bool) {
-    out.push_str("PROTO=ICMPv6 ");
-    if fragment {
-        return;
-    }
-    let Some(h) = p.header(out, at, 8) else {
+    let Some(h) = icmp_head(out, p, "ICMPv6", at, fragment) else {
         return;
     };
-    let (t, code) = (h[0], h[1]);
-    let _ = write!(out, "TYPE={t} CODE={code} ");
+    let t = h[0];
     let word = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
     match t {
         128 | 129 => {
