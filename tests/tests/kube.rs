@@ -161,6 +161,16 @@ fn policy_from_the_api_is_enforced_changed_deleted_and_kept_while_the_api_is_awa
     }
     assert_eq!(health.0, 200, "{health:?}");
     assert!(health.1.contains("unreachable since"), "{health:?}");
+    let (_, metrics) = probe(&p.worker, "/metrics");
+    let stale: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("filter_policy_source_stale_since_timestamp_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no staleness metric:\n{metrics}"));
+    assert!(
+        stale > 0.0,
+        "the metrics say since when the API is away:\n{metrics}"
+    );
 
     // Meanwhile the policy is deleted and the server forgets its history:
     // coming back, the agent must list again and see the deletion.

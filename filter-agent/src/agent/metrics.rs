@@ -30,6 +30,7 @@ pub struct Metrics {
     last_good_apply: Gauge<f64, AtomicU64>,
     conntrack_entries: Gauge,
     conntrack_capacity: Gauge,
+    source_stale_since: Gauge<f64, AtomicU64>,
     /// The live generation's rules and interfaces.
     state: Arc<Mutex<Option<StateFile>>>,
 }
@@ -52,6 +53,7 @@ impl Default for Metrics {
             last_good_apply: Gauge::default(),
             conntrack_entries: Gauge::default(),
             conntrack_capacity: Gauge::default(),
+            source_stale_since: Gauge::default(),
             state: Arc::default(),
         }
     }
@@ -102,6 +104,15 @@ impl Metrics {
         }
     }
 
+    /// Since when the Kubernetes API has been unreachable (Unix time), or
+    /// 0 while it is not.
+    pub fn source_stale(&self, since: Option<std::time::SystemTime>) {
+        let t = since
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.source_stale_since.set(t);
+    }
+
     /// Conntrack occupancy from the last sweep.
     pub fn conntrack(&self, entries: u64, capacity: u64) {
         self.conntrack_entries.set(entries as i64);
@@ -131,6 +142,11 @@ impl Metrics {
             "policy_last_good_apply_timestamp_seconds",
             "When the policy in force was applied (Unix time)",
             self.last_good_apply.clone(),
+        );
+        registry.register(
+            "policy_source_stale_since_timestamp_seconds",
+            "Since when the Kubernetes API has been unreachable (0: it is not); the last good policy stays enforced meanwhile",
+            self.source_stale_since.clone(),
         );
         registry.register(
             "conntrack_entries",

@@ -141,6 +141,7 @@ impl Status {
     }
 
     fn beat(&self, stale_since: Option<std::time::SystemTime>) {
+        self.metrics.source_stale(stale_since);
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         live.beat = std::time::Instant::now();
         live.stale_since = stale_since;
