@@ -52,6 +52,38 @@ pub struct StateFile {
     /// Interfaces with programs, and how XDP runs on each.
     #[serde(default)]
     pub interfaces: Vec<InterfaceInfo>,
+    /// Classes of the live generation (capacity `CLASSES_PER_GEN`).
+    #[serde(default)]
+    pub classes: usize,
+    /// The last policy applied: when, and how long reading, compiling and
+    /// publishing took.
+    #[serde(default)]
+    pub last_apply: Option<Event>,
+    /// The last refusal since then (the last good policy stayed).
+    #[serde(default)]
+    pub last_error: Option<Event>,
+}
+
+/// An apply or a refusal.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Event {
+    /// When (Unix time, seconds).
+    pub at: f64,
+    /// How long it took (seconds).
+    pub took: f64,
+    /// What was wrong, for a refusal.
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+impl Event {
+    /// An event that ends now, `took` seconds after it began.
+    pub fn now(took: f64, message: Option<String>) -> Event {
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        Event { at, took, message }
+    }
 }
 
 /// One interface the agent attached programs to.
@@ -64,6 +96,9 @@ pub struct InterfaceInfo {
     /// `native`, `generic`, `adopted` (attached by a previous agent), or
     /// `none` (not a host endpoint: TC egress only, for the forward stage).
     pub xdp_mode: String,
+    /// The host endpoint that governs it, if any.
+    #[serde(default)]
+    pub endpoint: Option<String>,
 }
 
 /// What `compiled`, live as `generation`, puts in each counter slot, and
@@ -116,13 +151,35 @@ pub fn state(
             name: name.clone(),
             ifindex: *ifindex,
             xdp_mode: (*mode).to_owned(),
+            endpoint: compiled
+                .endpoints
+                .iter()
+                .find(|e| &e.iface == name)
+                .map(|e| e.hep.clone()),
         })
         .collect();
     StateFile {
         generation,
         rules,
         interfaces,
+        classes: compiled.classes.len(),
+        last_apply: None,
+        last_error: None,
     }
+}
+
+/// Reads the `rules.json` of the agent whose state directory is `dir`.
+pub fn read_state(dir: &Path) -> Result<StateFile, String> {
+    let file = dir.join("rules.json");
+    std::fs::read(&file)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+        .map_err(|e| {
+            format!(
+                "{}: {e} (is the agent running with this --pin-dir/--state-dir?)",
+                file.display()
+            )
+        })
 }
 
 /// Writes `rules.json` atomically (a reader never sees half of it).

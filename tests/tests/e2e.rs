@@ -191,16 +191,38 @@ fn a_bad_edit_keeps_the_last_good_policy_and_a_fix_applies() {
         tcp_probe(&p.client, to(7000), t).is_err(),
         "last good policy still denies 7000"
     );
+    // `status` says what is enforced and why the edit was refused.
+    let status = cli_json("status", &pins);
+    let error = status["last_error"]["message"].as_str().unwrap_or_default();
+    assert!(error.contains("policy.yaml:25"), "{status}");
+    assert!(status["last_apply"]["at"].as_f64().is_some(), "{status}");
+    let eth1 = status["interfaces"]
+        .as_array()
+        .expect("interfaces")
+        .iter()
+        .find(|i| i["name"] == "eth1")
+        .unwrap_or_else(|| panic!("{status}"));
+    assert_eq!(eth1["endpoint"], "w", "{status}");
+    assert!(
+        status["rules"]["used"].as_u64().expect("rules") > 0,
+        "{status}"
+    );
 
-    // The fix moves the deny to 7001.
+    // The fix moves the deny to 7001, and clears the refusal.
     move_the_deny_to_7001(&mut agent, &file, &p);
+    assert!(cli_json("status", &pins)["last_error"].is_null());
     assert!(agent.stop().success());
 }
 
 /// `filter-agent stats --output json` on the agent pinned at `pins`.
 fn stats_json(pins: &Path) -> serde_json::Value {
+    cli_json("stats", pins)
+}
+
+/// `filter-agent <command> --output json` on the agent pinned at `pins`.
+fn cli_json(command: &str, pins: &Path) -> serde_json::Value {
     let out = std::process::Command::new(agent_binary())
-        .args(["stats", "--output", "json", "--pin-dir"])
+        .args([command, "--output", "json", "--pin-dir"])
         .arg(pins)
         .output()
         .expect("run stats");

@@ -233,6 +233,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         status: config.status.clone(),
         said_waiting: false,
         reload_started: std::time::Instant::now(),
+        state: None,
         names,
         log_rate: config.log_rate,
         log_denied: config.log_denied,
@@ -336,6 +337,8 @@ struct Agent {
     log_rate: dataplane::Rate,
     /// See [`Config::log_denied`].
     log_denied: bool,
+    /// What `rules.json` says now.
+    state: Option<crate::state::StateFile>,
     /// When the reload under way started (for `/metrics`).
     reload_started: std::time::Instant,
     /// "Waiting for the first list" was logged.
@@ -463,11 +466,18 @@ impl Agent {
                     kept = self.store.is_some(),
                     "policy rejected; the last good policy stays enforced"
                 );
-                self.status.metrics.applied(
-                    false,
-                    self.reload_started.elapsed().as_secs_f64(),
-                    None,
-                );
+                let took = self.reload_started.elapsed().as_secs_f64();
+                self.status.metrics.applied(false, took, None);
+                // `status` says why, beside the policy that stayed.
+                if let Some(mut state) = self.state.clone() {
+                    let lines = why.lines();
+                    let message = lines.first().cloned().map(|first| match lines.len() {
+                        1 => first,
+                        n => format!("{first} (and {} more)", n - 1),
+                    });
+                    state.last_error = Some(crate::state::Event::now(took, message));
+                    self.write_state(state);
+                }
                 // The interfaces changed meanwhile: the resources in force,
                 // compiled for them.
                 if let Some(l) = recompiled {
@@ -475,6 +485,14 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Writes `rules.json` (and keeps it, to add a later refusal to it).
+    fn write_state(&mut self, state: crate::state::StateFile) {
+        if let Err(e) = crate::state::write_state(&self.state_dir, &state) {
+            tracing::warn!(dir = %self.state_dir.display(), error = %e, "cannot write the rule index: stats and status will be unavailable");
+        }
+        self.state = Some(state);
     }
 
     /// The record reader's names and the kernel's Log settings for the
@@ -520,16 +538,12 @@ impl Agent {
         let ifaces = seen.iter().map(|(n, (i, _))| (n.clone(), *i)).collect();
         match self.dp.apply(&compiled, &ifaces) {
             Ok(generation) => {
-                let state = crate::state::state(&compiled, generation, &self.dp.attachments());
+                let took = self.reload_started.elapsed().as_secs_f64();
+                let mut state = crate::state::state(&compiled, generation, &self.dp.attachments());
+                state.last_apply = Some(crate::state::Event::now(took, None));
                 self.log_settings(&state, store);
-                self.status.metrics.applied(
-                    true,
-                    self.reload_started.elapsed().as_secs_f64(),
-                    Some(state.clone()),
-                );
-                if let Err(e) = crate::state::write_state(&self.state_dir, &state) {
-                    tracing::warn!(dir = %self.state_dir.display(), error = %e, "cannot write the rule index: stats will be unavailable");
-                }
+                self.status.metrics.applied(true, took, Some(state.clone()));
+                self.write_state(state);
                 let rules: usize = compiled.tables.iter().map(|t| t.rules.len()).sum();
                 tracing::info!(
                     generation,

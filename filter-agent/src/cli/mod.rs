@@ -8,6 +8,7 @@ mod explain;
 mod run;
 mod selector;
 mod stats;
+mod status;
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -54,6 +55,9 @@ pub enum Command {
     Explain(ExplainArgs),
     /// Per-rule packet and byte counters of the running agent.
     Stats(StatsArgs),
+    /// What the running agent enforces: interfaces, capacity, conntrack,
+    /// the last apply and the last refusal.
+    Status(StatsArgs),
 }
 
 /// `filter-agent run`.
@@ -176,6 +180,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Selector(args) => selector::run(args),
         Command::Explain(args) => explain::run(args),
         Command::Stats(args) => stats::run(args),
+        Command::Status(args) => status::run(args),
         Command::Run(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

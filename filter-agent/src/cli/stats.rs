@@ -44,14 +44,10 @@ pub fn run(args: StatsArgs) -> anyhow::Result<ExitCode> {
         .state_dir
         .clone()
         .unwrap_or_else(|| default_state_dir(&args.pin_dir));
-    let file = state_dir.join("rules.json");
-    let state: StateFile = match std::fs::read(&file)
-        .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-    {
+    let state: StateFile = match crate::state::read_state(&state_dir) {
         Ok(s) => s,
         Err(e) => {
-            eprintln!("filter-agent stats: {}: {e} (is the agent running with this --pin-dir/--state-dir?)", file.display());
+            eprintln!("filter-agent stats: {e}");
             return Ok(ExitCode::from(2));
         }
     };
