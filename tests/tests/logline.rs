@@ -502,6 +502,89 @@ apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: lo
             kernel_7001.len()
         );
     }
+    // `filter-agent logs` has the same records as JSON, named.
+    let logs = |extra: &[&str]| -> Vec<serde_json::Value> {
+        let out = std::process::Command::new(agent_binary())
+            .args(["logs", "--output", "json", "--pin-dir"])
+            .arg(&pins)
+            .args(extra)
+            .output()
+            .expect("run logs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON record"))
+            .collect()
+    };
+    let records = logs(&[]);
+    let r7000 = records
+        .iter()
+        .find(|r| r["DPT"] == "7000")
+        .unwrap_or_else(|| panic!("{records:?}"));
+    assert_eq!(r7000["policy"], "log-7000", "{r7000}");
+    assert_eq!(r7000["tier"], "default", "{r7000}");
+    assert_eq!(r7000["rule"], 0, "{r7000}");
+    assert_eq!(r7000["stage"], "pre-dnat", "{r7000}");
+    assert_eq!(r7000["direction"], "ingress", "{r7000}");
+    assert_eq!(r7000["verdict"], "log", "{r7000}");
+    assert_eq!(r7000["hook"], "xdp", "{r7000}");
+    assert_eq!(r7000["SRC"], "192.0.2.10", "{r7000}");
+    assert_eq!(r7000["line"].as_str(), first("DPT=7000", &ours).as_deref());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let at = r7000["time"].as_f64().expect("time");
+    assert!((now - at).abs() < 60.0, "record time {at} vs now {now}");
+    let only = logs(&["--policy", "log-7001"]);
+    assert!(
+        !only.is_empty()
+            && only
+                .iter()
+                .all(|r| r["policy"] == "log-7001" && r["stage"] == "normal"),
+        "{only:?}"
+    );
+    // Following: a new flow's record arrives while `logs --follow` runs.
+    let mut follow = std::process::Command::new(agent_binary())
+        .args(["logs", "--follow", "--pin-dir"])
+        .arg(&pins)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("logs --follow");
+    let stdout = follow.stdout.take().expect("piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let before = ours.iter().filter(|l| l.contains("DPT=7001")).count();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        tcp_probe(&p.client, Pair::worker(7001), Duration::from_millis(1500)).as_deref(),
+        Ok("7001")
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut followed = 0;
+    while Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) if l.contains("DPT=7001") => followed += 1,
+            _ => {}
+        }
+        if followed > before {
+            break;
+        }
+    }
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(followed > before, "the new flow's record was followed");
+
     // A stopped reader (SIGSTOP) costs the dataplane nothing: new flows
     // keep being logged into the ring (or counted lost) and let through.
     let pid = nix::unistd::Pid::from_raw(agent.pid() as i32);

@@ -175,11 +175,20 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     let ring = dp
         .take_events()
         .context("open the Log record ring buffer")?;
+    let hub = Arc::new(crate::events::stream::Hub::default());
     {
-        let (names, stop) = (names.clone(), shutdown.clone());
+        let (names, hub, stop) = (names.clone(), hub.clone(), shutdown.clone());
         tokio::spawn(async move {
-            if let Err(e) = reader::run(ring, names, stop).await {
+            if let Err(e) = reader::run(ring, names, hub, stop).await {
                 tracing::error!(error = %e, "the Log record reader stopped");
+            }
+        });
+    }
+    {
+        let (dir, stop) = (config.state_dir.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::events::stream::serve(dir.clone(), hub, stop).await {
+                tracing::error!(dir = %dir.display(), error = %e, "cannot serve filter-agent logs");
             }
         });
     }

@@ -5,6 +5,7 @@
 
 mod check;
 mod explain;
+mod logs;
 mod run;
 mod selector;
 mod stats;
@@ -58,6 +59,8 @@ pub enum Command {
     /// What the running agent enforces: interfaces, capacity, conntrack,
     /// the last apply and the last refusal.
     Status(StatsArgs),
+    /// The running agent's Log records (LOG lines or JSON).
+    Logs(logs::LogsArgs),
 }
 
 /// `filter-agent run`.
@@ -181,6 +184,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Explain(args) => explain::run(args),
         Command::Stats(args) => stats::run(args),
         Command::Status(args) => status::run(args),
+        Command::Logs(args) => logs::run(args),
         Command::Run(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

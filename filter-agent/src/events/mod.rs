@@ -1,6 +1,7 @@
 //! What the dataplane reports packet by packet: Log records, read from
-//! the kernel's ring buffer ([`reader`]) and printed as the kernel's LOG
-//! line ([`logline`]).
+//! the kernel's ring buffer ([`reader`]), printed as the kernel's LOG line
+//! ([`logline`]) and served as JSON to `filter-agent logs` ([`stream`]).
 
 pub mod logline;
 pub mod reader;
+pub mod stream;

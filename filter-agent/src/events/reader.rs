@@ -89,6 +89,63 @@ pub fn prefix(template: &str, rule: Option<&SlotInfo>) -> String {
     out.chars().take(MAX_PREFIX).collect()
 }
 
+/// The LOG line of one record and the rest of what `filter-agent logs`
+/// says about it (time, stage, direction, verdict, tier, policy, rule), or
+/// `None` if the bytes are not a record.
+pub fn entry_of(
+    bytes: &[u8],
+    names: &Names,
+) -> Option<(String, serde_json::Map<String, serde_json::Value>)> {
+    let line = line_of(bytes, names)?;
+    // SAFETY: as in `line_of`, which checked the length.
+    let rec: Record = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const Record) };
+    let rule = names.slot(rec.slot);
+    let name = |n: Option<&'static str>| serde_json::json!(n.unwrap_or("?"));
+    let mut extra = serde_json::Map::new();
+    extra.insert("time".into(), serde_json::json!(wall_clock(rec.time_ns)));
+    extra.insert(
+        "stage".into(),
+        name(filter_common::Stage::from_u32(rec.stage.into()).map(|s| s.name())),
+    );
+    extra.insert(
+        "direction".into(),
+        name(filter_common::Direction::from_u32(rec.direction.into()).map(|d| d.name())),
+    );
+    let verdict = match (rec.kind, rec.verdict) {
+        (kind::DENIED, _) => "deny",
+        _ => "log",
+    };
+    extra.insert("verdict".into(), serde_json::json!(verdict));
+    extra.insert(
+        "hook".into(),
+        name(
+            filter_common::events::hook::NAMES
+                .get(usize::from(rec.hook))
+                .copied(),
+        ),
+    );
+    extra.insert(
+        "tier".into(),
+        serde_json::json!(rule.and_then(|r| r.tier.clone())),
+    );
+    extra.insert(
+        "policy".into(),
+        serde_json::json!(rule.and_then(|r| r.policy.clone())),
+    );
+    extra.insert("rule".into(), serde_json::json!(rule.and_then(|r| r.rule)));
+    Some((line, extra))
+}
+
+/// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) as Unix time in seconds.
+fn wall_clock(ktime_ns: u64) -> f64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map_or(0.0, |t| t.tv_sec() as f64 + t.tv_nsec() as f64 / 1e9);
+    now - (mono - ktime_ns as f64 / 1e9)
+}
+
 /// The LOG line of one record, or `None` if the bytes are not one.
 pub fn line_of(bytes: &[u8], names: &Names) -> Option<String> {
     if bytes.len() < std::mem::size_of::<Record>() {
@@ -130,6 +187,7 @@ fn interface(ifindex: u32) -> String {
 pub async fn run(
     ring: RingBuf<MapData>,
     names: SharedNames,
+    hub: Arc<super::stream::Hub>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     // SAFETY: the ring owns its map's descriptor, which stays open and the
@@ -143,9 +201,11 @@ pub async fn run(
                 let mut out = std::io::stdout().lock();
                 while let Some(item) = ring.next() {
                     let names = names.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some(line) = line_of(&item, &names) {
+                    if let Some((line, extra)) = entry_of(&item, &names) {
+                        let line = line.trim_end();
                         // A closed standard output ends nothing else.
-                        let _ = writeln!(out, "{}", line.trim_end());
+                        let _ = writeln!(out, "{line}");
+                        hub.publish(&super::stream::record(line, extra));
                     }
                 }
                 let _ = out.flush();
