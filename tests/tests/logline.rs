@@ -441,7 +441,25 @@ apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: lo
     let dir = demo::TempDir::new(&unique("fwlad"));
     std::fs::write(dir.0.join("p.yaml"), policy).expect("write policy");
     let pins = std::path::Path::new("/sys/fs/bpf").join(unique("fwla"));
-    let mut agent = Agent::start(&agent_binary(), &p.worker, &dir.0, "pair", &pins);
+    // Syslog: a datagram socket standing in for /dev/log.
+    let syslog_path = dir.0.join("log.sock");
+    let syslog = std::os::unix::net::UnixDatagram::bind(&syslog_path).expect("bind syslog");
+    syslog
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut agent = Agent::start_with(
+        &agent_binary(),
+        &p.worker,
+        &dir.0,
+        "pair",
+        &pins,
+        &[
+            "--detach-on-exit",
+            "--syslog",
+            "--syslog-socket",
+            syslog_path.to_str().expect("utf-8"),
+        ],
+    );
     agent
         .wait_for("policy applied", 0, Duration::from_secs(15))
         .expect("applied");
@@ -502,6 +520,18 @@ apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: lo
             kernel_7001.len()
         );
     }
+    // The same lines went to syslog, at facility kern, level notice.
+    let mut buf = [0u8; 1024];
+    let n = syslog.recv(&mut buf).expect("a syslog datagram");
+    let sent = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert_eq!(
+        Some(sent.as_str()),
+        first("DPT=7000", &ours)
+            .map(|l| format!("<5>{l}"))
+            .as_deref(),
+        "syslog"
+    );
+
     // `filter-agent logs` has the same records as JSON, named.
     let logs = |extra: &[&str]| -> Vec<serde_json::Value> {
         let out = std::process::Command::new(agent_binary())

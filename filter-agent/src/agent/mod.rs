@@ -74,6 +74,8 @@ pub struct Config {
     pub log_rate: dataplane::Rate,
     /// Write a record for every dropped packet too.
     pub log_denied: bool,
+    /// Send each LOG line to this syslog socket too.
+    pub syslog: Option<PathBuf>,
 }
 
 /// What the running agent tells the world: readiness (a policy is
@@ -178,8 +180,9 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
     let hub = Arc::new(crate::events::stream::Hub::default());
     {
         let (names, hub, stop) = (names.clone(), hub.clone(), shutdown.clone());
+        let syslog = config.syslog.clone();
         tokio::spawn(async move {
-            if let Err(e) = reader::run(ring, names, hub, stop).await {
+            if let Err(e) = reader::run(ring, names, hub, syslog, stop).await {
                 tracing::error!(error = %e, "the Log record reader stopped");
             }
         });

@@ -166,6 +166,18 @@ pub struct RunArgs {
     /// drops.
     #[arg(long, env = "FILTER_LOG_DENIED")]
     pub log_denied: bool,
+    /// Also send each LOG line to syslog (facility kern, level notice), as
+    /// the kernel's LOG target does.
+    #[arg(long, env = "FILTER_SYSLOG")]
+    pub syslog: bool,
+    /// The syslog socket.
+    #[arg(
+        long,
+        env = "FILTER_SYSLOG_SOCKET",
+        default_value = "/dev/log",
+        value_name = "PATH"
+    )]
+    pub syslog_socket: PathBuf,
 }
 
 /// `filter-agent check`.

@@ -56,6 +56,7 @@ pub fn config(args: &RunArgs) -> anyhow::Result<Config> {
         log_rate: dataplane::Rate::parse(&args.log_rate, args.log_burst)
             .map_err(|e| anyhow::anyhow!("--log-rate: {e}"))?,
         log_denied: args.log_denied,
+        syslog: args.syslog.then(|| args.syslog_socket.clone()),
     })
 }
 

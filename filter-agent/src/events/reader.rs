@@ -188,8 +188,19 @@ pub async fn run(
     ring: RingBuf<MapData>,
     names: SharedNames,
     hub: Arc<super::stream::Hub>,
+    syslog: Option<std::path::PathBuf>,
     mut stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
+    // A datagram per line, as syslog(3) sends them; the socket is
+    // non-blocking: a stalled syslog daemon loses lines, not the reader.
+    let syslog = match syslog {
+        Some(path) => {
+            let s = std::os::unix::net::UnixDatagram::unbound()?;
+            s.set_nonblocking(true)?;
+            Some((s, path))
+        }
+        None => None,
+    };
     // SAFETY: the ring owns its map's descriptor, which stays open and the
     // same until the AsyncFd (which owns the ring) is dropped.
     let mut fd = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
@@ -205,6 +216,10 @@ pub async fn run(
                         let line = line.trim_end();
                         // A closed standard output ends nothing else.
                         let _ = writeln!(out, "{line}");
+                        if let Some((s, path)) = &syslog {
+                            // Facility kern (0), level notice (5).
+                            let _ = s.send_to(format!("<5>{line}").as_bytes(), path);
+                        }
                         hub.publish(&super::stream::record(line, extra));
                     }
                 }
