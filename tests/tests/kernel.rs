@@ -1265,3 +1265,113 @@ spec:
         "{after:?}: the ring held some, lost the rest"
     );
 }
+
+/// A Log rule writes a record only where evaluation reaches it: not after a
+/// rule that decided, not in a tier a Pass skipped; and every packet in the
+/// untracked stage.
+#[test]
+fn log_rules_record_only_where_evaluation_reaches_them() {
+    if !privileged("log_rules_record_only_where_evaluation_reaches_them") {
+        return;
+    }
+    let policy = format!(
+        "{TEST_HEP}{}",
+        r#"
+apiVersion: projectcalico.org/v3
+kind: Tier
+metadata: {name: first}
+spec: {order: 10}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: first.pass-7001}
+spec:
+  tier: first
+  order: 1
+  doNotTrack: true
+  applyOnForward: true
+  selector: ibm.role=='worker_public'
+  ingress:
+  - action: Pass
+    protocol: TCP
+    destination: {ports: [7001]}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: first.log-skipped}
+spec:
+  tier: first
+  order: 2
+  doNotTrack: true
+  applyOnForward: true
+  selector: ibm.role=='worker_public'
+  ingress:
+  - action: Log
+    protocol: TCP
+    destination: {ports: [7001]}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: allow-then-log}
+spec:
+  order: 1
+  doNotTrack: true
+  applyOnForward: true
+  selector: ibm.role=='worker_public'
+  ingress:
+  - action: Allow
+    protocol: TCP
+    destination: {ports: [7000]}
+  - action: Log
+    protocol: TCP
+    destination: {ports: [7000]}
+  - action: Log
+    protocol: TCP
+    destination: {ports: [7002]}
+"#
+    );
+    let mut l = Loaded::new(&policy);
+    let (compiled, generation) = l.published.as_ref().expect("published");
+    let state = filter_agent::state::state(compiled, *generation, &[]);
+    let slot = |policy: &str, rule: usize| {
+        state
+            .rules
+            .iter()
+            .find(|r| {
+                r.action == "log"
+                    && r.stage == "untracked"
+                    && r.policy.as_deref() == Some(policy)
+                    && r.rule == Some(rule)
+            })
+            .unwrap_or_else(|| panic!("no Log slot of {policy} rule {rule}"))
+            .slot
+    };
+    let (after_allow, skipped, reached) = (
+        slot("allow-then-log", 1),
+        slot("first.log-skipped", 0),
+        slot("allow-then-log", 2),
+    );
+    let dp = l.dp.as_mut().expect("loaded");
+    dp.set_log_config(
+        filter_agent::dataplane::Rate {
+            interval: None,
+            burst: 1,
+        },
+        false,
+    )
+    .expect("no limit");
+    for port in [7000, 7001, 7002] {
+        for _ in 0..3 {
+            dp.test_run_xdp(&tcp4(CLIENT, WORKER, port), LO)
+                .expect("BPF_PROG_TEST_RUN");
+        }
+    }
+    let mut emitted = |slot| dp.log_counts(slot).expect("log counters").emitted;
+    assert_eq!(
+        emitted(after_allow),
+        0,
+        "a Log rule after the deciding Allow"
+    );
+    assert_eq!(emitted(skipped), 0, "a Log rule in a tier a Pass left");
+    assert_eq!(emitted(reached), 3, "one record per untracked packet");
+}
