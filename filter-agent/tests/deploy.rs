@@ -66,7 +66,7 @@ fn the_cluster_role_grants_exactly_what_is_watched_read_only() {
     }
     let watched: BTreeSet<(String, String)> = CALICO_KINDS
         .iter()
-        .map(|(_, plural, _)| (CALICO_GROUP.to_owned(), plural.to_string()))
+        .map(|(_, plural)| (CALICO_GROUP.to_owned(), plural.to_string()))
         .chain(
             CORE_KINDS
                 .iter()

@@ -183,6 +183,23 @@ impl Loaded {
         xdp
     }
 
+    /// The slot of the untracked-stage Log rule `rule` of `policy` in the
+    /// policy [`Loaded::new`] published.
+    fn log_slot(&self, policy: &str, rule: usize) -> u32 {
+        let (compiled, generation) = self.published.as_ref().expect("published");
+        filter_agent::state::state(compiled, *generation, &[])
+            .rules
+            .iter()
+            .find(|r| {
+                r.action == "log"
+                    && r.stage == "untracked"
+                    && r.policy.as_deref() == Some(policy)
+                    && r.rule == Some(rule)
+            })
+            .unwrap_or_else(|| panic!("no Log slot of {policy} rule {rule}"))
+            .slot
+    }
+
     fn reasons(&mut self) -> Vec<u64> {
         self.dp
             .as_mut()
@@ -1222,13 +1239,7 @@ spec:
 "#
     );
     let mut l = Loaded::new(&policy);
-    let (compiled, generation) = l.published.as_ref().expect("published");
-    let slot = filter_agent::state::state(compiled, *generation, &[])
-        .rules
-        .iter()
-        .find(|r| r.action == "log" && r.stage == "untracked")
-        .expect("the Log rule's slot")
-        .slot;
+    let slot = l.log_slot("log-untracked", 0);
     let dp = l.dp.as_mut().expect("loaded");
     let frame = tcp4(CLIENT, WORKER, 7000);
     const N: u32 = 100_000;
@@ -1331,25 +1342,10 @@ spec:
 "#
     );
     let mut l = Loaded::new(&policy);
-    let (compiled, generation) = l.published.as_ref().expect("published");
-    let state = filter_agent::state::state(compiled, *generation, &[]);
-    let slot = |policy: &str, rule: usize| {
-        state
-            .rules
-            .iter()
-            .find(|r| {
-                r.action == "log"
-                    && r.stage == "untracked"
-                    && r.policy.as_deref() == Some(policy)
-                    && r.rule == Some(rule)
-            })
-            .unwrap_or_else(|| panic!("no Log slot of {policy} rule {rule}"))
-            .slot
-    };
     let (after_allow, skipped, reached) = (
-        slot("allow-then-log", 1),
-        slot("first.log-skipped", 0),
-        slot("allow-then-log", 2),
+        l.log_slot("allow-then-log", 1),
+        l.log_slot("first.log-skipped", 0),
+        l.log_slot("allow-then-log", 2),
     );
     let dp = l.dp.as_mut().expect("loaded");
     dp.set_log_config(

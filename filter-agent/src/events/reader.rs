@@ -96,10 +96,9 @@ pub fn entry_of(
     bytes: &[u8],
     names: &Names,
 ) -> Option<(String, serde_json::Map<String, serde_json::Value>)> {
-    let line = line_of(bytes, names)?;
-    // SAFETY: as in `line_of`, which checked the length.
-    let rec: Record = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const Record) };
+    let rec = decode(bytes)?;
     let rule = names.slot(rec.slot);
+    let line = line_of(&rec, rule, names);
     let name = |n: Option<&'static str>| serde_json::json!(n.unwrap_or("?"));
     let mut extra = serde_json::Map::new();
     extra.insert("time".into(), serde_json::json!(wall_clock(rec.time_ns)));
@@ -146,15 +145,18 @@ fn wall_clock(ktime_ns: u64) -> f64 {
     now - (mono - ktime_ns as f64 / 1e9)
 }
 
-/// The LOG line of one record, or `None` if the bytes are not one.
-pub fn line_of(bytes: &[u8], names: &Names) -> Option<String> {
+/// The record in `bytes`, or `None` if they are not one.
+fn decode(bytes: &[u8]) -> Option<Record> {
     if bytes.len() < std::mem::size_of::<Record>() {
         return None;
     }
     // SAFETY: `Record` is plain integers (repr(C), no padding), any bit
     // pattern is one, and the length was checked.
-    let rec: Record = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const Record) };
-    let rule = names.slot(rec.slot);
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const Record) })
+}
+
+/// The LOG line of `rec`, written by `rule`.
+fn line_of(rec: &Record, rule: Option<&SlotInfo>, names: &Names) -> String {
     let template = if rec.kind == kind::DENIED {
         DENIED_PREFIX
     } else {
@@ -162,7 +164,7 @@ pub fn line_of(bytes: &[u8], names: &Names) -> Option<String> {
     };
     let frame = &rec.data[..usize::from(rec.captured).min(rec.data.len())];
     let ip_len = logline::ip_length(frame, rec.packet_len as usize);
-    Some(logline::line(
+    logline::line(
         &Context {
             prefix: &prefix(template, rule),
             in_if: &interface(rec.in_ifindex),
@@ -170,7 +172,7 @@ pub fn line_of(bytes: &[u8], names: &Names) -> Option<String> {
         },
         frame,
         ip_len,
-    ))
+    )
 }
 
 /// An interface's name by index (empty for 0, the index if it is gone).

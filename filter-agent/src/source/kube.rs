@@ -50,15 +50,16 @@ pub const CALICO_GROUP: &str = "crd.projectcalico.org";
 /// Their version.
 pub const CALICO_VERSION: &str = "v1";
 
-/// Calico kinds watched: kind, plural, namespaced.
-pub const CALICO_KINDS: &[(&str, &str, bool)] = &[
-    ("GlobalNetworkPolicy", "globalnetworkpolicies", false),
-    ("NetworkPolicy", "networkpolicies", true),
-    ("HostEndpoint", "hostendpoints", false),
-    ("GlobalNetworkSet", "globalnetworksets", false),
-    ("NetworkSet", "networksets", true),
-    ("Tier", "tiers", false),
-    ("FelixConfiguration", "felixconfigurations", false),
+/// Calico kinds watched: kind, plural (namespaced kinds in all
+/// namespaces).
+pub const CALICO_KINDS: &[(&str, &str)] = &[
+    ("GlobalNetworkPolicy", "globalnetworkpolicies"),
+    ("NetworkPolicy", "networkpolicies"),
+    ("HostEndpoint", "hostendpoints"),
+    ("GlobalNetworkSet", "globalnetworksets"),
+    ("NetworkSet", "networksets"),
+    ("Tier", "tiers"),
+    ("FelixConfiguration", "felixconfigurations"),
 ];
 
 /// Core kinds watched: kind, plural (all of them cluster-wide but Node,
@@ -153,7 +154,7 @@ impl Kube {
     pub fn start(client: Client, node: &str, changes: mpsc::UnboundedSender<()>) -> Kube {
         let state = Arc::new(Mutex::new(State::default()));
         let mut tasks = Vec::new();
-        for &(kind, plural, _namespaced) in CALICO_KINDS {
+        for &(kind, plural) in CALICO_KINDS {
             let gvk = GroupVersionKind::gvk(CALICO_GROUP, CALICO_VERSION, kind);
             let resource = ApiResource::from_gvk_with_plural(&gvk, plural);
             // Namespaced kinds too are watched across all namespaces.
