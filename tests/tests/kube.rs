@@ -180,6 +180,12 @@ fn policy_from_the_api_is_enforced_changed_deleted_and_kept_while_the_api_is_awa
     let lists = api.requests().len();
     api.start();
     applied(&mut agent, n);
+    // Kinds are listed again one by one: the apply that carries the
+    // policies' re-list may come after one for another kind.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !open(&p, 7000) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(open(&p, 7000), "the deletion made while away is enforced");
     let again = &api.requests()[lists..];
     assert!(
