@@ -335,10 +335,13 @@ pub fn open(pkt: &Packet, pending: bool) {
         record_end(&mut value, &mut flags, f.from_a, pkt.tcp_end);
         value.flags = flags;
     }
-    // Failing to insert (never for an LRU map with room to evict) leaves
-    // the flow untracked: its next packets are judged again, which is safe.
     // A new flow replaces whatever an old one of the same tuple left in
     // the assured table (closed or expired, or `track` would have known it).
     let _ = FW_CTA1.remove(&f.key);
-    let _ = FW_CT2.insert(&f.key, &value, 0);
+    // Failing to insert (not expected of an LRU map, which evicts to make
+    // room) leaves the flow untracked: its next packets are judged again,
+    // which is safe, and worth a diagnostic.
+    if let Err(e) = FW_CT2.insert(&f.key, &value, 0) {
+        crate::diag::conntrack_insert_failed(e);
+    }
 }

@@ -199,6 +199,7 @@ pub fn finish<C: Hook>(ctx: &C, hook_in: u64, out_len: u64, verdict: u32) -> u32
     unsafe { C::loggers().tail_call(ctx, LOGGER) };
     let n = p.n;
     p.n = 0;
+    crate::diag::logger_missing(n);
     for i in 0..MAX_NOTED {
         if (i as u32) < n {
             count(p.entries[i].slot, |c| c.lost += 1);

@@ -38,8 +38,10 @@ pub fn remember(hook: u32, pkt: &Packet) {
         return;
     }
     // A full LRU evicts the oldest datagram: its later fragments are
-    // dropped, which is safe.
-    let _ = FW_FRAG1.insert(&key(hook, pkt), &now(), 0);
+    // dropped, which is safe. A refused insert drops this one's.
+    if let Err(e) = FW_FRAG1.insert(&key(hook, pkt), &now(), 0) {
+        crate::diag::fragment_insert_failed(e);
+    }
 }
 
 /// Whether the first fragment of the datagram `pkt` (a non-first fragment)

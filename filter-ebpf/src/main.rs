@@ -28,6 +28,7 @@
 mod classify;
 mod conntrack;
 mod counters;
+mod diag;
 mod events;
 mod failsafe;
 mod fragments;
@@ -68,7 +69,12 @@ fn run_stage(stage: u32, dir: u32, ifindex: u32, pkt: &Packet, bytes: u64) -> Ve
                 Verdict::Allow
             }
         }
-        Err(why) => Verdict::Continue(why),
+        Err(why) => {
+            if why == reason::PASS_TABLE_ERROR {
+                diag::tables_inconsistent(stage, dir);
+            }
+            Verdict::Continue(why)
+        }
     }
 }
 

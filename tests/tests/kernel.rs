@@ -1042,7 +1042,13 @@ spec:
     destination: {{ports: [9000]}}
 "
     );
-    let mut k = Loaded::with_options(&policy, &Options { conntrack_size: 64 });
+    let mut k = Loaded::with_options(
+        &policy,
+        &Options {
+            conntrack_size: 64,
+            ..Options::default()
+        },
+    );
     let live = Live::open(&k.pin_dir).expect("open the pins");
     let tcp = |src, dst, sport, dport, flags: &str| {
         let mut v = Vec::new();
@@ -1274,6 +1280,166 @@ spec:
     assert!(
         lost > 0 && emitted > 1000,
         "{after:?}: the ring held some, lost the rest"
+    );
+}
+
+/// `--log-ring-size`: the ring buffer is created with the size asked for
+/// (a full one loses records, counted), and an agent that adopts it keeps
+/// its size whatever it asks (as it keeps the conntrack table's).
+#[test]
+fn the_log_ring_has_the_size_asked_for_and_an_adopted_one_keeps_it() {
+    if !privileged("the_log_ring_has_the_size_asked_for_and_an_adopted_one_keeps_it") {
+        return;
+    }
+    use filter_agent::dataplane::{ring_bytes, Options, Rate};
+    let policy = format!(
+        "{TEST_HEP}{}",
+        r#"
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: log-untracked}
+spec:
+  doNotTrack: true
+  applyOnForward: true
+  selector: ibm.role=='worker_public'
+  ingress:
+  - action: Log
+"#
+    );
+    let small = ring_bytes("4KiB").expect("size");
+    let mut l = Loaded::with_options(
+        &policy,
+        &Options {
+            log_ring_bytes: small,
+            ..Options::default()
+        },
+    );
+    let slot = l.log_slot("log-untracked", 0);
+    let dp = l.dp.as_mut().expect("loaded");
+    assert_eq!(dp.log_ring_bytes(), 4096);
+    let unlimited = Rate {
+        interval: None,
+        burst: 5,
+    };
+    dp.set_log_config(unlimited, false).expect("no limit");
+    dp.time_xdp(&tcp4(CLIENT, WORKER, 7000), LO, 100, false)
+        .expect("test run");
+    let c = dp.log_counts(slot).expect("log counters");
+    // A record takes its 288 bytes and the ring's 8-byte header: 13 fit
+    // in 4096 bytes.
+    let fit = 4096 / (std::mem::size_of::<filter_common::events::Record>() as u64 + 8);
+    assert_eq!((c.emitted, c.lost), (fit, 100 - fit), "{c:?}");
+
+    // Conntrack likewise (asked 64 entries now, created with the default).
+    let asked = Options {
+        conntrack_size: 64,
+        ..Options::default()
+    };
+    let adopter = Dataplane::load_with(&l.pin_dir, &asked).expect("adopt");
+    assert_eq!(
+        adopter.log_ring_bytes(),
+        4096,
+        "the adopted ring keeps its size"
+    );
+    assert_eq!(
+        adopter.conntrack_capacity(),
+        filter_common::ct::DEFAULT_SIZE,
+        "the adopted conntrack table keeps its size"
+    );
+}
+
+/// Collects the kernel programs' diagnostics (aya-log) for a test.
+#[derive(Clone, Default)]
+struct Collect(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Collect {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record<'_>) {
+        let line = format!("{} {}", record.level(), record.args());
+        self.0.lock().expect("lock").push(line);
+    }
+    fn flush(&self) {}
+}
+
+/// `--kernel-log-level`: off by default, where the verifier removes the
+/// diagnostics from the programs (they translate to fewer instructions);
+/// on, tables the classifier finds inconsistent are reported once (per
+/// second and CPU) however many packets meet them, and every one of those
+/// packets is still counted under `table_error`.
+#[test]
+fn kernel_diagnostics_are_off_by_default_and_report_inconsistent_tables_once() {
+    if !privileged("kernel_diagnostics_are_off_by_default_and_report_inconsistent_tables_once") {
+        return;
+    }
+    use filter_agent::dataplane::{KernelLogLevel, Options};
+    use filter_common::names;
+    let policy = format!("{POLICY}{ALLOW_NORMAL}");
+    let mut seen = Vec::new();
+    for level in [KernelLogLevel::Off, KernelLogLevel::Error] {
+        let mut l = Loaded::with_options(
+            &policy,
+            &Options {
+                kernel_log: level,
+                ..Options::default()
+            },
+        );
+        let pin = |name: &str| l.pin_dir.join(name).display().to_string();
+        let show = filter_tests::sh(
+            "bpftool",
+            &["prog", "show", "pinned", &pin(names::PROG_XDP), "--json"],
+        );
+        let info: serde_json::Value = serde_json::from_str(&show).expect("bpftool json");
+        let xlated = info["bytes_xlated"].as_u64().expect("bytes_xlated");
+        // A live generation past the last: every stage's tables are
+        // inconsistent.
+        filter_tests::sh(
+            "bpftool",
+            &[
+                "map",
+                "update",
+                "pinned",
+                &pin(names::MAP_GENERATION),
+                "key",
+                "0",
+                "0",
+                "0",
+                "0",
+                "value",
+                "9",
+                "0",
+                "0",
+                "0",
+            ],
+        );
+        let before = l.reasons()[reason::PASS_TABLE_ERROR as usize];
+        let messages = Collect::default();
+        let dp = l.dp.as_mut().expect("loaded");
+        let mut logger = dp.take_kernel_log(messages.clone()).expect("aya-log ring");
+        let (action, _) = dp
+            .time_xdp(&tcp4(CLIENT, WORKER, 7000), LO, 1000, false)
+            .expect("test run");
+        assert_eq!(action, XDP_PASS, "{level:?}: unjudged packets pass");
+        logger.flush();
+        let after = l.reasons()[reason::PASS_TABLE_ERROR as usize];
+        assert_eq!(after - before, 1000, "{level:?}: every packet counted");
+        let got = messages.0.lock().expect("lock").clone();
+        seen.push((level, xlated, got));
+    }
+    let (off, on) = (&seen[0], &seen[1]);
+    assert!(off.2.is_empty(), "off, yet: {:?}", off.2);
+    assert_eq!(on.2.len(), 1, "once a second per CPU: {:?}", on.2);
+    assert!(
+        on.2[0].starts_with("ERROR classifier tables inconsistent in stage 0 direction 0"),
+        "{:?}",
+        on.2
+    );
+    assert!(
+        off.1 < on.1,
+        "at level off the verifier removes the diagnostics: {} vs {} bytes",
+        off.1,
+        on.1
     );
 }
 

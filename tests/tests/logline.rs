@@ -458,6 +458,8 @@ apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: lo
             "--syslog",
             "--syslog-socket",
             syslog_path.to_str().expect("utf-8"),
+            "--kernel-log-level",
+            "error",
         ],
     );
     agent
@@ -627,5 +629,37 @@ apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: lo
         );
     }
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+
+    // `--kernel-log-level error`: the programs' own diagnostics reach the
+    // agent's log. Tables made inconsistent behind its back (a live
+    // generation past the last) are reported by the classifier.
+    let generation = pins.join(filter_common::names::MAP_GENERATION);
+    filter_tests::sh(
+        "bpftool",
+        &[
+            "map",
+            "update",
+            "pinned",
+            generation.to_str().expect("utf-8"),
+            "key",
+            "0",
+            "0",
+            "0",
+            "0",
+            "value",
+            "9",
+            "0",
+            "0",
+            "0",
+        ],
+    );
+    assert_eq!(
+        tcp_probe(&p.client, Pair::worker(7001), Duration::from_millis(1500)).as_deref(),
+        Ok("7001"),
+        "unjudged packets pass"
+    );
+    agent
+        .wait_for("classifier tables inconsistent", 0, Duration::from_secs(5))
+        .expect("the kernel's diagnostic in the agent's log");
     assert!(agent.stop().success());
 }

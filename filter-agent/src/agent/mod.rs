@@ -195,6 +195,17 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
             }
         });
     }
+    if config.dataplane.kernel_log != dataplane::KernelLogLevel::Off {
+        let logger = dp
+            .take_kernel_log(crate::events::diag::ToTracing)
+            .context("open the kernel programs' diagnostics")?;
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::events::diag::run(logger, stop).await {
+                tracing::error!(error = %e, "the kernel diagnostics reader stopped");
+            }
+        });
+    }
     if let Some(addr) = config.metrics_addr {
         // The loop goes round at least every interface poll; ten missed
         // rounds (at least a minute) is a hung agent.

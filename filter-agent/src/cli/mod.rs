@@ -162,6 +162,28 @@ pub struct RunArgs {
         value_name = "RECORDS"
     )]
     pub log_burst: u32,
+    /// Size of the Log record ring buffer: a power of two from 4KiB to
+    /// 1GiB (an adopted ring keeps its size). A full ring loses records,
+    /// counted; each record takes 296 bytes.
+    #[arg(
+        long,
+        env = "FILTER_LOG_RING_SIZE",
+        default_value = "1MiB",
+        value_name = "BYTES"
+    )]
+    pub log_ring_size: String,
+    /// The kernel programs' own diagnostics (inconsistent tables, a map
+    /// update the kernel refused), at most once a second per kind and CPU,
+    /// in the agent's log under target filter_ebpf. Off: the verifier
+    /// removes them from the programs.
+    #[arg(
+        long,
+        env = "FILTER_KERNEL_LOG_LEVEL",
+        value_enum,
+        default_value = "off",
+        value_name = "LEVEL"
+    )]
+    pub kernel_log_level: dataplane::KernelLogLevel,
     /// Also print a line (prefix `calico-drop: `) for every packet a rule
     /// drops.
     #[arg(long, env = "FILTER_LOG_DENIED")]

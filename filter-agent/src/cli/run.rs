@@ -45,6 +45,9 @@ pub fn config(args: &RunArgs) -> anyhow::Result<Config> {
         conntrack_sweep: Duration::from_secs(args.conntrack_sweep.max(1)),
         dataplane: dataplane::Options {
             conntrack_size: args.conntrack_size,
+            log_ring_bytes: dataplane::ring_bytes(&args.log_ring_size)
+                .map_err(|e| anyhow::anyhow!("--log-ring-size: {e}"))?,
+            kernel_log: args.kernel_log_level,
         },
         limits: Limits {
             max_file_bytes: args.max_file_size,

@@ -50,7 +50,50 @@ impl Rate {
     }
 }
 
+/// Parses a ring buffer size: bytes, or a number with `KiB`, `MiB` or
+/// `GiB` (also `K`, `M`, `G`). The kernel wants a power of two, at least a
+/// page; more than 1 GiB is refused (the ring is locked memory).
+pub fn ring_bytes(text: &str) -> Result<u32, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KiB" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        _ => {
+            return Err(format!(
+                "invalid size {text:?}: bytes, or N KiB, MiB or GiB"
+            ))
+        }
+    };
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}: bytes, or N KiB, MiB or GiB"))?;
+    let bytes = n
+        .checked_shl(shift)
+        .filter(|b| b >> shift == n)
+        .unwrap_or(u64::MAX);
+    let page = 4096;
+    if bytes < page || bytes > 1 << 30 || !bytes.is_power_of_two() {
+        return Err(format!(
+            "invalid size {text:?}: the ring buffer is a power of two from 4KiB to 1GiB"
+        ));
+    }
+    Ok(bytes as u32)
+}
+
 impl Dataplane {
+    /// Bytes of the Log record ring buffer as the kernel has it (an adopted
+    /// ring keeps the size it was created with).
+    pub fn log_ring_bytes(&self) -> u32 {
+        match self.ebpf.map(names::MAP_EVENTS) {
+            Some(aya::maps::Map::RingBuf(d)) => d.info().map_or(0, |i| i.max_entries()),
+            _ => 0,
+        }
+    }
+
     /// Sets the Log rate and whether drops are logged too.
     pub fn set_log_config(&mut self, rate: Rate, log_denied: bool) -> Result<(), Error> {
         let mut cfg: Array<&mut MapData, Config> = self.map(names::MAP_LOG_CONFIG)?;
@@ -112,6 +155,32 @@ mod tests {
         assert_eq!((off.interval_ns, off.burst_ns), (0, 0));
         for bad in ["0/second", "5/fortnight", "x/second", "10000/day", "5"] {
             assert!(Rate::parse(bad, 5).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ring_sizes_are_powers_of_two_pages() {
+        for (text, bytes) in [
+            ("4096", 4096),
+            ("1MiB", 1 << 20),
+            ("256K", 256 << 10),
+            ("64 MiB", 64 << 20),
+            ("1GiB", 1 << 30),
+        ] {
+            assert_eq!(ring_bytes(text), Ok(bytes), "{text}");
+        }
+        for bad in [
+            "",
+            "1000",
+            "2048",
+            "3MiB",
+            "2GiB",
+            "1TiB",
+            "MiB",
+            "-4096",
+            "99999999999999999999G",
+        ] {
+            assert!(ring_bytes(bad).is_err(), "{bad}");
         }
     }
 }

@@ -11,14 +11,17 @@
 //! directory, adoption, restoring pins), `counters`, `testrun`
 //! (`BPF_PROG_TEST_RUN`), `conntrack` (the agent's side of the tables),
 //! `live` (the pinned programs of a running agent), `classes` (class
-//! storage layout).
+//! storage layout), `events` (Log records), `diag` (the programs' own
+//! diagnostics).
 
 mod attach;
 mod classes;
 pub mod conntrack;
 mod counters;
+mod diag;
+pub use diag::KernelLogLevel;
 mod events;
-pub use events::Rate;
+pub use events::{ring_bytes, Rate};
 pub mod live;
 mod pins;
 mod publish;
@@ -157,12 +160,19 @@ pub struct Options {
     /// Entries of the conntrack table. An adopted table keeps the size it
     /// was created with.
     pub conntrack_size: u32,
+    /// Bytes of the Log record ring buffer (a power of two, at least a
+    /// page; see [`ring_bytes`]). An adopted ring keeps its size.
+    pub log_ring_bytes: u32,
+    /// The kernel programs' diagnostics (aya-log), off by default.
+    pub kernel_log: KernelLogLevel,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             conntrack_size: filter_common::ct::DEFAULT_SIZE,
+            log_ring_bytes: filter_common::events::DEFAULT_RING_BYTES,
+            kernel_log: KernelLogLevel::Off,
         }
     }
 }
@@ -196,10 +206,14 @@ impl Dataplane {
     }
 
     fn load_pinned(pin_dir: &Path, options: &Options) -> Result<Dataplane, Error> {
+        let conntrack = kept_size(pin_dir, names::MAP_CONNTRACK, options.conntrack_size);
+        let log_ring = kept_size(pin_dir, names::MAP_EVENTS, options.log_ring_bytes);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
-            .map_max_entries(names::MAP_CONNTRACK, options.conntrack_size)
-            .map_max_entries(names::MAP_CONNTRACK_ASSURED, options.conntrack_size)
+            .map_max_entries(names::MAP_CONNTRACK, conntrack)
+            .map_max_entries(names::MAP_CONNTRACK_ASSURED, conntrack)
+            .map_max_entries(names::MAP_EVENTS, log_ring)
+            .override_global(aya_log::LEVEL, &options.kernel_log.global(), true)
             .load(OBJECT)
             .map_err(|e| Error::Load {
                 what: "kernel object".into(),
@@ -322,6 +336,31 @@ impl Dataplane {
             source: Box::new(e),
         })
     }
+}
+
+/// The size to create map `name` with: `asked`, unless a previous agent
+/// pinned it with another size, which an adopted map keeps (resizing means
+/// a new, empty map: conntrack would forget its flows). aya refuses to
+/// reuse a pin of another size, so the pin's size is what is asked for.
+fn kept_size(pin_dir: &Path, name: &str, asked: u32) -> u32 {
+    let pin = pin_dir.join(name);
+    let Some(size) = MapData::from_pin(&pin)
+        .ok()
+        .and_then(|d| d.info().ok())
+        .map(|i| i.max_entries())
+    else {
+        return asked;
+    };
+    if size != asked {
+        tracing::warn!(
+            map = name,
+            size,
+            asked,
+            "an adopted map keeps its size; remove its pin ({}) to resize it",
+            pin.display()
+        );
+    }
+    size
 }
 
 /// Wraps aya's map error with the map and what was being done.
