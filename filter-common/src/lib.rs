@@ -371,7 +371,7 @@ pub struct RuleCounter {
 
 /// Log records: what a kernel program tells the agent about one packet a
 /// `Log` rule matched (or, with `--log-denied`, one it dropped), through
-/// the `FW_EVENTS1` ring buffer.
+/// the `FW_EVENTS2` ring buffer.
 pub mod events {
     use crate::MAX_RULE_SLOTS;
 
@@ -444,7 +444,15 @@ pub mod events {
         pub _pad: u8,
         /// Bytes of `data` that hold the packet.
         pub captured: u16,
-        /// The packet's first bytes.
+        /// The outer VLAN tag the kernel took out of the frame before the
+        /// hook (TC: the skb's tag), its protocol (0x8100, 0x88a8) in host
+        /// order, or 0: then any tags are in `data`.
+        pub vlan_proto: u16,
+        /// That tag's TCI (priority and VLAN ID).
+        pub vlan_tci: u16,
+        pub _pad2: u32,
+        /// The packet's first bytes (tags the kernel left in the frame
+        /// included).
         pub data: [u8; CAPTURE],
     }
 
@@ -474,7 +482,7 @@ pub mod events {
         pub lost: u64,
     }
 
-    const _: () = assert!(core::mem::size_of::<Record>() == 32 + CAPTURE);
+    const _: () = assert!(core::mem::size_of::<Record>() == 40 + CAPTURE);
     const _: () = assert!(core::mem::size_of::<Config>() == 24);
 }
 
@@ -637,7 +645,7 @@ pub mod names {
     /// The first fragments each hook passed (`FragKey` → time).
     pub const MAP_FRAGMENTS: &str = "FW_FRAG1";
     /// Log records ([`crate::events::Record`]) for the agent.
-    pub const MAP_EVENTS: &str = "FW_EVENTS1";
+    pub const MAP_EVENTS: &str = "FW_EVENTS2";
     /// Logging settings ([`crate::events::Config`]).
     pub const MAP_LOG_CONFIG: &str = "FW_LOGCFG1";
     /// Per-rule token buckets of Log records (time the bucket is full).

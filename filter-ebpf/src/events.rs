@@ -1,6 +1,6 @@
 //! Log records: for each packet a `Log` rule matches (and, with
 //! `--log-denied`, each one a rule drops), a fixed-size record with the
-//! packet's first bytes goes into the `FW_EVENTS1` ring buffer for the
+//! packet's first bytes goes into the `FW_EVENTS2` ring buffer for the
 //! agent, which prints the kernel's LOG line for it.
 //!
 //! The classifier notes the Log rules a stage matched in a per-CPU scratch
@@ -30,8 +30,8 @@ use filter_common::events::{
     kind, verdict, Config, Counter, Record, CAPTURE, DEFAULT_RING_BYTES, MAX_NOTED, NO_RULE, SLOTS,
 };
 
-#[map(name = "FW_EVENTS1")]
-static FW_EVENTS1: RingBuf = RingBuf::pinned(DEFAULT_RING_BYTES, 0);
+#[map(name = "FW_EVENTS2")]
+static FW_EVENTS2: RingBuf = RingBuf::pinned(DEFAULT_RING_BYTES, 0);
 
 #[map(name = "FW_LOGCFG1")]
 static FW_LOGCFG1: Array<Config> = Array::pinned(1, 0);
@@ -117,6 +117,9 @@ pub struct Origin {
 pub trait Frame {
     /// Copies the packet's first `len` bytes (1..=CAPTURE) to `dst`.
     fn copy_to(&self, dst: *mut u8, len: u32) -> bool;
+    /// The VLAN tag the kernel took out of the frame (protocol, TCI), or
+    /// (0, 0).
+    fn vlan(&self) -> (u16, u16);
 }
 
 #[inline(always)]
@@ -234,7 +237,7 @@ fn write<F: Frame>(frame: &F, e: &Entry, origin: &Origin) {
         count(slot, |c| c.limited += 1);
         return;
     }
-    let Some(mut entry) = FW_EVENTS1.reserve::<Record>(0) else {
+    let Some(mut entry) = FW_EVENTS2.reserve::<Record>(0) else {
         count(slot, |c| c.lost += 1);
         return;
     };
@@ -257,6 +260,10 @@ fn write<F: Frame>(frame: &F, e: &Entry, origin: &Origin) {
         (*r).verdict = e.outcome;
         (*r).kind = e.kind;
         (*r)._pad = 0;
+        let (proto, tci) = frame.vlan();
+        (*r).vlan_proto = proto;
+        (*r).vlan_tci = tci;
+        (*r)._pad2 = 0;
         // The verifier needs 1..=CAPTURE in the register it checks, not
         // just on the branch that led here.
         len > 0 && frame.copy_to((*r).data.as_mut_ptr(), ((len - 1) & CAPTURE_MASK) + 1)

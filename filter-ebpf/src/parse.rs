@@ -591,11 +591,19 @@ impl crate::events::Frame for XdpFrame<'_> {
         // the helper checks `len` against the frame.
         unsafe { aya_ebpf::helpers::bpf_xdp_load_bytes(self.0.ctx, 0, dst as *mut _, len) == 0 }
     }
+
+    /// XDP sees no tag outside the frame: a NIC (or veth) that strips the
+    /// tag before XDP keeps it in metadata only a device-bound program can
+    /// read (`bpf_xdp_metadata_rx_vlan_tag`).
+    #[inline(always)]
+    fn vlan(&self) -> (u16, u16) {
+        (0, 0)
+    }
 }
 
 /// [`crate::events::Frame`] for an skb at TC: the bytes from the Ethernet
 /// header on (an outer VLAN tag the kernel moved into the skb is not in
-/// them).
+/// them: [`crate::events::Frame::vlan`] reads it).
 pub struct TcFrame<'a>(pub &'a aya_ebpf::programs::TcContext);
 
 impl crate::events::Frame for TcFrame<'_> {
@@ -611,5 +619,19 @@ impl crate::events::Frame for TcFrame<'_> {
                 len,
             ) == 0
         }
+    }
+
+    #[inline(always)]
+    fn vlan(&self) -> (u16, u16) {
+        use aya_ebpf::EbpfContext;
+        let raw = self.0.as_ptr() as *const aya_ebpf::bindings::__sk_buff;
+        // SAFETY: context field reads of the live __sk_buff, rewritten by
+        // the verifier; `vlan_proto` is the skb's big-endian field.
+        let (present, proto, tci) =
+            unsafe { ((*raw).vlan_present, (*raw).vlan_proto, (*raw).vlan_tci) };
+        if present == 0 {
+            return (0, 0);
+        }
+        (u16::from_be(proto as u16), tci as u16)
     }
 }

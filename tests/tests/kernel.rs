@@ -1325,7 +1325,7 @@ spec:
     dp.time_xdp(&tcp4(CLIENT, WORKER, 7000), LO, 100, false)
         .expect("test run");
     let c = dp.log_counts(slot).expect("log counters");
-    // A record takes its 288 bytes and the ring's 8-byte header: 13 fit
+    // A record takes its 296 bytes and the ring's 8-byte header: 13 fit
     // in 4096 bytes.
     let fit = 4096 / (std::mem::size_of::<filter_common::events::Record>() as u64 + 8);
     assert_eq!((c.emitted, c.lost), (fit, 100 - fit), "{c:?}");

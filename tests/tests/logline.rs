@@ -336,6 +336,65 @@ fn the_log_line_is_the_kernels_own() {
             mismatches.push(format!("{what}:\n  kernel: {kernel}\n  ours:   {ours}"));
         }
     }
+
+    // VLAN-tagged frames. The kernel's stack takes the tags out before
+    // any hook and prints the MAC header without them; a tag that leads to
+    // a VLAN sub-interface makes the line say `IN=` that interface, which
+    // the agent finds from the record's tags (`reader::interface`). This
+    // kernel is built without 802.1Q devices (CONFIG_VLAN_8021Q), so it
+    // delivers, and logs, only priority-tagged frames (VLAN ID 0, the
+    // 802.1p priority in the tag) on the parent: those are compared here.
+    // (A raw socket sees the frame with its tag taken out too, so the line
+    // is made from the frame as sent.)
+    let eth1 = p
+        .worker
+        .run(|| nix::net::if_::if_nametoindex("eth1").expect("eth1 index"));
+    let tagged = |tags: &[[u8; 4]]| {
+        let mut v = Vec::new();
+        PacketBuilder::ethernet2(macs.0, macs.1)
+            .ipv4(Pair::CLIENT_V4, Pair::WORKER_V4, 64)
+            .tcp(40000, 7000, 1, 64240)
+            .syn()
+            .write(&mut v, &[])
+            .expect("build");
+        for tag in tags.iter().rev() {
+            v.splice(12..12, tag.iter().copied());
+        }
+        v
+    };
+    let vlan_cases = [
+        (
+            "802.1Q priority tag (priority 5, VLAN 0)",
+            tagged(&[[0x81, 0, 0xa0, 0]]),
+        ),
+        (
+            "802.1ad and 802.1Q priority tags",
+            tagged(&[[0x88, 0xa8, 0x20, 0], [0x81, 0, 0xe0, 0]]),
+        ),
+    ];
+    for (what, frame) in vlan_cases {
+        let sent_at = Instant::now();
+        client.send(&frame);
+        let kernel = next_line(&mut kmsg, &prefix, sent_at)
+            .unwrap_or_else(|| panic!("{what}: no kernel line"));
+        let ids = filter_agent::events::logline::vlan_ids(&frame);
+        assert!(!ids.is_empty(), "{what}: tags read");
+        let in_if = p
+            .worker
+            .run(move || filter_agent::events::reader::interface(eth1, &ids));
+        let ours = line(
+            &Context {
+                prefix: &prefix,
+                in_if: &in_if,
+                out_if: "",
+            },
+            &frame,
+            filter_agent::events::logline::ip_length(&frame, frame.len()),
+        );
+        if ours.trim_end() != kernel.trim_end() {
+            mismatches.push(format!("{what}:\n  kernel: {kernel}\n  ours:   {ours}"));
+        }
+    }
     assert!(mismatches.is_empty(), "{}", mismatches.join("\n"));
 }
 
@@ -349,8 +408,8 @@ fn ip_length(frame: &[u8]) -> usize {
     }
 }
 
-/// Has the kernel log, with `prefix`, the packets the worker's eth1
-/// receives that `filter` (nftables) selects, at prerouting (what XDP and
+/// Has the kernel log, with `prefix`, the packets the worker's eth1 (and
+/// its VLAN sub-interfaces) receives that `filter` (nftables) selects, at prerouting (what XDP and
 /// TC ingress see): with `nf_log_all_netns` on for as long as the returned
 /// guards live, one test at a time.
 fn kernel_logs(
@@ -370,7 +429,7 @@ fn kernel_logs(
             &format!(
                 "add table inet t; add chain inet t pre {{ type filter hook prerouting priority -500; }}; \
                  add rule inet t pre icmpv6 type {{ 133, 134, 135, 136, 143 }} accept; \
-                 add rule inet t pre iifname eth1 {filter} log prefix \"{prefix}\""
+                 add rule inet t pre iifname \"eth1*\" {filter} log prefix \"{prefix}\""
             ),
         ],
     );
@@ -616,6 +675,59 @@ apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: lo
     let _ = follow.kill();
     let _ = follow.wait();
     assert!(followed > before, "the new flow's record was followed");
+
+    // VLAN-tagged frames (priority tags: this kernel has no 802.1Q
+    // devices, see `the_log_line_is_the_kernels_own`). At XDP the tag is in
+    // the frame the record keeps; at TC the kernel has moved it into the
+    // skb, and the record carries it. Either way the line is the kernel's.
+    let raw = RawLink::open(&p.client, "eth0");
+    let macs = (mac(&p.client, "eth0"), mac(&p.worker, "eth1"));
+    for (port, sport, hook) in [(7000u16, 40700u16, "XDP"), (7001, 40701, "TC ingress")] {
+        let mut frame = Vec::new();
+        PacketBuilder::ethernet2(macs.0, macs.1)
+            .ipv4(Pair::CLIENT_V4, Pair::WORKER_V4, 64)
+            .tcp(sport, port, 1, 64240)
+            .syn()
+            .write(&mut frame, &[])
+            .expect("build");
+        frame.splice(12..12, [0x81, 0x00, 0xa0, 0x00]);
+        let since = Instant::now();
+        raw.send(&frame);
+        let needle = format!("SPT={sport} ");
+        let kernel = std::iter::from_fn(|| next_line(&mut kmsg, "calico-packet: ", since))
+            .find(|l| l.contains(&needle))
+            .unwrap_or_else(|| panic!("{hook}: no kernel line for the tagged SYN"));
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let ours = loop {
+            let found = agent.output().into_iter().find(|l| l.contains(&needle));
+            if found.is_some() || Instant::now() > deadline {
+                break found;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(
+            ours.as_deref().map(str::trim_end),
+            Some(kernel.trim_end()),
+            "{hook}: a priority-tagged SYN to {port}"
+        );
+    }
+    // The JSON says which tags the packet had: the TC record's tag came
+    // from the skb, not the frame.
+    let records = logs(&[]);
+    for (sport, hook) in [("40700", "xdp"), ("40701", "tc-ingress")] {
+        let r = records
+            .iter()
+            .find(|r| r["SPT"] == sport)
+            .unwrap_or_else(|| panic!("no record from port {sport}: {records:?}"));
+        assert_eq!(r["hook"], hook, "{r}");
+        assert_eq!(r["vlan"], serde_json::json!([0]), "{r}");
+    }
+    assert!(
+        records
+            .iter()
+            .all(|r| r["SPT"] == "40700" || r["SPT"] == "40701" || r.get("vlan").is_none()),
+        "only tagged packets name tags: {records:?}"
+    );
 
     // A stopped reader (SIGSTOP) costs the dataplane nothing: new flows
     // keep being logged into the ring (or counted lost) and let through.

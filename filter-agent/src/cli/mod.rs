@@ -164,7 +164,7 @@ pub struct RunArgs {
     pub log_burst: u32,
     /// Size of the Log record ring buffer: a power of two from 4KiB to
     /// 1GiB (an adopted ring keeps its size). A full ring loses records,
-    /// counted; each record takes 296 bytes.
+    /// counted; each record takes 304 bytes.
     #[arg(
         long,
         env = "FILTER_LOG_RING_SIZE",

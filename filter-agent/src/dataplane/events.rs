@@ -1,5 +1,5 @@
 //! Log records: the settings the kernel's loggers read (`FW_LOGCFG1`),
-//! the ring buffer they write (`FW_EVENTS1`) and their per-rule counts.
+//! the ring buffer they write (`FW_EVENTS2`) and their per-rule counts.
 
 use super::*;
 use filter_common::events::{Config, Counter, SLOTS};

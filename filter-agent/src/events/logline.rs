@@ -76,6 +76,22 @@ pub fn ip_length(frame: &[u8], frame_len: usize) -> usize {
     said.min(left)
 }
 
+/// The VLAN IDs of the tags at the front of `frame` (outer first).
+pub fn vlan_ids(frame: &[u8]) -> Vec<u16> {
+    let mut ids = Vec::new();
+    let mut at = 12;
+    while ids.len() < 2 {
+        match frame.get(at..at + 4) {
+            Some([0x81, 0x00, hi, lo] | [0x88, 0xa8, hi, lo]) => {
+                ids.push(u16::from_be_bytes([*hi, *lo]) & 0x0fff);
+                at += 4;
+            }
+            _ => break,
+        }
+    }
+    ids
+}
+
 /// Ethernet: the type after up to two VLAN tags, and where it ends.
 fn link(frame: &[u8]) -> Option<(u16, usize)> {
     let mut at = 12;

@@ -11,7 +11,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use filter_common::events::{kind, Record};
+use filter_common::events::{hook, kind, Record};
 use tokio::{io::unix::AsyncFd, sync::watch};
 
 use super::logline::{self, Context};
@@ -90,7 +90,8 @@ pub fn prefix(template: &str, rule: Option<&SlotInfo>) -> String {
 }
 
 /// The LOG line of one record and the rest of what `filter-agent logs`
-/// says about it (time, stage, direction, verdict, tier, policy, rule), or
+/// says about it (time, stage, direction, verdict, tier, policy, rule, the
+/// VLAN IDs of a tagged packet), or
 /// `None` if the bytes are not a record.
 pub fn entry_of(
     bytes: &[u8],
@@ -132,6 +133,10 @@ pub fn entry_of(
         serde_json::json!(rule.and_then(|r| r.policy.clone())),
     );
     extra.insert("rule".into(), serde_json::json!(rule.and_then(|r| r.rule)));
+    let vlan = vlan_ids(&rec);
+    if !vlan.is_empty() {
+        extra.insert("vlan".into(), serde_json::json!(vlan));
+    }
     Some((line, extra))
 }
 
@@ -162,27 +167,81 @@ fn line_of(rec: &Record, rule: Option<&SlotInfo>, names: &Names) -> String {
     } else {
         names.prefix.as_str()
     };
-    let frame = &rec.data[..usize::from(rec.captured).min(rec.data.len())];
+    let frame = frame_of(rec);
     let ip_len = logline::ip_length(frame, rec.packet_len as usize);
+    // The VLAN tags belong to the interface the hook runs on: the one a
+    // packet came in by, or at TC egress the one it leaves by.
+    let tags = vlan_ids(rec);
+    let (in_tags, out_tags): (&[u16], &[u16]) = if rec.hook == hook::TC_EGRESS {
+        (&[], &tags)
+    } else {
+        (&tags, &[])
+    };
     logline::line(
         &Context {
             prefix: &prefix(template, rule),
-            in_if: &interface(rec.in_ifindex),
-            out_if: &interface(rec.out_ifindex),
+            in_if: &interface(rec.in_ifindex, in_tags),
+            out_if: &interface(rec.out_ifindex, out_tags),
         },
         frame,
         ip_len,
     )
 }
 
-/// An interface's name by index (empty for 0, the index if it is gone).
-fn interface(ifindex: u32) -> String {
+/// The packet's first bytes in `rec`.
+fn frame_of(rec: &Record) -> &[u8] {
+    &rec.data[..usize::from(rec.captured).min(rec.data.len())]
+}
+
+/// The VLAN IDs of the packet's tags, outer first: the one the kernel took
+/// out of the frame before TC (the record has it), then any in the frame.
+fn vlan_ids(rec: &Record) -> Vec<u16> {
+    let mut ids = Vec::new();
+    if rec.vlan_proto != 0 {
+        ids.push(rec.vlan_tci & 0x0fff);
+    }
+    ids.extend(logline::vlan_ids(frame_of(rec)));
+    ids
+}
+
+/// The name the kernel's stack gives a packet on interface `ifindex` with
+/// VLAN tags `vlan_ids` (outer first): the VLAN sub-interface of each tag
+/// in turn (`eth1` with tag 100 is `eth1.100`, whatever its name), as far
+/// as one exists. Empty for 0; the index if the interface is gone.
+pub fn interface(ifindex: u32, vlan_ids: &[u16]) -> String {
     if ifindex == 0 {
         return String::new();
     }
-    nix::net::if_::if_indextoname(ifindex)
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| ifindex.to_string())
+    let Ok(name) = nix::net::if_::if_indextoname(ifindex) else {
+        return ifindex.to_string();
+    };
+    let mut name = name.to_string_lossy().into_owned();
+    if vlan_ids.is_empty() {
+        return name;
+    }
+    // The 8021q module lists its devices (it is loaded whenever one
+    // exists); a tag without a device leaves the packet on its parent,
+    // where the kernel drops it unless the ID is 0 (a priority tag).
+    let config = std::fs::read_to_string("/proc/net/vlan/config").unwrap_or_default();
+    for &id in vlan_ids {
+        match vlan_child(&config, &name, id) {
+            Some(child) => name = child,
+            None => break,
+        }
+    }
+    name
+}
+
+/// In `/proc/net/vlan/config` (`name | id | parent` per device, after two
+/// header lines), the VLAN device of `parent` with `id`. (The file does not
+/// say 802.1Q or 802.1ad: two devices of one parent with the same ID and
+/// different protocols cannot be told apart here.)
+fn vlan_child(config: &str, parent: &str, id: u16) -> Option<String> {
+    config.lines().skip(2).find_map(|line| {
+        let mut cols = line.split('|').map(str::trim);
+        let (name, vid, dev) = (cols.next()?, cols.next()?, cols.next()?);
+        (dev == parent && vid.parse() == Ok(id)).then(|| name.to_owned())
+    })
 }
 
 /// Reads records until `stop` turns true, printing a line for each.
@@ -248,6 +307,21 @@ mod tests {
             policy: Some(policy.into()),
             rule: Some(0),
         }
+    }
+
+    #[test]
+    fn vlan_devices_are_found_by_parent_and_id() {
+        let config = "VLAN Dev name\t | VLAN ID\n\
+                      Name-Type: VLAN_NAME_TYPE_RAW_PLUS_VID_NO_PAD\n\
+                      eth1.100       | 100  | eth1\n\
+                      outer          | 10  | eth1\n\
+                      outer.20       | 20  | outer\n";
+        assert_eq!(vlan_child(config, "eth1", 100).as_deref(), Some("eth1.100"));
+        assert_eq!(vlan_child(config, "eth1", 10).as_deref(), Some("outer"));
+        assert_eq!(vlan_child(config, "outer", 20).as_deref(), Some("outer.20"));
+        assert_eq!(vlan_child(config, "eth0", 100), None);
+        assert_eq!(vlan_child(config, "eth1", 20), None);
+        assert_eq!(vlan_child("", "eth1", 100), None);
     }
 
     #[test]
