@@ -40,6 +40,20 @@ pub fn privileged(test: &str) -> bool {
 }
 
 /// Runs a command, panicking with its output when it fails.
+/// Makes the tables pinned under `pin_dir` inconsistent, as corruption
+/// would: the live generation (`FW_GEN1`) set past the last, with bpftool.
+/// Every stage then finds its tables broken and decides nothing.
+pub fn break_generation(pin_dir: &Path) {
+    let map = pin_dir.join(filter_common::names::MAP_GENERATION);
+    let map = map.to_str().expect("utf-8 pin path");
+    sh(
+        "bpftool",
+        &[
+            "map", "update", "pinned", map, "key", "0", "0", "0", "0", "value", "9", "0", "0", "0",
+        ],
+    );
+}
+
 pub fn sh(program: &str, args: &[&str]) -> String {
     let out = Command::new(program)
         .args(args)

@@ -1218,19 +1218,9 @@ fn random_frames_in_ns() {
     }
 }
 
-/// A flood of packets an untracked Log rule matches (every packet of it,
-/// no conntrack): the rule's records stay within its rate and burst, and
-/// every matched packet is counted once, as emitted, rate-limited or lost
-/// (nothing drains the ring buffer here, so without a limit it fills).
-#[test]
-fn a_flood_of_logged_packets_is_rate_limited_and_every_packet_counted() {
-    if !privileged("a_flood_of_logged_packets_is_rate_limited_and_every_packet_counted") {
-        return;
-    }
-    use filter_agent::dataplane::Rate;
-    let policy = format!(
-        "{TEST_HEP}{}",
-        r#"
+/// An untracked Log rule for TCP to port 7000 (every packet of it is
+/// logged: no conntrack).
+const LOG_UNTRACKED_7000: &str = r#"
 apiVersion: projectcalico.org/v3
 kind: GlobalNetworkPolicy
 metadata: {name: log-untracked}
@@ -1242,8 +1232,19 @@ spec:
   - action: Log
     protocol: TCP
     destination: {ports: [7000]}
-"#
-    );
+"#;
+
+/// A flood of packets an untracked Log rule matches (every packet of it,
+/// no conntrack): the rule's records stay within its rate and burst, and
+/// every matched packet is counted once, as emitted, rate-limited or lost
+/// (nothing drains the ring buffer here, so without a limit it fills).
+#[test]
+fn a_flood_of_logged_packets_is_rate_limited_and_every_packet_counted() {
+    if !privileged("a_flood_of_logged_packets_is_rate_limited_and_every_packet_counted") {
+        return;
+    }
+    use filter_agent::dataplane::Rate;
+    let policy = format!("{TEST_HEP}{LOG_UNTRACKED_7000}");
     let mut l = Loaded::new(&policy);
     let slot = l.log_slot("log-untracked", 0);
     let dp = l.dp.as_mut().expect("loaded");
@@ -1292,20 +1293,7 @@ fn the_log_ring_has_the_size_asked_for_and_an_adopted_one_keeps_it() {
         return;
     }
     use filter_agent::dataplane::{ring_bytes, Options, Rate};
-    let policy = format!(
-        "{TEST_HEP}{}",
-        r#"
-apiVersion: projectcalico.org/v3
-kind: GlobalNetworkPolicy
-metadata: {name: log-untracked}
-spec:
-  doNotTrack: true
-  applyOnForward: true
-  selector: ibm.role=='worker_public'
-  ingress:
-  - action: Log
-"#
-    );
+    let policy = format!("{TEST_HEP}{LOG_UNTRACKED_7000}");
     let small = ring_bytes("4KiB").expect("size");
     let mut l = Loaded::with_options(
         &policy,
@@ -1392,27 +1380,7 @@ fn kernel_diagnostics_are_off_by_default_and_report_inconsistent_tables_once() {
         );
         let info: serde_json::Value = serde_json::from_str(&show).expect("bpftool json");
         let xlated = info["bytes_xlated"].as_u64().expect("bytes_xlated");
-        // A live generation past the last: every stage's tables are
-        // inconsistent.
-        filter_tests::sh(
-            "bpftool",
-            &[
-                "map",
-                "update",
-                "pinned",
-                &pin(names::MAP_GENERATION),
-                "key",
-                "0",
-                "0",
-                "0",
-                "0",
-                "value",
-                "9",
-                "0",
-                "0",
-                "0",
-            ],
-        );
+        filter_tests::break_generation(&l.pin_dir);
         let before = l.reasons()[reason::PASS_TABLE_ERROR as usize];
         let messages = Collect::default();
         let dp = l.dp.as_mut().expect("loaded");

@@ -743,28 +743,9 @@ apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: lo
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
 
     // `--kernel-log-level error`: the programs' own diagnostics reach the
-    // agent's log. Tables made inconsistent behind its back (a live
-    // generation past the last) are reported by the classifier.
-    let generation = pins.join(filter_common::names::MAP_GENERATION);
-    filter_tests::sh(
-        "bpftool",
-        &[
-            "map",
-            "update",
-            "pinned",
-            generation.to_str().expect("utf-8"),
-            "key",
-            "0",
-            "0",
-            "0",
-            "0",
-            "value",
-            "9",
-            "0",
-            "0",
-            "0",
-        ],
-    );
+    // agent's log. Tables made inconsistent behind its back are reported
+    // by the classifier.
+    filter_tests::break_generation(&pins);
     assert_eq!(
         tcp_probe(&p.client, Pair::worker(7001), Duration::from_millis(1500)).as_deref(),
         Ok("7001"),
