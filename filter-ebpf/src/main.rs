@@ -58,12 +58,16 @@ enum Verdict {
 #[inline(always)]
 fn run_stage(stage: u32, dir: u32, ifindex: u32, pkt: &Packet, bytes: u64) -> Verdict {
     let (result, logged) = classify::classify(stage, dir, ifindex, pkt);
-    pkt.add_log_pending(logged);
+    if !cfg!(feature = "bench-no-log") {
+        pkt.add_log_pending(logged);
+    }
     match result {
         Ok(d) => {
             counters::count_rule(d.slot, bytes);
             if d.action == action::DENY {
-                events::denied(pkt, d.slot, stage, dir);
+                if !cfg!(feature = "bench-no-log") {
+                    events::denied(pkt, d.slot, stage, dir);
+                }
                 Verdict::Deny
             } else {
                 Verdict::Allow
@@ -91,7 +95,7 @@ fn finish<C: events::Hook>(
     origin: impl FnOnce() -> (u8, u32, u32, u32),
     (verdict, why): (u32, u32),
 ) -> (u32, u32) {
-    if !pkt.log_pending() {
+    if cfg!(feature = "bench-no-log") || !pkt.log_pending() {
         return (verdict, why);
     }
     counters::count_reason(why);

@@ -160,13 +160,26 @@ fn run(cli: Cli) -> Result<()> {
             require_root("cargo xtask bench")?;
             prereqs()?;
             build_ebpf(&root)?;
+            build_ebpf_variant(
+                &root,
+                &[
+                    "--features",
+                    "bench-no-log",
+                    "--target-dir",
+                    BASELINE_TARGET_DIR,
+                ],
+            )?;
             cargo(&root, RELEASE_BUILD)?;
             cargo(
                 &root,
                 &["bench", "-p", "filter-agent", "--bench", "compile"],
             )?;
             let mut cmd = Command::new(root.join("target/release/fw-bench"));
-            cmd.current_dir(&root);
+            cmd.current_dir(&root).arg("--baseline").arg(
+                root.join("filter-ebpf")
+                    .join(BASELINE_TARGET_DIR)
+                    .join("bpfel-unknown-none/release/filter-ebpf"),
+            );
             status(&mut cmd, "fw-bench")
         }
         Cmd::Fuzz { target, seconds } => {
@@ -480,8 +493,21 @@ fn bpf_linker_ok() -> bool {
 }
 
 fn build_ebpf(root: &Path) -> Result<()> {
+    build_ebpf_variant(root, &[])
+}
+
+/// Where `cargo xtask bench` builds its baseline kernel object (the
+/// pipeline without the Log record path: feature `bench-no-log`).
+const BASELINE_TARGET_DIR: &str = "target/bench-no-log";
+
+/// Builds the kernel object with extra cargo arguments (features, target
+/// directory); checks the default object exists when there are none.
+fn build_ebpf_variant(root: &Path, extra: &[&str]) -> Result<()> {
     let dir = root.join("filter-ebpf");
-    eprintln!("xtask: building the kernel object (filter-ebpf, bpfel-unknown-none)");
+    eprintln!(
+        "xtask: building the kernel object (filter-ebpf, bpfel-unknown-none) {}",
+        extra.join(" ")
+    );
     status(
         pinned_cargo()
             .current_dir(&dir)
@@ -493,6 +519,7 @@ fn build_ebpf(root: &Path) -> Result<()> {
                 "-Z",
                 "build-std=core",
             ])
+            .args(extra)
             // build-std is unstable; the pinned stable toolchain allows it so.
             .env("RUSTC_BOOTSTRAP", "1")
             // Only the kernel crate's own flags apply.
@@ -500,6 +527,9 @@ fn build_ebpf(root: &Path) -> Result<()> {
             .env_remove("CARGO_ENCODED_RUSTFLAGS"),
         "build filter-ebpf",
     )?;
+    if !extra.is_empty() {
+        return Ok(());
+    }
     let object = dir.join("target/bpfel-unknown-none/release/filter-ebpf");
     if !object.exists() {
         bail!(

@@ -186,7 +186,18 @@ impl Dataplane {
     /// Loads the programs, pins them and their maps under `pin_dir`
     /// (mounting bpffs if needed), attaches nothing yet.
     pub fn load_with(pin_dir: &Path, options: &Options) -> Result<Dataplane, Error> {
-        if OBJECT.is_empty() {
+        Self::load_object(pin_dir, options, OBJECT)
+    }
+
+    /// [`Dataplane::load_with`] another build of the kernel object (`cargo
+    /// xtask bench` compares the embedded one with a baseline build). The
+    /// object must define every map and program of `filter_common::names`.
+    pub fn load_object(
+        pin_dir: &Path,
+        options: &Options,
+        object: &[u8],
+    ) -> Result<Dataplane, Error> {
+        if object.is_empty() {
             return Err(Error::NoObject);
         }
         ensure_bpffs(pin_dir)?;
@@ -198,14 +209,14 @@ impl Dataplane {
         }
         // A first load that fails half-way (the verifier, say) leaves no
         // pins; an adopting one never touches what enforces.
-        Self::load_pinned(pin_dir, options).inspect_err(|_| {
+        Self::load_pinned(pin_dir, options, object).inspect_err(|_| {
             if !adopting {
                 let _ = remove_pins(pin_dir);
             }
         })
     }
 
-    fn load_pinned(pin_dir: &Path, options: &Options) -> Result<Dataplane, Error> {
+    fn load_pinned(pin_dir: &Path, options: &Options, object: &[u8]) -> Result<Dataplane, Error> {
         let conntrack = kept_size(pin_dir, names::MAP_CONNTRACK, options.conntrack_size);
         let log_ring = kept_size(pin_dir, names::MAP_EVENTS, options.log_ring_bytes);
         let mut ebpf = EbpfLoader::new()
@@ -214,7 +225,7 @@ impl Dataplane {
             .map_max_entries(names::MAP_CONNTRACK_ASSURED, conntrack)
             .map_max_entries(names::MAP_EVENTS, log_ring)
             .override_global(aya_log::LEVEL, &options.kernel_log.global(), true)
-            .load(OBJECT)
+            .load(object)
             .map_err(|e| Error::Load {
                 what: "kernel object".into(),
                 source: Box::new(e),

@@ -2,6 +2,11 @@
 //! under BPF_PROG_TEST_RUN beside a program that only returns XDP_PASS, in
 //! one run (medians of five alternating runs). A 64-byte TCP SYN whose
 //! deciding rule is the last one.
+//!
+//! With `--baseline OBJECT` (xtask passes the build without the Log record
+//! path, feature `bench-no-log`), that object's `fw_xdp` runs too, with
+//! the same policy, alternating with the others: what the Log path costs a
+//! packet that logs nothing, measured side by side.
 
 use std::{
     collections::BTreeMap,
@@ -12,7 +17,7 @@ use std::{
 use etherparse::PacketBuilder;
 use filter_agent::{
     compile::{self, Node},
-    dataplane::{conntrack::Flow, Dataplane, Interfaces},
+    dataplane::{conntrack::Flow, Dataplane, Interfaces, Options},
     model::Store,
 };
 
@@ -60,14 +65,33 @@ fn main() {
         eprintln!("fw-bench needs root (BPF_PROG_TEST_RUN)");
         std::process::exit(2);
     }
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let baseline = match args.as_slice() {
+        [] => None,
+        [flag, path] if flag == "--baseline" => {
+            Some(std::fs::read(path).unwrap_or_else(|e| panic!("read {path}: {e}")))
+        }
+        _ => {
+            eprintln!("usage: fw-bench [--baseline KERNEL_OBJECT]");
+            std::process::exit(2);
+        }
+    };
     let pin_dir = Path::new("/sys/fs/bpf").join(format!("fwbench{}", std::process::id()));
-    let mut dp = Dataplane::load(&pin_dir).expect("load the kernel object");
     // Unpins also when a run panics (a closed stdout, say).
     let _unpin = Unpin(pin_dir.clone());
-    println!("| rules | CIDRs | fw_xdp ns/packet | XDP_PASS ns/packet | verdict | publish ms |");
-    println!("|---:|---:|---:|---:|---|---:|");
+    let mut dp = Dataplane::load(&pin_dir.join("a")).expect("load the kernel object");
+    let mut base = baseline.map(|object| {
+        Dataplane::load_object(&pin_dir.join("b"), &Options::default(), &object)
+            .expect("load the baseline object")
+    });
+    let d = &mut Pair {
+        dp: &mut dp,
+        base: base.as_mut(),
+    };
+    println!("| rules | CIDRs | fw_xdp ns/packet | without the Log path | ratio | XDP_PASS ns/packet | verdict | publish ms |");
+    println!("|---:|---:|---:|---:|---:|---:|---|---:|");
     for rules in [0usize, 1, 100, 1000, 10_000] {
-        let publish = publish(&mut dp, &policy(rules));
+        let publish = publish(d, &policy(rules));
         // Source: the last CIDR of the last rule; port: the last rule's.
         let last = CIDRS
             .checked_div(rules)
@@ -77,7 +101,7 @@ fn main() {
         row(
             &rules.to_string(),
             if rules == 0 { 0 } else { CIDRS },
-            measure(&mut dp, &frame),
+            measure(d, &frame),
             Some(publish),
         );
         if rules == 1000 {
@@ -90,20 +114,39 @@ fn main() {
                 sport: 40000,
                 dport: 1000 + rules as u16 - 1,
             };
-            dp.open_flow(&flow, true, true).expect("record the flow");
-            let measured = measure(&mut dp, &frame);
-            dp.forget_flow(&flow).expect("forget the flow");
+            d.each(|dp| dp.open_flow(&flow, true, true).expect("record the flow"));
+            let measured = measure(d, &frame);
+            d.each(|dp| dp.forget_flow(&flow).expect("forget the flow"));
             row(&format!("{rules}, established flow"), CIDRS, measured, None);
         }
     }
-    worst_case(&mut dp);
+    worst_case(d);
     let _ = dp.shutdown();
+    if let Some(b) = base {
+        let _ = b.shutdown();
+    }
+}
+
+/// The dataplane under test and, with `--baseline`, the baseline build
+/// with the same policy.
+struct Pair<'a> {
+    dp: &'a mut Dataplane,
+    base: Option<&'a mut Dataplane>,
+}
+
+impl Pair<'_> {
+    fn each(&mut self, mut f: impl FnMut(&mut Dataplane)) {
+        f(self.dp);
+        if let Some(b) = self.base.as_deref_mut() {
+            f(b);
+        }
+    }
 }
 
 /// The classifier's worst case: 10,000 rules where every bitmap word has
 /// rules for the packet's source and rules for its port, but never both,
 /// so the scan cannot skip a word; only the last rule matches.
-fn worst_case(dp: &mut Dataplane) {
+fn worst_case(d: &mut Pair<'_>) {
     const RULES: usize = 10_000;
     let mut y = format!("{HEP}{POLICY_HEAD}");
     for r in 0..RULES {
@@ -114,39 +157,56 @@ fn worst_case(dp: &mut Dataplane) {
         };
         y += &format!("  - action: Deny\n    protocol: TCP\n    source: {{nets: [{net}/32]}}\n    destination: {{ports: [{port}]}}\n");
     }
-    let publish = publish(dp, &y);
+    let publish = publish(d, &y);
     let frame = syn([10, 0, 0, 1], 80);
     row(
         &format!("{RULES}, worst case (no word skipped)"),
         0,
-        measure(dp, &frame),
+        measure(d, &frame),
         Some(publish),
     );
 }
 
-/// Compiles `text` and makes it the live policy on `lo`: the time taken.
-fn publish(dp: &mut Dataplane, text: &str) -> Duration {
+/// Compiles `text` and makes it the live policy on `lo`: the time the
+/// dataplane under test took (the baseline gets it too, untimed).
+fn publish(d: &mut Pair<'_>, text: &str) -> Duration {
     let compiled = compiled(text);
     let ifaces: Interfaces = [("lo".to_string(), 1)].into();
     let started = Instant::now();
-    dp.publish(&compiled, &ifaces).expect("publish");
-    started.elapsed()
+    d.dp.publish(&compiled, &ifaces).expect("publish");
+    let took = started.elapsed();
+    if let Some(b) = d.base.as_deref_mut() {
+        b.publish(&compiled, &ifaces).expect("publish the baseline");
+    }
+    took
 }
 
 /// One table row: what [`measure`] gave, and the publish time if any.
-fn row(
-    label: &str,
-    cidrs: usize,
-    (ret, fw, pass): (u32, Duration, Duration),
-    publish: Option<Duration>,
-) {
+fn row(label: &str, cidrs: usize, m: Measured, publish: Option<Duration>) {
     let publish = publish.map_or(String::new(), |p| p.as_millis().to_string());
+    let (base, ratio) = match m.base {
+        Some(b) => (
+            b.as_nanos().to_string(),
+            format!("{:.2}", m.fw.as_secs_f64() / b.as_secs_f64()),
+        ),
+        None => ("-".into(), "-".into()),
+    };
     println!(
-        "| {label} | {cidrs} | {} | {} | {} | {publish} |",
-        fw.as_nanos(),
-        pass.as_nanos(),
-        verdict(ret)
+        "| {label} | {cidrs} | {} | {base} | {ratio} | {} | {} | {publish} |",
+        m.fw.as_nanos(),
+        m.pass.as_nanos(),
+        verdict(m.ret)
     );
+}
+
+/// Medians of one row.
+struct Measured {
+    /// `fw_xdp`'s return code.
+    ret: u32,
+    fw: Duration,
+    /// The baseline's `fw_xdp`, with `--baseline`.
+    base: Option<Duration>,
+    pass: Duration,
 }
 
 fn compiled(text: &str) -> compile::Compiled {
@@ -164,23 +224,38 @@ fn compiled(text: &str) -> compile::Compiled {
     .expect("compiles")
 }
 
-/// Times `fw_xdp` and `fw_pass` on `frame`, alternating, `RUNS` times each:
-/// the medians and `fw_xdp`'s return code. One run of a row swings by
-/// ±150 ns on this machine kind; the median of five is steadier.
-fn measure(dp: &mut Dataplane, frame: &[u8]) -> (u32, Duration, Duration) {
+/// Times `fw_xdp`, the baseline's `fw_xdp` and `fw_pass` on `frame`,
+/// alternating, `RUNS` times each: the medians. One run of a row swings by
+/// ±150 ns on this machine kind; the median of five is steadier, and
+/// alternating spreads the machine's slower moments over all three.
+fn measure(d: &mut Pair<'_>, frame: &[u8]) -> Measured {
     const RUNS: usize = 5;
     let mut ret = 0;
-    let (mut fw, mut pass) = (Vec::new(), Vec::new());
+    let (mut fw, mut base, mut pass) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..RUNS {
-        let (r, t) = dp.time_xdp(frame, 1, REPEAT, false).expect("run fw_xdp");
-        let (_, b) = dp.time_xdp(frame, 1, REPEAT, true).expect("run fw_pass");
+        let (r, t) = d.dp.time_xdp(frame, 1, REPEAT, false).expect("run fw_xdp");
+        if let Some(b) = d.base.as_deref_mut() {
+            let (rb, tb) = b
+                .time_xdp(frame, 1, REPEAT, false)
+                .expect("run the baseline");
+            assert_eq!(r, rb, "the baseline decides as the object under test");
+            base.push(tb);
+        }
+        let (_, p) = d.dp.time_xdp(frame, 1, REPEAT, true).expect("run fw_pass");
         ret = r;
         fw.push(t);
-        pass.push(b);
+        pass.push(p);
     }
-    fw.sort();
-    pass.sort();
-    (ret, fw[RUNS / 2], pass[RUNS / 2])
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v.get(v.len() / 2).copied()
+    };
+    Measured {
+        ret,
+        fw: median(fw).unwrap_or_default(),
+        base: median(base),
+        pass: median(pass).unwrap_or_default(),
+    }
 }
 
 /// A 64-byte TCP SYN to 192.0.2.1.
