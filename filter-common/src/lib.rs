@@ -712,6 +712,24 @@ pub struct XdpMeta {
 /// Identifies an [`XdpMeta`] of this layout (`"fw"` + layout version 1).
 pub const XDP_META_MAGIC: u32 = 0x6677_0001;
 
+/// `cargo xtask bench`'s component profile: parts of `fw_xdp` a benchmark
+/// load switches off, as bits of the read-only global [`bench_skip::GLOBAL`]
+/// set when the object is loaded. The agent leaves it 0, and the verifier
+/// then removes every check (a known constant), so the switches cost the
+/// enforcing programs nothing.
+pub mod bench_skip {
+    /// The global's symbol.
+    pub const GLOBAL: &str = "FW_BENCH_SKIP";
+    /// The failsafe lookups.
+    pub const FAILSAFE: u32 = 1;
+    /// The untracked stage.
+    pub const UNTRACKED: u32 = 2;
+    /// The conntrack lookup.
+    pub const CONNTRACK: u32 = 4;
+    /// The pre-DNAT stage.
+    pub const PRE_DNAT: u32 = 8;
+}
+
 /// Verdicts XDP hands to TC in [`XdpMeta::verdict`].
 pub mod xdp_verdict {
     /// XDP ran its stages and none decided (or conntrack or failsafe let

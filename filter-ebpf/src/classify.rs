@@ -220,15 +220,24 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
 /// ingress mask (its profiles and the final drop at least).
 #[inline(always)]
 pub fn is_endpoint(ifindex: u32) -> bool {
-    let Some(generation) = FW_GEN1.get(0) else {
-        return false;
+    has_rules(stage::NORMAL, direction::INGRESS, ifindex).unwrap_or(false)
+}
+
+/// Whether the live generation has rules of `stage` and `direction` for
+/// `ifindex` (one hash lookup; a stage without them decides nothing);
+/// `None` when the live generation cannot be read.
+#[inline(always)]
+pub fn has_rules(stage: u32, direction: u32, ifindex: u32) -> Option<bool> {
+    let generation = match FW_GEN1.get(0) {
+        Some(g) if *g < GENERATIONS => *g,
+        _ => return None,
     };
     let key = EndpointKey {
         ifindex,
-        table: table_id(*generation, stage::NORMAL, direction::INGRESS),
+        table: table_id(generation, stage, direction),
     };
     // SAFETY: only presence is read.
-    unsafe { FW_EP2.get(&key) }.is_some()
+    Some(unsafe { FW_EP2.get(&key) }.is_some())
 }
 
 const STOP: i64 = 1;

@@ -53,8 +53,14 @@ fn due(kind: u32) -> bool {
 /// The classifier found the tables of `stage` inconsistent (the live
 /// generation, a class or a bitmap word out of range): the stage decided
 /// nothing for the packet (counted under reason `table_error`).
+///
+/// A global BPF function (exported, C ABI): the verifier checks it once,
+/// not again on each of the many paths through the stages that call it
+/// (with the message on, `fw_tc_in` was past the verifier's budget
+/// otherwise). The kernel wants a global function to return a scalar: 0.
+#[unsafe(no_mangle)]
 #[inline(never)]
-pub fn tables_inconsistent(stage: u32, direction: u32) {
+pub extern "C" fn fw_diag_tables(stage: u32, direction: u32) -> i32 {
     if due(TABLES) {
         error!(
             (),
@@ -63,6 +69,7 @@ pub fn tables_inconsistent(stage: u32, direction: u32) {
             direction
         );
     }
+    0
 }
 
 /// The kernel refused a conntrack entry (an LRU table normally evicts to

@@ -75,7 +75,7 @@ fn run_stage(stage: u32, dir: u32, ifindex: u32, pkt: &Packet, bytes: u64) -> Ve
         }
         Err(why) => {
             if why == reason::PASS_TABLE_ERROR {
-                diag::tables_inconsistent(stage, dir);
+                diag::fw_diag_tables(stage, dir);
             }
             Verdict::Continue(why)
         }
@@ -117,24 +117,63 @@ enum Early {
     Pass(u32, u32),
 }
 
+/// `cargo xtask bench`'s component profile (`filter_common::bench_skip`):
+/// read-only data the loader sets; 0 outside the benchmark, where the
+/// verifier removes every branch that reads it.
+#[unsafe(no_mangle)]
+static FW_BENCH_SKIP: aya_ebpf::Global<u32> = aya_ebpf::Global::new(0);
+
+/// Whether the benchmark switched `part` off.
+#[inline(always)]
+fn skipped(part: u32) -> bool {
+    FW_BENCH_SKIP.load() & part != 0
+}
+
 /// Raw failsafe, untracked ingress, conntrack (read only), mangle failsafe,
 /// pre-DNAT: everything 3.9 does before DNAT.
 #[inline(always)]
 fn early_ingress(ifindex: u32, pkt: &Packet, bytes: u64) -> Early {
-    let failsafe_in = failsafe::is_failsafe(direction::INGRESS, pkt);
-    if !failsafe_in && !failsafe::is_reply_failsafe(direction::INGRESS, pkt) {
+    use filter_common::bench_skip as skip;
+    // Failsafe and conntrack only decide which of XDP's two stages see the
+    // packet: an endpoint with rules in neither (the most common case)
+    // needs neither. (`None`: the tables are broken; the stages say so.)
+    let untracked = classify::has_rules(stage::UNTRACKED, direction::INGRESS, ifindex);
+    let pre_dnat = classify::has_rules(stage::PRE_DNAT, direction::INGRESS, ifindex);
+    if untracked == Some(false) && pre_dnat == Some(false) {
+        return Early::Pass(xdp_verdict::NONE, reason::PASS_NO_POLICY);
+    }
+    let failsafe_in = !skipped(skip::FAILSAFE) && failsafe::is_failsafe(direction::INGRESS, pkt);
+    if !failsafe_in
+        && untracked != Some(false)
+        && !skipped(skip::UNTRACKED)
+        && (skipped(skip::FAILSAFE) || !failsafe::is_reply_failsafe(direction::INGRESS, pkt))
+    {
         match run_stage(stage::UNTRACKED, direction::INGRESS, ifindex, pkt, bytes) {
             Verdict::Allow => return Early::Pass(xdp_verdict::UNTRACKED_ALLOW, reason::ALLOW_RULE),
             Verdict::Deny => return Early::Drop,
             Verdict::Continue(_) => {}
         }
     }
-    if conntrack::track(pkt, Hook::Peek) != Known::New {
+    // The mangle failsafe skips pre-DNAT policy only (4).
+    let failsafe = Early::Pass(xdp_verdict::NONE, reason::PASS_FAILSAFE);
+    // Conntrack's answer here only decides whether pre-DNAT rules see the
+    // packet: without them, no lookup (the largest fixed cost of the
+    // pipeline). TC ingress looks the flow up for itself.
+    if pre_dnat == Some(false) {
+        return if failsafe_in {
+            failsafe
+        } else {
+            Early::Pass(xdp_verdict::NONE, reason::PASS_NO_POLICY)
+        };
+    }
+    if !skipped(skip::CONNTRACK) && conntrack::track(pkt, Hook::Peek) != Known::New {
         return Early::Pass(xdp_verdict::NONE, reason::ALLOW_CONNTRACK);
     }
-    // The mangle failsafe skips pre-DNAT policy only (4).
     if failsafe_in {
-        return Early::Pass(xdp_verdict::NONE, reason::PASS_FAILSAFE);
+        return failsafe;
+    }
+    if skipped(skip::PRE_DNAT) {
+        return Early::Pass(xdp_verdict::NONE, reason::PASS_NO_POLICY);
     }
     match run_stage(stage::PRE_DNAT, direction::INGRESS, ifindex, pkt, bytes) {
         Verdict::Allow => Early::Pass(xdp_verdict::PRE_DNAT_ALLOW, reason::ALLOW_RULE),

@@ -48,6 +48,7 @@ pub fn config(args: &RunArgs) -> anyhow::Result<Config> {
             log_ring_bytes: dataplane::ring_bytes(&args.log_ring_size)
                 .map_err(|e| anyhow::anyhow!("--log-ring-size: {e}"))?,
             kernel_log: args.kernel_log_level,
+            bench_skip: 0,
         },
         limits: Limits {
             max_file_bytes: args.max_file_size,

@@ -165,6 +165,9 @@ pub struct Options {
     pub log_ring_bytes: u32,
     /// The kernel programs' diagnostics (aya-log), off by default.
     pub kernel_log: KernelLogLevel,
+    /// Parts of `fw_xdp` switched off (`filter_common::bench_skip`): for
+    /// `cargo xtask bench`'s component profile only; 0 enforces policy.
+    pub bench_skip: u32,
 }
 
 impl Default for Options {
@@ -173,6 +176,7 @@ impl Default for Options {
             conntrack_size: filter_common::ct::DEFAULT_SIZE,
             log_ring_bytes: filter_common::events::DEFAULT_RING_BYTES,
             kernel_log: KernelLogLevel::Off,
+            bench_skip: 0,
         }
     }
 }
@@ -225,6 +229,7 @@ impl Dataplane {
             .map_max_entries(names::MAP_CONNTRACK_ASSURED, conntrack)
             .map_max_entries(names::MAP_EVENTS, log_ring)
             .override_global(aya_log::LEVEL, &options.kernel_log.global(), true)
+            .override_global(filter_common::bench_skip::GLOBAL, &options.bench_skip, true)
             .load(object)
             .map_err(|e| Error::Load {
                 what: "kernel object".into(),
