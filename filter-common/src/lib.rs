@@ -15,7 +15,10 @@
 //!
 //! * address tries (`FW_SRC4_1`, `FW_DST4_1`, `FW_SRC6_1`, `FW_DST6_1`):
 //!   LPM key = table id then address ([`AddrV4Key`], [`AddrV6Key`]); value =
-//!   class number (`u32`).
+//!   class number (`u32`). Their host addresses (/32, /128) are in hashes
+//!   beside them instead (`FW_SRC4X1`, `FW_DST4X1`, `FW_SRC6X1`,
+//!   `FW_DST6X1`), keyed by the same LPM key: looked up first, as an exact
+//!   hit is the longest prefix.
 //! * port trie (`FW_PORT1`): LPM key = table id, protocol, "has ports" flag,
 //!   destination port ([`PortKey`]); value = class number.
 //! * `FW_CLASS2`: array, class number → [`ClassHead`]: which words of the
@@ -615,6 +618,14 @@ pub mod names {
     pub const MAP_SRC_V6: &str = "FW_SRC6_1";
     /// IPv6 destination trie.
     pub const MAP_DST_V6: &str = "FW_DST6_1";
+    /// IPv4 source host addresses (/32) of `MAP_SRC_V4`'s tables, exact.
+    pub const MAP_SRC_V4_EXACT: &str = "FW_SRC4X1";
+    /// IPv4 destination host addresses, likewise.
+    pub const MAP_DST_V4_EXACT: &str = "FW_DST4X1";
+    /// IPv6 source host addresses (/128), likewise.
+    pub const MAP_SRC_V6_EXACT: &str = "FW_SRC6X1";
+    /// IPv6 destination host addresses, likewise.
+    pub const MAP_DST_V6_EXACT: &str = "FW_DST6X1";
     /// Protocol / destination port trie.
     pub const MAP_PORT: &str = "FW_PORT1";
     /// Protocol / source port trie.
@@ -655,12 +666,16 @@ pub mod names {
 
     /// Every pinned map: the agent checks the loaded object has each, so a
     /// name changed on one side only fails at load, not at first use.
-    pub const MAPS: [&str; 25] = [
+    pub const MAPS: [&str; 29] = [
         MAP_GENERATION,
         MAP_SRC_V4,
         MAP_DST_V4,
         MAP_SRC_V6,
         MAP_DST_V6,
+        MAP_SRC_V4_EXACT,
+        MAP_DST_V4_EXACT,
+        MAP_SRC_V6_EXACT,
+        MAP_DST_V6_EXACT,
         MAP_PORT,
         MAP_SPORT,
         MAP_CLASS,

@@ -43,6 +43,45 @@ static FW_SRC6_1: LpmTrie<AddrV6Key, u32> = LpmTrie::pinned(MAX_TRIE_ENTRIES, 0)
 #[map(name = "FW_DST6_1")]
 static FW_DST6_1: LpmTrie<AddrV6Key, u32> = LpmTrie::pinned(MAX_TRIE_ENTRIES, 0);
 
+/// The host addresses (/32, /128) of each address trie's tables, exact:
+/// one hash lookup instead of a walk down a trie that would hold them all
+/// (a policy's CIDR lists are mostly single addresses). An exact hit is the
+/// longest prefix there is; a miss asks the trie, which holds the rest.
+/// Keyed by the trie's own key (prefix length included), so one key on the
+/// stack serves both lookups. Allocated as entries come.
+#[map(name = "FW_SRC4X1")]
+static FW_SRC4X1: HashMap<Key<AddrV4Key>, u32> =
+    HashMap::pinned(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "FW_DST4X1")]
+static FW_DST4X1: HashMap<Key<AddrV4Key>, u32> =
+    HashMap::pinned(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "FW_SRC6X1")]
+static FW_SRC6X1: HashMap<Key<AddrV6Key>, u32> =
+    HashMap::pinned(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "FW_DST6X1")]
+static FW_DST6X1: HashMap<Key<AddrV6Key>, u32> =
+    HashMap::pinned(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
+
+const BPF_F_NO_PREALLOC: u32 = aya_ebpf::bindings::BPF_F_NO_PREALLOC;
+
+/// The class of the address in `key`: its exact entry, else the trie's
+/// longest prefix.
+#[inline(always)]
+fn addr_class<K>(
+    exact: &HashMap<Key<K>, u32>,
+    trie: &LpmTrie<K, u32>,
+    key: &Key<K>,
+) -> Option<u32> {
+    match exact.get_ptr(key) {
+        // SAFETY: a plain integer in a live map entry, copied at once.
+        Some(v) => Some(unsafe { *v }),
+        None => trie.get(key).copied(),
+    }
+}
+
 #[map(name = "FW_PORT1")]
 static FW_PORT1: LpmTrie<PortKey, u32> = LpmTrie::pinned(MAX_TRIE_ENTRIES, 0);
 
@@ -131,37 +170,53 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
             let mut d = [0u8; 4];
             d.copy_from_slice(&pkt.dst[..4]);
             (
-                FW_SRC4_1.get(&Key::new(
-                    TABLE_PREFIX_BITS + 32,
-                    AddrV4Key {
-                        table: table_be,
-                        addr: s,
-                    },
-                )),
-                FW_DST4_1.get(&Key::new(
-                    TABLE_PREFIX_BITS + 32,
-                    AddrV4Key {
-                        table: table_be,
-                        addr: d,
-                    },
-                )),
+                addr_class(
+                    &FW_SRC4X1,
+                    &FW_SRC4_1,
+                    &Key::new(
+                        TABLE_PREFIX_BITS + 32,
+                        AddrV4Key {
+                            table: table_be,
+                            addr: s,
+                        },
+                    ),
+                ),
+                addr_class(
+                    &FW_DST4X1,
+                    &FW_DST4_1,
+                    &Key::new(
+                        TABLE_PREFIX_BITS + 32,
+                        AddrV4Key {
+                            table: table_be,
+                            addr: d,
+                        },
+                    ),
+                ),
             )
         }
         Family::V6 => (
-            FW_SRC6_1.get(&Key::new(
-                TABLE_PREFIX_BITS + 128,
-                AddrV6Key {
-                    table: table_be,
-                    addr: pkt.src,
-                },
-            )),
-            FW_DST6_1.get(&Key::new(
-                TABLE_PREFIX_BITS + 128,
-                AddrV6Key {
-                    table: table_be,
-                    addr: pkt.dst,
-                },
-            )),
+            addr_class(
+                &FW_SRC6X1,
+                &FW_SRC6_1,
+                &Key::new(
+                    TABLE_PREFIX_BITS + 128,
+                    AddrV6Key {
+                        table: table_be,
+                        addr: pkt.src,
+                    },
+                ),
+            ),
+            addr_class(
+                &FW_DST6X1,
+                &FW_DST6_1,
+                &Key::new(
+                    TABLE_PREFIX_BITS + 128,
+                    AddrV6Key {
+                        table: table_be,
+                        addr: pkt.dst,
+                    },
+                ),
+            ),
         ),
     };
     let port_key = |known: bool, port: u16| PortKey {
@@ -182,7 +237,7 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
         port_key(pkt.has_ports && !icmp, pkt.sport),
     ));
     let (src, dst, dport, sport) = match (src, dst, dport, sport) {
-        (Some(s), Some(d), Some(p), Some(q)) => (*s, *d, *p, *q),
+        (Some(s), Some(d), Some(p), Some(q)) => (s, d, *p, *q),
         _ => return reason::PASS_TABLE_ERROR as u64,
     };
     let mut scan = Scan {

@@ -279,13 +279,13 @@ impl Dataplane {
             }
         }
         let bits = |p: &Prefix| TABLE_PREFIX_BITS + u32::from(p.len);
-        for (name, entries) in [
-            (names::MAP_SRC_V4, &t.src_v4),
-            (names::MAP_DST_V4, &t.dst_v4),
+        for (name, exact, entries) in [
+            (names::MAP_SRC_V4, names::MAP_SRC_V4_EXACT, &t.src_v4),
+            (names::MAP_DST_V4, names::MAP_DST_V4_EXACT, &t.dst_v4),
         ] {
             let addr = |p: &Prefix| (p.value(32) as u32).to_be_bytes();
-            self.fill_trie(
-                name,
+            self.fill_addresses(
+                (name, exact, 32),
                 entries,
                 |p| {
                     Key::new(
@@ -299,13 +299,13 @@ impl Dataplane {
                 plan,
             )?;
         }
-        for (name, entries) in [
-            (names::MAP_SRC_V6, &t.src_v6),
-            (names::MAP_DST_V6, &t.dst_v6),
+        for (name, exact, entries) in [
+            (names::MAP_SRC_V6, names::MAP_SRC_V6_EXACT, &t.src_v6),
+            (names::MAP_DST_V6, names::MAP_DST_V6_EXACT, &t.dst_v6),
         ] {
             let addr = |p: &Prefix| p.value(128).to_be_bytes();
-            self.fill_trie(
-                name,
+            self.fill_addresses(
+                (name, exact, 128),
                 entries,
                 |p| {
                     Key::new(
@@ -345,6 +345,29 @@ impl Dataplane {
             .map_err(map_error(names::MAP_ENDPOINT, format!("insert {ifindex}")))?;
         }
         Ok(())
+    }
+
+    /// Writes an address field's entries: host addresses (`full` bits)
+    /// into the exact hash, the other prefixes into the trie (the kernel
+    /// asks the hash first).
+    pub(super) fn fill_addresses<K: aya::Pod>(
+        &mut self,
+        (trie, exact, full): (&'static str, &'static str, u8),
+        entries: &[(Prefix, u32)],
+        key: impl Fn(&Prefix) -> Key<K>,
+        plan: &Plan,
+    ) -> Result<(), Error> {
+        let mut map: HashMap<&mut MapData, Key<K>, u32> = self.map(exact)?;
+        for (p, class) in entries.iter().filter(|(p, _)| p.len == full) {
+            map.insert(&key(p), &plan.class(*class), 0)
+                .map_err(map_error(exact, format!("insert {p:?}")))?;
+        }
+        let prefixes: Vec<(Prefix, u32)> = entries
+            .iter()
+            .filter(|(p, _)| p.len != full)
+            .copied()
+            .collect();
+        self.fill_trie(trie, &prefixes, key, plan)
     }
 
     pub(super) fn fill_trie<K: aya::Pod>(
@@ -416,6 +439,10 @@ impl Dataplane {
         self.clear_trie::<AddrV4Key>(names::MAP_DST_V4, |k| in_gen(k.table))?;
         self.clear_trie::<AddrV6Key>(names::MAP_SRC_V6, |k| in_gen(k.table))?;
         self.clear_trie::<AddrV6Key>(names::MAP_DST_V6, |k| in_gen(k.table))?;
+        self.clear_exact::<AddrV4Key>(names::MAP_SRC_V4_EXACT, |k| in_gen(k.table))?;
+        self.clear_exact::<AddrV4Key>(names::MAP_DST_V4_EXACT, |k| in_gen(k.table))?;
+        self.clear_exact::<AddrV6Key>(names::MAP_SRC_V6_EXACT, |k| in_gen(k.table))?;
+        self.clear_exact::<AddrV6Key>(names::MAP_DST_V6_EXACT, |k| in_gen(k.table))?;
         self.clear_trie::<PortKey>(names::MAP_PORT, |k| in_gen(k.table))?;
         self.clear_trie::<PortKey>(names::MAP_SPORT, |k| in_gen(k.table))?;
         let mut eps: HashMap<&mut MapData, EndpointKey, EndpointValue> =
@@ -445,6 +472,24 @@ impl Dataplane {
             .collect();
         for k in keys {
             trie.remove(&k).map_err(map_error(name, "remove"))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the entries of an exact address hash whose key `stale` picks.
+    pub(super) fn clear_exact<K: aya::Pod>(
+        &mut self,
+        name: &'static str,
+        stale: impl Fn(&K) -> bool,
+    ) -> Result<(), Error> {
+        let mut map: HashMap<&mut MapData, Key<K>, u32> = self.map(name)?;
+        let keys: Vec<Key<K>> = map
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| stale(&k.data()))
+            .collect();
+        for k in keys {
+            map.remove(&k).map_err(map_error(name, "remove"))?;
         }
         Ok(())
     }
