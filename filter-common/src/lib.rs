@@ -743,6 +743,8 @@ pub mod bench_skip {
     pub const CONNTRACK: u32 = 4;
     /// The pre-DNAT stage.
     pub const PRE_DNAT: u32 = 8;
+    /// In every stage, the classifier's scan (its map lookups still run).
+    pub const SCAN: u32 = 16;
 }
 
 /// Verdicts XDP hands to TC in [`XdpMeta::verdict`].

@@ -240,6 +240,9 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
         (Some(s), Some(d), Some(p), Some(q)) => (s, d, *p, *q),
         _ => return reason::PASS_TABLE_ERROR as u64,
     };
+    if crate::skipped(filter_common::bench_skip::SCAN) {
+        return reason::PASS_NO_VERDICT as u64;
+    }
     let mut scan = Scan {
         classes: [ep.class, src, dst, dport, sport],
         first_slot: ep.first_slot,

@@ -125,7 +125,7 @@ static FW_BENCH_SKIP: aya_ebpf::Global<u32> = aya_ebpf::Global::new(0);
 
 /// Whether the benchmark switched `part` off.
 #[inline(always)]
-fn skipped(part: u32) -> bool {
+pub(crate) fn skipped(part: u32) -> bool {
     FW_BENCH_SKIP.load() & part != 0
 }
 

@@ -142,6 +142,7 @@ fn profile(pin_dir: &Path) {
         ("without the untracked stage", skip::UNTRACKED),
         ("without the conntrack lookup", skip::CONNTRACK),
         ("without the pre-DNAT stage", skip::PRE_DNAT),
+        ("without the classifier's scan (lookups kept)", skip::SCAN),
         (
             "parse and metadata only",
             skip::FAILSAFE | skip::UNTRACKED | skip::CONNTRACK | skip::PRE_DNAT,
