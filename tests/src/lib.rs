@@ -721,6 +721,20 @@ impl Agent {
         self.out.lock().expect("out lock").clone()
     }
 
+    /// [`Agent::output`] once a line of it contains `needle`, or when
+    /// `timeout` has passed (the caller's assertions then say what is
+    /// missing).
+    pub fn output_once(&self, needle: &str, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.output();
+            if out.iter().any(|l| l.contains(needle)) || Instant::now() > deadline {
+                return out;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// The whole log so far.
     pub fn log_text(&self) -> String {
         self.log.lock().expect("log lock").join("\n")

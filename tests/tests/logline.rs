@@ -549,14 +549,7 @@ apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: lo
             break;
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let ours = loop {
-        let out = agent.output();
-        if out.iter().any(|l| l.contains("DPT=7001")) || Instant::now() > deadline {
-            break out;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let ours = agent.output_once("DPT=7001", Duration::from_secs(5));
     let first = |port: &str, lines: &[String]| {
         lines
             .iter()
@@ -697,14 +690,10 @@ apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: lo
         let kernel = std::iter::from_fn(|| next_line(&mut kmsg, "calico-packet: ", since))
             .find(|l| l.contains(&needle))
             .unwrap_or_else(|| panic!("{hook}: no kernel line for the tagged SYN"));
-        let deadline = Instant::now() + Duration::from_secs(5);
-        let ours = loop {
-            let found = agent.output().into_iter().find(|l| l.contains(&needle));
-            if found.is_some() || Instant::now() > deadline {
-                break found;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let ours = agent
+            .output_once(&needle, Duration::from_secs(5))
+            .into_iter()
+            .find(|l| l.contains(&needle));
         assert_eq!(
             ours.as_deref().map(str::trim_end),
             Some(kernel.trim_end()),

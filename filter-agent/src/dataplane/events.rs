@@ -86,12 +86,10 @@ pub fn ring_bytes(text: &str) -> Result<u32, String> {
 
 impl Dataplane {
     /// Bytes of the Log record ring buffer as the kernel has it (an adopted
-    /// ring keeps the size it was created with).
+    /// ring keeps the size it was created with). Read from its pin, so it
+    /// holds after [`Dataplane::take_events`] too.
     pub fn log_ring_bytes(&self) -> u32 {
-        match self.ebpf.map(names::MAP_EVENTS) {
-            Some(aya::maps::Map::RingBuf(d)) => d.info().map_or(0, |i| i.max_entries()),
-            _ => 0,
-        }
+        pinned_size(&self.pin_dir.join(names::MAP_EVENTS)).unwrap_or(0)
     }
 
     /// Sets the Log rate and whether drops are logged too.

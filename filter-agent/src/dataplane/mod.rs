@@ -360,11 +360,7 @@ impl Dataplane {
 /// reuse a pin of another size, so the pin's size is what is asked for.
 fn kept_size(pin_dir: &Path, name: &str, asked: u32) -> u32 {
     let pin = pin_dir.join(name);
-    let Some(size) = MapData::from_pin(&pin)
-        .ok()
-        .and_then(|d| d.info().ok())
-        .map(|i| i.max_entries())
-    else {
+    let Some(size) = pinned_size(&pin) else {
         return asked;
     };
     if size != asked {
@@ -377,6 +373,13 @@ fn kept_size(pin_dir: &Path, name: &str, asked: u32) -> u32 {
         );
     }
     size
+}
+
+/// `max_entries` of the map pinned at `pin` (for a ring buffer, bytes), if
+/// one is.
+fn pinned_size(pin: &Path) -> Option<u32> {
+    let info = MapData::from_pin(pin).ok()?.info().ok()?;
+    Some(info.max_entries())
 }
 
 /// Wraps aya's map error with the map and what was being done.

@@ -3,7 +3,7 @@
 //! `filter_ebpf`, at the level the program wrote them.
 
 use aya_log::EbpfLogger;
-use tokio::{io::unix::AsyncFd, sync::watch};
+use tokio::sync::watch;
 
 /// aya-log speaks the `log` crate; the agent logs with tracing.
 #[derive(Debug, Clone, Copy, Default)]
@@ -32,19 +32,7 @@ impl log::Log for ToTracing {
 /// Hands the kernel's messages on as they come, until `stop` turns true.
 pub async fn run<T: log::Log + Send + 'static>(
     logger: EbpfLogger<T>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
-    // SAFETY: the logger owns its ring's descriptor, which stays open and
-    // the same until the AsyncFd (which owns the logger) is dropped.
-    let mut fd = unsafe { AsyncFd::register(logger) }?;
-    loop {
-        tokio::select! {
-            ready = fd.readable_mut() => {
-                let mut guard = ready?;
-                guard.get_inner_mut().flush();
-                guard.clear_ready();
-            }
-            r = stop.changed() => if r.is_err() || *stop.borrow() { return Ok(()) },
-        }
-    }
+    super::drain_until_stopped(logger, stop, EbpfLogger::flush).await
 }

@@ -12,7 +12,7 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use filter_common::events::{hook, kind, Record};
-use tokio::{io::unix::AsyncFd, sync::watch};
+use tokio::sync::watch;
 
 use super::logline::{self, Context};
 use crate::state::{SlotInfo, StateFile};
@@ -99,7 +99,8 @@ pub fn entry_of(
 ) -> Option<(String, serde_json::Map<String, serde_json::Value>)> {
     let rec = decode(bytes)?;
     let rule = names.slot(rec.slot);
-    let line = line_of(&rec, rule, names);
+    let vlan = vlan_ids(&rec);
+    let line = line_of(&rec, &vlan, rule, names);
     let name = |n: Option<&'static str>| serde_json::json!(n.unwrap_or("?"));
     let mut extra = serde_json::Map::new();
     extra.insert("time".into(), serde_json::json!(wall_clock(rec.time_ns)));
@@ -133,7 +134,6 @@ pub fn entry_of(
         serde_json::json!(rule.and_then(|r| r.policy.clone())),
     );
     extra.insert("rule".into(), serde_json::json!(rule.and_then(|r| r.rule)));
-    let vlan = vlan_ids(&rec);
     if !vlan.is_empty() {
         extra.insert("vlan".into(), serde_json::json!(vlan));
     }
@@ -160,8 +160,9 @@ fn decode(bytes: &[u8]) -> Option<Record> {
     Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const Record) })
 }
 
-/// The LOG line of `rec`, written by `rule`.
-fn line_of(rec: &Record, rule: Option<&SlotInfo>, names: &Names) -> String {
+/// The LOG line of `rec` (whose packet has the VLAN tags `tags`, outer
+/// first), written by `rule`.
+fn line_of(rec: &Record, tags: &[u16], rule: Option<&SlotInfo>, names: &Names) -> String {
     let template = if rec.kind == kind::DENIED {
         DENIED_PREFIX
     } else {
@@ -171,11 +172,10 @@ fn line_of(rec: &Record, rule: Option<&SlotInfo>, names: &Names) -> String {
     let ip_len = logline::ip_length(frame, rec.packet_len as usize);
     // The VLAN tags belong to the interface the hook runs on: the one a
     // packet came in by, or at TC egress the one it leaves by.
-    let tags = vlan_ids(rec);
     let (in_tags, out_tags): (&[u16], &[u16]) = if rec.hook == hook::TC_EGRESS {
-        (&[], &tags)
+        (&[], tags)
     } else {
-        (&tags, &[])
+        (tags, &[])
     };
     logline::line(
         &Context {
@@ -250,7 +250,7 @@ pub async fn run(
     names: SharedNames,
     hub: Arc<super::stream::Hub>,
     syslog: Option<std::path::PathBuf>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> std::io::Result<()> {
     // A datagram per line, as syslog(3) sends them; the socket is
     // non-blocking: a stalled syslog daemon loses lines, not the reader.
@@ -262,34 +262,24 @@ pub async fn run(
         }
         None => None,
     };
-    // SAFETY: the ring owns its map's descriptor, which stays open and the
-    // same until the AsyncFd (which owns the ring) is dropped.
-    let mut fd = unsafe { AsyncFd::register(ring) }.map_err(std::io::Error::from)?;
-    loop {
-        tokio::select! {
-            ready = fd.readable_mut() => {
-                let mut guard = ready?;
-                let ring = guard.get_inner_mut();
-                let mut out = std::io::stdout().lock();
-                while let Some(item) = ring.next() {
-                    let names = names.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some((line, extra)) = entry_of(&item, &names) {
-                        let line = line.trim_end();
-                        // A closed standard output ends nothing else.
-                        let _ = writeln!(out, "{line}");
-                        if let Some((s, path)) = &syslog {
-                            // Facility kern (0), level notice (5).
-                            let _ = s.send_to(format!("<5>{line}").as_bytes(), path);
-                        }
-                        hub.publish(&super::stream::record(line, extra));
-                    }
+    super::drain_until_stopped(ring, stop, |ring| {
+        let mut out = std::io::stdout().lock();
+        while let Some(item) = ring.next() {
+            let names = names.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((line, extra)) = entry_of(&item, &names) {
+                let line = line.trim_end();
+                // A closed standard output ends nothing else.
+                let _ = writeln!(out, "{line}");
+                if let Some((s, path)) = &syslog {
+                    // Facility kern (0), level notice (5).
+                    let _ = s.send_to(format!("<5>{line}").as_bytes(), path);
                 }
-                let _ = out.flush();
-                guard.clear_ready();
+                hub.publish(&super::stream::record(line, extra));
             }
-            r = stop.changed() => if r.is_err() || *stop.borrow() { return Ok(()) },
         }
-    }
+        let _ = out.flush();
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -183,7 +183,6 @@ fn profile(pin_dir: &Path) {
         for dp in &mut dps {
             dp.publish(&compiled, &ifaces).expect("publish");
         }
-        const RUNS: usize = 5;
         let mut times = vec![Vec::new(); dps.len()];
         let mut pass = Vec::new();
         for _ in 0..RUNS {
@@ -192,18 +191,15 @@ fn profile(pin_dir: &Path) {
             }
             pass.push(dps[0].time_xdp(frame, 1, REPEAT, true).expect("pass").1);
         }
-        let median = |v: &mut Vec<Duration>| {
-            v.sort();
-            v[v.len() / 2].as_nanos() as i64
-        };
-        let whole = median(&mut times[0]);
-        let pass = median(&mut pass);
+        let ns = |v: Vec<Duration>| median(v).unwrap_or_default().as_nanos() as i64;
+        let times: Vec<i64> = times.into_iter().map(ns).collect();
+        let pass = ns(pass);
         for (i, (part, _)) in parts.iter().enumerate() {
-            let t = median(&mut times[i]);
+            let t = times[i];
             let saved = if i == 0 {
                 String::new()
             } else {
-                (whole - t).to_string()
+                (times[0] - t).to_string()
             };
             println!("| {what} | {part} | {t} | {saved} | {pass} |");
         }
@@ -315,7 +311,6 @@ fn compiled(text: &str) -> compile::Compiled {
 /// ±150 ns on this machine kind; the median of five is steadier, and
 /// alternating spreads the machine's slower moments over all three.
 fn measure(d: &mut Pair<'_>, frame: &[u8]) -> Measured {
-    const RUNS: usize = 5;
     let mut ret = 0;
     let (mut fw, mut base, mut pass) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..RUNS {
@@ -332,16 +327,21 @@ fn measure(d: &mut Pair<'_>, frame: &[u8]) -> Measured {
         fw.push(t);
         pass.push(p);
     }
-    let median = |mut v: Vec<Duration>| {
-        v.sort();
-        v.get(v.len() / 2).copied()
-    };
     Measured {
         ret,
         fw: median(fw).unwrap_or_default(),
         base: median(base),
         pass: median(pass).unwrap_or_default(),
     }
+}
+
+/// Timed runs per measurement, alternating between the programs compared.
+const RUNS: usize = 5;
+
+/// The median of `runs` (`None` for none).
+fn median(mut runs: Vec<Duration>) -> Option<Duration> {
+    runs.sort();
+    runs.get(runs.len() / 2).copied()
 }
 
 /// A 64-byte TCP SYN to 192.0.2.1.
