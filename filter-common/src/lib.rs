@@ -247,6 +247,50 @@ pub struct ClassHead {
     pub pad: u32,
 }
 
+/// Lookups a table does not need, worked out by the agent from what it
+/// writes (`FW_TABLE1`, indexed by [`table_id`]). A field whose trie holds
+/// nothing for the table but its catch-all entry (an address trie's `/0`,
+/// the port trie's any-protocol entry) gives every packet that entry's
+/// class once the field's exact hash missed; a table without host
+/// addresses or single ports in a field needs no exact-hash lookup there. Most tables leave most fields open (ingress rules rarely name
+/// destinations or source ports), so most lookups go. All zeros, as a
+/// table never written reads, means "look everything up": always right.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TableHints {
+    /// Per [`field`]: 1 + the class of the field's catch-all entry when the
+    /// table holds no other prefix there (host addresses and single ports
+    /// aside: they are in the exact hash, asked first); 0 to look the
+    /// field up.
+    pub fallback: [u32; field::COUNT],
+    /// Bit `1 << f` per [`field`] `f`: the table has entries in that
+    /// field's exact hash (host addresses, single ports).
+    pub exact: u32,
+    /// Zero.
+    pub pad: u32,
+}
+
+/// The looked-up fields of a packet, as [`TableHints`] indexes them.
+pub mod field {
+    /// IPv4 source address.
+    pub const SRC4: usize = 0;
+    /// IPv4 destination address.
+    pub const DST4: usize = 1;
+    /// IPv6 source address.
+    pub const SRC6: usize = 2;
+    /// IPv6 destination address.
+    pub const DST6: usize = 3;
+    /// Protocol and destination port (ICMP type and code).
+    pub const DPORT: usize = 4;
+    /// Protocol and source port.
+    pub const SPORT: usize = 5;
+    /// Fields.
+    pub const COUNT: usize = 6;
+}
+
+/// Entries of `FW_TABLE1`: one per table of both generations.
+pub const MAX_TABLES: u32 = TABLES_PER_GEN * GENERATIONS;
+
 /// Value of the endpoint map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -336,6 +380,24 @@ pub const FAILSAFE_PORT_BITS: u32 = 32;
 pub const FAILSAFE_ADDR_OFFSET_BITS: u32 = 64;
 /// Entries in the failsafe trie.
 pub const MAX_FAILSAFE_ENTRIES: u32 = 256;
+
+/// Entries of the failsafe port filter (`FW_FSPORT1`): one byte per port,
+/// in front of the failsafe trie. Most packets are to no failsafe port,
+/// and an array lookup is a few instructions where a trie walk is tens of
+/// nanoseconds.
+pub const FAILSAFE_PORTS: u32 = 65_536;
+
+/// The bit of a port's byte in `FW_FSPORT1` that says some failsafe entry
+/// of `direction`, protocol `proto` (6 or 17) and family (4 or 6) has that
+/// port: only then is the trie asked. An entry without a net sets the bit
+/// of both families.
+#[inline(always)]
+pub const fn failsafe_port_bit(direction: u8, proto: u8, family: u8) -> u8 {
+    let d = (direction & 1) << 2;
+    let p = if proto == 17 { 2 } else { 0 };
+    let f = if family == 6 { 1 } else { 0 };
+    1 << (d | p | f)
+}
 
 /// Key of the endpoint map.
 #[repr(C)]
@@ -630,6 +692,12 @@ pub mod names {
     pub const MAP_PORT: &str = "FW_PORT1";
     /// Protocol / source port trie.
     pub const MAP_SPORT: &str = "FW_SPORT1";
+    /// Single destination ports of `MAP_PORT`'s tables, exact.
+    pub const MAP_PORT_EXACT: &str = "FW_PORTX1";
+    /// Single source ports of `MAP_SPORT`'s tables, exact.
+    pub const MAP_SPORT_EXACT: &str = "FW_SPORTX1";
+    /// Per table, the lookups it does not need ([`crate::TableHints`]).
+    pub const MAP_TABLE_HINTS: &str = "FW_TABLE1";
     /// Class → where its bitmap words are.
     pub const MAP_CLASS: &str = "FW_CLASS2";
     /// The non-zero words of all class bitmaps.
@@ -644,6 +712,8 @@ pub mod names {
     pub const MAP_STATS: &str = "FW_STATS2";
     /// Failsafe ports.
     pub const MAP_FAILSAFE: &str = "FW_FAILSAFE1";
+    /// Which ports have failsafe entries (`crate::failsafe_port_bit`).
+    pub const MAP_FAILSAFE_PORTS: &str = "FW_FSPORT1";
     /// Connection tracking table.
     pub const MAP_CONNTRACK: &str = "FW_CT2";
     /// The assured flows (`ct::ASSURED`): a hash, not an LRU, so a flood of
@@ -666,7 +736,7 @@ pub mod names {
 
     /// Every pinned map: the agent checks the loaded object has each, so a
     /// name changed on one side only fails at load, not at first use.
-    pub const MAPS: [&str; 29] = [
+    pub const MAPS: [&str; 33] = [
         MAP_GENERATION,
         MAP_SRC_V4,
         MAP_DST_V4,
@@ -678,6 +748,9 @@ pub mod names {
         MAP_DST_V6_EXACT,
         MAP_PORT,
         MAP_SPORT,
+        MAP_PORT_EXACT,
+        MAP_SPORT_EXACT,
+        MAP_TABLE_HINTS,
         MAP_CLASS,
         MAP_CLASS_WORDS,
         MAP_ENDPOINT,
@@ -685,6 +758,7 @@ pub mod names {
         MAP_RULE_COUNTERS,
         MAP_STATS,
         MAP_FAILSAFE,
+        MAP_FAILSAFE_PORTS,
         MAP_CONNTRACK,
         MAP_CONNTRACK_ASSURED,
         MAP_HOST,
@@ -745,6 +819,8 @@ pub mod bench_skip {
     pub const PRE_DNAT: u32 = 8;
     /// In every stage, the classifier's scan (its map lookups still run).
     pub const SCAN: u32 = 16;
+    /// The table hints ([`crate::TableHints`]): every field looked up.
+    pub const HINTS: u32 = 32;
 }
 
 /// Verdicts XDP hands to TC in [`XdpMeta::verdict`].
@@ -1061,6 +1137,7 @@ const _: () = assert!(
     "ClassHead::dense has a bit per summary word"
 );
 const _: () = assert!(core::mem::size_of::<EndpointValue>() == 8);
+const _: () = assert!(core::mem::size_of::<TableHints>() == 4 * field::COUNT + 8);
 // The verdict scan's summary words cover every bitmap word exactly.
 const _: () = assert!(WORDS.is_multiple_of(64) && MAX_RULES.is_multiple_of(64));
 const _: () = assert!(core::mem::size_of::<AddrV4Key>() == 8);
@@ -1088,6 +1165,7 @@ mod pod {
     use super::*;
     unsafe impl aya::Pod for ClassHead {}
     unsafe impl aya::Pod for EndpointValue {}
+    unsafe impl aya::Pod for TableHints {}
     unsafe impl aya::Pod for AddrV4Key {}
     unsafe impl aya::Pod for AddrV6Key {}
     unsafe impl aya::Pod for PortKey {}

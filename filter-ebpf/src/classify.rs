@@ -1,10 +1,12 @@
 //! The classifier: a packet and a table → the first rule that matches.
 //!
 //! In: a parsed [`Packet`], the stage, direction and interface. Out: the
-//! deciding rule's action and slot, or no verdict. One LPM lookup per field
-//! gives a class; each class names a bitmap of the rules that field allows;
-//! the first bit of `endpoint & src & dst & dport & sport` is the rule that
-//! decides (docs/design.md, "The classifier"). Classes are stored sparse, with a
+//! deciding rule's action and slot, or no verdict. One lookup per field
+//! gives a class (an exact hash, else an LPM trie, or neither when the
+//! table's hints, `TableHints`, know the field's class already); each
+//! class names a bitmap of the rules that field allows; the first bit of
+//! `endpoint & src & dst & dport & sport` is the rule that decides
+//! (docs/design.md, "The classifier"). Classes are stored sparse, with a
 //! summary of their non-zero words; the scan ANDs the summaries and visits
 //! only the words where all five have rules. The cost does not depend on
 //! the number of CIDRs, and grows with rules only by the summary words and
@@ -20,10 +22,10 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
 };
 use filter_common::{
-    action, direction, reason, stage, table_id, AddrV4Key, AddrV6Key, ClassHead, EndpointKey,
-    EndpointValue, PortKey, RuleMeta, GENERATIONS, MAX_CLASSES, MAX_CLASS_WORDS,
-    MAX_ENDPOINT_ENTRIES, MAX_HOPS, MAX_RULE_SLOTS, MAX_TRIE_ENTRIES, PORT_KEY_FULL_BITS,
-    SUMMARY_WORDS, TABLE_PREFIX_BITS, WORDS,
+    action, direction, field, reason, stage, table_id, AddrV4Key, AddrV6Key, ClassHead,
+    EndpointKey, EndpointValue, PortKey, RuleMeta, TableHints, GENERATIONS, MAX_CLASSES,
+    MAX_CLASS_WORDS, MAX_ENDPOINT_ENTRIES, MAX_HOPS, MAX_RULE_SLOTS, MAX_TABLES, MAX_TRIE_ENTRIES,
+    PORT_KEY_FULL_BITS, SUMMARY_WORDS, TABLE_PREFIX_BITS, WORDS,
 };
 
 use crate::parse::{Family, Packet, IPPROTO_ICMP, IPPROTO_ICMPV6};
@@ -67,23 +69,69 @@ static FW_DST6X1: HashMap<Key<AddrV6Key>, u32> =
 
 const BPF_F_NO_PREALLOC: u32 = aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 
-/// The class of the address in `key`: its exact entry, else the trie's
+/// Per table, the lookups it does not need (`TableHints`): written with the
+/// table, before its generation goes live.
+#[map(name = "FW_TABLE1")]
+static FW_TABLE1: Array<TableHints> = Array::pinned(MAX_TABLES, 0);
+
+/// The class of the value in `key` (field `f` of `table`): its exact
+/// entry if the table has any (host addresses, single ports), else the
+/// catch-all's class if the table has no other prefix, else the trie's
 /// longest prefix.
 #[inline(always)]
-fn addr_class<K>(
+fn class_of<K>(
     exact: &HashMap<Key<K>, u32>,
     trie: &LpmTrie<K, u32>,
     key: &Key<K>,
-) -> Option<u32> {
-    match exact.get_ptr(key) {
-        // SAFETY: a plain integer in a live map entry, copied at once.
-        Some(v) => Some(unsafe { *v }),
-        None => trie.get(key).copied(),
+    table: u32,
+    f: usize,
+) -> u32 {
+    if hints(table).is_none_or(|h| h.exact & (1 << f) != 0) {
+        if let Some(v) = exact.get_ptr(key) {
+            // SAFETY: a plain integer in a live map entry, copied at once.
+            return unsafe { *v };
+        }
     }
+    field_class(trie, key, table, f)
+}
+
+/// The class of field `f` from its trie, unless `table`'s hints know it;
+/// [`NO_CLASS`] when the trie has no entry (a broken table).
+#[inline(always)]
+fn field_class<K>(trie: &LpmTrie<K, u32>, key: &Key<K>, table: u32, f: usize) -> u32 {
+    match hints(table).map_or(0, |h| h.fallback[f]) {
+        0 => trie.get(key).copied().unwrap_or(NO_CLASS),
+        known => known - 1,
+    }
+}
+
+/// A lookup that found no class. A number, not an `Option`: LLVM stores a
+/// `None`'s undefined payload from whatever register it likes, which the
+/// verifier refuses to read.
+const NO_CLASS: u32 = u32::MAX;
+
+/// `table`'s hints. Asked anew for each field: an array lookup is inlined
+/// (no helper call), and a pointer kept across the lookups between would
+/// take stack on the deepest call chain.
+#[inline(always)]
+fn hints(table: u32) -> Option<&'static TableHints> {
+    if crate::skipped(filter_common::bench_skip::HINTS) {
+        return None;
+    }
+    FW_TABLE1.get(table)
 }
 
 #[map(name = "FW_PORT1")]
 static FW_PORT1: LpmTrie<PortKey, u32> = LpmTrie::pinned(MAX_TRIE_ENTRIES, 0);
+
+/// The single ports (`PORT_KEY_FULL_BITS`) of the port tries' tables,
+/// exact, as for addresses: most rules name ports one by one.
+#[map(name = "FW_PORTX1")]
+static FW_PORTX1: HashMap<Key<PortKey>, u32> = HashMap::pinned(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
+
+#[map(name = "FW_SPORTX1")]
+static FW_SPORTX1: HashMap<Key<PortKey>, u32> =
+    HashMap::pinned(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map(name = "FW_CLASS2")]
 static FW_CLASS2: Array<ClassHead> = Array::pinned(MAX_CLASSES, 0);
@@ -119,7 +167,7 @@ pub type StageResult = Result<Decision, u32>;
 /// verifier.
 #[inline(always)]
 pub fn classify(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> (StageResult, u32) {
-    let packed = classify_call(stage, direction, ifindex, pkt);
+    let packed = fw_classify(stage, direction, ifindex, pkt.slot);
     let logged = (packed >> 63) as u32;
     let packed = packed & !LOGGED;
     let (tag, value) = ((packed >> 32) as u32, packed as u32);
@@ -133,20 +181,27 @@ pub fn classify(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> (Stag
     (result, logged)
 }
 
-/// Bit of `classify_call`'s result: a Log rule matched.
+/// Bit of `fw_classify`'s result: a Log rule matched.
 const LOGGED: u64 = 1 << 63;
 
-/// [`classify`] as one BPF-to-BPF call: a program runs several stages, and
-/// inlining each copy of the lookup keys and the hit bitmap would overflow
-/// the 512-byte stack; a called function's frame is reused. Returns
-/// `action << 32 | slot` for a decision, else `reason` (BPF functions return
-/// one register).
+/// [`classify`] as one global BPF function: the verifier checks it once
+/// per program, not again on each path into each stage that calls it (the
+/// TC programs run several stages, each reached on many paths; checked
+/// per call site, `fw_tc_in` is past the verifier's 1M-instruction
+/// budget). A global function takes scalars only, so the packet is named
+/// by its scratch slot. Its frame is also shared, not one per stage
+/// inlined. Returns `action << 32 | slot` for a decision, else `reason`
+/// (BPF functions return one register).
+#[unsafe(no_mangle)]
 #[inline(never)]
-fn classify_call(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u64 {
-    classify_inline(stage, direction, ifindex, pkt)
+pub extern "C" fn fw_classify(stage: u32, direction: u32, ifindex: u32, packet: u32) -> u64 {
+    match crate::parse::scratch(packet) {
+        Some(pkt) => classify_inline(stage, direction, ifindex, pkt),
+        None => reason::PASS_TABLE_ERROR as u64,
+    }
 }
 
-/// The search, packed as [`classify_call`] returns it (built in place: a
+/// The search, packed as [`fw_classify`] returns it (built in place: a
 /// result assembled from parts takes stack on the deepest call chain).
 #[inline(always)]
 fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u64 {
@@ -170,7 +225,7 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
             let mut d = [0u8; 4];
             d.copy_from_slice(&pkt.dst[..4]);
             (
-                addr_class(
+                class_of(
                     &FW_SRC4X1,
                     &FW_SRC4_1,
                     &Key::new(
@@ -180,8 +235,10 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
                             addr: s,
                         },
                     ),
+                    table,
+                    field::SRC4,
                 ),
-                addr_class(
+                class_of(
                     &FW_DST4X1,
                     &FW_DST4_1,
                     &Key::new(
@@ -191,11 +248,13 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
                             addr: d,
                         },
                     ),
+                    table,
+                    field::DST4,
                 ),
             )
         }
         Family::V6 => (
-            addr_class(
+            class_of(
                 &FW_SRC6X1,
                 &FW_SRC6_1,
                 &Key::new(
@@ -205,8 +264,10 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
                         addr: pkt.src,
                     },
                 ),
+                table,
+                field::SRC6,
             ),
-            addr_class(
+            class_of(
                 &FW_DST6X1,
                 &FW_DST6_1,
                 &Key::new(
@@ -216,6 +277,8 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
                         addr: pkt.dst,
                     },
                 ),
+                table,
+                field::DST6,
             ),
         ),
     };
@@ -225,21 +288,29 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
         has_ports: known as u8,
         port: if known { port.to_be_bytes() } else { [0; 2] },
     };
-    let dport = FW_PORT1.get(&Key::new(
-        PORT_KEY_FULL_BITS,
-        port_key(pkt.has_ports, pkt.dport),
-    ));
+    let dport = class_of(
+        &FW_PORTX1,
+        &FW_PORT1,
+        &Key::new(PORT_KEY_FULL_BITS, port_key(pkt.has_ports, pkt.dport)),
+        table,
+        field::DPORT,
+    );
     // ICMP type and code ride in the destination port; there is no source
     // port, so its source key says "no ports" like a fragment's.
     let icmp = pkt.proto == IPPROTO_ICMP || pkt.proto == IPPROTO_ICMPV6;
-    let sport = FW_SPORT1.get(&Key::new(
-        PORT_KEY_FULL_BITS,
-        port_key(pkt.has_ports && !icmp, pkt.sport),
-    ));
-    let (src, dst, dport, sport) = match (src, dst, dport, sport) {
-        (Some(s), Some(d), Some(p), Some(q)) => (s, d, *p, *q),
-        _ => return reason::PASS_TABLE_ERROR as u64,
-    };
+    let sport = class_of(
+        &FW_SPORTX1,
+        &FW_SPORT1,
+        &Key::new(
+            PORT_KEY_FULL_BITS,
+            port_key(pkt.has_ports && !icmp, pkt.sport),
+        ),
+        table,
+        field::SPORT,
+    );
+    if src == NO_CLASS || dst == NO_CLASS || dport == NO_CLASS || sport == NO_CLASS {
+        return reason::PASS_TABLE_ERROR as u64;
+    }
     if crate::skipped(filter_common::bench_skip::SCAN) {
         return reason::PASS_NO_VERDICT as u64;
     }

@@ -1,20 +1,28 @@
 //! Failsafe ports (docs/semantics.md 4): traffic to them skips policy so
 //! an operator cannot lock themself out of SSH or the API server.
 //!
-//! In: a parsed packet and a direction. Out: whether it is failsafe. One
-//! LPM lookup; entries come from FelixConfiguration (Calico's defaults when
+//! In: a parsed packet and a direction. Out: whether it is failsafe. A
+//! byte per port says which lists have the port at all; only then one LPM
+//! lookup. Entries come from FelixConfiguration (Calico's defaults when
 //! absent).
 
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::Key, LpmTrie},
+    maps::{lpm_trie::Key, Array, LpmTrie},
 };
-use filter_common::{direction, FailsafeKey, FAILSAFE_ADDR_OFFSET_BITS, MAX_FAILSAFE_ENTRIES};
+use filter_common::{
+    direction, failsafe_port_bit, FailsafeKey, FAILSAFE_ADDR_OFFSET_BITS, FAILSAFE_PORTS,
+    MAX_FAILSAFE_ENTRIES,
+};
 
 use crate::parse::{Family, Packet};
 
 #[map(name = "FW_FAILSAFE1")]
 static FW_FAILSAFE1: LpmTrie<FailsafeKey, u32> = LpmTrie::pinned(MAX_FAILSAFE_ENTRIES, 0);
+
+/// Per port, `failsafe_port_bit`s of the lists that have it.
+#[map(name = "FW_FSPORT1")]
+static FW_FSPORT1: Array<u8> = Array::pinned(FAILSAFE_PORTS, 0);
 
 /// Whether `pkt` matches an inbound (`direction::INGRESS`: protocol,
 /// destination port, source net) or outbound (destination port and
@@ -46,8 +54,9 @@ pub fn is_reply_failsafe(dir: u32, pkt: &Packet) -> bool {
     hit(other, pkt, pkt.sport, peer)
 }
 
-/// One trie lookup: an entry of `list` for the packet's protocol, `port`
-/// and a net holding `peer`.
+/// An entry of `list` for the packet's protocol, `port` and a net holding
+/// `peer`: the port's byte, then, if the list has the port, one trie
+/// lookup.
 #[inline(always)]
 fn hit(list: u32, pkt: &Packet, port: u16, peer: &[u8; 16]) -> bool {
     if !pkt.has_ports || (pkt.proto != 6 && pkt.proto != 17) {
@@ -57,6 +66,10 @@ fn hit(list: u32, pkt: &Packet, port: u16, peer: &[u8; 16]) -> bool {
         Family::V4 => (4, 32),
         Family::V6 => (6, 128),
     };
+    let bit = failsafe_port_bit(list as u8, pkt.proto, family);
+    if FW_FSPORT1.get(u32::from(port)).is_none_or(|b| b & bit == 0) {
+        return false;
+    }
     let key = FailsafeKey {
         direction: list as u8,
         proto: pkt.proto,

@@ -111,6 +111,7 @@ pub fn parse_into(
     // used only by this CPU; programs do not nest on one CPU. Parsing
     // straight into it keeps the packet off the 512-byte stack.
     let pkt = unsafe { &mut *out };
+    pkt.slot = slot;
     if !cfg!(feature = "bench-no-log") {
         *pkt.log_pending.0.get_mut() = 0;
     }
@@ -118,9 +119,19 @@ pub fn parse_into(
     Ok(pkt)
 }
 
+/// The packet [`parse_into`] left in scratch slot `slot`: how a global
+/// BPF function, which takes scalars only, gets at it.
+#[inline(always)]
+pub fn scratch(slot: u32) -> Option<&'static Packet> {
+    // SAFETY: as in `parse_into`; read only.
+    SCRATCH.get_ptr(slot).map(|p| unsafe { &*p })
+}
+
 /// The fields of one packet the classifier reads. Plain data: once parsed,
 /// nothing downstream touches the frame again.
 pub struct Packet {
+    /// The scratch slot the packet is in ([`scratch`]).
+    pub slot: u32,
     pub family: Family,
     /// IPv4 protocol or IPv6 upper-layer header.
     pub proto: u8,

@@ -127,7 +127,18 @@ impl Loaded {
 
     fn with_options(policy: &str, options: &filter_agent::dataplane::Options) -> Loaded {
         let pin_dir = Path::new("/sys/fs/bpf").join(unique("fwk"));
-        let mut dp = Dataplane::load_with(&pin_dir, options).expect("load the kernel object");
+        let dp = Dataplane::load_with(&pin_dir, options).expect("load the kernel object");
+        let mut k = Loaded {
+            dp: Some(dp),
+            pin_dir,
+            published: None,
+        };
+        k.publish(policy);
+        k
+    }
+
+    /// Makes `policy` the live one, as an agent's update would.
+    fn publish(&mut self, policy: &str) {
         let mut store = Store::default();
         let mut errors = Vec::new();
         store.add_text(Path::new("kernel-test.yaml"), policy, &mut errors);
@@ -138,12 +149,9 @@ impl Loaded {
         };
         let compiled = compile::compile(&store, &node).expect("compiles");
         let ifaces: Interfaces = [("lo".to_string(), LO)].into();
+        let dp = self.dp.as_mut().expect("loaded");
         let generation = dp.publish(&compiled, &ifaces).expect("publish");
-        Loaded {
-            dp: Some(dp),
-            pin_dir,
-            published: Some((compiled, generation)),
-        }
+        self.published = Some((compiled, generation));
     }
 
     fn run(&mut self, frame: &[u8]) -> u32 {
@@ -656,6 +664,34 @@ fn failsafe_ports_skip_pre_dnat_policy() {
         k.run(&tcp4(CLIENT, WORKER, 22)),
         XDP_DROP,
         "the default list no longer applies"
+    );
+
+    // Updates on a running dataplane: the port filter in front of the
+    // failsafe trie follows the list both ways.
+    k.publish(deny_all);
+    assert_eq!(k.run(&tcp4(OTHER, WORKER, 22)), XDP_PASS, "ssh again");
+    assert_eq!(
+        k.run(&tcp4(CLIENT, WORKER, 2222)),
+        XDP_DROP,
+        "2222 no longer failsafe"
+    );
+    k.publish(&format!(
+        "{deny_all}---\napiVersion: projectcalico.org/v3\nkind: FelixConfiguration\nmetadata: {{name: default}}\nspec:\n  failsafeInboundHostPorts:\n  - {{protocol: TCP, port: 22, net: 198.51.100.0/28}}\n"
+    ));
+    assert_eq!(
+        k.run(&tcp4(CLIENT, WORKER, 22)),
+        XDP_PASS,
+        "ssh from the allowed net"
+    );
+    assert_eq!(
+        k.run(&tcp4(OTHER, WORKER, 22)),
+        XDP_DROP,
+        "ssh from outside the net, once the entry for any net is gone"
+    );
+    assert_eq!(
+        k.run(&tcp4(OTHER, WORKER, 6443)),
+        XDP_DROP,
+        "the API server's default entry is gone"
     );
 }
 

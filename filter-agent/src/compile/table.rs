@@ -85,8 +85,8 @@ impl TableBuilder {
         let dst_v4 = addr(|m| &m.dst4, &v4);
         let src_v6 = addr(|m| &m.src6, &v6);
         let dst_v6 = addr(|m| &m.dst6, &v6);
-        let dports = port_entries(matches, |m| &m.dport, interner);
-        let sports = port_entries(matches, |m| &m.sport, interner);
+        let dports = port_entries(matches, |m| &m.dport, true, interner);
+        let sports = port_entries(matches, |m| &m.sport, false, interner);
         Table {
             stage,
             direction,
@@ -103,20 +103,32 @@ impl TableBuilder {
 }
 
 /// The entries of a port trie for one port field.
+///
+/// One field must hold every rule's protocol match: the destination port
+/// (`whole_protocol`). The source port field holds it only for rules with
+/// source ports, whose ports mean something only under it; for the rest
+/// it allows every protocol, as the destination field already decides.
+/// So a table whose rules name no source port has one source entry, and
+/// the kernel no source lookup (`TableHints`), whatever protocols its
+/// rules name.
 pub(super) fn port_entries(
     matches: &[RuleMatch],
     field: fn(&RuleMatch) -> &Option<FieldMatch>,
+    whole_protocol: bool,
     interner: &mut Interner,
 ) -> Vec<PortEntry> {
-    // Every protocol any rule names gets its own subtree.
+    let holds_protocol = |m: &RuleMatch| whole_protocol || field(m).is_some();
+    // Every protocol a rule matched here names gets its own subtree.
     let protos: BTreeSet<u8> = matches
         .iter()
+        .filter(|m| holds_protocol(m))
         .flat_map(|m| m.protocol.into_iter().chain(m.not_protocol))
         .collect();
     let proto_ok = |m: &RuleMatch, p: Option<u8>| {
         // `p == None` stands for a protocol no rule names.
-        m.protocol.is_none_or(|want| Some(want) == p)
-            && m.not_protocol.is_none_or(|not| Some(not) != p)
+        !holds_protocol(m)
+            || (m.protocol.is_none_or(|want| Some(want) == p)
+                && m.not_protocol.is_none_or(|not| Some(not) != p))
     };
     let rules_where = |ok: &dyn Fn(&RuleMatch) -> bool| -> RuleSet {
         matches

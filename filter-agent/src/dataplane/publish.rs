@@ -133,6 +133,49 @@ pub(super) fn check_capacity(compiled: &Compiled) -> Result<(), Error> {
     Ok(())
 }
 
+/// The lookups table `t` spares the kernel (`TableHints`): per field, the
+/// catch-all's class when the trie holds nothing else (host addresses go
+/// to the exact hash, asked first), and which address fields have host
+/// addresses at all.
+pub(super) fn hints(t: &Table, plan: &Plan) -> TableHints {
+    let mut h = TableHints::default();
+    let addresses = [
+        (field::SRC4, &t.src_v4, 32),
+        (field::DST4, &t.dst_v4, 32),
+        (field::SRC6, &t.src_v6, 128),
+        (field::DST6, &t.dst_v6, 128),
+    ];
+    for (f, entries, full) in addresses {
+        if entries.iter().any(|(p, _)| p.len == full) {
+            h.exact |= 1 << f;
+        }
+        let mut prefixes = entries.iter().filter(|(p, _)| p.len != full);
+        if let (Some((p, class)), None) = (prefixes.next(), prefixes.next()) {
+            if p.len == 0 {
+                h.fallback[f] = plan.class(*class) + 1;
+            }
+        }
+    }
+    for (f, entries) in [(field::DPORT, &t.dports), (field::SPORT, &t.sports)] {
+        if entries.iter().any(is_single_port) {
+            h.exact |= 1 << f;
+        }
+        let mut ranges = entries.iter().filter(|e| !is_single_port(e));
+        if let (Some(only), None) = (ranges.next(), ranges.next()) {
+            if only.proto.is_none() {
+                h.fallback[f] = plan.class(only.class) + 1;
+            }
+        }
+    }
+    h
+}
+
+/// A port entry for one protocol and one port: it goes into the exact
+/// hash (its key is a full [`PortKey`], as the kernel's lookup key is).
+pub(super) fn is_single_port(e: &PortEntry) -> bool {
+    e.proto.is_some() && e.has_ports != Some(false) && e.port_len == 16
+}
+
 pub(super) fn port_key(table: [u8; 4], e: &PortEntry) -> Key<PortKey> {
     match (e.proto, e.has_ports) {
         (None, _) => Key::new(
@@ -162,6 +205,22 @@ pub(super) fn port_key(table: [u8; 4], e: &PortEntry) -> Key<PortKey> {
                 port: e.port.to_be_bytes(),
             },
         ),
+    }
+}
+
+/// The `FW_FSPORT1` bits of a failsafe entry's port: its list, protocol
+/// and family, both families without a net.
+pub(super) fn failsafe_bits(f: &crate::compile::failsafe::Failsafe) -> u8 {
+    let direction = if f.inbound {
+        filter_common::direction::INGRESS
+    } else {
+        filter_common::direction::EGRESS
+    } as u8;
+    let bit = |family| failsafe_port_bit(direction, f.proto, family);
+    match f.net {
+        None => bit(4) | bit(6),
+        Some(ipnetwork::IpNetwork::V4(_)) => bit(4),
+        Some(ipnetwork::IpNetwork::V6(_)) => bit(6),
     }
 }
 
@@ -319,14 +378,30 @@ impl Dataplane {
                 plan,
             )?;
         }
-        for (name, entries) in [(names::MAP_PORT, &t.dports), (names::MAP_SPORT, &t.sports)] {
+        for (name, exact, entries) in [
+            (names::MAP_PORT, names::MAP_PORT_EXACT, &t.dports),
+            (names::MAP_SPORT, names::MAP_SPORT_EXACT, &t.sports),
+        ] {
+            let mut singles: HashMap<&mut MapData, Key<PortKey>, u32> = self.map(exact)?;
+            for e in entries.iter().filter(|e| is_single_port(e)) {
+                singles
+                    .insert(&port_key(tb, e), &plan.class(e.class), 0)
+                    .map_err(map_error(exact, format!("insert {e:?}")))?;
+            }
             let mut ports: LpmTrie<&mut MapData, PortKey, u32> = self.map(name)?;
-            for e in entries {
+            for e in entries.iter().filter(|e| !is_single_port(e)) {
                 ports
                     .insert(&port_key(tb, e), &plan.class(e.class), 0)
                     .map_err(map_error(name, format!("insert {e:?}")))?;
             }
         }
+        let mut table_hints: Array<&mut MapData, TableHints> = self.map(names::MAP_TABLE_HINTS)?;
+        table_hints
+            .set(table, &hints(t, plan), 0)
+            .map_err(map_error(
+                names::MAP_TABLE_HINTS,
+                format!("set table {table}"),
+            ))?;
         let mut eps: HashMap<&mut MapData, EndpointKey, EndpointValue> =
             self.map(names::MAP_ENDPOINT)?;
         for (ifindex, class) in &plan.masks[&table] {
@@ -387,10 +462,28 @@ impl Dataplane {
 
     /// Makes `entries` the failsafe set: new entries first, then the stale
     /// ones removed, so a port that stays failsafe never stops being one.
+    /// The port filter in front of the trie (`FW_FSPORT1`) gains the new
+    /// ports' bits before the trie changes and loses the stale ones' after:
+    /// a bit without an entry costs a trie lookup, an entry without its
+    /// bit would be a failsafe port no longer honoured.
     pub(super) fn write_failsafe(
         &mut self,
         entries: &[crate::compile::failsafe::Failsafe],
     ) -> Result<(), Error> {
+        let mut bits: BTreeMap<u16, u8> = BTreeMap::new();
+        for f in entries {
+            *bits.entry(f.port).or_default() |= failsafe_bits(f);
+        }
+        let mut ports: Array<&mut MapData, u8> = self.map(names::MAP_FAILSAFE_PORTS)?;
+        for (&port, &b) in &bits {
+            let now = ports.get(&u32::from(port), 0).unwrap_or(0);
+            ports
+                .set(u32::from(port), &(now | b), 0)
+                .map_err(map_error(
+                    names::MAP_FAILSAFE_PORTS,
+                    format!("set port {port}"),
+                ))?;
+        }
         let keys: Vec<Key<FailsafeKey>> = entries.iter().flat_map(failsafe_keys).collect();
         let mut trie: LpmTrie<&mut MapData, FailsafeKey, u32> = self.map(names::MAP_FAILSAFE)?;
         for k in &keys {
@@ -404,9 +497,21 @@ impl Dataplane {
             .filter_map(Result::ok)
             .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
             .collect();
-        for k in stale {
-            trie.remove(&k)
+        for k in &stale {
+            trie.remove(k)
                 .map_err(map_error(names::MAP_FAILSAFE, "remove"))?;
+        }
+        let mut ports: Array<&mut MapData, u8> = self.map(names::MAP_FAILSAFE_PORTS)?;
+        let stale_ports: BTreeSet<u16> = stale
+            .iter()
+            .map(|k| u16::from_be_bytes(k.data().port))
+            .collect();
+        for port in stale_ports {
+            let b = bits.get(&port).copied().unwrap_or(0);
+            ports.set(u32::from(port), &b, 0).map_err(map_error(
+                names::MAP_FAILSAFE_PORTS,
+                format!("set port {port}"),
+            ))?;
         }
         Ok(())
     }
@@ -445,6 +550,17 @@ impl Dataplane {
         self.clear_exact::<AddrV6Key>(names::MAP_DST_V6_EXACT, |k| in_gen(k.table))?;
         self.clear_trie::<PortKey>(names::MAP_PORT, |k| in_gen(k.table))?;
         self.clear_trie::<PortKey>(names::MAP_SPORT, |k| in_gen(k.table))?;
+        self.clear_exact::<PortKey>(names::MAP_PORT_EXACT, |k| in_gen(k.table))?;
+        self.clear_exact::<PortKey>(names::MAP_SPORT_EXACT, |k| in_gen(k.table))?;
+        let mut table_hints: Array<&mut MapData, TableHints> = self.map(names::MAP_TABLE_HINTS)?;
+        for t in tables.clone() {
+            table_hints
+                .set(t, &TableHints::default(), 0)
+                .map_err(map_error(
+                    names::MAP_TABLE_HINTS,
+                    format!("clear table {t}"),
+                ))?;
+        }
         let mut eps: HashMap<&mut MapData, EndpointKey, EndpointValue> =
             self.map(names::MAP_ENDPOINT)?;
         let stale: Vec<EndpointKey> = eps
@@ -674,5 +790,87 @@ mod tests {
                 .iter()
                 .all(|&s| s >= generation * RULE_SLOTS_PER_GEN));
         }
+    }
+
+    #[test]
+    fn hints_spare_exactly_the_lookups_a_table_does_not_need() {
+        let ifaces: Interfaces = [("eth1".to_string(), 7)].into();
+        let normal_ingress = |c: &Compiled| {
+            c.tables
+                .iter()
+                .find(|t| {
+                    t.stage == filter_common::stage::NORMAL
+                        && t.direction == filter_common::direction::INGRESS
+                })
+                .expect("a normal ingress table")
+                .clone()
+        };
+        // Single TCP ports, no nets: the port hash, nothing else.
+        let c = compiled(200);
+        let plan = Plan::new(&c, &ifaces, 1).expect("fits");
+        let t = normal_ingress(&c);
+        let h = hints(&t, &plan);
+        assert_eq!(h.exact, 1 << field::DPORT, "{h:?}");
+        let root = |entries: &[(Prefix, u32)]| {
+            let (p, class) = entries[0];
+            assert_eq!((entries.len(), p.len), (1, 0), "{entries:?}");
+            plan.class(class) + 1
+        };
+        assert_eq!(h.fallback[field::SRC4], root(&t.src_v4));
+        assert_eq!(h.fallback[field::DST6], root(&t.dst_v6));
+        let any = |entries: &[PortEntry]| {
+            assert!(entries.iter().all(|e| e.proto.is_some() || e.port_len == 0));
+            let any: Vec<&PortEntry> = entries.iter().filter(|e| e.proto.is_none()).collect();
+            plan.class(any[0].class) + 1
+        };
+        assert_eq!(h.fallback[field::SPORT], any(&t.sports));
+        // The TCP port entries other than single ports (the protocol's
+        // packets without ports, say) leave the trie to ask.
+        let ranges = t.dports.iter().filter(|e| !is_single_port(e)).count();
+        assert_eq!(h.fallback[field::DPORT] != 0, ranges == 1, "{:?}", t.dports);
+
+        // A host address and a /24: the hash first, then the trie.
+        let yaml = "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: w, labels: {role: pub}}\nspec: {node: n1, interfaceName: eth1}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: p}\nspec:\n  selector: role == 'pub'\n  types: [Ingress]\n  ingress:\n  - action: Allow\n    protocol: TCP\n    source: {nets: [192.0.2.1/32, 198.51.100.0/24]}\n    destination: {ports: ['8000:8080']}\n";
+        let mut store = Store::default();
+        let mut errors = Vec::new();
+        store.add_text(Path::new("t.yaml"), yaml, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let node = Node {
+            name: "n1".into(),
+            ..Default::default()
+        };
+        let c = crate::compile::compile(&store, &node).expect("compiles");
+        let plan = Plan::new(&c, &ifaces, 0).expect("fits");
+        let h = hints(&normal_ingress(&c), &plan);
+        // (8000:8080 ends in the single port 8080.)
+        assert_eq!(h.exact, 1 << field::SRC4 | 1 << field::DPORT, "{h:?}");
+        assert_eq!(h.fallback[field::SRC4], 0, "the /24 is in the trie");
+        assert_eq!(h.fallback[field::DPORT], 0, "a range is in the trie");
+        assert_ne!(h.fallback[field::DST4], 0, "no destination nets");
+    }
+
+    #[test]
+    fn failsafe_port_bits_name_list_protocol_and_family() {
+        use crate::compile::failsafe::Failsafe;
+        let entry = |inbound, proto, net: Option<&str>| Failsafe {
+            inbound,
+            proto,
+            port: 22,
+            net: net.map(|n| n.parse().expect("net")),
+        };
+        let all: Vec<u8> = [
+            entry(true, 6, Some("10.0.0.0/8")),
+            entry(true, 6, Some("2001:db8::/32")),
+            entry(true, 17, Some("10.0.0.0/8")),
+            entry(false, 6, Some("10.0.0.0/8")),
+        ]
+        .iter()
+        .map(failsafe_bits)
+        .collect();
+        for (i, a) in all.iter().enumerate() {
+            assert_eq!(a.count_ones(), 1);
+            assert!(all[i + 1..].iter().all(|b| a & b == 0), "{all:?}");
+        }
+        assert_eq!(failsafe_bits(&entry(true, 6, None)), all[0] | all[1]);
     }
 }

@@ -66,13 +66,19 @@ fn main() {
         std::process::exit(2);
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [flag, rules] = args.as_slice() {
+        if flag == "--spin" {
+            let rules: usize = rules.parse().expect("--spin RULES: a number of rules");
+            return spin(rules);
+        }
+    }
     let baseline = match args.as_slice() {
         [] => None,
         [flag, path] if flag == "--baseline" => {
             Some(std::fs::read(path).unwrap_or_else(|e| panic!("read {path}: {e}")))
         }
         _ => {
-            eprintln!("usage: fw-bench [--baseline KERNEL_OBJECT]");
+            eprintln!("usage: fw-bench [--baseline KERNEL_OBJECT | --spin RULES]");
             std::process::exit(2);
         }
     };
@@ -92,12 +98,8 @@ fn main() {
     println!("|---:|---:|---:|---:|---:|---:|---|---:|");
     for rules in [0usize, 1, 100, 1000, 10_000] {
         let publish = publish(d, &policy(rules));
-        // Source: the last CIDR of the last rule; port: the last rule's.
-        let last = CIDRS
-            .checked_div(rules)
-            .map_or(1, |per| (per * rules) as u32);
-        let a = 0x0a00_0000u32 + last;
-        let frame = syn(a.to_be_bytes(), 1000 + rules.saturating_sub(1) as u16);
+        let frame = last_rule_syn(rules);
+        let a = last_source(rules);
         row(
             &rules.to_string(),
             if rules == 0 { 0 } else { CIDRS },
@@ -128,6 +130,51 @@ fn main() {
     profile(&pin_dir);
 }
 
+/// `--spin RULES`: runs `fw_xdp` on the benchmark's packet for `rules`
+/// rules for about ten seconds and nothing else, for a profiler to watch
+/// (`perf record -a -g -- fw-bench --spin 1000`; the JIT's symbols name
+/// the program's functions, the kernel's name the map lookups).
+fn spin(rules: usize) {
+    let pin_dir = Path::new("/sys/fs/bpf").join(format!("fwbench{}", std::process::id()));
+    let _unpin = Unpin(pin_dir.clone());
+    let mut dp = Dataplane::load(&pin_dir.join("a")).expect("load the kernel object");
+    let d = &mut Pair {
+        dp: &mut dp,
+        base: None,
+    };
+    publish(d, &policy(rules));
+    let frame = last_rule_syn(rules);
+    let started = Instant::now();
+    let mut packets = 0u64;
+    let mut busy = Duration::ZERO;
+    while started.elapsed() < Duration::from_secs(10) {
+        busy += dp.time_xdp(&frame, 1, REPEAT, false).expect("run fw_xdp").1 * REPEAT;
+        packets += u64::from(REPEAT);
+    }
+    println!(
+        "{packets} packets, {} ns/packet",
+        busy.as_nanos() / u128::from(packets)
+    );
+    let _ = dp.shutdown();
+}
+
+/// The benchmark's packet for `rules` rules: from the last CIDR of the
+/// last rule, to the last rule's port (any source and port 999 for none).
+fn last_rule_syn(rules: usize) -> Vec<u8> {
+    syn(
+        last_source(rules).to_be_bytes(),
+        1000 + rules.saturating_sub(1) as u16,
+    )
+}
+
+/// The last CIDR of the last of `rules` rules (10.0.0.1 for none).
+fn last_source(rules: usize) -> u32 {
+    let last = CIDRS
+        .checked_div(rules)
+        .map_or(1, |per| (per * rules) as u32);
+    0x0a00_0000u32 + last
+}
+
 /// Where `fw_xdp`'s time goes: the object loaded once per row with one
 /// part switched off (`filter_common::bench_skip`, read-only data the
 /// verifier folds), all with the same policy, timed alternating with each
@@ -143,6 +190,10 @@ fn profile(pin_dir: &Path) {
         ("without the conntrack lookup", skip::CONNTRACK),
         ("without the pre-DNAT stage", skip::PRE_DNAT),
         ("without the classifier's scan (lookups kept)", skip::SCAN),
+        (
+            "without the table hints (every field looked up)",
+            skip::HINTS,
+        ),
         (
             "parse and metadata only",
             skip::FAILSAFE | skip::UNTRACKED | skip::CONNTRACK | skip::PRE_DNAT,
