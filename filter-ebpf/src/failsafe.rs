@@ -75,7 +75,9 @@ fn hit(list: u32, pkt: &Packet, port: u16, peer: &[u8; 16]) -> bool {
         proto: pkt.proto,
         port: port.to_be_bytes(),
         family,
-        pad: [0; 3],
+        // A literal, not `[0; 3]`: a repeat becomes a call to a byte-by-byte
+        // `memset` (see `parse::v4_in_16`).
+        pad: [0, 0, 0],
         addr: *peer,
     };
     FW_FAILSAFE1

@@ -53,7 +53,9 @@ pub fn is_host_bound(skb: *mut core::ffi::c_void, ifindex: u32, pkt: &Packet) ->
         None => {
             let key = HostKey {
                 family,
-                pad: [0; 3],
+                // A literal: `[0; 3]` becomes a `memset` call (see
+                // `parse::v4_in_16`).
+                pad: [0, 0, 0],
                 addr: pkt.dst,
             };
             // SAFETY: only presence is read, never the value.
@@ -83,9 +85,8 @@ pub fn is_host_bound(skb: *mut core::ffi::c_void, ifindex: u32, pkt: &Packet) ->
 /// interface, as in test runs, or an older kernel).
 #[inline(always)]
 fn fib_delivers_locally(skb: *mut core::ffi::c_void, ifindex: u32, pkt: &Packet) -> Option<bool> {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid input (plain integers
-    // and unions of them).
-    let mut p: FibParams = unsafe { core::mem::zeroed() };
+    let mut params = core::mem::MaybeUninit::<FibParams>::uninit();
+    let p = zeroed(&mut params);
     p.ifindex = ifindex;
     p.l4_protocol = pkt.proto;
     p.sport = pkt.sport.to_be();
@@ -110,7 +111,7 @@ fn fib_delivers_locally(skb: *mut core::ffi::c_void, ifindex: u32, pkt: &Packet)
     let rc = unsafe {
         bpf_fib_lookup(
             skb,
-            &mut p,
+            p,
             core::mem::size_of::<FibParams>() as i32,
             BPF_FIB_LOOKUP_SKIP_NEIGH,
         )
@@ -119,6 +120,25 @@ fn fib_delivers_locally(skb: *mut core::ffi::c_void, ifindex: u32, pkt: &Packet)
         return None;
     }
     Some(rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64 || rc == BPF_FIB_LKUP_RET_FWD_DISABLED as i64)
+}
+
+/// An all-zero bpf_fib_lookup in `p`, written a word at a time:
+/// `mem::zeroed` becomes a call to aya-ebpf's byte-by-byte `memset`, 60
+/// iterations per packet (see `parse::v4_in_16`); volatile stores are not
+/// merged back into one.
+#[inline(always)]
+fn zeroed(p: &mut core::mem::MaybeUninit<FibParams>) -> &mut FibParams {
+    const WORDS: usize = core::mem::size_of::<FibParams>() / 4;
+    const _: () = assert!(core::mem::size_of::<FibParams>().is_multiple_of(4));
+    let words = p.as_mut_ptr().cast::<u32>();
+    for i in 0..WORDS {
+        // SAFETY: word `i` lies inside `p` (`WORDS` words), which is
+        // 4-aligned (its fields are u32 and smaller).
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+    // SAFETY: every byte is written, and all-zero is a valid
+    // bpf_fib_lookup (plain integers and unions of them).
+    unsafe { p.assume_init_mut() }
 }
 
 #[inline(always)]

@@ -60,6 +60,7 @@ const IPV4_OFFSET: u16 = 0x1fff;
 
 /// Address family of a [`Packet`].
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Family {
     V4,
     V6,
@@ -129,47 +130,53 @@ pub fn scratch(slot: u32) -> Option<&'static Packet> {
 
 /// The fields of one packet the classifier reads. Plain data: once parsed,
 /// nothing downstream touches the frame again.
+///
+/// Laid out by hand, aligned to 8 with the addresses first: LLVM's BPF
+/// backend writes a field it only knows as byte-aligned one byte at a
+/// time, and zeroing an address that way became a call to a byte-by-byte
+/// `memset` loop on every packet.
+#[repr(C, align(8))]
 pub struct Packet {
-    /// The scratch slot the packet is in ([`scratch`]).
-    pub slot: u32,
-    pub family: Family,
-    /// IPv4 protocol or IPv6 upper-layer header.
-    pub proto: u8,
-    /// True when `sport`/`dport` are meaningful (see `PortKey::has_ports`).
-    pub has_ports: bool,
     /// Source address; IPv4 uses the first four bytes.
     pub src: [u8; 16],
     /// Destination address; IPv4 uses the first four bytes.
     pub dst: [u8; 16],
-    /// Source port (host order); 0 for ICMP.
-    pub sport: u16,
-    /// Destination port (host order); ICMP: `type << 8 | code`.
-    pub dport: u16,
-    /// A non-first fragment (no L4 header).
-    pub fragment: bool,
-    /// The first fragment of a fragmented datagram (offset 0, more to come).
-    pub first_fragment: bool,
+    /// ICMP errors: the header of the packet that caused it, so conntrack
+    /// can find the flow the error is related to.
+    pub inner: Inner,
+    /// The scratch slot the packet is in ([`scratch`]).
+    pub slot: u32,
     /// IPv4 identification or IPv6 fragment identification, when
     /// `fragment` or `first_fragment`.
     pub frag_id: u32,
-    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10); else 0.
-    pub tcp_flags: u8,
     /// TCP sequence and acknowledgement numbers; else 0.
     pub tcp_seq: u32,
     pub tcp_ack: u32,
     /// TCP: the sequence number after this segment (payload, SYN and FIN
     /// each count), what the other side will acknowledge; else 0.
     pub tcp_end: u32,
-    /// ICMP echo request or reply: the identifier, which conntrack uses as
-    /// both ports; else 0.
-    pub echo_id: u16,
-    /// ICMP errors: the header of the packet that caused it, so conntrack
-    /// can find the flow the error is related to.
-    pub inner: Inner,
     /// Non-zero once a stage left Log records to write (`crate::events`):
     /// kept here, in the per-CPU scratch, not on the stack, whose 512
     /// bytes the deepest call chain needs.
     pub log_pending: PendingCell,
+    /// Source port (host order); 0 for ICMP.
+    pub sport: u16,
+    /// Destination port (host order); ICMP: `type << 8 | code`.
+    pub dport: u16,
+    /// ICMP echo request or reply: the identifier, which conntrack uses as
+    /// both ports; else 0.
+    pub echo_id: u16,
+    pub family: Family,
+    /// IPv4 protocol or IPv6 upper-layer header.
+    pub proto: u8,
+    /// True when `sport`/`dport` are meaningful (see `PortKey::has_ports`).
+    pub has_ports: bool,
+    /// A non-first fragment (no L4 header).
+    pub fragment: bool,
+    /// The first fragment of a fragmented datagram (offset 0, more to come).
+    pub first_fragment: bool,
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10); else 0.
+    pub tcp_flags: u8,
 }
 
 /// A flag the pipeline sets through `&Packet`.
@@ -182,15 +189,17 @@ unsafe impl Sync for PendingCell {}
 
 /// The embedded header of an ICMP error (RFC 792, RFC 4443): the packet
 /// the error answers, as the erring side sent it.
+/// Addresses first and aligned, as in [`Packet`].
 #[derive(Clone, Copy)]
+#[repr(C, align(8))]
 pub struct Inner {
-    /// True when the packet is an ICMP error whose embedded header parsed.
-    pub present: bool,
-    pub proto: u8,
     pub src: [u8; 16],
     pub dst: [u8; 16],
     pub sport: u16,
     pub dport: u16,
+    pub proto: u8,
+    /// True when the packet is an ICMP error whose embedded header parsed.
+    pub present: bool,
 }
 
 impl Packet {
@@ -222,13 +231,19 @@ impl Packet {
         self.dport = 0;
         self.fragment = false;
         self.first_fragment = false;
-        self.frag_id = 0;
         self.tcp_flags = 0;
-        self.tcp_seq = 0;
-        self.tcp_ack = 0;
-        self.tcp_end = 0;
         self.echo_id = 0;
         self.inner.present = false;
+        // Adjacent zeros, which LLVM would merge into a call to a
+        // byte-by-byte `memset` (see `v4_in_16`); volatile stores are kept
+        // one by one.
+        // SAFETY: plain integer fields of `self`.
+        unsafe {
+            core::ptr::write_volatile(&mut self.frag_id, 0);
+            core::ptr::write_volatile(&mut self.tcp_seq, 0);
+            core::ptr::write_volatile(&mut self.tcp_ack, 0);
+            core::ptr::write_volatile(&mut self.tcp_end, 0);
+        }
     }
 }
 
@@ -295,6 +310,16 @@ fn parse(
     }
 }
 
+/// An IPv4 address as a 16-byte address field holds it: its four bytes,
+/// then zeros. Built as one 128-bit value because zeroing the field and
+/// copying the bytes in is merged by LLVM into a call to a byte-by-byte
+/// `memset` (bpf-linker leaves memset to a library function: aya-ebpf's
+/// loop), on every packet.
+#[inline(always)]
+fn v4_in_16(a: [u8; 4]) -> [u8; 16] {
+    u128::from(u32::from_le_bytes(a)).to_le_bytes()
+}
+
 #[inline(always)]
 fn parse_ipv4(start: usize, end: usize, offset: usize, pkt: &mut Packet) -> Result<(), NotParsed> {
     let ip: Ipv4Hdr = read(start, end, offset)?;
@@ -304,10 +329,8 @@ fn parse_ipv4(start: usize, end: usize, offset: usize, pkt: &mut Packet) -> Resu
         return Err(reason::DROP_MALFORMED);
     }
     pkt.reset(Family::V4, ip.proto);
-    pkt.src = [0; 16];
-    pkt.dst = [0; 16];
-    pkt.src[..4].copy_from_slice(&ip.src_addr);
-    pkt.dst[..4].copy_from_slice(&ip.dst_addr);
+    pkt.src = v4_in_16(ip.src_addr);
+    pkt.dst = v4_in_16(ip.dst_addr);
     let frags = u16::from_be_bytes(ip.frags);
     let frag_offset = frags & IPV4_OFFSET;
     pkt.frag_id = u16::from_be_bytes(ip.id) as u32;
@@ -456,10 +479,8 @@ fn inner_ipv4(start: usize, end: usize, offset: usize, inner: &mut Inner) {
         return;
     }
     inner.proto = ip.proto;
-    inner.src = [0; 16];
-    inner.dst = [0; 16];
-    inner.src[..4].copy_from_slice(&ip.src_addr);
-    inner.dst[..4].copy_from_slice(&ip.dst_addr);
+    inner.src = v4_in_16(ip.src_addr);
+    inner.dst = v4_in_16(ip.dst_addr);
     inner.present = inner_ports(start, end, offset + ihl * 4, inner);
 }
 
