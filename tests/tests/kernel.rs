@@ -1541,3 +1541,58 @@ spec:
     assert_eq!(emitted(skipped), 0, "a Log rule in a tier a Pass left");
     assert_eq!(emitted(reached), 3, "one record per untracked packet");
 }
+
+/// `--max-prefixes`: a policy with more host addresses (or other prefixes)
+/// in one field than half the address tables hold is refused before
+/// anything is written, naming the count, the limit and the flag; the
+/// live policy stays enforced. An adopter keeps the tables' size.
+#[test]
+fn a_policy_past_the_prefix_capacity_is_refused_and_the_live_one_stays() {
+    if !privileged("a_policy_past_the_prefix_capacity_is_refused_and_the_live_one_stays") {
+        return;
+    }
+    use filter_agent::dataplane::Options;
+    let deny = |n: u8| {
+        let nets: Vec<String> = (1..=n).map(|i| format!("192.0.2.{i}")).collect();
+        format!(
+            "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {{name: test-hep, labels: {{r: x}}}}\nspec: {{node: kernel-test, interfaceName: lo}}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: deny-list}}\nspec:\n  preDNAT: true\n  applyOnForward: true\n  ingress:\n  - action: Deny\n    source: {{nets: [{}]}}\n",
+            nets.join(", ")
+        )
+    };
+    let small = Options {
+        prefix_capacity: 64,
+        ..Options::default()
+    };
+    let mut k = Loaded::with_options(&deny(32), &small);
+    assert_eq!(k.run(&tcp4([192, 0, 2, 32], WORKER, 80)), XDP_DROP);
+    assert_eq!(k.run(&tcp4([192, 0, 2, 33], WORKER, 80)), XDP_PASS);
+    let mut store = Store::default();
+    let mut errors = Vec::new();
+    store.add_text(Path::new("kernel-test.yaml"), &deny(33), &mut errors);
+    let node = Node {
+        name: "kernel-test".into(),
+        interfaces: BTreeMap::new(),
+    };
+    let compiled = compile::compile(&store, &node).expect("compiles");
+    let ifaces: Interfaces = [("lo".to_string(), LO)].into();
+    let dp = k.dp.as_mut().expect("loaded");
+    let err = dp.publish(&compiled, &ifaces).expect_err("33 > 32");
+    assert!(
+        err.to_string().contains(
+            "33 IPv4 source host addresses over all tables; the kernel tables hold 32 per policy (--max-prefixes 64"
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        k.run(&tcp4([192, 0, 2, 33], WORKER, 80)),
+        XDP_PASS,
+        "the live policy stays"
+    );
+    assert_eq!(k.run(&tcp4([192, 0, 2, 1], WORKER, 80)), XDP_DROP);
+    let adopter = Dataplane::load_with(&k.pin_dir, &Options::default()).expect("adopt");
+    assert_eq!(
+        adopter.prefix_capacity(),
+        64,
+        "adopted tables keep their size"
+    );
+}

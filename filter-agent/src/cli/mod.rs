@@ -113,6 +113,13 @@ pub struct RunArgs {
     /// its size).
     #[arg(long, env = "FILTER_CONNTRACK_SIZE", default_value_t = filter_common::ct::DEFAULT_SIZE, value_name = "ENTRIES")]
     pub conntrack_size: u32,
+    /// Entries of each address table (IPv4 and IPv6, source and
+    /// destination; host addresses and other prefixes each have one),
+    /// shared by the live policy and the next: a policy may use half. The
+    /// host-address tables take 16 bytes per entry up front; adopted tables
+    /// keep their size.
+    #[arg(long, env = "FILTER_MAX_PREFIXES", default_value_t = filter_common::MAX_TRIE_ENTRIES, value_name = "ENTRIES", value_parser = clap::value_parser!(u32).range(2..))]
+    pub max_prefixes: u32,
     /// How often the sweeper removes expired conntrack entries and reports
     /// occupancy.
     #[arg(

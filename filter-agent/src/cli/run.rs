@@ -49,6 +49,7 @@ pub fn config(args: &RunArgs) -> anyhow::Result<Config> {
                 .map_err(|e| anyhow::anyhow!("--log-ring-size: {e}"))?,
             kernel_log: args.kernel_log_level,
             bench_skip: 0,
+            prefix_capacity: args.max_prefixes,
         },
         limits: Limits {
             max_file_bytes: args.max_file_size,

@@ -150,6 +150,9 @@ pub struct Dataplane {
     live: u32,
     /// Names of the maps pinned under `pin_dir` (see [`Dataplane::restore_pins`]).
     pinned_maps: Vec<String>,
+    /// Entries of each address table, both generations together
+    /// ([`Options::prefix_capacity`], or an adopted table's size).
+    prefix_capacity: u32,
 }
 
 /// Interface name → index, resolved by the caller in the agent's namespace.
@@ -169,7 +172,25 @@ pub struct Options {
     /// Parts of `fw_xdp` switched off (`filter_common::bench_skip`): for
     /// `cargo xtask bench`'s component profile only; 0 enforces policy.
     pub bench_skip: u32,
+    /// Entries of each address table: the trie and the host-address hash
+    /// of each of IPv4/IPv6 source/destination. The live policy and the
+    /// one being written share them, so a policy may use half. The hashes
+    /// allocate 16 bytes of buckets per entry up front; the tries nothing
+    /// until used. Adopted tables keep their size.
+    pub prefix_capacity: u32,
 }
+
+/// The address tables [`Options::prefix_capacity`] sizes.
+const ADDRESS_MAPS: [&str; 8] = [
+    names::MAP_SRC_V4,
+    names::MAP_DST_V4,
+    names::MAP_SRC_V6,
+    names::MAP_DST_V6,
+    names::MAP_SRC_V4_EXACT,
+    names::MAP_DST_V4_EXACT,
+    names::MAP_SRC_V6_EXACT,
+    names::MAP_DST_V6_EXACT,
+];
 
 impl Default for Options {
     fn default() -> Self {
@@ -178,6 +199,7 @@ impl Default for Options {
             log_ring_bytes: filter_common::events::DEFAULT_RING_BYTES,
             kernel_log: KernelLogLevel::Off,
             bench_skip: 0,
+            prefix_capacity: filter_common::MAX_TRIE_ENTRIES,
         }
     }
 }
@@ -224,7 +246,14 @@ impl Dataplane {
     fn load_pinned(pin_dir: &Path, options: &Options, object: &[u8]) -> Result<Dataplane, Error> {
         let conntrack = kept_size(pin_dir, names::MAP_CONNTRACK, options.conntrack_size);
         let log_ring = kept_size(pin_dir, names::MAP_EVENTS, options.log_ring_bytes);
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        let mut prefix_capacity = options.prefix_capacity;
+        for name in ADDRESS_MAPS {
+            let size = kept_size(pin_dir, name, options.prefix_capacity);
+            prefix_capacity = prefix_capacity.min(size);
+            loader.map_max_entries(name, size);
+        }
+        let mut ebpf = loader
             .default_map_pin_directory(pin_dir)
             .map_max_entries(names::MAP_CONNTRACK, conntrack)
             .map_max_entries(names::MAP_CONNTRACK_ASSURED, conntrack)
@@ -307,9 +336,16 @@ impl Dataplane {
             attached: BTreeMap::new(),
             live: 0,
             pinned_maps,
+            prefix_capacity,
         };
         dp.live = dp.generation()?;
         Ok(dp)
+    }
+
+    /// Entries of each address table, both generations together (see
+    /// [`Options::prefix_capacity`]).
+    pub fn prefix_capacity(&self) -> u32 {
+        self.prefix_capacity
     }
 
     /// Makes `compiled` the enforced policy: tables first (atomically), then

@@ -176,6 +176,38 @@ pub(super) fn is_single_port(e: &PortEntry) -> bool {
     e.proto.is_some() && e.has_ports != Some(false) && e.port_len == 16
 }
 
+/// Whether every address table has room for `compiled` beside the live
+/// policy: half of `capacity` each ([`super::Options::prefix_capacity`]).
+/// Host addresses (in the exact hash) and other prefixes (in the trie)
+/// count apart.
+pub(super) fn check_prefixes(compiled: &Compiled, capacity: u32) -> Result<(), Error> {
+    let half = (capacity / GENERATIONS) as usize;
+    type Field = fn(&Table) -> &Vec<(Prefix, u32)>;
+    let fields: [(&str, Field, u8); 4] = [
+        ("IPv4 source", |t| &t.src_v4, 32),
+        ("IPv4 destination", |t| &t.dst_v4, 32),
+        ("IPv6 source", |t| &t.src_v6, 128),
+        ("IPv6 destination", |t| &t.dst_v6, 128),
+    ];
+    for (what, entries, full) in fields {
+        let (mut hosts, mut nets) = (0, 0);
+        for t in &compiled.tables {
+            let e = entries(t);
+            let h = e.iter().filter(|(p, _)| p.len == full).count();
+            hosts += h;
+            nets += e.len() - h;
+        }
+        for (n, kind) in [(hosts, "host addresses"), (nets, "other prefixes")] {
+            if n > half {
+                return Err(Error::Capacity(format!(
+                    "the policy has {n} {what} {kind} over all tables; the kernel tables hold {half} per policy (--max-prefixes {capacity}: half for the live policy, half for the next)"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 pub(super) fn port_key(table: [u8; 4], e: &PortEntry) -> Key<PortKey> {
     match (e.proto, e.has_ports) {
         (None, _) => Key::new(
@@ -267,6 +299,7 @@ impl Dataplane {
     pub fn publish(&mut self, compiled: &Compiled, ifaces: &Interfaces) -> Result<u32, Error> {
         let next = (self.live + 1) % GENERATIONS;
         check_capacity(compiled)?;
+        check_prefixes(compiled, self.prefix_capacity)?;
         // Everything that can exceed a capacity is laid out before the
         // first write, so a policy that does not fit changes nothing.
         let plan = Plan::new(compiled, ifaces, next)?;
