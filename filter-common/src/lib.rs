@@ -662,6 +662,9 @@ pub mod names {
     pub const PROG_TC_EGRESS: &str = "fw_tc_eg";
     /// A program that only returns XDP_PASS: the benchmark's baseline.
     pub const PROG_PASS: &str = "fw_pass";
+    /// A TC program that only returns TC_ACT_OK: the benchmark's TC
+    /// baseline.
+    pub const PROG_TC_PASS: &str = "fw_tc_pass";
     /// The XDP logger: writes Log records, reached by tail call.
     pub const PROG_XDP_LOG: &str = "fw_xdp_log";
     /// The TC logger, likewise.
@@ -773,11 +776,12 @@ pub mod names {
     ];
 
     /// Every program, likewise.
-    pub const PROGRAMS: [&str; 6] = [
+    pub const PROGRAMS: [&str; 7] = [
         PROG_XDP,
         PROG_TC_INGRESS,
         PROG_TC_EGRESS,
         PROG_PASS,
+        PROG_TC_PASS,
         PROG_XDP_LOG,
         PROG_TC_LOG,
     ];

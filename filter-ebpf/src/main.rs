@@ -267,6 +267,13 @@ pub fn fw_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Returns TC_ACT_OK and nothing else: the TC baseline of `cargo xtask
+/// bench` (loaded only by the benchmark).
+#[classifier]
+pub fn fw_tc_pass(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
 #[classifier]
 pub fn fw_tc_in(ctx: TcContext) -> i32 {
     let (verdict, why) = try_tc_in(&ctx);
@@ -314,12 +321,14 @@ fn tc_in(ctx: &TcContext, skb: &parse::Skb, pkt: &Packet) -> (i32, u32) {
             Early::Pass(v, _) => v,
         },
     };
-    let host_bound = {
+    // A FIB lookup: asked only where the answer matters, so not for the
+    // packets of known flows, most of them.
+    let host_bound = || {
         use aya_ebpf::EbpfContext;
         host::is_host_bound(ctx.as_ptr(), skb.ifindex, pkt)
     };
     if early == xdp_verdict::UNTRACKED_ALLOW {
-        if !host_bound {
+        if !host_bound() {
             ctx.set_mark((skb.mark & !mark::MASK) | mark::UNTRACKED);
         }
         return (TC_ACT_OK, reason::ALLOW_EARLIER_STAGE);
@@ -327,6 +336,7 @@ fn tc_in(ctx: &TcContext, skb: &parse::Skb, pkt: &Packet) -> (i32, u32) {
     if conntrack::track(pkt, Hook::TcIngress) != Known::New {
         return (TC_ACT_OK, reason::ALLOW_CONNTRACK);
     }
+    let host_bound = host_bound();
     if early == xdp_verdict::PRE_DNAT_ALLOW {
         conntrack::open(pkt, !host_bound);
         if !host_bound {

@@ -144,7 +144,7 @@ impl Hooks for Live {
         } else {
             (&mut self.tc_eg, names::PROG_TC_EGRESS)
         };
-        run_tc(prog, name, frame, run)
+        run_tc(prog, name, frame, run, 1).map(|(action, mark, _)| (action, mark))
     }
 }
 

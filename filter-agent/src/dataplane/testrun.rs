@@ -32,14 +32,16 @@ pub(super) fn run_xdp(
         })
 }
 
-/// Runs a TC program once on `frame` with BPF_PROG_TEST_RUN as `run`
-/// describes. Returns the TC action and the skb mark the program left.
+/// Runs a TC program `repeat` times on `frame` with BPF_PROG_TEST_RUN as
+/// `run` describes. Returns the TC action, the skb mark the program left
+/// and the mean time per run.
 pub(super) fn run_tc(
     tc: &mut SchedClassifier,
     name: &str,
     frame: &[u8],
     run: TcRun,
-) -> Result<(i32, u32), Error> {
+    repeat: u32,
+) -> Result<(i32, u32, Duration), Error> {
     // struct __sk_buff up to `ifindex` (offset 40): len, pkt_type, mark
     // (8), queue_mapping, protocol, vlan_present, vlan_tci, vlan_proto,
     // priority, ingress_ifindex (36), ifindex (40). The kernel accepts a
@@ -54,7 +56,7 @@ pub(super) fn run_tc(
         data_in: Some(frame),
         ctx_in: Some(&ctx),
         ctx_out: Some(&mut ctx_out),
-        repeat: 1,
+        repeat,
         ..Default::default()
     };
     let r = tc.test_run(opts).map_err(|e| Error::Load {
@@ -62,7 +64,7 @@ pub(super) fn run_tc(
         source: Box::new(e),
     })?;
     let mark = u32::from_ne_bytes(ctx_out[8..12].try_into().expect("4 bytes"));
-    Ok((r.return_value as i32, mark))
+    Ok((r.return_value as i32, mark, r.duration))
 }
 
 /// A test run of a TC program (see [`Dataplane::test_run_tc`]).
@@ -112,6 +114,31 @@ impl Dataplane {
         run_xdp(xdp, name, frame, ifindex, repeat)
     }
 
+    /// Per-packet cost of `fw_tc_in` or `fw_tc_eg` as `run` describes (or,
+    /// with `baseline`, of a TC program that only returns TC_ACT_OK) on
+    /// `frame`, repeated `repeat` times: the TC action and the mean time.
+    pub fn time_tc(
+        &mut self,
+        frame: &[u8],
+        run: TcRun,
+        repeat: u32,
+        baseline: bool,
+    ) -> Result<(i32, Duration), Error> {
+        let name = match (baseline, run.ingress) {
+            (true, _) => names::PROG_TC_PASS,
+            (false, true) => names::PROG_TC_INGRESS,
+            (false, false) => names::PROG_TC_EGRESS,
+        };
+        let tc: &mut SchedClassifier = self.program(name)?;
+        if baseline && tc.fd().is_err() {
+            tc.load().map_err(|e| Error::Load {
+                what: name.into(),
+                source: Box::new(e),
+            })?;
+        }
+        run_tc(tc, name, frame, run, repeat).map(|(action, _, took)| (action, took))
+    }
+
     /// Runs `fw_tc_in` or `fw_tc_eg` once on `frame` with
     /// `BPF_PROG_TEST_RUN` as `run` describes. Returns the TC action (0
     /// `TC_ACT_OK`, 2 `TC_ACT_SHOT`) and the skb mark the program left.
@@ -122,6 +149,6 @@ impl Dataplane {
             names::PROG_TC_EGRESS
         };
         let tc: &mut SchedClassifier = self.program(name)?;
-        run_tc(tc, name, frame, run)
+        run_tc(tc, name, frame, run, 1).map(|(action, mark, _)| (action, mark))
     }
 }

@@ -1,7 +1,8 @@
 //! `cargo xtask bench` (part 2, needs root): per-packet cost of `fw_xdp`
-//! under BPF_PROG_TEST_RUN beside a program that only returns XDP_PASS, in
-//! one run (medians of five alternating runs). A 64-byte TCP SYN whose
-//! deciding rule is the last one.
+//! and `fw_tc_in` under BPF_PROG_TEST_RUN beside programs that only return
+//! XDP_PASS and TC_ACT_OK, in one run (medians of five alternating runs),
+//! for a grid of rules × CIDRs. A 64-byte TCP SYN whose deciding rule is
+//! the last one.
 //!
 //! With `--baseline OBJECT` (xtask passes the build without the Log record
 //! path, feature `bench-no-log`), that object's `fw_xdp` runs too, with
@@ -17,12 +18,31 @@ use std::{
 use etherparse::PacketBuilder;
 use filter_agent::{
     compile::{self, Node},
-    dataplane::{conntrack::Flow, Dataplane, Interfaces, Options},
+    dataplane::{conntrack::Flow, Dataplane, Interfaces, Options, TcRun},
     model::Store,
 };
 
 const REPEAT: u32 = 1_000_000;
+/// CIDRs of the profile's and `--spin`'s policies.
 const CIDRS: usize = 100_000;
+
+/// The per-packet grid: (rules, CIDRs). 65,536 rules are past a table's
+/// capacity; the row says so.
+const GRID: [(usize, usize); 9] = [
+    (0, 0),
+    (1, 100_000),
+    (100, 100_000),
+    (1_000, 100_000),
+    (10_000, 100_000),
+    (65_536, 100_000),
+    (1, 1_000_000),
+    (1_000, 1_000_000),
+    (10_000, 1_000_000),
+];
+
+/// Address table entries for the benchmark: a million host addresses per
+/// policy, twice (the live policy and the next).
+const PREFIX_CAPACITY: u32 = 1 << 21;
 
 /// The host endpoint every benchmark policy applies to.
 const HEP: &str = "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: hep, labels: {role: pub}}\nspec: {node: bench, interfaceName: lo}\n";
@@ -30,14 +50,14 @@ const HEP: &str = "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadat
 const POLICY_HEAD: &str = "---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: bench}\nspec:\n  preDNAT: true\n  applyOnForward: true\n  selector: role == 'pub'\n  ingress:\n";
 
 /// `rules` pre-DNAT Deny rules for TCP, each with its own destination port
-/// and its share of `CIDRS` /32 sources; the benchmark packet matches only
+/// and its share of `cidrs` /32 sources; the benchmark packet matches only
 /// the last one.
-fn policy(rules: usize) -> String {
+fn policy(rules: usize, cidrs: usize) -> String {
     let mut y = String::from(HEP);
     if rules == 0 {
         return y;
     }
-    let per_rule = CIDRS / rules;
+    let per_rule = cidrs / rules;
     y += POLICY_HEAD;
     let mut n: u32 = 0;
     for r in 0..rules {
@@ -54,7 +74,7 @@ fn policy(rules: usize) -> String {
                 )
             })
             .collect();
-        y += &format!("  - action: Deny\n    protocol: TCP\n    source: {{nets: [{}]}}\n    destination: {{ports: [{}]}}\n", nets.join(", "), 1000 + r);
+        y += &format!("  - action: Deny\n    protocol: TCP\n    source: {{nets: [{}]}}\n    destination: {{ports: [{}]}}\n", nets.join(", "), port(r));
     }
     y
 }
@@ -85,41 +105,46 @@ fn main() {
     let pin_dir = Path::new("/sys/fs/bpf").join(format!("fwbench{}", std::process::id()));
     // Unpins also when a run panics (a closed stdout, say).
     let _unpin = Unpin(pin_dir.clone());
-    let mut dp = Dataplane::load(&pin_dir.join("a")).expect("load the kernel object");
+    let options = Options {
+        prefix_capacity: PREFIX_CAPACITY,
+        ..Options::default()
+    };
+    let mut dp =
+        Dataplane::load_with(&pin_dir.join("a"), &options).expect("load the kernel object");
     let mut base = baseline.map(|object| {
-        Dataplane::load_object(&pin_dir.join("b"), &Options::default(), &object)
+        Dataplane::load_object(&pin_dir.join("b"), &options, &object)
             .expect("load the baseline object")
     });
     let d = &mut Pair {
         dp: &mut dp,
         base: base.as_mut(),
     };
-    println!("| rules | CIDRs | fw_xdp ns/packet | without the Log path | ratio | XDP_PASS ns/packet | verdict | publish ms |");
-    println!("|---:|---:|---:|---:|---:|---:|---|---:|");
-    for rules in [0usize, 1, 100, 1000, 10_000] {
-        let publish = publish(d, &policy(rules));
-        let frame = last_rule_syn(rules);
-        let a = last_source(rules);
-        row(
-            &rules.to_string(),
-            if rules == 0 { 0 } else { CIDRS },
-            measure(d, &frame),
-            Some(publish),
-        );
-        if rules == 1000 {
+    println!("| rules | CIDRs | fw_xdp ns/packet | without the Log path | ratio | XDP_PASS ns/packet | fw_xdp ÷ XDP_PASS | fw_tc_in ns/packet | TC pass ns/packet | fw_tc_in ÷ TC pass | verdict | publish ms |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|");
+    for (rules, cidrs) in GRID {
+        let publish = match publish(d, &policy(rules, cidrs)) {
+            Ok(took) => took,
+            Err(refused) => {
+                println!("| {rules} | {cidrs} | refused: {refused} | | | | | | | | | |");
+                continue;
+            }
+        };
+        let frame = last_rule_syn(rules, cidrs);
+        row(&rules.to_string(), cidrs, measure(d, &frame), Some(publish));
+        if [(1_000, 100_000), (10_000, 1_000_000)].contains(&(rules, cidrs)) {
             // The same packet on a flow conntrack knows: the pre-DNAT stage
             // is skipped after one table lookup.
             let flow = Flow {
-                src: std::net::Ipv4Addr::from(a).into(),
+                src: std::net::Ipv4Addr::from(last_source(rules, cidrs)).into(),
                 dst: std::net::Ipv4Addr::new(192, 0, 2, 1).into(),
                 proto: 6,
                 sport: 40000,
-                dport: 1000 + rules as u16 - 1,
+                dport: port(rules - 1),
             };
             d.each(|dp| dp.open_flow(&flow, true, true).expect("record the flow"));
             let measured = measure(d, &frame);
             d.each(|dp| dp.forget_flow(&flow).expect("forget the flow"));
-            row(&format!("{rules}, established flow"), CIDRS, measured, None);
+            row(&format!("{rules}, established flow"), cidrs, measured, None);
         }
     }
     worst_case(d);
@@ -128,6 +153,12 @@ fn main() {
         let _ = b.shutdown();
     }
     profile(&pin_dir);
+}
+
+/// The destination port of benchmark rule `r` (they repeat past 64,000
+/// rules; the rules still differ by their sources).
+fn port(r: usize) -> u16 {
+    (1000 + r % 64_000) as u16
 }
 
 /// `--spin RULES`: runs `fw_xdp` on the benchmark's packet for `rules`
@@ -142,8 +173,8 @@ fn spin(rules: usize) {
         dp: &mut dp,
         base: None,
     };
-    publish(d, &policy(rules));
-    let frame = last_rule_syn(rules);
+    publish(d, &policy(rules, CIDRS)).expect("publish");
+    let frame = last_rule_syn(rules, CIDRS);
     let started = Instant::now();
     let mut packets = 0u64;
     let mut busy = Duration::ZERO;
@@ -158,18 +189,18 @@ fn spin(rules: usize) {
     let _ = dp.shutdown();
 }
 
-/// The benchmark's packet for `rules` rules: from the last CIDR of the
-/// last rule, to the last rule's port (any source and port 999 for none).
-fn last_rule_syn(rules: usize) -> Vec<u8> {
-    syn(
-        last_source(rules).to_be_bytes(),
-        1000 + rules.saturating_sub(1) as u16,
-    )
+/// The benchmark's packet for `rules` rules sharing `cidrs`: from the last
+/// CIDR of the last rule, to the last rule's port (10.0.0.1 to port 999
+/// for none).
+fn last_rule_syn(rules: usize, cidrs: usize) -> Vec<u8> {
+    let dport = rules.checked_sub(1).map_or(999, port);
+    syn(last_source(rules, cidrs).to_be_bytes(), dport)
 }
 
-/// The last CIDR of the last of `rules` rules (10.0.0.1 for none).
-fn last_source(rules: usize) -> u32 {
-    let last = CIDRS
+/// The last CIDR of the last of `rules` rules sharing `cidrs` (10.0.0.1
+/// for none).
+fn last_source(rules: usize, cidrs: usize) -> u32 {
+    let last = cidrs
         .checked_div(rules)
         .map_or(1, |per| (per * rules) as u32);
     0x0a00_0000u32 + last
@@ -211,19 +242,13 @@ fn profile(pin_dir: &Path) {
         })
         .collect();
     const RULES: usize = 1000;
-    let per_rule = CIDRS / RULES;
-    let last = 0x0a00_0000u32 + (per_rule * RULES) as u32;
     let cases = [
         (
             "new flow, rule 1,000 of 1,000 decides",
-            policy(RULES),
-            syn(last.to_be_bytes(), 1000 + RULES as u16 - 1),
+            policy(RULES, CIDRS),
+            last_rule_syn(RULES, CIDRS),
         ),
-        (
-            "endpoint without policy",
-            policy(0),
-            syn(last.to_be_bytes(), 80),
-        ),
+        ("endpoint without policy", policy(0, 0), last_rule_syn(0, 0)),
     ];
     println!();
     println!("| packet | part switched off | fw_xdp ns/packet | saved ns | XDP_PASS ns/packet |");
@@ -290,7 +315,7 @@ fn worst_case(d: &mut Pair<'_>) {
         };
         y += &format!("  - action: Deny\n    protocol: TCP\n    source: {{nets: [{net}/32]}}\n    destination: {{ports: [{port}]}}\n");
     }
-    let publish = publish(d, &y);
+    let publish = publish(d, &y).expect("publish");
     let frame = syn([10, 0, 0, 1], 80);
     row(
         &format!("{RULES}, worst case (no word skipped)"),
@@ -301,17 +326,19 @@ fn worst_case(d: &mut Pair<'_>) {
 }
 
 /// Compiles `text` and makes it the live policy on `lo`: the time the
-/// dataplane under test took (the baseline gets it too, untimed).
-fn publish(d: &mut Pair<'_>, text: &str) -> Duration {
+/// dataplane under test took (the baseline gets it too, untimed), or why
+/// the dataplane refused it (a capacity).
+fn publish(d: &mut Pair<'_>, text: &str) -> Result<Duration, String> {
     let compiled = compiled(text);
     let ifaces: Interfaces = [("lo".to_string(), 1)].into();
     let started = Instant::now();
-    d.dp.publish(&compiled, &ifaces).expect("publish");
+    d.dp.publish(&compiled, &ifaces)
+        .map_err(|e| e.to_string())?;
     let took = started.elapsed();
     if let Some(b) = d.base.as_deref_mut() {
         b.publish(&compiled, &ifaces).expect("publish the baseline");
     }
-    took
+    Ok(took)
 }
 
 /// One table row: what [`measure`] gave, and the publish time if any.
@@ -324,11 +351,22 @@ fn row(label: &str, cidrs: usize, m: Measured, publish: Option<Duration>) {
         ),
         None => ("-".into(), "-".into()),
     };
+    let times = |a: Duration, b: Duration| format!("{:.1}", a.as_secs_f64() / b.as_secs_f64());
+    // TC runs the host's normal stage too: an endpoint without policy
+    // passes XDP and meets Calico's default deny there.
+    let verdicts = match (verdict(m.ret), tc_verdict(m.tc_ret)) {
+        (x, t) if x == t => x.to_string(),
+        (x, t) => format!("{x} (TC: {t})"),
+    };
     println!(
-        "| {label} | {cidrs} | {} | {base} | {ratio} | {} | {} | {publish} |",
+        "| {label} | {cidrs} | {} | {base} | {ratio} | {} | {} | {} | {} | {} | {} | {publish} |",
         m.fw.as_nanos(),
         m.pass.as_nanos(),
-        verdict(m.ret)
+        times(m.fw, m.pass),
+        m.tc.as_nanos(),
+        m.tc_pass.as_nanos(),
+        times(m.tc, m.tc_pass),
+        verdicts
     );
 }
 
@@ -340,6 +378,11 @@ struct Measured {
     /// The baseline's `fw_xdp`, with `--baseline`.
     base: Option<Duration>,
     pass: Duration,
+    /// `fw_tc_in`'s action, as if XDP had left no metadata (it runs
+    /// XDP's stages itself), its time and the TC pass program's.
+    tc_ret: i32,
+    tc: Duration,
+    tc_pass: Duration,
 }
 
 fn compiled(text: &str) -> compile::Compiled {
@@ -363,8 +406,25 @@ fn compiled(text: &str) -> compile::Compiled {
 /// alternating spreads the machine's slower moments over all three.
 fn measure(d: &mut Pair<'_>, frame: &[u8]) -> Measured {
     let mut ret = 0;
+    let mut tc_ret = 0;
     let (mut fw, mut base, mut pass) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut tc, mut tc_pass) = (Vec::new(), Vec::new());
+    let run = TcRun {
+        ingress: true,
+        ifindex: 1,
+        ingress_ifindex: 1,
+        mark: 0,
+    };
     for _ in 0..RUNS {
+        let (r, t) =
+            d.dp.time_tc(frame, run, REPEAT, false)
+                .expect("run fw_tc_in");
+        tc_ret = r;
+        tc.push(t);
+        let (_, p) =
+            d.dp.time_tc(frame, run, REPEAT, true)
+                .expect("run the TC pass");
+        tc_pass.push(p);
         let (r, t) = d.dp.time_xdp(frame, 1, REPEAT, false).expect("run fw_xdp");
         if let Some(b) = d.base.as_deref_mut() {
             let (rb, tb) = b
@@ -383,6 +443,9 @@ fn measure(d: &mut Pair<'_>, frame: &[u8]) -> Measured {
         fw: median(fw).unwrap_or_default(),
         base: median(base),
         pass: median(pass).unwrap_or_default(),
+        tc_ret,
+        tc: median(tc).unwrap_or_default(),
+        tc_pass: median(tc_pass).unwrap_or_default(),
     }
 }
 
@@ -412,6 +475,14 @@ fn verdict(xdp_action: u32) -> &'static str {
     match xdp_action {
         1 => "drop",
         2 => "pass",
+        _ => "other",
+    }
+}
+
+fn tc_verdict(tc_action: i32) -> &'static str {
+    match tc_action {
+        0 => "pass",
+        2 => "drop",
         _ => "other",
     }
 }
