@@ -1596,3 +1596,45 @@ fn a_policy_past_the_prefix_capacity_is_refused_and_the_live_one_stays() {
         "adopted tables keep their size"
     );
 }
+
+/// A rule's counter counts from when the generation that put the rule in
+/// its slot went live: publishing zeroes the slots it writes, on every
+/// CPU (in one batched write), so a slot reused two policies later starts
+/// again at zero.
+#[test]
+fn a_rule_counter_starts_at_zero_each_time_its_slot_is_reused() {
+    if !privileged("a_rule_counter_starts_at_zero_each_time_its_slot_is_reused") {
+        return;
+    }
+    use filter_agent::dataplane::PinnedCounters;
+    let policy = "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: test-hep, labels: {r: x}}\nspec: {node: kernel-test, interfaceName: lo}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: deny-one}\nspec:\n  preDNAT: true\n  applyOnForward: true\n  ingress:\n  - action: Deny\n    source: {nets: [192.0.2.7/32]}\n";
+    let mut k = Loaded::new(policy);
+    let slot = |k: &Loaded| {
+        let (compiled, generation) = k.published.as_ref().expect("published");
+        filter_agent::state::state(compiled, *generation, &[])
+            .rules
+            .iter()
+            .find(|r| r.policy.as_deref() == Some("deny-one") && r.rule == Some(0))
+            .expect("the deny rule")
+            .slot
+    };
+    let first = slot(&k);
+    let counters = PinnedCounters::open(&k.pin_dir).expect("open the counters");
+    for _ in 0..5 {
+        assert_eq!(k.run(&tcp4([192, 0, 2, 7], WORKER, 80)), XDP_DROP);
+    }
+    assert_eq!(counters.rule(first).expect("read").packets, 5);
+    k.publish(policy);
+    assert_ne!(slot(&k), first, "the other generation's slot");
+    k.publish(policy);
+    assert_eq!(slot(&k), first, "the first generation's slot again");
+    assert_eq!(
+        counters.rule(first).expect("read").packets,
+        0,
+        "zeroed when its generation was written"
+    );
+    for _ in 0..2 {
+        assert_eq!(k.run(&tcp4([192, 0, 2, 7], WORKER, 80)), XDP_DROP);
+    }
+    assert_eq!(counters.rule(first).expect("read").packets, 2);
+}

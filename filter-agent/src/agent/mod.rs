@@ -561,7 +561,13 @@ impl Agent {
         let ifaces = seen.iter().map(|(n, (i, _))| (n.clone(), *i)).collect();
         match self.dp.apply(&compiled, &ifaces) {
             Ok(generation) => {
-                let took = self.reload_started.elapsed().as_secs_f64();
+                // Enforced from the flip; clearing the old generation and
+                // attaching new interfaces come after.
+                let times = self.dp.last_publish();
+                let took = times
+                    .enforced
+                    .saturating_duration_since(self.reload_started)
+                    .as_secs_f64();
                 let mut state = crate::state::state(&compiled, generation, &self.dp.attachments());
                 state.last_apply = Some(crate::state::Event::now(took, None));
                 self.log_settings(&state, store);
@@ -571,6 +577,9 @@ impl Agent {
                 tracing::info!(
                     generation,
                     rules,
+                    enforced_after_ms = took * 1e3,
+                    written_ms = times.to_enforce.as_secs_f64() * 1e3,
+                    cleared_ms = times.to_clear.as_secs_f64() * 1e3,
                     classes = compiled.classes.len(),
                     endpoints = ?self.dp.attachments(),
                     "policy applied"

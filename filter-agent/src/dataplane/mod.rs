@@ -15,6 +15,7 @@
 //! diagnostics).
 
 mod attach;
+mod batch;
 mod classes;
 pub mod conntrack;
 mod counters;
@@ -30,14 +31,14 @@ mod testrun;
 use attach::Attachment;
 pub use counters::PinnedCounters;
 use pins::{ensure_bpffs, remove_pins};
-pub use publish::{class_storage, first_slots, preflight};
+pub use publish::{class_storage, first_slots, preflight, PublishTimes};
 pub use testrun::TcRun;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::IpAddr,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -54,11 +55,11 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use filter_common::{
-    failsafe_port_bit, field, names, table_id, AddrV4Key, AddrV6Key, ClassHead, EndpointKey,
-    EndpointValue, FailsafeKey, HostKey, PortKey, RuleCounter, RuleMeta, SvcKey, TableHints,
-    CLASSES_PER_GEN, CLASS_WORDS_PER_GEN, FAILSAFE_ADDR_OFFSET_BITS, FAILSAFE_PORT_BITS,
-    GENERATIONS, MAX_RULES, PORT_KEY_ANY_PROTO_BITS, PORT_KEY_FLAG_BITS, RULE_SLOTS_PER_GEN,
-    TABLES_PER_GEN, TABLE_PREFIX_BITS,
+    failsafe_port_bit, field, names, table_id, AddrV4Key, AddrV6Key, EndpointKey, EndpointValue,
+    FailsafeKey, HostKey, PortKey, RuleCounter, RuleMeta, SvcKey, TableHints, CLASSES_PER_GEN,
+    CLASS_WORDS_PER_GEN, FAILSAFE_ADDR_OFFSET_BITS, FAILSAFE_PORT_BITS, GENERATIONS, MAX_RULES,
+    PORT_KEY_ANY_PROTO_BITS, PORT_KEY_FLAG_BITS, RULE_SLOTS_PER_GEN, TABLES_PER_GEN,
+    TABLE_PREFIX_BITS,
 };
 
 use crate::compile::{prefix::Prefix, services::Frontend, Compiled, PortEntry, Table};
@@ -153,6 +154,10 @@ pub struct Dataplane {
     /// Entries of each address table, both generations together
     /// ([`Options::prefix_capacity`], or an adopted table's size).
     prefix_capacity: u32,
+    /// The inactive generation holds nothing: this dataplane cleared it
+    /// after the last flip (unknown after a load: an adopted one may not).
+    inactive_clean: bool,
+    last_publish: PublishTimes,
 }
 
 /// Interface name → index, resolved by the caller in the agent's namespace.
@@ -337,6 +342,12 @@ impl Dataplane {
             live: 0,
             pinned_maps,
             prefix_capacity,
+            inactive_clean: false,
+            last_publish: PublishTimes {
+                enforced: Instant::now(),
+                to_enforce: Duration::ZERO,
+                to_clear: Duration::ZERO,
+            },
         };
         dp.live = dp.generation()?;
         Ok(dp)

@@ -109,6 +109,20 @@ impl Plan {
     }
 }
 
+/// How the last publish went: the policy is enforced from the moment the
+/// live generation flips; clearing the old one comes after.
+#[derive(Debug, Clone, Copy)]
+pub struct PublishTimes {
+    /// When the new generation went live.
+    pub enforced: Instant,
+    /// From the start of the publish to the flip: writing the inactive
+    /// generation.
+    pub to_enforce: Duration,
+    /// From the flip to the old generation cleared (the grace period
+    /// included).
+    pub to_clear: Duration,
+}
+
 /// Whether every table fits the kernel's tables: at most `MAX_RULES` rules
 /// per stage and direction, `RULE_SLOTS_PER_GEN` in all. The compiler has
 /// no such limit.
@@ -297,6 +311,7 @@ impl Dataplane {
     /// Writes `compiled` into the inactive generation, makes it live, and
     /// clears the old one; attaches nothing. Returns the live generation.
     pub fn publish(&mut self, compiled: &Compiled, ifaces: &Interfaces) -> Result<u32, Error> {
+        let started = Instant::now();
         let next = (self.live + 1) % GENERATIONS;
         check_capacity(compiled)?;
         check_prefixes(compiled, self.prefix_capacity)?;
@@ -304,17 +319,34 @@ impl Dataplane {
         // first write, so a policy that does not fit changes nothing.
         let plan = Plan::new(compiled, ifaces, next)?;
         // The inactive generation may still hold entries if a previous
-        // update failed half-way; start it clean.
-        self.clear_generation(next)?;
+        // update failed half-way, or an adopted one left them; start it
+        // clean. After our own clear it is known clean: walking every key
+        // of every table again would only find none.
+        if !self.inactive_clean {
+            self.clear_generation(next)?;
+        }
+        self.inactive_clean = false;
         self.write_failsafe(&compiled.failsafe)?;
         self.write_frontends(&compiled.frontends)?;
         self.write_generation(next, compiled, &plan)?;
         self.set_generation(next)?;
+        let enforced = Instant::now();
         let old = self.live;
         self.live = next;
         std::thread::sleep(GRACE);
         self.clear_generation(old)?;
+        self.inactive_clean = true;
+        self.last_publish = PublishTimes {
+            enforced,
+            to_enforce: enforced - started,
+            to_clear: enforced.elapsed(),
+        };
         Ok(next)
+    }
+
+    /// When and how fast the last [`Dataplane::publish`] went.
+    pub fn last_publish(&self) -> PublishTimes {
+        self.last_publish
     }
 
     pub(super) fn write_generation(
@@ -323,23 +355,22 @@ impl Dataplane {
         compiled: &Compiled,
         plan: &Plan,
     ) -> Result<(), Error> {
-        {
-            let mut words: Array<&mut MapData, u64> = self.map(names::MAP_CLASS_WORDS)?;
-            let base = generation * CLASS_WORDS_PER_GEN;
-            for (i, w) in plan.layout.words.iter().enumerate() {
-                words
-                    .set(base + i as u32, w, 0)
-                    .map_err(map_error(names::MAP_CLASS_WORDS, format!("set word {i}")))?;
-            }
-        }
-        {
-            let mut heads: Array<&mut MapData, ClassHead> = self.map(names::MAP_CLASS)?;
-            for (i, h) in plan.layout.heads.iter().enumerate() {
-                heads
-                    .set(plan.class_base + i as u32, h, 0)
-                    .map_err(map_error(names::MAP_CLASS, format!("set class {i}")))?;
-            }
-        }
+        let base = generation * CLASS_WORDS_PER_GEN;
+        let at = |base: u32, n: usize| (base..).take(n).collect::<Vec<u32>>();
+        let words = &plan.layout.words;
+        batch::update(
+            &self.ebpf,
+            names::MAP_CLASS_WORDS,
+            &at(base, words.len()),
+            words,
+        )?;
+        let heads = &plan.layout.heads;
+        batch::update(
+            &self.ebpf,
+            names::MAP_CLASS,
+            &at(plan.class_base, heads.len()),
+            heads,
+        )?;
         for (t, first_slot) in compiled.tables.iter().zip(&plan.first_slots) {
             let table = table_id(generation, t.stage, t.direction);
             self.write_table(table, *first_slot, t, plan)?;
@@ -356,20 +387,21 @@ impl Dataplane {
     ) -> Result<(), Error> {
         self.zero_counters(first_slot, t.rules.len())?;
         let tb = table.to_be_bytes();
-        {
-            let mut rules: Array<&mut MapData, RuleMeta> = self.map(names::MAP_RULE)?;
-            for (i, r) in t.rules.iter().enumerate() {
+        let (slots, metas): (Vec<u32>, Vec<RuleMeta>) = t
+            .rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
                 let meta = RuleMeta {
                     action: r.action,
                     policy: r.owner,
                     rule: i as u32,
                     next: r.next,
                 };
-                rules
-                    .set(first_slot + i as u32, &meta, 0)
-                    .map_err(map_error(names::MAP_RULE, format!("set rule {i}")))?;
-            }
-        }
+                (first_slot + i as u32, meta)
+            })
+            .unzip();
+        batch::update(&self.ebpf, names::MAP_RULE, &slots, &metas)?;
         let bits = |p: &Prefix| TABLE_PREFIX_BITS + u32::from(p.len);
         for (name, exact, entries) in [
             (names::MAP_SRC_V4, names::MAP_SRC_V4_EXACT, &t.src_v4),
@@ -415,12 +447,12 @@ impl Dataplane {
             (names::MAP_PORT, names::MAP_PORT_EXACT, &t.dports),
             (names::MAP_SPORT, names::MAP_SPORT_EXACT, &t.sports),
         ] {
-            let mut singles: HashMap<&mut MapData, Key<PortKey>, u32> = self.map(exact)?;
-            for e in entries.iter().filter(|e| is_single_port(e)) {
-                singles
-                    .insert(&port_key(tb, e), &plan.class(e.class), 0)
-                    .map_err(map_error(exact, format!("insert {e:?}")))?;
-            }
+            let (keys, classes): (Vec<Key<PortKey>>, Vec<u32>) = entries
+                .iter()
+                .filter(|e| is_single_port(e))
+                .map(|e| (port_key(tb, e), plan.class(e.class)))
+                .unzip();
+            batch::update(&self.ebpf, exact, &keys, &classes)?;
             let mut ports: LpmTrie<&mut MapData, PortKey, u32> = self.map(name)?;
             for e in entries.iter().filter(|e| !is_single_port(e)) {
                 ports
@@ -465,11 +497,12 @@ impl Dataplane {
         key: impl Fn(&Prefix) -> Key<K>,
         plan: &Plan,
     ) -> Result<(), Error> {
-        let mut map: HashMap<&mut MapData, Key<K>, u32> = self.map(exact)?;
-        for (p, class) in entries.iter().filter(|(p, _)| p.len == full) {
-            map.insert(&key(p), &plan.class(*class), 0)
-                .map_err(map_error(exact, format!("insert {p:?}")))?;
-        }
+        let (keys, classes): (Vec<Key<K>>, Vec<u32>) = entries
+            .iter()
+            .filter(|(p, _)| p.len == full)
+            .map(|(p, class)| (key(p), plan.class(*class)))
+            .unzip();
+        batch::update(&self.ebpf, exact, &keys, &classes)?;
         let prefixes: Vec<(Prefix, u32)> = entries
             .iter()
             .filter(|(p, _)| p.len != full)
@@ -553,20 +586,8 @@ impl Dataplane {
     /// slot counts for the rule the live generation puts there, from when
     /// it went live.
     pub(super) fn zero_counters(&mut self, first_slot: u32, rules: usize) -> Result<(), Error> {
-        let cpus = aya::util::nr_cpus().map_or(1, |n| n.get() as usize);
-        let mut ctr: PerCpuArray<&mut MapData, RuleCounter> = self.map(names::MAP_RULE_COUNTERS)?;
-        for i in 0..rules as u32 {
-            // PerCpuValues is not Clone: one per slot.
-            let zeros = aya::maps::PerCpuValues::try_from(vec![RuleCounter::default(); cpus])
-                .map_err(|e| Error::Fs {
-                    op: "size per-CPU values for",
-                    path: names::MAP_RULE_COUNTERS.into(),
-                    source: e,
-                })?;
-            ctr.set(first_slot + i, zeros, 0)
-                .map_err(map_error(names::MAP_RULE_COUNTERS, "zero"))?;
-        }
-        Ok(())
+        let slots: Vec<u32> = (first_slot..).take(rules).collect();
+        batch::zero_per_cpu(&self.ebpf, names::MAP_RULE_COUNTERS, &slots)
     }
 
     /// Removes every trie and endpoint entry of `generation`.

@@ -18,7 +18,7 @@ use std::{
 use etherparse::PacketBuilder;
 use filter_agent::{
     compile::{self, Node},
-    dataplane::{conntrack::Flow, Dataplane, Interfaces, Options, TcRun},
+    dataplane::{conntrack::Flow, Dataplane, Interfaces, Options, PublishTimes, TcRun},
     model::Store,
 };
 
@@ -119,7 +119,7 @@ fn main() {
         dp: &mut dp,
         base: base.as_mut(),
     };
-    println!("| rules | CIDRs | fw_xdp ns/packet | without the Log path | ratio | XDP_PASS ns/packet | fw_xdp ÷ XDP_PASS | fw_tc_in ns/packet | TC pass ns/packet | fw_tc_in ÷ TC pass | verdict | publish ms |");
+    println!("| rules | CIDRs | fw_xdp ns/packet | without the Log path | ratio | XDP_PASS ns/packet | fw_xdp ÷ XDP_PASS | fw_tc_in ns/packet | TC pass ns/packet | fw_tc_in ÷ TC pass | verdict | publish ms: to enforce / to clear the old |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|");
     for (rules, cidrs) in GRID {
         let publish = match publish(d, &policy(rules, cidrs)) {
@@ -325,25 +325,27 @@ fn worst_case(d: &mut Pair<'_>) {
     );
 }
 
-/// Compiles `text` and makes it the live policy on `lo`: the time the
-/// dataplane under test took (the baseline gets it too, untimed), or why
-/// the dataplane refused it (a capacity).
-fn publish(d: &mut Pair<'_>, text: &str) -> Result<Duration, String> {
+/// Compiles `text` and makes it the live policy on `lo`: how long the
+/// dataplane under test took to enforce it and to clear the old one (the
+/// baseline gets it too, untimed), or why the dataplane refused it (a
+/// capacity).
+fn publish(d: &mut Pair<'_>, text: &str) -> Result<PublishTimes, String> {
     let compiled = compiled(text);
     let ifaces: Interfaces = [("lo".to_string(), 1)].into();
-    let started = Instant::now();
     d.dp.publish(&compiled, &ifaces)
         .map_err(|e| e.to_string())?;
-    let took = started.elapsed();
+    let times = d.dp.last_publish();
     if let Some(b) = d.base.as_deref_mut() {
         b.publish(&compiled, &ifaces).expect("publish the baseline");
     }
-    Ok(took)
+    Ok(times)
 }
 
-/// One table row: what [`measure`] gave, and the publish time if any.
-fn row(label: &str, cidrs: usize, m: Measured, publish: Option<Duration>) {
-    let publish = publish.map_or(String::new(), |p| p.as_millis().to_string());
+/// One table row: what [`measure`] gave, and the publish times if any.
+fn row(label: &str, cidrs: usize, m: Measured, publish: Option<PublishTimes>) {
+    let publish = publish.map_or(String::new(), |p| {
+        format!("{} / {}", p.to_enforce.as_millis(), p.to_clear.as_millis())
+    });
     let (base, ratio) = match m.base {
         Some(b) => (
             b.as_nanos().to_string(),

@@ -1,0 +1,141 @@
+//! Batched map updates: many entries per `bpf(2)` call
+//! (`BPF_MAP_UPDATE_BATCH`, Linux 5.6; hashes and arrays). A policy's host
+//! addresses and class words are most of what a generation writes, one
+//! syscall each through aya 0.16, which has no batch call; in batches the
+//! write is several times faster.
+
+use std::os::fd::{AsFd, AsRawFd};
+
+use aya::{
+    maps::{Map, MapData, MapError},
+    sys::SyscallError,
+    Ebpf,
+};
+
+use super::{map_error, Error};
+
+/// `BPF_MAP_UPDATE_BATCH` (include/uapi/linux/bpf.h, `enum bpf_cmd`).
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+/// Entries per call: the kernel copies keys and values in per call, so a
+/// bounded batch keeps its temporary memory small.
+const CHUNK: usize = 16_384;
+
+/// `union bpf_attr`'s member for the batch commands.
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// Writes `keys[i]` → `values[i]` into the hash or array map `name` (flags
+/// 0: insert or replace), a chunk per call. On failure, the error of the
+/// call that failed; entries before it are written (the caller's
+/// generation is inactive, and cleared again before its next use).
+pub(super) fn update<K: aya::Pod, V: aya::Pod>(
+    ebpf: &Ebpf,
+    name: &'static str,
+    keys: &[K],
+    values: &[V],
+) -> Result<(), Error> {
+    assert_eq!(keys.len(), values.len(), "a value per key");
+    // SAFETY: plain data (`Pod`), viewed as its bytes.
+    let bytes = unsafe {
+        std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+    };
+    update_bytes(ebpf, name, keys, bytes, std::mem::size_of::<V>())
+}
+
+/// Zeroes entries `keys` of the per-CPU array `name` on every CPU.
+pub(super) fn zero_per_cpu(ebpf: &Ebpf, name: &'static str, keys: &[u32]) -> Result<(), Error> {
+    let map = data(ebpf, name)?;
+    let info = map.info().map_err(map_error(name, "info"))?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| {
+        map_error(name, "count CPUs")(MapError::SyscallError(SyscallError {
+            call: "nr_cpus",
+            io_error: e,
+        }))
+    })?;
+    // The kernel's layout of a per-CPU value: one slot per possible CPU,
+    // each rounded up to 8 bytes.
+    let per_key = (info.value_size() as usize).next_multiple_of(8) * cpus.get() as usize;
+    let zeros = vec![0u8; per_key * keys.len()];
+    update_bytes(ebpf, name, keys, &zeros, per_key)
+}
+
+/// [`update`] with the values as `value_len`-byte slots of `values`.
+fn update_bytes<K: aya::Pod>(
+    ebpf: &Ebpf,
+    name: &'static str,
+    keys: &[K],
+    values: &[u8],
+    value_len: usize,
+) -> Result<(), Error> {
+    assert_eq!(values.len(), keys.len() * value_len, "a value per key");
+    let map = data(ebpf, name)?;
+    let info = map.info().map_err(map_error(name, "info"))?;
+    let per_cpu = matches!(ebpf.map(name), Some(Map::PerCpuArray(_)));
+    let expected = if per_cpu {
+        value_len
+    } else {
+        info.value_size() as usize
+    };
+    if info.key_size() as usize != std::mem::size_of::<K>() || value_len != expected {
+        return Err(map_error(name, "batch update")(
+            MapError::InvalidValueSize {
+                size: value_len,
+                expected,
+            },
+        ));
+    }
+    let fd = map.fd().as_fd().as_raw_fd();
+    for (k, v) in keys.chunks(CHUNK).zip(values.chunks(CHUNK * value_len)) {
+        let mut attr = BatchAttr {
+            keys: k.as_ptr() as u64,
+            values: v.as_ptr() as u64,
+            count: k.len() as u32,
+            map_fd: fd as u32,
+            ..Default::default()
+        };
+        // SAFETY: `attr` is the batch member of `union bpf_attr`, its size
+        // passed (the kernel zero-fills the rest); `keys` and `values`
+        // point at `count` keys and values of the sizes the map was
+        // created with (checked above), alive for the call.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        if rc < 0 {
+            let io_error = std::io::Error::last_os_error();
+            return Err(map_error(name, "batch update")(MapError::SyscallError(
+                SyscallError {
+                    call: "bpf_map_update_batch",
+                    io_error,
+                },
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The data of hash, array or per-CPU array map `name` (what is batched
+/// here).
+fn data<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a MapData, Error> {
+    match ebpf.map(name) {
+        Some(Map::HashMap(d) | Map::Array(d) | Map::PerCpuArray(d)) => Ok(d),
+        _ => Err(map_error(name, "find")(MapError::InvalidName {
+            name: name.into(),
+        })),
+    }
+}
