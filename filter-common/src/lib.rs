@@ -291,6 +291,25 @@ pub mod field {
 /// Entries of `FW_TABLE1`: one per table of both generations.
 pub const MAX_TABLES: u32 = TABLES_PER_GEN * GENERATIONS;
 
+/// The endpoint map's summary key of `generation`: with an interface, its
+/// value's `class` has bit [`table_bit`] set for every table of the
+/// generation with rules for the interface (`first_slot` is 0). One lookup
+/// tells a program which stages an interface has, instead of one per stage.
+/// Outside the range of [`table_id`], so no table's key collides with it.
+#[inline(always)]
+pub const fn summary_table(generation: u32) -> u32 {
+    SUMMARY_TABLE | generation
+}
+
+/// See [`summary_table`].
+pub const SUMMARY_TABLE: u32 = 0x8000_0000;
+
+/// A summary entry's bit for the table of `stage` and `direction`.
+#[inline(always)]
+pub const fn table_bit(stage: u32, direction: u32) -> u32 {
+    1 << table_id(0, stage, direction)
+}
+
 /// Value of the endpoint map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

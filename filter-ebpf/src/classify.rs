@@ -22,10 +22,10 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
 };
 use filter_common::{
-    action, direction, field, reason, stage, table_id, AddrV4Key, AddrV6Key, ClassHead,
-    EndpointKey, EndpointValue, PortKey, RuleMeta, TableHints, GENERATIONS, MAX_CLASSES,
-    MAX_CLASS_WORDS, MAX_ENDPOINT_ENTRIES, MAX_HOPS, MAX_RULE_SLOTS, MAX_TABLES, MAX_TRIE_ENTRIES,
-    PORT_KEY_FULL_BITS, SUMMARY_WORDS, TABLE_PREFIX_BITS, WORDS,
+    action, direction, field, reason, stage, summary_table, table_bit, table_id, AddrV4Key,
+    AddrV6Key, ClassHead, EndpointKey, EndpointValue, PortKey, RuleMeta, TableHints, GENERATIONS,
+    MAX_CLASSES, MAX_CLASS_WORDS, MAX_ENDPOINT_ENTRIES, MAX_HOPS, MAX_RULE_SLOTS, MAX_TABLES,
+    MAX_TRIE_ENTRIES, PORT_KEY_FULL_BITS, SUMMARY_WORDS, TABLE_PREFIX_BITS, WORDS,
 };
 
 use crate::parse::{Family, Packet, IPPROTO_ICMP, IPPROTO_ICMPV6};
@@ -349,25 +349,32 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
 /// ingress mask (its profiles and the final drop at least).
 #[inline(always)]
 pub fn is_endpoint(ifindex: u32) -> bool {
-    has_rules(stage::NORMAL, direction::INGRESS, ifindex).unwrap_or(false)
+    let tables = tables_of(ifindex);
+    tables != TABLES_UNKNOWN && tables & table_bit(stage::NORMAL, direction::INGRESS) != 0
 }
 
-/// Whether the live generation has rules of `stage` and `direction` for
-/// `ifindex` (one hash lookup; a stage without them decides nothing);
-/// `None` when the live generation cannot be read.
+/// The tables of the live generation with rules for `ifindex`, as
+/// `filter_common::table_bit`s (one hash lookup: the interface's summary
+/// entry; a stage without rules decides nothing); [`TABLES_UNKNOWN`] when
+/// the live generation cannot be read.
 #[inline(always)]
-pub fn has_rules(stage: u32, direction: u32, ifindex: u32) -> Option<bool> {
+pub fn tables_of(ifindex: u32) -> u32 {
     let generation = match FW_GEN1.get(0) {
         Some(g) if *g < GENERATIONS => *g,
-        _ => return None,
+        _ => return TABLES_UNKNOWN,
     };
     let key = EndpointKey {
         ifindex,
-        table: table_id(generation, stage, direction),
+        table: summary_table(generation),
     };
-    // SAFETY: only presence is read.
-    Some(unsafe { FW_EP2.get(&key) }.is_some())
+    // SAFETY: a plain value copied at once.
+    unsafe { FW_EP2.get(&key) }.map_or(0, |v| v.class)
 }
+
+/// [`tables_of`] without a live generation: every table may have rules
+/// (so every stage runs, and reports the broken tables). A number, not an
+/// `Option`: see [`NO_CLASS`].
+pub const TABLES_UNKNOWN: u32 = u32::MAX;
 
 const STOP: i64 = 1;
 const GO_ON: i64 = 0;

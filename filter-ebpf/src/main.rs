@@ -136,15 +136,18 @@ fn early_ingress(ifindex: u32, pkt: &Packet, bytes: u64) -> Early {
     use filter_common::bench_skip as skip;
     // Failsafe and conntrack only decide which of XDP's two stages see the
     // packet: an endpoint with rules in neither (the most common case)
-    // needs neither. (`None`: the tables are broken; the stages say so.)
-    let untracked = classify::has_rules(stage::UNTRACKED, direction::INGRESS, ifindex);
-    let pre_dnat = classify::has_rules(stage::PRE_DNAT, direction::INGRESS, ifindex);
-    if untracked == Some(false) && pre_dnat == Some(false) {
+    // needs neither; one lookup says. (Broken tables have every bit: the
+    // stages run and say so.)
+    let tables = classify::tables_of(ifindex);
+    let has = |stage| tables & filter_common::table_bit(stage, direction::INGRESS) != 0;
+    let untracked = has(stage::UNTRACKED);
+    let pre_dnat = has(stage::PRE_DNAT);
+    if !untracked && !pre_dnat {
         return Early::Pass(xdp_verdict::NONE, reason::PASS_NO_POLICY);
     }
     let failsafe_in = !skipped(skip::FAILSAFE) && failsafe::is_failsafe(direction::INGRESS, pkt);
     if !failsafe_in
-        && untracked != Some(false)
+        && untracked
         && !skipped(skip::UNTRACKED)
         && (skipped(skip::FAILSAFE) || !failsafe::is_reply_failsafe(direction::INGRESS, pkt))
     {
@@ -159,7 +162,7 @@ fn early_ingress(ifindex: u32, pkt: &Packet, bytes: u64) -> Early {
     // Conntrack's answer here only decides whether pre-DNAT rules see the
     // packet: without them, no lookup (the largest fixed cost of the
     // pipeline). TC ingress looks the flow up for itself.
-    if pre_dnat == Some(false) {
+    if !pre_dnat {
         return if failsafe_in {
             failsafe
         } else {

@@ -375,6 +375,28 @@ impl Dataplane {
             let table = table_id(generation, t.stage, t.direction);
             self.write_table(table, *first_slot, t, plan)?;
         }
+        // Each interface's summary: which of these tables have rules for it.
+        let mut summary: BTreeMap<u32, u32> = BTreeMap::new();
+        for t in &compiled.tables {
+            let table = table_id(generation, t.stage, t.direction);
+            for (ifindex, _) in &plan.masks[&table] {
+                *summary.entry(*ifindex).or_default() |= table_bit(t.stage, t.direction);
+            }
+        }
+        let mut eps: HashMap<&mut MapData, EndpointKey, EndpointValue> =
+            self.map(names::MAP_ENDPOINT)?;
+        for (ifindex, tables) in summary {
+            let key = EndpointKey {
+                ifindex,
+                table: summary_table(generation),
+            };
+            let value = EndpointValue {
+                class: tables,
+                first_slot: 0,
+            };
+            eps.insert(&key, &value, 0)
+                .map_err(map_error(names::MAP_ENDPOINT, format!("summary {ifindex}")))?;
+        }
         Ok(())
     }
 
@@ -620,7 +642,7 @@ impl Dataplane {
         let stale: Vec<EndpointKey> = eps
             .keys()
             .filter_map(Result::ok)
-            .filter(|k| tables.contains(&k.table))
+            .filter(|k| tables.contains(&k.table) || k.table == summary_table(generation))
             .collect();
         for k in stale {
             eps.remove(&k)
