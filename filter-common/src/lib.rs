@@ -67,8 +67,14 @@ pub const MAX_RULE_SLOTS: u32 = RULE_SLOTS_PER_GEN * GENERATIONS;
 /// Prefix bits the table id takes at the front of every LPM key.
 pub const TABLE_PREFIX_BITS: u32 = 32;
 
-/// Entries in each LPM trie (shared by all tables and both generations).
+/// Entries in each LPM trie (shared by all tables and both generations),
+/// and the default of each address field's host-address hash (the agent's
+/// `--max-prefixes`).
 pub const MAX_TRIE_ENTRIES: u32 = 262_144;
+/// Entries in each single-port hash (`FW_PORTX1`, `FW_SPORTX1`), all tables
+/// and both generations: a hash allocates 16 bytes of buckets per entry up
+/// front, and a policy names far fewer single ports than addresses.
+pub const MAX_PORT_ENTRIES: u32 = 65_536;
 /// Log and Pass rules one packet may meet in one stage before the program
 /// gives up on the stage (counted as `reason::PASS_TOO_MANY_HOPS`).
 pub const MAX_HOPS: u32 = 32;

@@ -24,8 +24,8 @@ use aya_ebpf::{
 use filter_common::{
     action, direction, field, reason, stage, summary_table, table_bit, table_id, AddrV4Key,
     AddrV6Key, ClassHead, EndpointKey, EndpointValue, PortKey, RuleMeta, TableHints, GENERATIONS,
-    MAX_CLASSES, MAX_CLASS_WORDS, MAX_ENDPOINT_ENTRIES, MAX_HOPS, MAX_RULE_SLOTS, MAX_TABLES,
-    MAX_TRIE_ENTRIES, PORT_KEY_FULL_BITS, SUMMARY_WORDS, TABLE_PREFIX_BITS, WORDS,
+    MAX_CLASSES, MAX_CLASS_WORDS, MAX_ENDPOINT_ENTRIES, MAX_HOPS, MAX_PORT_ENTRIES, MAX_RULE_SLOTS,
+    MAX_TABLES, MAX_TRIE_ENTRIES, PORT_KEY_FULL_BITS, SUMMARY_WORDS, TABLE_PREFIX_BITS, WORDS,
 };
 
 use crate::parse::{Family, Packet, IPPROTO_ICMP, IPPROTO_ICMPV6};
@@ -127,11 +127,11 @@ static FW_PORT1: LpmTrie<PortKey, u32> = LpmTrie::pinned(MAX_TRIE_ENTRIES, 0);
 /// The single ports (`PORT_KEY_FULL_BITS`) of the port tries' tables,
 /// exact, as for addresses: most rules name ports one by one.
 #[map(name = "FW_PORTX1")]
-static FW_PORTX1: HashMap<Key<PortKey>, u32> = HashMap::pinned(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
+static FW_PORTX1: HashMap<Key<PortKey>, u32> = HashMap::pinned(MAX_PORT_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map(name = "FW_SPORTX1")]
 static FW_SPORTX1: HashMap<Key<PortKey>, u32> =
-    HashMap::pinned(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
+    HashMap::pinned(MAX_PORT_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map(name = "FW_CLASS2")]
 static FW_CLASS2: Array<ClassHead> = Array::pinned(MAX_CLASSES, 0);

@@ -193,7 +193,7 @@ pub(super) fn is_single_port(e: &PortEntry) -> bool {
 /// Whether every address table has room for `compiled` beside the live
 /// policy: half of `capacity` each ([`super::Options::prefix_capacity`]).
 /// Host addresses (in the exact hash) and other prefixes (in the trie)
-/// count apart.
+/// count apart. Likewise single ports, in half of `MAX_PORT_ENTRIES`.
 pub(super) fn check_prefixes(compiled: &Compiled, capacity: u32) -> Result<(), Error> {
     let half = (capacity / GENERATIONS) as usize;
     type Field = fn(&Table) -> &Vec<(Prefix, u32)>;
@@ -203,6 +203,21 @@ pub(super) fn check_prefixes(compiled: &Compiled, capacity: u32) -> Result<(), E
         ("IPv6 source", |t| &t.src_v6, 128),
         ("IPv6 destination", |t| &t.dst_v6, 128),
     ];
+    type Ports = fn(&Table) -> &Vec<PortEntry>;
+    let singles: [(&str, Ports); 2] = [("destination", |t| &t.dports), ("source", |t| &t.sports)];
+    for (what, entries) in singles {
+        let n: usize = compiled
+            .tables
+            .iter()
+            .map(|t| entries(t).iter().filter(|e| is_single_port(e)).count())
+            .sum();
+        let half = (MAX_PORT_ENTRIES / GENERATIONS) as usize;
+        if n > half {
+            return Err(Error::Capacity(format!(
+                "the policy has {n} single {what} ports (per protocol) over all tables; the kernel tables hold {half} per policy"
+            )));
+        }
+    }
     for (what, entries, full) in fields {
         let (mut hosts, mut nets) = (0, 0);
         for t in &compiled.tables {
