@@ -111,6 +111,20 @@ spec:
   - action: Allow
 ";
 
+/// `policy` compiled for the kernel tests' node.
+fn kernel_test_policy(policy: &str) -> compile::Compiled {
+    let mut store = Store::default();
+    let mut errors = Vec::new();
+    store.add_text(Path::new("kernel-test.yaml"), policy, &mut errors);
+    let head: String = policy.chars().take(2000).collect();
+    assert!(errors.is_empty(), "{errors:?}\n{head}");
+    let node = Node {
+        name: "kernel-test".into(),
+        interfaces: BTreeMap::new(),
+    };
+    compile::compile(&store, &node).expect("compiles")
+}
+
 /// A loaded dataplane with [`POLICY`] published; unpinned on drop, also
 /// when the test fails.
 struct Loaded {
@@ -139,19 +153,18 @@ impl Loaded {
 
     /// Makes `policy` the live one, as an agent's update would.
     fn publish(&mut self, policy: &str) {
-        let mut store = Store::default();
-        let mut errors = Vec::new();
-        store.add_text(Path::new("kernel-test.yaml"), policy, &mut errors);
-        assert!(errors.is_empty(), "{errors:?}");
-        let node = Node {
-            name: "kernel-test".into(),
-            interfaces: BTreeMap::new(),
-        };
-        let compiled = compile::compile(&store, &node).expect("compiles");
-        let ifaces: Interfaces = [("lo".to_string(), LO)].into();
-        let dp = self.dp.as_mut().expect("loaded");
-        let generation = dp.publish(&compiled, &ifaces).expect("publish");
+        let compiled = kernel_test_policy(policy);
+        let generation = self.try_publish(&compiled).expect("publish");
         self.published = Some((compiled, generation));
+    }
+
+    /// Publishes `compiled` on `lo`: the live generation, or the refusal.
+    fn try_publish(
+        &mut self,
+        compiled: &compile::Compiled,
+    ) -> Result<u32, filter_agent::dataplane::Error> {
+        let ifaces: Interfaces = [("lo".to_string(), LO)].into();
+        self.dp.as_mut().expect("loaded").publish(compiled, &ifaces)
     }
 
     fn run(&mut self, frame: &[u8]) -> u32 {
@@ -551,25 +564,8 @@ fn kernel_and_emulated_tables_agree_on_random_pre_dnat_policies() {
     let mut checked = 0;
     for case in 0..60 {
         let text = random_pre_dnat_store(&mut rng);
-        let mut store = Store::default();
-        let mut errors = Vec::new();
-        store.add_text(Path::new("random.yaml"), &text, &mut errors);
-        assert!(errors.is_empty(), "{errors:?}\n{text}");
-        let compiled = compile::compile(
-            &store,
-            &Node {
-                name: "kernel-test".into(),
-                interfaces: BTreeMap::new(),
-            },
-        )
-        .expect("compiles");
-        let ifaces: Interfaces = [("lo".to_string(), LO)].into();
-        guard
-            .dp
-            .as_mut()
-            .expect("loaded")
-            .publish(&compiled, &ifaces)
-            .expect("publish");
+        let compiled = kernel_test_policy(&text);
+        guard.try_publish(&compiled).expect("publish");
         let table = compiled.table(
             filter_common::stage::PRE_DNAT,
             filter_common::direction::INGRESS,
@@ -732,15 +728,7 @@ fn kernel_finds_the_emulated_rule_anywhere_in_a_full_size_table() {
             port(rng.next_u64() % 64)
         );
     }
-    let mut store = Store::default();
-    let mut errors = Vec::new();
-    store.add_text(Path::new("big.yaml"), &text, &mut errors);
-    assert!(errors.is_empty(), "{errors:?}");
-    let node = Node {
-        name: "kernel-test".into(),
-        interfaces: BTreeMap::new(),
-    };
-    let compiled = compile::compile(&store, &node).expect("compiles");
+    let compiled = kernel_test_policy(&text);
     let pin_dir = Path::new("/sys/fs/bpf").join(unique("fwbig"));
     let mut k = Loaded {
         dp: Some(Dataplane::load(&pin_dir).expect("load")),
@@ -1566,17 +1554,9 @@ fn a_policy_past_the_prefix_capacity_is_refused_and_the_live_one_stays() {
     let mut k = Loaded::with_options(&deny(32), &small);
     assert_eq!(k.run(&tcp4([192, 0, 2, 32], WORKER, 80)), XDP_DROP);
     assert_eq!(k.run(&tcp4([192, 0, 2, 33], WORKER, 80)), XDP_PASS);
-    let mut store = Store::default();
-    let mut errors = Vec::new();
-    store.add_text(Path::new("kernel-test.yaml"), &deny(33), &mut errors);
-    let node = Node {
-        name: "kernel-test".into(),
-        interfaces: BTreeMap::new(),
-    };
-    let compiled = compile::compile(&store, &node).expect("compiles");
-    let ifaces: Interfaces = [("lo".to_string(), LO)].into();
-    let dp = k.dp.as_mut().expect("loaded");
-    let err = dp.publish(&compiled, &ifaces).expect_err("33 > 32");
+    let err = k
+        .try_publish(&kernel_test_policy(&deny(33)))
+        .expect_err("33 > 32");
     assert!(
         err.to_string().contains(
             "33 IPv4 source host addresses over all tables; the kernel tables hold 32 per policy (--max-prefixes 64"
