@@ -1078,7 +1078,8 @@ impl CtValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
-    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of the last packet.
+    /// CLOCK_MONOTONIC of the last packet (the kernel reads the coarse
+    /// clock: up to a tick behind).
     pub last_seen: u64,
     /// [`ct`] flags.
     pub flags: u32,

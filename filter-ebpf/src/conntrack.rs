@@ -11,7 +11,7 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
-    helpers::bpf_ktime_get_ns,
+    helpers::bpf_ktime_get_coarse_ns,
     macros::map,
     maps::{HashMap, LruHashMap},
 };
@@ -290,12 +290,15 @@ fn record_end(v: &mut CtValue, nf: &mut u32, from_a: bool, end: u32) {
     }
 }
 
-/// The clock conntrack and the fragment table keep time by
-/// (CLOCK_MONOTONIC, as the agent reads it).
+/// The clock conntrack and the fragment table keep time by:
+/// CLOCK_MONOTONIC_COARSE, the monotonic clock as of the last tick. Their
+/// timeouts are seconds, so a tick's lag (the agent reads CLOCK_MONOTONIC)
+/// does not matter, and reading it costs a load where the precise clock
+/// asks the clocksource on every packet of a known flow.
 #[inline(always)]
 pub fn now() -> u64 {
     // SAFETY: a helper without arguments or side effects.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 #[inline(always)]

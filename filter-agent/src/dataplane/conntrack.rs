@@ -125,7 +125,9 @@ fn parse_line(line: &str) -> Option<KernelFlow> {
     })
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns()`.
+/// CLOCK_MONOTONIC in nanoseconds: the clock of conntrack's entries (the
+/// kernel writes them with `bpf_ktime_get_coarse_ns()`, the same clock up
+/// to a tick behind).
 pub fn monotonic_ns() -> u64 {
     let mut t = libc::timespec {
         tv_sec: 0,
