@@ -16,6 +16,8 @@ use super::{map_error, Error};
 
 /// `BPF_MAP_UPDATE_BATCH` (include/uapi/linux/bpf.h, `enum bpf_cmd`).
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+/// `BPF_MAP_DELETE_BATCH`.
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 
 /// Entries per call: the kernel copies keys and values in per call, so a
 /// bounded batch keeps its temporary memory small.
@@ -97,34 +99,70 @@ fn update_bytes<K: aya::Pod>(
     }
     let fd = map.fd().as_fd().as_raw_fd();
     for (k, v) in keys.chunks(CHUNK).zip(values.chunks(CHUNK * value_len)) {
-        let mut attr = BatchAttr {
-            keys: k.as_ptr() as u64,
-            values: v.as_ptr() as u64,
-            count: k.len() as u32,
-            map_fd: fd as u32,
-            ..Default::default()
+        call(name, BPF_MAP_UPDATE_BATCH, fd, k, v.as_ptr())?;
+    }
+    Ok(())
+}
+
+/// Deletes `keys` from the hash map `name`, a chunk per call. Every key
+/// must be there (the kernel stops at the first it does not find).
+pub(super) fn delete<K: aya::Pod>(
+    ebpf: &Ebpf,
+    name: &'static str,
+    keys: &[K],
+) -> Result<(), Error> {
+    let map = data(ebpf, name)?;
+    let info = map.info().map_err(map_error(name, "info"))?;
+    if info.key_size() as usize != std::mem::size_of::<K>() {
+        return Err(map_error(name, "batch delete")(MapError::InvalidKeySize {
+            size: std::mem::size_of::<K>(),
+            expected: info.key_size() as usize,
+        }));
+    }
+    let fd = map.fd().as_fd().as_raw_fd();
+    for k in keys.chunks(CHUNK) {
+        call(name, BPF_MAP_DELETE_BATCH, fd, k, std::ptr::null())?;
+    }
+    Ok(())
+}
+
+/// One batch command on `keys` (and `values`, or null) of map `fd`.
+fn call<K>(
+    name: &'static str,
+    cmd: libc::c_long,
+    fd: std::os::fd::RawFd,
+    keys: &[K],
+    values: *const u8,
+) -> Result<(), Error> {
+    let mut attr = BatchAttr {
+        keys: keys.as_ptr() as u64,
+        values: values as u64,
+        count: keys.len() as u32,
+        map_fd: fd as u32,
+        ..Default::default()
+    };
+    // SAFETY: `attr` is the batch member of `union bpf_attr`, its size
+    // passed (the kernel zero-fills the rest); `keys` (and `values`)
+    // point at `count` keys (and values) of the sizes the map was created
+    // with (checked by the callers), alive for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            &mut attr as *mut BatchAttr,
+            std::mem::size_of::<BatchAttr>(),
+        )
+    };
+    if rc < 0 {
+        let io_error = std::io::Error::last_os_error();
+        let call = if cmd == BPF_MAP_DELETE_BATCH {
+            "bpf_map_delete_batch"
+        } else {
+            "bpf_map_update_batch"
         };
-        // SAFETY: `attr` is the batch member of `union bpf_attr`, its size
-        // passed (the kernel zero-fills the rest); `keys` and `values`
-        // point at `count` keys and values of the sizes the map was
-        // created with (checked above), alive for the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        if rc < 0 {
-            let io_error = std::io::Error::last_os_error();
-            return Err(map_error(name, "batch update")(MapError::SyscallError(
-                SyscallError {
-                    call: "bpf_map_update_batch",
-                    io_error,
-                },
-            )));
-        }
+        return Err(map_error(name, "batch")(MapError::SyscallError(
+            SyscallError { call, io_error },
+        )));
     }
     Ok(())
 }

@@ -683,22 +683,20 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Removes the entries of an exact address hash whose key `stale` picks.
+    /// Removes the entries of an exact hash whose key `stale` picks, in
+    /// batches (an LPM trie has no batch delete: [`Dataplane::clear_trie`]).
     pub(super) fn clear_exact<K: aya::Pod>(
         &mut self,
         name: &'static str,
         stale: impl Fn(&K) -> bool,
     ) -> Result<(), Error> {
-        let mut map: HashMap<&mut MapData, Key<K>, u32> = self.map(name)?;
+        let map: HashMap<&mut MapData, Key<K>, u32> = self.map(name)?;
         let keys: Vec<Key<K>> = map
             .keys()
             .filter_map(Result::ok)
             .filter(|k| stale(&k.data()))
             .collect();
-        for k in keys {
-            map.remove(&k).map_err(map_error(name, "remove"))?;
-        }
-        Ok(())
+        batch::delete(&self.ebpf, name, &keys)
     }
 
     pub(super) fn set_generation(&mut self, generation: u32) -> Result<(), Error> {
