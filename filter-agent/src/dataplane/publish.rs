@@ -269,15 +269,20 @@ pub(super) fn port_key(table: [u8; 4], e: &PortEntry) -> Key<PortKey> {
     }
 }
 
-/// The `FW_FSPORT1` bits of a failsafe entry's port: its list, protocol
-/// and family, both families without a net.
-pub(super) fn failsafe_bits(f: &crate::compile::failsafe::Failsafe) -> u8 {
+/// The list a failsafe entry is in, as keys and port bits name it.
+fn failsafe_direction(f: &crate::compile::failsafe::Failsafe) -> u8 {
     let direction = if f.inbound {
         filter_common::direction::INGRESS
     } else {
         filter_common::direction::EGRESS
-    } as u8;
-    let bit = |family| failsafe_port_bit(direction, f.proto, family);
+    };
+    direction as u8
+}
+
+/// The `FW_FSPORT1` bits of a failsafe entry's port: its list, protocol
+/// and family, both families without a net.
+pub(super) fn failsafe_bits(f: &crate::compile::failsafe::Failsafe) -> u8 {
+    let bit = |family| failsafe_port_bit(failsafe_direction(f), f.proto, family);
     match f.net {
         None => bit(4) | bit(6),
         Some(ipnetwork::IpNetwork::V4(_)) => bit(4),
@@ -288,13 +293,8 @@ pub(super) fn failsafe_bits(f: &crate::compile::failsafe::Failsafe) -> u8 {
 /// The trie keys of a failsafe entry: without a net, one key fixing
 /// direction, protocol and port; with one, the net under its family.
 pub(super) fn failsafe_keys(f: &crate::compile::failsafe::Failsafe) -> Vec<Key<FailsafeKey>> {
-    let direction = if f.inbound {
-        filter_common::direction::INGRESS
-    } else {
-        filter_common::direction::EGRESS
-    } as u8;
     let mut key = FailsafeKey {
-        direction,
+        direction: failsafe_direction(f),
         proto: f.proto,
         port: f.port.to_be_bytes(),
         family: 0,

@@ -80,6 +80,17 @@ pub struct TcRun {
     pub mark: u32,
 }
 
+impl TcRun {
+    /// The program the run is of: `fw_tc_in` or `fw_tc_eg`.
+    pub fn program(&self) -> &'static str {
+        if self.ingress {
+            names::PROG_TC_INGRESS
+        } else {
+            names::PROG_TC_EGRESS
+        }
+    }
+}
+
 impl Dataplane {
     /// Runs `fw_xdp` once on `frame` with `BPF_PROG_TEST_RUN`, as if it
     /// arrived on `ifindex` (which must exist in this namespace; the
@@ -124,10 +135,10 @@ impl Dataplane {
         repeat: u32,
         baseline: bool,
     ) -> Result<(i32, Duration), Error> {
-        let name = match (baseline, run.ingress) {
-            (true, _) => names::PROG_TC_PASS,
-            (false, true) => names::PROG_TC_INGRESS,
-            (false, false) => names::PROG_TC_EGRESS,
+        let name = if baseline {
+            names::PROG_TC_PASS
+        } else {
+            run.program()
         };
         let tc: &mut SchedClassifier = self.program(name)?;
         if baseline && tc.fd().is_err() {
@@ -143,11 +154,7 @@ impl Dataplane {
     /// `BPF_PROG_TEST_RUN` as `run` describes. Returns the TC action (0
     /// `TC_ACT_OK`, 2 `TC_ACT_SHOT`) and the skb mark the program left.
     pub fn test_run_tc(&mut self, frame: &[u8], run: TcRun) -> Result<(i32, u32), Error> {
-        let name = if run.ingress {
-            names::PROG_TC_INGRESS
-        } else {
-            names::PROG_TC_EGRESS
-        };
+        let name = run.program();
         let tc: &mut SchedClassifier = self.program(name)?;
         run_tc(tc, name, frame, run, 1).map(|(action, mark, _)| (action, mark))
     }

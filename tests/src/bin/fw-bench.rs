@@ -102,9 +102,8 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let pin_dir = Path::new("/sys/fs/bpf").join(format!("fwbench{}", std::process::id()));
-    // Unpins also when a run panics (a closed stdout, say).
-    let _unpin = Unpin(pin_dir.clone());
+    let pins = Unpin::new();
+    let pin_dir = pins.0.clone();
     let options = Options {
         prefix_capacity: PREFIX_CAPACITY,
         ..Options::default()
@@ -166,8 +165,8 @@ fn port(r: usize) -> u16 {
 /// (`perf record -a -g -- fw-bench --spin 1000`; the JIT's symbols name
 /// the program's functions, the kernel's name the map lookups).
 fn spin(rules: usize) {
-    let pin_dir = Path::new("/sys/fs/bpf").join(format!("fwbench{}", std::process::id()));
-    let _unpin = Unpin(pin_dir.clone());
+    let pins = Unpin::new();
+    let pin_dir = pins.0.clone();
     let mut dp = Dataplane::load(&pin_dir.join("a")).expect("load the kernel object");
     let d = &mut Pair {
         dp: &mut dp,
@@ -489,8 +488,15 @@ fn tc_verdict(tc_action: i32) -> &'static str {
     }
 }
 
-/// Removes the benchmark's pins when dropped.
+/// The benchmark's pin directory, removed when dropped: also when a run
+/// panics (a closed stdout, say).
 struct Unpin(std::path::PathBuf);
+
+impl Unpin {
+    fn new() -> Unpin {
+        Unpin(Path::new("/sys/fs/bpf").join(format!("fwbench{}", std::process::id())))
+    }
+}
 
 impl Drop for Unpin {
     fn drop(&mut self) {
