@@ -577,3 +577,33 @@ fn an_address_appearing_binds_its_endpoint_while_the_source_is_refused() {
         .expect("the policy in force is compiled again for the new address");
     w.assert_tcp(&[7200], &[7201], "the endpoint is bound to eth1 now");
 }
+
+/// A policy refused from the start is reported once, not again at every
+/// interface poll while nothing changes (the agent polls every second
+/// here); it is compiled again when an interface appears.
+#[test]
+fn a_refused_policy_is_reported_once_while_nothing_changes() {
+    if !privileged("a_refused_policy_is_reported_once_while_nothing_changes") {
+        return;
+    }
+    let ns = filter_tests::Netns::new(&unique("fwonce"));
+    let dir = demo::TempDir::new(&unique("fwonce"));
+    std::fs::write(
+        dir.0.join("policy.yaml"),
+        "kind: GlobalNetworkPolicy\nspec: [",
+    )
+    .expect("write");
+    let pins = Path::new("/sys/fs/bpf").join(unique("fwonce"));
+    let mut agent = Agent::start(&agent_binary(), &ns, &dir.0, "once", &pins);
+    agent
+        .wait_for("policy rejected", 0, Duration::from_secs(10))
+        .expect("refused");
+    std::thread::sleep(Duration::from_millis(3500));
+    assert_eq!(agent.count("policy rejected"), 1, "{}", agent.log_text());
+    ns.ip(&[
+        "link", "add", "once0", "type", "veth", "peer", "name", "once1",
+    ]);
+    agent
+        .wait_for("policy rejected", 1, Duration::from_secs(10))
+        .expect("compiled again for the new interface");
+}

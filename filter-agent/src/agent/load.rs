@@ -71,6 +71,9 @@ pub enum Outcome {
     Rejected {
         why: Refused,
         recompiled: Option<Loaded>,
+        /// The interfaces the refused sources were read for (`None`: the
+        /// read did not finish).
+        tried_for: Option<NodeInterfaces>,
     },
 }
 
@@ -111,10 +114,11 @@ pub fn load(
             recompiled: in_force
                 .filter(|(_, compiled_for)| *compiled_for != ifaces)
                 .and_then(|(store, _)| {
-                    compile_for_node(store, node_name, ifaces, texts.clone())
+                    compile_for_node(store, node_name, ifaces.clone(), texts.clone())
                         .inspect_err(|e| tracing::error!(error = %e, "the resources in force do not compile for this node's interfaces of now"))
                         .ok()
                 }),
+            tried_for: Some(ifaces),
         },
     }
 }

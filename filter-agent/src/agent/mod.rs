@@ -250,6 +250,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         state_dir: config.state_dir.clone(),
         store: None,
         compiled_for: NodeInterfaces::new(),
+        refused_for: None,
         host_addrs: BTreeSet::new(),
         texts: Texts::new(),
         parse_timeout: config.parse_timeout,
@@ -286,7 +287,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
                 // interface or address can bind an endpoint (by
                 // expectedIPs): compile again.
                 let now = node::interfaces();
-                if now != agent.compiled_for {
+                if now != agent.compiled_for && agent.refused_for.as_ref() != Some(&now) {
                     tracing::debug!("interfaces or their addresses changed");
                     agent.reload(&mut shutdown).await;
                 } else {
@@ -346,6 +347,10 @@ struct Agent {
     store: Option<Arc<Store>>,
     /// The interfaces the policy in force was compiled for.
     compiled_for: NodeInterfaces,
+    /// The interfaces the sources were last refused for: the interface
+    /// poll compiles again only when the interfaces differ from these too,
+    /// not every poll (each would log the same refusal again).
+    refused_for: Option<NodeInterfaces>,
     /// The node addresses `FW_HOST1` holds.
     host_addrs: BTreeSet<IpAddr>,
     /// The file texts of the policy in force.
@@ -444,6 +449,7 @@ impl Agent {
         let rejected = |why: Refused| Outcome::Rejected {
             why,
             recompiled: None,
+            tried_for: None,
         };
         let outcome = tokio::select! {
             r = task => r.unwrap_or_else(|e| rejected(Refused::Task(e.to_string()))),
@@ -463,6 +469,7 @@ impl Agent {
                 store,
                 texts,
             }) => {
+                self.refused_for = None;
                 let rules: Vec<usize> = compiled.tables.iter().map(|t| t.rules.len()).collect();
                 tracing::info!(
                     ?rules,
@@ -481,7 +488,12 @@ impl Agent {
                     self.status.set_ready();
                 }
             }
-            Outcome::Rejected { why, recompiled } => {
+            Outcome::Rejected {
+                why,
+                recompiled,
+                tried_for,
+            } => {
+                self.refused_for = tried_for;
                 for line in why.lines() {
                     tracing::error!(error = %line, "invalid policy");
                 }
