@@ -690,6 +690,8 @@ pub mod names {
     /// A TC program that only returns TC_ACT_OK: the benchmark's TC
     /// baseline.
     pub const PROG_TC_PASS: &str = "fw_tc_pass";
+    /// The real-traffic benchmark's ceiling: XDP_DROP and nothing else.
+    pub const PROG_DROP: &str = "fw_drop";
     /// The XDP logger: writes Log records, reached by tail call.
     pub const PROG_XDP_LOG: &str = "fw_xdp_log";
     /// The TC logger, likewise.
@@ -801,12 +803,13 @@ pub mod names {
     ];
 
     /// Every program, likewise.
-    pub const PROGRAMS: [&str; 7] = [
+    pub const PROGRAMS: [&str; 8] = [
         PROG_XDP,
         PROG_TC_INGRESS,
         PROG_TC_EGRESS,
         PROG_PASS,
         PROG_TC_PASS,
+        PROG_DROP,
         PROG_XDP_LOG,
         PROG_TC_LOG,
     ];

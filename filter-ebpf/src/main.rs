@@ -270,6 +270,13 @@ pub fn fw_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// Returns XDP_DROP and nothing else: the ceiling of the real-traffic
+/// benchmark (attached only by the benchmark).
+#[xdp]
+pub fn fw_drop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_DROP
+}
+
 /// Returns TC_ACT_OK and nothing else: the TC baseline of `cargo xtask
 /// bench` (loaded only by the benchmark).
 #[classifier]

@@ -150,6 +150,28 @@ impl Dataplane {
         run_tc(tc, name, frame, run, repeat).map(|(action, _, took)| (action, took))
     }
 
+    /// Attaches `fw_drop` (XDP_DROP and nothing else) to `ifindex` of the
+    /// caller's network namespace in native mode: the ceiling of the
+    /// real-traffic benchmark. It stays attached while this dataplane is
+    /// loaded.
+    pub fn attach_drop(&mut self, ifindex: u32) -> Result<(), Error> {
+        let name = names::PROG_DROP;
+        let xdp: &mut Xdp = self.program(name)?;
+        let load = |e: Box<dyn std::error::Error + Send + Sync>| Error::Load {
+            what: name.into(),
+            source: e,
+        };
+        if xdp.fd().is_err() {
+            xdp.load().map_err(|e| load(Box::new(e)))?;
+        }
+        xdp.attach(
+            aya::programs::NetworkInterface::Index(ifindex),
+            XdpMode::Driver,
+        )
+        .map_err(|e| load(Box::new(e)))?;
+        Ok(())
+    }
+
     /// Runs `fw_tc_in` or `fw_tc_eg` once on `frame` with
     /// `BPF_PROG_TEST_RUN` as `run` describes. Returns the TC action (0
     /// `TC_ACT_OK`, 2 `TC_ACT_SHOT`) and the skb mark the program left.
