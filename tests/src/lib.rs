@@ -8,7 +8,9 @@
 //! hold.
 
 pub mod demo;
+pub mod flood;
 pub mod kubeapi;
+pub mod plot;
 
 use std::{
     io::{BufRead, BufReader, Read, Write},

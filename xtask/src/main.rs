@@ -38,6 +38,11 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "iputils-ping",
     "util-linux",
     "nftables",
+    // `cargo xtask bench`'s real-traffic peers and tools.
+    "iptables",
+    "ipset",
+    "xdp-tools",
+    "ethtool",
 ];
 
 #[derive(Parser)]
@@ -170,17 +175,38 @@ fn run(cli: Cli) -> Result<()> {
                 ],
             )?;
             cargo(&root, RELEASE_BUILD)?;
-            cargo(
-                &root,
-                &["bench", "-p", "filter-agent", "--bench", "compile"],
+            let figures = root.join(FIGURES_DIR);
+            std::fs::create_dir_all(&figures)
+                .with_context(|| format!("create {}", figures.display()))?;
+            let mut report = String::new();
+            report += &tee(
+                pinned_cargo().current_dir(&root).args([
+                    "bench",
+                    "-p",
+                    "filter-agent",
+                    "--bench",
+                    "compile",
+                ]),
+                "cargo bench --bench compile",
             )?;
             let mut cmd = Command::new(root.join("target/release/fw-bench"));
-            cmd.current_dir(&root).arg("--baseline").arg(
-                root.join("filter-ebpf")
-                    .join(BASELINE_TARGET_DIR)
-                    .join("bpfel-unknown-none/release/filter-ebpf"),
-            );
-            status(&mut cmd, "fw-bench")
+            cmd.current_dir(&root)
+                .arg("--baseline")
+                .arg(
+                    root.join("filter-ebpf")
+                        .join(BASELINE_TARGET_DIR)
+                        .join("bpfel-unknown-none/release/filter-ebpf"),
+                )
+                .arg("--plots")
+                .arg(&figures);
+            report += &tee(&mut cmd, "fw-bench")?;
+            let mut cmd = Command::new(root.join("target/release/fw-traffic"));
+            cmd.current_dir(&root)
+                .env("FILTER_AGENT_BIN", root.join("target/release/filter-agent"))
+                .arg("--plots")
+                .arg(&figures);
+            report += &tee(&mut cmd, "fw-traffic")?;
+            write_report(&root.join(PERFORMANCE_DOC), &report)
         }
         Cmd::Fuzz { target, seconds } => {
             prereqs()?;
@@ -201,6 +227,76 @@ fn run(cli: Cli) -> Result<()> {
             status(&mut cmd, "fw-demo")
         }
     }
+}
+
+/// The document `cargo xtask bench` writes its run into, between
+/// [`REPORT_BEGIN`] and [`REPORT_END`], and where its figures go.
+const PERFORMANCE_DOC: &str = "docs/performance.md";
+const FIGURES_DIR: &str = "docs/performance";
+const REPORT_BEGIN: &str = "<!-- cargo xtask bench: begin (generated, do not edit) -->";
+const REPORT_END: &str = "<!-- cargo xtask bench: end -->";
+
+/// Runs `cmd`, echoing its standard output as it comes; returns that output.
+fn tee(cmd: &mut Command, what: &str) -> Result<String> {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("start {what}"))?;
+    let mut out = String::new();
+    let stdout = child.stdout.take().expect("piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line.with_context(|| format!("read {what}'s output"))?;
+        println!("{line}");
+        out += &line;
+        out.push('\n');
+    }
+    let st = child.wait().with_context(|| format!("wait for {what}"))?;
+    if !st.success() {
+        bail!("{what} failed ({st})");
+    }
+    Ok(out)
+}
+
+/// Puts `report` (with when and where it ran, and the figures) between the
+/// markers of `doc`, leaving the rest of it as it is.
+fn write_report(doc: &Path, report: &str) -> Result<()> {
+    let text = std::fs::read_to_string(doc).with_context(|| format!("read {}", doc.display()))?;
+    let (Some(begin), Some(end)) = (text.find(REPORT_BEGIN), text.find(REPORT_END)) else {
+        bail!(
+            "{} lacks the markers {REPORT_BEGIN} … {REPORT_END}",
+            doc.display()
+        );
+    };
+    let when = output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_default();
+    let kernel = output("uname", &["-r"]).unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mut section = format!(
+        "{REPORT_BEGIN}\n\nRun of `cargo xtask bench`: {}, Linux {}, {cpus} × {cpu}.\n\n",
+        when.trim(),
+        kernel.trim()
+    );
+    section += report;
+    section += &format!(
+        "\n![Per-packet cost]({0}/per-packet.svg)\n\n![Real traffic]({0}/traffic.svg)\n\n![Update latency]({0}/updates.svg)\n\n{REPORT_END}",
+        FIGURES_DIR.trim_start_matches("docs/")
+    );
+    let updated = format!(
+        "{}{section}{}",
+        &text[..begin],
+        &text[end + REPORT_END.len()..]
+    );
+    std::fs::write(doc, updated).with_context(|| format!("write {}", doc.display()))?;
+    println!("xtask: wrote the run into {}", doc.display());
+    Ok(())
 }
 
 /// `cargo fmt --check` and `clippy -D warnings` on the workspace and the

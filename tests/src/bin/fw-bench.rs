@@ -92,16 +92,22 @@ fn main() {
             return spin(rules);
         }
     }
-    let baseline = match args.as_slice() {
-        [] => None,
-        [flag, path] if flag == "--baseline" => {
-            Some(std::fs::read(path).unwrap_or_else(|e| panic!("read {path}: {e}")))
+    let (mut baseline, mut plots) = (None, None);
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        match (flag.as_str(), rest.next()) {
+            ("--baseline", Some(path)) => {
+                baseline = Some(std::fs::read(path).unwrap_or_else(|e| panic!("read {path}: {e}")));
+            }
+            ("--plots", Some(dir)) => plots = Some(std::path::PathBuf::from(dir)),
+            _ => {
+                eprintln!(
+                    "usage: fw-bench [--baseline KERNEL_OBJECT] [--plots DIR] | --spin RULES"
+                );
+                std::process::exit(2);
+            }
         }
-        _ => {
-            eprintln!("usage: fw-bench [--baseline KERNEL_OBJECT | --spin RULES]");
-            std::process::exit(2);
-        }
-    };
+    }
     let pins = Unpin::new();
     let pin_dir = pins.0.clone();
     let options = Options {
@@ -120,6 +126,7 @@ fn main() {
     };
     println!("| rules | CIDRs | fw_xdp ns/packet | without the Log path | ratio | XDP_PASS ns/packet | fw_xdp ÷ XDP_PASS | fw_tc_in ns/packet | TC pass ns/packet | fw_tc_in ÷ TC pass | verdict | publish ms: to enforce / to clear the old |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|");
+    let mut grid = Vec::new();
     for (rules, cidrs) in GRID {
         let publish = match publish(d, &policy(rules, cidrs)) {
             Ok(took) => took,
@@ -129,7 +136,9 @@ fn main() {
             }
         };
         let frame = last_rule_syn(rules, cidrs);
-        row(&rules.to_string(), cidrs, measure(d, &frame), Some(publish));
+        let measured = measure(d, &frame);
+        row(&rules.to_string(), cidrs, measured, Some(publish));
+        grid.push((rules, cidrs, measured));
         if [(1_000, 100_000), (10_000, 1_000_000)].contains(&(rules, cidrs)) {
             // The same packet on a flow conntrack knows: the pre-DNAT stage
             // is skipped after one table lookup.
@@ -147,6 +156,9 @@ fn main() {
         }
     }
     worst_case(d);
+    if let Some(dir) = plots {
+        plot_grid(&dir.join("per-packet.svg"), &grid);
+    }
     let _ = dp.shutdown();
     if let Some(b) = base {
         let _ = b.shutdown();
@@ -371,7 +383,36 @@ fn row(label: &str, cidrs: usize, m: Measured, publish: Option<PublishTimes>) {
     );
 }
 
+/// The grid as lines over the number of rules: `fw_xdp` and `fw_tc_in`
+/// per CIDR count, and the pass programs.
+fn plot_grid(path: &Path, grid: &[(usize, usize, Measured)]) {
+    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+    let mut add = |name: String, x: usize, ns: Duration| {
+        let p = (x as f64, ns.as_nanos() as f64);
+        match series.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, pts)) => pts.push(p),
+            None => series.push((name, vec![p])),
+        }
+    };
+    for &(rules, cidrs, m) in grid.iter().filter(|g| g.0 > 0) {
+        add(format!("fw_xdp, {}k CIDRs", cidrs / 1000), rules, m.fw);
+        add(format!("fw_tc_in, {}k CIDRs", cidrs / 1000), rules, m.tc);
+        if cidrs == 100_000 {
+            add("XDP_PASS".into(), rules, m.pass);
+            add("TC pass".into(), rules, m.tc_pass);
+        }
+    }
+    filter_tests::plot::lines(
+        path,
+        "Per-packet cost, new flow decided by the last rule (BPF_PROG_TEST_RUN)",
+        "rules",
+        "ns per packet",
+        &series,
+    );
+}
+
 /// Medians of one row.
+#[derive(Clone, Copy)]
 struct Measured {
     /// `fw_xdp`'s return code.
     ret: u32,
