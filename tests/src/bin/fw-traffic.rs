@@ -42,9 +42,12 @@ const NODE: &str = "bench";
 /// Debounce the agent runs with here: a policy file is applied this long
 /// after its last change.
 const DEBOUNCE_MS: &str = "10";
-/// Address-table capacity for the agent: a million host addresses in the
-/// live policy and as many in the next.
+/// Address-table capacity for the agent's million-source list: a million
+/// host addresses in the live policy and as many in the next. Smaller
+/// lists run with the default, which holds this many host addresses per
+/// address field.
 const MAX_PREFIXES: &str = "2097152";
+const DEFAULT_HOSTS_PER_FIELD: usize = 131_072;
 
 fn main() {
     // SAFETY: geteuid has no preconditions.
@@ -53,14 +56,18 @@ fn main() {
         std::process::exit(2);
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let plots = match args.as_slice() {
-        [] => None,
-        [flag, dir] if flag == "--plots" => Some(PathBuf::from(dir)),
-        _ => {
-            eprintln!("usage: fw-traffic [--plots DIR]");
-            std::process::exit(2);
+    let (mut plots, mut only) = (None, None);
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        match (flag.as_str(), rest.next()) {
+            ("--plots", Some(dir)) => plots = Some(PathBuf::from(dir)),
+            ("--only", Some(row)) => only = Some(row.clone()),
+            _ => {
+                eprintln!("usage: fw-traffic [--plots DIR] [--only 'FILTER LIST']");
+                std::process::exit(2);
+            }
         }
-    };
+    }
     for tool in [
         "ethtool",
         "iptables-legacy-restore",
@@ -80,7 +87,13 @@ fn main() {
         }
     }
     let link = Link::new();
-    let traffic = traffic(&link);
+    if let Some(row) = only {
+        // Traffic rows alone, flooding longer: for a profiler
+        // (`perf record -C 1 -g` watches the receiver's CPU).
+        traffic(&link, Some(&row));
+        return;
+    }
+    let traffic = traffic(&link, None);
     let updates = updates(&link);
     memory(&link);
     if let Some(dir) = plots {
@@ -105,20 +118,31 @@ struct Measured {
     to_stack_pps: f64,
 }
 
-/// The real-traffic table.
-fn traffic(link: &Link) -> Vec<Row> {
+/// The real-traffic table; with `only`, the rows whose filter and list
+/// (`this filter 10000`) contain it, each run flooding for 20 s.
+fn traffic(link: &Link, only: Option<&str>) -> Vec<Row> {
     println!("## Real traffic: a 64-byte UDP flood through a veth pair\n");
     println!("Sender: `filter_tests::flood`, `sendmmsg` on a packet socket, one CPU. Receiver: the veth's NAPI thread on the other CPU. Median of {RUNS} runs of {} s each.\n", MEASURE.as_secs());
     println!("The sender is slower than the receiver with a cheap filter, so the receiver's rate there is the sender's. What separates the filters is the receiver's CPU time per packet; its capacity is one second divided by that, and the ratio to the bare XDP_DROP compares capacities. \"Reached the IP stack\" counts what the filter let through to `ip_rcv` (netfilter's hooks are in there: their drops count).\n");
+    println!("This filter is the agent with its defaults (the million-source list needs `--max-prefixes {MAX_PREFIXES}`), the list as one pre-DNAT Deny rule of a GlobalNetworkPolicy on the receiver's HostEndpoint; the 1,000-rule policy puts 999 rules that match nothing of the flood before it.\n");
     println!("| filter | deny list | sender, Mpps | receiver took, Mpps | receiver CPU, ns/packet | receiver capacity, Mpps | capacity ÷ bare XDP_DROP | reached the IP stack, pps |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     let mut rows = Vec::new();
     let mut ceiling = None;
     let mut run =
         |filter: &'static str, list: Option<usize>, setup: &dyn Fn() -> Result<Guard, String>| {
+            let name = format!("{filter} {}", list.map_or(String::new(), |l| l.to_string()));
+            if only.is_some_and(|o| !name.contains(o)) {
+                return;
+            }
+            let time = if only.is_some() {
+                Duration::from_secs(20)
+            } else {
+                MEASURE
+            };
             let frames = flood::frames(flood_sources(list.unwrap_or(FLOOD_SOURCES)));
             let result = setup().map(|guard| {
-                let m = measure(link, &frames);
+                let m = measure(link, &frames, time);
                 drop(guard);
                 m
             });
@@ -137,9 +161,17 @@ fn traffic(link: &Link) -> Vec<Row> {
     });
     run(XDP_DROP, None, &|| xdp_drop(link));
     for list in LISTS {
-        run(THIS, Some(list), &|| this_filter(link, list, 0));
+        run(THIS, Some(list), &|| this_filter(link, list, 0, &[]));
     }
-    run(THIS_1000, Some(10_000), &|| this_filter(link, 10_000, 999));
+    run(THIS_1000, Some(10_000), &|| {
+        this_filter(link, 10_000, 999, &[])
+    });
+    // What the conntrack lookup a deny-listed packet still needs costs:
+    // its tables' bucket arrays (16 bytes per entry of capacity) leave
+    // the cache as the table grows.
+    run(THIS_SMALL_CT, Some(10_000), &|| {
+        this_filter(link, 10_000, 0, &["--conntrack-size", "16384"])
+    });
     for list in LISTS {
         run(
             "iptables raw, one rule per source (legacy)",
@@ -169,6 +201,7 @@ fn traffic(link: &Link) -> Vec<Row> {
 const XDP_DROP: &str = "bare XDP_DROP (the ceiling)";
 const THIS: &str = "this filter";
 const THIS_1000: &str = "this filter, 1,000-rule policy (the list in the last rule)";
+const THIS_SMALL_CT: &str = "this filter, conntrack of 16,384 entries (default 262,144)";
 
 fn print_row(
     filter: &str,
@@ -194,13 +227,14 @@ fn print_row(
     }
 }
 
-/// The median run (by the rate the receiver took) of [`RUNS`].
-fn measure(link: &Link, frames: &[Vec<u8>]) -> Measured {
+/// The median run (by the rate the receiver took) of [`RUNS`], each
+/// flooding for `time`.
+fn measure(link: &Link, frames: &[Vec<u8>], time: Duration) -> Measured {
     let mut runs: Vec<Measured> = (0..RUNS)
         .map(|_| {
             let before = ip_in_receives(&link.rx);
             let started = Instant::now();
-            let rate = link.measure(frames, MEASURE);
+            let rate = link.measure(frames, time);
             let to_stack = ip_in_receives(&link.rx) - before;
             Measured {
                 rate,
@@ -301,10 +335,13 @@ fn xdp_drop(link: &Link) -> Result<Guard, String> {
 /// The agent on a policy that denies `list` sources (after `before` rules
 /// that match nothing of the flood), waited on until its XDP program is on
 /// the receiver.
-fn this_filter(link: &Link, list: usize, before: usize) -> Result<Guard, String> {
+fn this_filter(link: &Link, list: usize, before: usize, extra: &[&str]) -> Result<Guard, String> {
     let dir = PolicyDir::new("traffic");
     dir.write(&deny_list_policy(list, before));
-    let agent = start_agent(link, &dir, Some(MAX_PREFIXES))?;
+    // The agent's default address capacity where the list fits it (as an
+    // operator would run it); its hash tables' size is part of the cost.
+    let capacity = (list > DEFAULT_HOSTS_PER_FIELD).then_some(MAX_PREFIXES);
+    let agent = start_agent(link, &dir, capacity, extra)?;
     Ok(Box::new((agent, dir)))
 }
 
@@ -345,8 +382,14 @@ fn agent_pins() -> PathBuf {
 
 /// Starts the agent on `dir` in the receiver's namespace and waits until it
 /// has applied the policy and attached to the receiver. With
-/// `max_prefixes`, its address tables hold that many.
-fn start_agent(link: &Link, dir: &PolicyDir, max_prefixes: Option<&str>) -> Result<Agent, String> {
+/// `max_prefixes`, its address tables hold that many; `extra` are more
+/// arguments.
+fn start_agent(
+    link: &Link,
+    dir: &PolicyDir,
+    max_prefixes: Option<&str>,
+    extra: &[&str],
+) -> Result<Agent, String> {
     let mut args = vec![
         "--detach-on-exit",
         "--debounce",
@@ -360,6 +403,7 @@ fn start_agent(link: &Link, dir: &PolicyDir, max_prefixes: Option<&str>) -> Resu
     if let Some(n) = max_prefixes {
         args.extend(["--max-prefixes", n]);
     }
+    args.extend_from_slice(extra);
     let mut agent = Agent::start_with(
         &agent_binary(),
         &link.rx,
@@ -672,7 +716,9 @@ impl Probe {
                     "{tool}: no probe passed within 10 s of allowing it"
                 ));
             }
-            std::hint::spin_loop();
+            // The arrival time is the receiver's; waiting here must not
+            // take a CPU from the tool being timed (there are two).
+            std::thread::sleep(Duration::from_micros(200));
         }
     }
 
@@ -714,7 +760,7 @@ impl ThisFilter {
     fn start(link: &Link, rules: usize, cidrs: usize) -> Result<ThisFilter, String> {
         let dir = PolicyDir::new("updates");
         dir.write(&probe_policy(rules, cidrs, false));
-        let agent = start_agent(link, &dir, Some(MAX_PREFIXES))?;
+        let agent = start_agent(link, &dir, None, &[])?;
         Ok(ThisFilter {
             rules,
             cidrs,
@@ -905,13 +951,13 @@ fn run_in(ns: &Path, args: &[&str], input: &str) -> Result<(), String> {
 /// Agent memory and kernel map memory per policy size.
 fn memory(link: &Link) {
     println!("## Memory: the agent and its maps\n");
-    println!("The agent's resident set (VmRSS) once it has applied the policy, and the kernel memory of every map it pinned (bpftool's `bytes_memlock`). Policies of pre-DNAT rules with 100,000 /32 sources spread over them; the agent's defaults (`--max-prefixes` 262,144: the tables above ran with {MAX_PREFIXES}, eight times the address maps).\n");
+    println!("The agent's resident set (VmRSS) once it has applied the policy, and the kernel memory of every map it pinned (bpftool's `bytes_memlock`). Policies of pre-DNAT rules with 100,000 /32 sources spread over them; the agent's defaults (`--max-prefixes` 262,144, as in every row above but the million-source one, which needs {MAX_PREFIXES}: eight times the address maps).\n");
     println!("| rules | CIDRs | agent RSS MiB | map memory MiB |");
     println!("|---:|---:|---:|---:|");
     for rules in [0, 1_000, 10_000] {
         let dir = PolicyDir::new("memory");
         dir.write(&memory_policy(rules, 100_000));
-        match start_agent(link, &dir, None) {
+        match start_agent(link, &dir, None, &[]) {
             Ok(agent) => {
                 let rss = rss_kib(agent.pid());
                 let maps = map_bytes(&agent_pins());
@@ -1003,7 +1049,7 @@ fn plot_traffic(path: &Path, rows: &[Row]) {
         let (Some(list), Ok(m)) = (r.list, &r.result) else {
             continue;
         };
-        if r.filter == THIS_1000 {
+        if r.filter == THIS_1000 || r.filter == THIS_SMALL_CT {
             continue;
         }
         match series.iter_mut().find(|(n, _)| n == r.filter) {
