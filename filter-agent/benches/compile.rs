@@ -102,6 +102,7 @@ fn main() {
         name: "n1".into(),
         interfaces: BTreeMap::new(),
     };
+    println!("## Compiling policy to classifier tables\n");
     println!("| rules | CIDRs | compile (median of 5) | src trie entries | port trie entries | classes | class words | kernel words |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (rules, cidrs) in [(1_000, 100_000), (10_000, 100_000)] {

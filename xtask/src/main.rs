@@ -189,6 +189,7 @@ fn run(cli: Cli) -> Result<()> {
                 ]),
                 "cargo bench --bench compile",
             )?;
+            report.push('\n');
             let mut cmd = Command::new(root.join("target/release/fw-bench"));
             cmd.current_dir(&root)
                 .arg("--baseline")
@@ -200,6 +201,7 @@ fn run(cli: Cli) -> Result<()> {
                 .arg("--plots")
                 .arg(&figures);
             report += &tee(&mut cmd, "fw-bench")?;
+            report.push('\n');
             let mut cmd = Command::new(root.join("target/release/fw-traffic"));
             cmd.current_dir(&root)
                 .env("FILTER_AGENT_BIN", root.join("target/release/filter-agent"))

@@ -124,6 +124,8 @@ fn main() {
         dp: &mut dp,
         base: base.as_mut(),
     };
+    println!("\n## Per-packet cost under BPF_PROG_TEST_RUN\n");
+    println!("A 64-byte TCP SYN decided by the last rule; medians of {RUNS} alternating runs of {REPEAT} packets.\n");
     println!("| rules | CIDRs | fw_xdp ns/packet | without the Log path | ratio | XDP_PASS ns/packet | fw_xdp ÷ XDP_PASS | fw_tc_in ns/packet | TC pass ns/packet | fw_tc_in ÷ TC pass | verdict | publish ms: to enforce / to clear the old |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|");
     let mut grid = Vec::new();
@@ -261,7 +263,7 @@ fn profile(pin_dir: &Path) {
         ),
         ("endpoint without policy", policy(0, 0), last_rule_syn(0, 0)),
     ];
-    println!();
+    println!("\n### Where fw_xdp's time goes: one part switched off at a time\n");
     println!("| packet | part switched off | fw_xdp ns/packet | saved ns | XDP_PASS ns/packet |");
     println!("|---|---|---:|---:|---:|");
     for (what, text, frame) in &cases {

@@ -599,12 +599,12 @@ fn updates(link: &Link) -> Vec<UpdateRow> {
         let tools: Vec<Result<Box<dyn Apply>, String>> = vec![
             ThisFilter::start(link, rules, cidrs).map(|t| Box::new(t) as Box<dyn Apply>),
             if cidrs == 0 {
-                Ok(Box::new(Iptables::new(link, rules)) as Box<dyn Apply>)
+                Ok(Box::new(Netfilter::new(link, rules, false)) as Box<dyn Apply>)
             } else {
                 Err("-".into())
             },
             if cidrs == 0 {
-                Ok(Box::new(Nft::new(link, rules)) as Box<dyn Apply>)
+                Ok(Box::new(Netfilter::new(link, rules, true)) as Box<dyn Apply>)
             } else {
                 Err("-".into())
             },
@@ -796,21 +796,16 @@ fn probe_policy(rules: usize, cidrs: usize, allow: bool) -> String {
     let per = cidrs.checked_div(fillers).unwrap_or(0);
     let mut n = 0u32;
     for r in 0..fillers {
-        let nets: Vec<String> = if per == 0 {
-            vec![format!("203.0.113.{}/32", r % 256)]
+        let (src, port) = filler(r);
+        let nets = if per == 0 {
+            vec![format!("{src}/32")]
         } else {
-            (0..per)
-                .map(|_| {
-                    n += 1;
-                    format!("{}/32", std::net::Ipv4Addr::from(0x0a00_0000 + n))
-                })
-                .collect()
+            hosts(&mut n, per)
         };
         let _ = writeln!(
             y,
-            "  - action: Deny\n    protocol: UDP\n    source: {{nets: [{}]}}\n    destination: {{ports: [{}]}}",
+            "  - action: Deny\n    protocol: UDP\n    source: {{nets: [{}]}}\n    destination: {{ports: [{port}]}}",
             nets.join(", "),
-            20_000 + r % 40_000
         );
     }
     let _ = writeln!(
@@ -821,99 +816,98 @@ fn probe_policy(rules: usize, cidrs: usize, allow: bool) -> String {
     y
 }
 
-/// `iptables-restore` (legacy) of the filter table's INPUT chain: the same
-/// rules, the probe's last; the whole chain is rewritten, as Calico's
-/// iptables dataplane writes its chains.
-struct Iptables {
+/// A netfilter tool applying the same rules as the agent's policy, the
+/// probe's last, by rewriting the whole chain: `iptables-restore` (legacy)
+/// of the filter table's INPUT chain, as Calico's iptables dataplane
+/// writes its chains, or `nft -f` flushing and refilling one table in one
+/// transaction.
+struct Netfilter {
     ns: PathBuf,
     rules: usize,
+    nft: bool,
 }
 
-impl Iptables {
-    fn new(link: &Link, rules: usize) -> Iptables {
-        Iptables {
+impl Netfilter {
+    fn new(link: &Link, rules: usize, nft: bool) -> Netfilter {
+        Netfilter {
             ns: link.rx.path(),
             rules,
+            nft,
         }
     }
 }
 
-impl Apply for Iptables {
+impl Apply for Netfilter {
     fn name(&self) -> &'static str {
-        "iptables-restore"
+        if self.nft {
+            "nft -f"
+        } else {
+            "iptables-restore"
+        }
     }
 
     fn apply(&mut self, allow: bool) -> Result<(), String> {
-        let mut t = String::from("*filter\n:INPUT ACCEPT [0:0]\n");
+        let mut t = String::from(if self.nft {
+            "table ip fwbu\nflush table ip fwbu\ntable ip fwbu {\n  chain in {\n    type filter hook input priority filter; policy accept;\n"
+        } else {
+            "*filter\n:INPUT ACCEPT [0:0]\n"
+        });
         for r in 0..self.rules - 1 {
-            let _ = writeln!(
-                t,
-                "-A INPUT -p udp -s 203.0.113.{}/32 --dport {} -j DROP",
-                r % 256,
-                20_000 + r % 40_000
-            );
+            let (src, port) = filler(r);
+            t += &self.rule(&src, port, false);
         }
-        let _ = writeln!(
-            t,
-            "-A INPUT -p udp -s {PROBE_SOURCE}/32 --dport {PROBE_PORT} -j {}",
-            if allow { "ACCEPT" } else { "DROP" }
-        );
-        t += "COMMIT\n";
-        run_in(&self.ns, &["iptables-legacy-restore"], &t)
+        t += &self.rule(PROBE_SOURCE, PROBE_PORT, allow);
+        if self.nft {
+            t += "  }\n}\n";
+            run_in(&self.ns, &["nft", "-f", "-"], &t)
+        } else {
+            t += "COMMIT\n";
+            run_in(&self.ns, &["iptables-legacy-restore"], &t)
+        }
     }
 }
 
-impl Drop for Iptables {
+impl Netfilter {
+    /// One rule: UDP from `src` to `port`, accepted or dropped.
+    fn rule(&self, src: &str, port: u16, accept: bool) -> String {
+        match (self.nft, accept) {
+            (true, true) => format!("    ip saddr {src} udp dport {port} accept\n"),
+            (true, false) => format!("    ip saddr {src} udp dport {port} drop\n"),
+            (false, true) => format!("-A INPUT -p udp -s {src}/32 --dport {port} -j ACCEPT\n"),
+            (false, false) => format!("-A INPUT -p udp -s {src}/32 --dport {port} -j DROP\n"),
+        }
+    }
+}
+
+impl Drop for Netfilter {
     fn drop(&mut self) {
-        let _ = run_in(&self.ns, &["iptables-legacy", "-F", "INPUT"], "");
+        let undo: &[&str] = if self.nft {
+            &["nft", "delete", "table", "ip", "fwbu"]
+        } else {
+            &["iptables-legacy", "-F", "INPUT"]
+        };
+        let _ = run_in(&self.ns, undo, "");
     }
 }
 
-/// `nft -f` of one table whose input chain holds the same rules, flushed
-/// and rewritten in one transaction.
-struct Nft {
-    ns: PathBuf,
-    rules: usize,
+/// The next `count` host addresses of 10.0.0.0/8 after number `n`, as
+/// /32 CIDRs.
+fn hosts(n: &mut u32, count: usize) -> Vec<String> {
+    (0..count)
+        .map(|_| {
+            *n += 1;
+            format!("{}/32", std::net::Ipv4Addr::from(0x0a00_0000 + *n))
+        })
+        .collect()
 }
 
-impl Nft {
-    fn new(link: &Link, rules: usize) -> Nft {
-        Nft {
-            ns: link.rx.path(),
-            rules,
-        }
-    }
-}
-
-impl Apply for Nft {
-    fn name(&self) -> &'static str {
-        "nft -f"
-    }
-
-    fn apply(&mut self, allow: bool) -> Result<(), String> {
-        let mut t = String::from("table ip fwbu\nflush table ip fwbu\ntable ip fwbu {\n  chain in {\n    type filter hook input priority filter; policy accept;\n");
-        for r in 0..self.rules - 1 {
-            let _ = writeln!(
-                t,
-                "    ip saddr 203.0.113.{} udp dport {} drop",
-                r % 256,
-                20_000 + r % 40_000
-            );
-        }
-        let _ = writeln!(
-            t,
-            "    ip saddr {PROBE_SOURCE} udp dport {PROBE_PORT} {}",
-            if allow { "accept" } else { "drop" }
-        );
-        t += "  }\n}\n";
-        run_in(&self.ns, &["nft", "-f", "-"], &t)
-    }
-}
-
-impl Drop for Nft {
-    fn drop(&mut self) {
-        let _ = run_in(&self.ns, &["nft", "delete", "table", "ip", "fwbu"], "");
-    }
+/// Filler rule `r` of the update policies: UDP from this source to this
+/// port, which the probe never matches.
+fn filler(r: usize) -> (String, u16) {
+    (
+        format!("203.0.113.{}", r % 256),
+        (20_000 + r % 40_000) as u16,
+    )
 }
 
 /// Runs `args` in the network namespace at `ns` (`nsenter --net`, which
@@ -951,24 +945,32 @@ fn run_in(ns: &Path, args: &[&str], input: &str) -> Result<(), String> {
 /// Agent memory and kernel map memory per policy size.
 fn memory(link: &Link) {
     println!("## Memory: the agent and its maps\n");
-    println!("The agent's resident set (VmRSS) once it has applied the policy, and the kernel memory of every map it pinned (bpftool's `bytes_memlock`). Policies of pre-DNAT rules with 100,000 /32 sources spread over them; the agent's defaults (`--max-prefixes` 262,144, as in every row above but the million-source one, which needs {MAX_PREFIXES}: eight times the address maps).\n");
-    println!("| rules | CIDRs | agent RSS MiB | map memory MiB |");
-    println!("|---:|---:|---:|---:|");
-    for rules in [0, 1_000, 10_000] {
+    println!("The agent's resident set (VmRSS) once it has applied the policy, and the kernel memory of the maps it pinned (bpftool's `bytes_memlock`, each map once): conntrack's (`FW_CT*`, sized by `--conntrack-size`, the same whatever the policy) and the rest (the classifier, counters, events). Policies of pre-DNAT rules with 100,000 /32 sources spread over them, none for 0 rules; the agent's defaults (`--max-prefixes` 262,144, as in every row above but the million-source one, which needs {MAX_PREFIXES}).\n");
+    println!("| rules | CIDRs | agent RSS MiB | conntrack maps MiB | other maps MiB |");
+    println!("|---:|---:|---:|---:|---:|");
+    let mib = |b: u64| b as f64 / f64::from(1 << 20);
+    for (rules, cidrs) in [(0, 0), (1_000, 100_000), (10_000, 100_000)] {
         let dir = PolicyDir::new("memory");
-        dir.write(&memory_policy(rules, 100_000));
+        dir.write(&memory_policy(rules, cidrs));
+        let (rules, cidrs) = (thousands(rules), thousands(cidrs));
         match start_agent(link, &dir, None, &[]) {
             Ok(agent) => {
                 let rss = rss_kib(agent.pid());
                 let maps = map_bytes(&agent_pins());
+                let conntrack: u64 = maps
+                    .iter()
+                    .filter(|(name, _)| name.starts_with("FW_CT"))
+                    .map(|(_, b)| b)
+                    .sum();
+                let all: u64 = maps.iter().map(|(_, b)| b).sum();
                 println!(
-                    "| {} | 100,000 | {:.0} | {:.0} |",
-                    thousands(rules),
+                    "| {rules} | {cidrs} | {:.0} | {:.0} | {:.0} |",
                     rss as f64 / 1024.0,
-                    maps as f64 / (1 << 20) as f64
+                    mib(conntrack),
+                    mib(all - conntrack)
                 );
             }
-            Err(why) => println!("| {} | 100,000 | {why} | |", thousands(rules)),
+            Err(why) => println!("| {rules} | {cidrs} | {why} | | |"),
         }
     }
     println!();
@@ -984,12 +986,7 @@ fn memory_policy(rules: usize, cidrs: usize) -> String {
     let per = cidrs / rules;
     let mut n = 0u32;
     for r in 0..rules {
-        let nets: Vec<String> = (0..per)
-            .map(|_| {
-                n += 1;
-                format!("{}/32", std::net::Ipv4Addr::from(0x0a00_0000 + n))
-            })
-            .collect();
+        let nets = hosts(&mut n, per);
         let _ = writeln!(
             y,
             "  - action: Deny\n    protocol: TCP\n    source: {{nets: [{}]}}\n    destination: {{ports: [{}]}}",
@@ -1014,8 +1011,8 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// Kernel memory of the maps pinned under `dir` (each counted once).
-fn map_bytes(dir: &Path) -> u64 {
+/// The maps pinned under `dir`, each once: name and kernel memory.
+fn map_bytes(dir: &Path) -> Vec<(String, u64)> {
     let mut seen = std::collections::BTreeMap::new();
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
@@ -1025,6 +1022,7 @@ fn map_bytes(dir: &Path) -> u64 {
                 stack.push(p);
                 continue;
             }
+            // Links and programs are pinned here too: bpftool refuses them.
             let Ok(out) = Command::new("bpftool")
                 .args(["-j", "map", "show", "pinned"])
                 .arg(&p)
@@ -1034,13 +1032,17 @@ fn map_bytes(dir: &Path) -> u64 {
                 continue;
             };
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
-                if let (Some(id), Some(bytes)) = (v["id"].as_u64(), v["bytes_memlock"].as_u64()) {
-                    seen.insert(id, bytes);
+                if let (Some(id), Some(name), Some(bytes)) = (
+                    v["id"].as_u64(),
+                    v["name"].as_str(),
+                    v["bytes_memlock"].as_u64(),
+                ) {
+                    seen.insert(id, (name.to_string(), bytes));
                 }
             }
         }
     }
-    seen.values().sum()
+    seen.into_values().collect()
 }
 
 fn plot_traffic(path: &Path, rows: &[Row]) {
