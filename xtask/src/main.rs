@@ -282,11 +282,18 @@ fn write_report(doc: &Path, report: &str) -> Result<()> {
         .unwrap_or_default();
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let mut section = format!(
-        "{REPORT_BEGIN}\n\nRun of `cargo xtask bench`: {}, Linux {}, {cpus} × {cpu}.\n\n",
+        "{REPORT_BEGIN}\n\nWritten by `cargo xtask bench` at {}, Linux {}, {cpus} × {cpu}.\n\n",
         when.trim(),
         kernel.trim()
     );
-    section += report;
+    // The parts' headings sit under the section's own.
+    for line in report.lines() {
+        if line.starts_with('#') {
+            section.push('#');
+        }
+        section += line;
+        section.push('\n');
+    }
     section += &format!(
         "\n![Per-packet cost]({0}/per-packet.svg)\n\n![Real traffic]({0}/traffic.svg)\n\n![Update latency]({0}/updates.svg)\n\n{REPORT_END}",
         FIGURES_DIR.trim_start_matches("docs/")
