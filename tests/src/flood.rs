@@ -321,3 +321,43 @@ fn packet_socket(ifname: &str) -> i32 {
         fd
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+
+    /// The flood's frames are what the receiver's stack takes as its own:
+    /// 60 bytes, to its MAC and address, with a valid IPv4 checksum (a
+    /// wrong one would be dropped by `ip_rcv` and flatter the stack).
+    #[test]
+    fn frames_are_valid_udp_to_the_receiver() {
+        let sources = [source(0), source(131_071), source(131_072)];
+        assert_eq!(
+            sources,
+            [
+                Ipv4Addr::new(198, 18, 0, 0),
+                Ipv4Addr::new(198, 19, 255, 255),
+                Ipv4Addr::new(10, 0, 0, 0)
+            ]
+        );
+        for (f, src) in frames(sources.into_iter()).iter().zip(sources) {
+            assert_eq!(f.len(), 60);
+            assert_eq!(f[..6], RX_MAC);
+            let p = SlicedPacket::from_ethernet(f).expect("parses");
+            let Some(NetSlice::Ipv4(ip)) = p.net else {
+                panic!("not IPv4")
+            };
+            let h = ip.header().to_header();
+            assert_eq!(h.header_checksum, h.calc_header_checksum());
+            assert_eq!(
+                (ip.header().source_addr(), ip.header().destination_addr()),
+                (src, RX_ADDR)
+            );
+            let Some(TransportSlice::Udp(udp)) = p.transport else {
+                panic!("not UDP")
+            };
+            assert_eq!(udp.destination_port(), PORT);
+        }
+    }
+}
