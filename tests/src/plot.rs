@@ -5,6 +5,20 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
+/// Named lines of points, in the order their names first came.
+#[derive(Default)]
+pub struct Series(pub Vec<(String, Vec<(f64, f64)>)>);
+
+impl Series {
+    /// Adds point `(x, y)` to the line `name`, starting it if new.
+    pub fn add(&mut self, name: &str, x: f64, y: f64) {
+        match self.0.iter_mut().find(|(n, _)| n == name) {
+            Some((_, points)) => points.push((x, y)),
+            None => self.0.push((name.to_string(), vec![(x, y)])),
+        }
+    }
+}
+
 /// Lines on log-log axes, one per `(name, points)`, with a legend.
 /// Failures to draw are reported, not fatal: the tables are the record.
 pub fn lines(

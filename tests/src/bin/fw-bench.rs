@@ -388,20 +388,15 @@ fn row(label: &str, cidrs: usize, m: Measured, publish: Option<PublishTimes>) {
 /// The grid as lines over the number of rules: `fw_xdp` and `fw_tc_in`
 /// per CIDR count, and the pass programs.
 fn plot_grid(path: &Path, grid: &[(usize, usize, Measured)]) {
-    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-    let mut add = |name: String, x: usize, ns: Duration| {
-        let p = (x as f64, ns.as_nanos() as f64);
-        match series.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, pts)) => pts.push(p),
-            None => series.push((name, vec![p])),
-        }
-    };
+    let mut series = filter_tests::plot::Series::default();
+    let mut add =
+        |name: &str, x: usize, ns: Duration| series.add(name, x as f64, ns.as_nanos() as f64);
     for &(rules, cidrs, m) in grid.iter().filter(|g| g.0 > 0) {
-        add(format!("fw_xdp, {}k CIDRs", cidrs / 1000), rules, m.fw);
-        add(format!("fw_tc_in, {}k CIDRs", cidrs / 1000), rules, m.tc);
+        add(&format!("fw_xdp, {}k CIDRs", cidrs / 1000), rules, m.fw);
+        add(&format!("fw_tc_in, {}k CIDRs", cidrs / 1000), rules, m.tc);
         if cidrs == 100_000 {
-            add("XDP_PASS".into(), rules, m.pass);
-            add("TC pass".into(), rules, m.tc_pass);
+            add("XDP_PASS", rules, m.pass);
+            add("TC pass", rules, m.tc_pass);
         }
     }
     filter_tests::plot::lines(
@@ -409,7 +404,7 @@ fn plot_grid(path: &Path, grid: &[(usize, usize, Measured)]) {
         "Per-packet cost, new flow decided by the last rule (BPF_PROG_TEST_RUN)",
         "rules",
         "ns per packet",
-        &series,
+        &series.0,
     );
 }
 

@@ -661,7 +661,7 @@ fn print_update(row: &UpdateRow) {
             "| {} | {rules} | {cidrs} | {} | {} | {} |",
             row.tool,
             ms(l[l.len() / 2]),
-            ms(l[(l.len() * 99).div_ceil(100) - 1]),
+            ms(p99(l)),
             ms(l[l.len() - 1])
         ),
         Err(why) if why == "-" => {}
@@ -1070,31 +1070,22 @@ fn map_bytes(dir: &Path) -> Vec<(String, u64)> {
 }
 
 fn plot_traffic(path: &Path, rows: &[Row]) {
-    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-    for r in rows {
-        let (Some(list), Ok(m)) = (r.list, &r.result) else {
-            continue;
-        };
-        if r.filter == THIS_1000 || r.filter == THIS_SMALL_CT {
-            continue;
-        }
-        match series.iter_mut().find(|(n, _)| n == r.filter) {
-            Some((_, pts)) => pts.push((list as f64, m.rate.cpu_ns_per_packet)),
-            None => series.push((
-                r.filter.to_string(),
-                vec![(list as f64, m.rate.cpu_ns_per_packet)],
-            )),
+    let mut series = plot::Series::default();
+    // The lists' lines first; the variants of this filter are rows of the
+    // table only.
+    for r in rows
+        .iter()
+        .filter(|r| r.filter != THIS_1000 && r.filter != THIS_SMALL_CT)
+    {
+        if let (Some(list), Ok(m)) = (r.list, &r.result) {
+            series.add(r.filter, list as f64, m.rate.cpu_ns_per_packet);
         }
     }
+    // Then the filters without a list, flat across the axis.
     for r in rows {
         if let (None, Ok(m)) = (r.list, &r.result) {
-            series.push((
-                r.filter.to_string(),
-                vec![
-                    (10.0, m.rate.cpu_ns_per_packet),
-                    (1e6, m.rate.cpu_ns_per_packet),
-                ],
-            ));
+            series.add(r.filter, 10.0, m.rate.cpu_ns_per_packet);
+            series.add(r.filter, 1e6, m.rate.cpu_ns_per_packet);
         }
     }
     plot::lines(
@@ -1102,22 +1093,16 @@ fn plot_traffic(path: &Path, rows: &[Row]) {
         "Receiver CPU per packet of a deny-listed UDP flood",
         "deny list entries",
         "ns per packet",
-        &series,
+        &series.0,
     );
 }
 
 fn plot_updates(path: &Path, rows: &[UpdateRow]) {
-    let mut series: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
-    for r in rows {
-        let Ok(l) = &r.result else { continue };
-        if r.cidrs != 0 {
-            continue;
-        }
-        let p99 = l[(l.len() * 99).div_ceil(100) - 1].as_secs_f64() * 1e3;
-        let name = format!("{} (p99)", r.tool);
-        match series.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, pts)) => pts.push((r.rules as f64, p99)),
-            None => series.push((name, vec![(r.rules as f64, p99)])),
+    let mut series = plot::Series::default();
+    for r in rows.iter().filter(|r| r.cidrs == 0) {
+        if let Ok(l) = &r.result {
+            let ms = p99(l).as_secs_f64() * 1e3;
+            series.add(&format!("{} (p99)", r.tool), r.rules as f64, ms);
         }
     }
     plot::lines(
@@ -1125,6 +1110,11 @@ fn plot_updates(path: &Path, rows: &[UpdateRow]) {
         "Time from a one-rule change to its enforcement",
         "rules",
         "ms",
-        &series,
+        &series.0,
     );
+}
+
+/// The 99th percentile of sorted `latencies` (nearest rank).
+fn p99(latencies: &[Duration]) -> Duration {
+    latencies[(latencies.len() * 99).div_ceil(100) - 1]
 }
