@@ -238,22 +238,34 @@ const FIGURES_DIR: &str = "docs/performance";
 const REPORT_BEGIN: &str = "<!-- cargo xtask bench: begin (generated, do not edit) -->";
 const REPORT_END: &str = "<!-- cargo xtask bench: end -->";
 
-/// Runs `cmd`, echoing its standard output as it comes; returns that output.
-fn tee(cmd: &mut Command, what: &str) -> Result<String> {
+/// Runs `cmd`, echoing each line of its standard output as it comes and
+/// handing it to `each`; returns how it exited.
+fn echo(
+    cmd: &mut Command,
+    what: &str,
+    mut each: impl FnMut(&str),
+) -> Result<std::process::ExitStatus> {
     use std::io::{BufRead, BufReader};
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("start {what}"))?;
-    let mut out = String::new();
     let stdout = child.stdout.take().expect("piped");
     for line in BufReader::new(stdout).lines() {
         let line = line.with_context(|| format!("read {what}'s output"))?;
         println!("{line}");
-        out += &line;
-        out.push('\n');
+        each(&line);
     }
-    let st = child.wait().with_context(|| format!("wait for {what}"))?;
+    child.wait().with_context(|| format!("wait for {what}"))
+}
+
+/// Runs `cmd`, echoing its standard output as it comes; returns that output.
+fn tee(cmd: &mut Command, what: &str) -> Result<String> {
+    let mut out = String::new();
+    let st = echo(cmd, what, |line| {
+        out += line;
+        out.push('\n');
+    })?;
     if !st.success() {
         bail!("{what} failed ({st})");
     }
@@ -379,16 +391,8 @@ fn status(cmd: &mut Command, what: &str) -> Result<()> {
 /// caller prints as the closing line (`tests: N passed, M failed`), since
 /// cargo's own last line belongs to whichever test binary ran last.
 fn run_tests(cmd: &mut Command) -> Result<(u64, u64)> {
-    use std::io::{BufRead, BufReader};
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("start cargo test")?;
     let (mut passed, mut failed) = (0u64, 0u64);
-    let stdout = child.stdout.take().expect("piped");
-    for line in BufReader::new(stdout).lines() {
-        let line = line.context("read cargo test output")?;
-        println!("{line}");
+    let st = echo(cmd, "cargo test", |line| {
         if let Some(rest) = line.strip_prefix("test result: ") {
             let count = |word: &str| {
                 rest.split(';')
@@ -404,8 +408,7 @@ fn run_tests(cmd: &mut Command) -> Result<(u64, u64)> {
             passed += count(" passed");
             failed += count(" failed");
         }
-    }
-    let st = child.wait().context("wait for cargo test")?;
+    })?;
     if !st.success() {
         println!("tests: {passed} passed, {failed} failed");
         bail!("cargo test failed ({st})");
