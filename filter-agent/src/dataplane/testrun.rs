@@ -115,14 +115,22 @@ impl Dataplane {
         } else {
             names::PROG_XDP
         };
+        // The pass program is loaded on first use (`fw_xdp` always is).
+        let xdp = self.loaded_xdp(name)?;
+        run_xdp(xdp, name, frame, ifindex, repeat)
+    }
+
+    /// The XDP program `name`, loaded into the kernel if it is not yet:
+    /// the benchmark's programs are loaded only when it asks for them.
+    fn loaded_xdp(&mut self, name: &'static str) -> Result<&mut Xdp, Error> {
         let xdp: &mut Xdp = self.program(name)?;
-        if baseline && xdp.fd().is_err() {
+        if xdp.fd().is_err() {
             xdp.load().map_err(|e| Error::Load {
                 what: name.into(),
                 source: Box::new(e),
             })?;
         }
-        run_xdp(xdp, name, frame, ifindex, repeat)
+        Ok(xdp)
     }
 
     /// Per-packet cost of `fw_tc_in` or `fw_tc_eg` as `run` describes (or,
@@ -156,19 +164,15 @@ impl Dataplane {
     /// loaded.
     pub fn attach_drop(&mut self, ifindex: u32) -> Result<(), Error> {
         let name = names::PROG_DROP;
-        let xdp: &mut Xdp = self.program(name)?;
-        let load = |e: Box<dyn std::error::Error + Send + Sync>| Error::Load {
-            what: name.into(),
-            source: e,
-        };
-        if xdp.fd().is_err() {
-            xdp.load().map_err(|e| load(Box::new(e)))?;
-        }
-        xdp.attach(
-            aya::programs::NetworkInterface::Index(ifindex),
-            XdpMode::Driver,
-        )
-        .map_err(|e| load(Box::new(e)))?;
+        self.loaded_xdp(name)?
+            .attach(
+                aya::programs::NetworkInterface::Index(ifindex),
+                XdpMode::Driver,
+            )
+            .map_err(|e| Error::Load {
+                what: name.into(),
+                source: Box::new(e),
+            })?;
         Ok(())
     }
 
