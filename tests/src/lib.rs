@@ -84,6 +84,29 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// Removes the pin directories a killed benchmark run left (its guards
+/// never ran): `/sys/fs/bpf/PREFIX…PID` whose trailing PID is a process
+/// that is gone.
+pub fn remove_stale_pins(prefix: &str) {
+    for e in std::fs::read_dir("/sys/fs/bpf")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        let digits = name.len() - name.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+        let Ok(pid) = name[name.len() - digits..].parse::<u32>() else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 /// A network namespace, deleted on drop.
 pub struct Netns {
     name: String,

@@ -532,6 +532,7 @@ struct Unpin(std::path::PathBuf);
 
 impl Unpin {
     fn new() -> Unpin {
+        filter_tests::remove_stale_pins("fwbench");
         Unpin(Path::new("/sys/fs/bpf").join(format!("fwbench{}", std::process::id())))
     }
 }

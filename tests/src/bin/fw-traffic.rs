@@ -86,7 +86,8 @@ fn main() {
             std::process::exit(2);
         }
     }
-    remove_stale_pins();
+    // A killed run's namespaces go when `Link::new` makes them again.
+    filter_tests::remove_stale_pins("fw-traffic-");
     let link = Link::new();
     if let Some(row) = only {
         // Traffic rows alone, flooding longer: for a profiler
@@ -101,29 +102,6 @@ fn main() {
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
         plot_traffic(&dir.join("traffic.svg"), &traffic);
         plot_updates(&dir.join("updates.svg"), &updates);
-    }
-}
-
-/// Removes the pin directories of runs that were killed (their guards
-/// never ran): `/sys/fs/bpf/fw-traffic-*-PID` of a process that is gone.
-/// Their namespaces go when [`Link::new`] makes them again.
-fn remove_stale_pins() {
-    for e in std::fs::read_dir("/sys/fs/bpf")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("fw-traffic-")
-            .and_then(|rest| rest.rsplit('-').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(e.path());
-        }
     }
 }
 
