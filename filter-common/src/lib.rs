@@ -749,6 +749,11 @@ pub mod names {
     /// The assured flows (`ct::ASSURED`): a hash, not an LRU, so a flood of
     /// new flows cannot evict them.
     pub const MAP_CONNTRACK_ASSURED: &str = "FW_CTA1";
+    /// Conntrack's presence filter: a byte per slot of
+    /// [`crate::CtKey::seen_slot`], the epoch it was last marked in.
+    pub const MAP_CT_SEEN: &str = "FW_CTSEEN1";
+    /// The presence filter's control word (`ct::EPOCH_ENABLED`).
+    pub const MAP_CT_EPOCH: &str = "FW_CTEPOCH1";
     /// The node's own addresses.
     pub const MAP_HOST: &str = "FW_HOST1";
     /// Service frontends.
@@ -766,7 +771,7 @@ pub mod names {
 
     /// Every pinned map: the agent checks the loaded object has each, so a
     /// name changed on one side only fails at load, not at first use.
-    pub const MAPS: [&str; 33] = [
+    pub const MAPS: [&str; 35] = [
         MAP_GENERATION,
         MAP_SRC_V4,
         MAP_DST_V4,
@@ -800,6 +805,8 @@ pub mod names {
         MAP_LOG_COUNTERS,
         MAP_TAIL_XDP,
         MAP_TAIL_TC,
+        MAP_CT_SEEN,
+        MAP_CT_EPOCH,
     ];
 
     /// Every program, likewise.
@@ -981,6 +988,35 @@ pub mod ct {
 
     /// Default number of entries of the conntrack table.
     pub const DEFAULT_SIZE: u32 = 262_144;
+
+    /// The presence filter's control word (`FW_CTEPOCH1`): the current
+    /// epoch (1 to 255; 0 before the agent's first sweep) in the low byte,
+    /// and this bit once lookups may trust the filter.
+    pub const EPOCH_ENABLED: u32 = 1 << 8;
+
+    /// The epoch after `epoch` (255 wraps to 1: 0 means never marked).
+    #[inline(always)]
+    pub const fn next_epoch(epoch: u8) -> u8 {
+        if epoch == 255 {
+            1
+        } else {
+            epoch + 1
+        }
+    }
+
+    /// Whether a slot marked `mark` may hold a flow under control word
+    /// `control`: always while the filter is not enabled; else when it was
+    /// marked in the current epoch or the one before (an entry inserted
+    /// after the sweeper's walk passed it carries the epoch before the
+    /// flip). A slot of a flow that is gone ages out after two flips.
+    #[inline(always)]
+    pub const fn may_have_flow(mark: u8, control: u32) -> bool {
+        if control & EPOCH_ENABLED == 0 {
+            return true;
+        }
+        let epoch = control as u8;
+        mark != 0 && (mark == epoch || next_epoch(mark) == epoch)
+    }
 }
 
 /// Key of the conntrack table: a flow's 5-tuple with the lower (address,
@@ -1005,7 +1041,28 @@ pub struct CtKey {
     pub addr_b: [u8; 16],
 }
 
+/// Slots of the conntrack presence filter (`FW_CTSEEN1`, a byte each):
+/// 128 KiB, which stays in cache where the tables' bucket arrays do not.
+pub const CT_SEEN_SLOTS: u32 = 1 << 17;
+
 impl CtKey {
+    /// This key's slot in the presence filter: a cheap hash of the ends.
+    #[inline(always)]
+    pub fn seen_slot(&self) -> u32 {
+        let w = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let mut h: u32 = (u32::from(self.proto) << 8)
+            ^ u32::from_ne_bytes([
+                self.port_a[0],
+                self.port_a[1],
+                self.port_b[0],
+                self.port_b[1],
+            ]);
+        h = (h ^ w(&self.addr_a, 0)).wrapping_mul(0x9e37_79b1);
+        h = (h ^ w(&self.addr_b, 0)).wrapping_mul(0x85eb_ca77);
+        h = (h ^ w(&self.addr_a, 12) ^ w(&self.addr_b, 12)).wrapping_mul(0xc2b2_ae3d);
+        (h ^ (h >> 15)) & (CT_SEEN_SLOTS - 1)
+    }
+
     /// A key of `family` and `proto` with the ends still to [`CtKey::fill`].
     #[inline(always)]
     pub const fn new(family: u8, proto: u8) -> CtKey {

@@ -13,7 +13,7 @@ use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST},
     helpers::bpf_ktime_get_coarse_ns,
     macros::map,
-    maps::{HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap},
 };
 use filter_common::{ct, proto, CtKey, CtValue};
 
@@ -32,10 +32,31 @@ static FW_CT2: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(ct::DEFAULT_SIZE,
 #[map(name = "FW_CTA1")]
 static FW_CTA1: HashMap<CtKey, CtValue> = HashMap::pinned(ct::DEFAULT_SIZE, BPF_F_NO_PREALLOC);
 
+/// The presence filter: per slot of `CtKey::seen_slot`, the epoch a flow
+/// with that slot was last inserted or seen live by the sweeper. A slot
+/// no valid epoch marks has no flow in either table, so the lookup of a
+/// flow conntrack does not know costs one cache line, not two bucket
+/// walks (`filter_common::ct::may_have_flow` says when it is valid).
+#[map(name = "FW_CTSEEN1")]
+static FW_CTSEEN1: Array<u8> = Array::pinned(filter_common::CT_SEEN_SLOTS, 0);
+
+/// The filter's control word: current epoch and whether it is enabled.
+#[map(name = "FW_CTEPOCH1")]
+static FW_CTEPOCH1: Array<u32> = Array::pinned(1, 0);
+
+#[inline(always)]
+fn epoch_control() -> u32 {
+    FW_CTEPOCH1.get(0).copied().unwrap_or(0)
+}
+
 /// The entry of `key` and whether it is in the assured table, which is
 /// looked at first (most packets belong to long-lived flows).
 #[inline(always)]
 fn lookup(key: &CtKey) -> Option<(*mut CtValue, bool)> {
+    let mark = FW_CTSEEN1.get(key.seen_slot()).copied().unwrap_or(1);
+    if !ct::may_have_flow(mark, epoch_control()) {
+        return None;
+    }
     if let Some(v) = FW_CTA1.get_ptr_mut(key) {
         return Some((v, true));
     }
@@ -346,5 +367,16 @@ pub fn open(pkt: &Packet, pending: bool) {
     // which is safe, and worth a diagnostic.
     if let Err(e) = FW_CT2.insert(&f.key, &value, 0) {
         crate::diag::conntrack_insert_failed(e);
+    }
+    // After the insert (the sweeper's walk must be able to find any flow
+    // whose mark it may overwrite): the current epoch, once there is one.
+    let epoch = epoch_control() as u8;
+    if epoch != 0 {
+        if let Some(seen) = FW_CTSEEN1.get_ptr_mut(f.key.seen_slot()) {
+            // SAFETY: an array element, alive while the program runs; a
+            // byte store, so a racing store leaves one of two epochs, both
+            // valid for the next lookups.
+            unsafe { *seen = epoch };
+        }
     }
 }

@@ -1618,3 +1618,98 @@ fn a_rule_counter_starts_at_zero_each_time_its_slot_is_reused() {
     }
     assert_eq!(counters.rule(first).expect("read").packets, 2);
 }
+
+/// Conntrack's presence filter never hides a live flow: flows the kernel
+/// opened before the filter had an epoch, in its first (not yet enabled)
+/// epoch and between sweeps all pass a pre-DNAT Deny added after them as
+/// established, while a new flow is denied.
+#[test]
+fn the_conntrack_presence_filter_keeps_every_live_flow() {
+    in_router_ns(
+        "the_conntrack_presence_filter_keeps_every_live_flow",
+        the_conntrack_presence_filter_keeps_every_live_flow_in_ns,
+    );
+}
+
+fn the_conntrack_presence_filter_keeps_every_live_flow_in_ns() {
+    let hep = "apiVersion: projectcalico.org/v3
+kind: HostEndpoint
+metadata: {name: test-hep, labels: {ibm.role: worker_public}}
+spec: {node: kernel-test, interfaceName: lo}
+---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {name: allow-9000}
+spec:
+  selector: ibm.role=='worker_public'
+  ingress:
+  - action: Allow
+    protocol: TCP
+    destination: {ports: [9000]}
+  egress:
+  - action: Allow
+";
+    let deny = format!(
+        "{hep}---
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {{name: deny-9000}}
+spec:
+  applyOnForward: true
+  preDNAT: true
+  selector: ibm.role=='worker_public'
+  ingress:
+  - action: Deny
+    protocol: TCP
+    destination: {{ports: [9000]}}
+"
+    );
+    let mut k = Loaded::new(hep);
+    let tcp = |src, dst, sport, dport, flags: &str| {
+        let mut v = Vec::new();
+        let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+            .ipv4(src, dst, 64)
+            .tcp(sport, dport, 100, 1024);
+        match flags {
+            "syn" => b.syn(),
+            "synack" => b.syn().ack(101),
+            _ => b.ack(101),
+        }
+        .write(&mut v, &[])
+        .expect("build");
+        v
+    };
+    // A connection the programs open and the node answers.
+    let open = |k: &mut Loaded, sport: u16| {
+        assert_eq!(k.tc(&tcp(OTHER, WORKER, sport, 9000, "syn"), true), 0);
+        assert_eq!(k.tc(&tcp(WORKER, OTHER, 9000, sport, "synack"), false), 0);
+    };
+    let sweep = |k: &mut Loaded| {
+        k.dp.as_mut()
+            .expect("loaded")
+            .sweep_conntrack()
+            .expect("sweep");
+    };
+    open(&mut k, 40001); // no epoch yet: unmarked
+    sweep(&mut k); // epoch 1, not enabled
+    open(&mut k, 40002); // marked 1
+    sweep(&mut k); // walks, marks 2, enables
+    open(&mut k, 40003); // marked 2
+    sweep(&mut k); // walks, marks 3
+    open(&mut k, 40004); // marked 3
+    sweep(&mut k); // walks, marks 4
+    open(&mut k, 40005); // marked 4
+    k.publish(&deny);
+    for sport in 40001..=40005 {
+        assert_eq!(
+            k.run(&tcp(OTHER, WORKER, sport, 9000, "ack")),
+            XDP_PASS,
+            "flow from port {sport} is established"
+        );
+    }
+    assert_eq!(
+        k.run(&tcp(OTHER, WORKER, 40006, 9000, "syn")),
+        XDP_DROP,
+        "a new flow meets the Deny"
+    );
+}

@@ -208,7 +208,10 @@ impl Dataplane {
             return Ok(());
         }
         let mut table: HashMap<&mut MapData, CtKey, CtValue> = self.map(name)?;
-        match table.insert(&key, &value, if replace { 0 } else { BPF_NOEXIST }) {
+        let inserted = table.insert(&key, &value, if replace { 0 } else { BPF_NOEXIST });
+        // After the insert, as the kernel does (see `sweep_conntrack`).
+        self.mark_seen(&[key.seen_slot()], None)?;
+        match inserted {
             Ok(()) => Ok(()),
             Err(aya::maps::MapError::SyscallError(e))
                 if !replace && e.io_error.raw_os_error() == Some(libc::EEXIST) =>
@@ -271,6 +274,7 @@ impl Dataplane {
         let capacity = self.conntrack_capacity();
         let mut live = [0; 2];
         let mut removed = 0;
+        let mut slots = Vec::new();
         for (i, name) in TABLES.into_iter().enumerate() {
             let mut table: HashMap<&mut MapData, CtKey, CtValue> = self.map(name)?;
             let mut stale = Vec::new();
@@ -281,6 +285,7 @@ impl Dataplane {
                     stale.push(k);
                 } else {
                     live[i] += 1;
+                    slots.push(k.seen_slot());
                 }
             }
             removed += stale.len();
@@ -289,6 +294,7 @@ impl Dataplane {
                 let _ = table.remove(&k);
             }
         }
+        self.next_epoch(&slots)?;
         Ok(Sweep {
             live: live[0],
             assured: live[1],
@@ -296,6 +302,55 @@ impl Dataplane {
             capacity,
             took: start.elapsed(),
         })
+    }
+
+    /// The presence filter's control word.
+    fn epoch_control(&mut self) -> Result<u32, Error> {
+        let control: aya::maps::Array<&mut MapData, u32> = self.map(names::MAP_CT_EPOCH)?;
+        control
+            .get(&0, 0)
+            .map_err(map_error(names::MAP_CT_EPOCH, "read"))
+    }
+
+    fn set_epoch_control(&mut self, value: u32) -> Result<(), Error> {
+        let mut control: aya::maps::Array<&mut MapData, u32> = self.map(names::MAP_CT_EPOCH)?;
+        control
+            .set(0, &value, 0)
+            .map_err(map_error(names::MAP_CT_EPOCH, "write"))
+    }
+
+    /// Marks `slots` of the presence filter with `epoch`, or with the
+    /// current epoch (nothing before the first sweep, as the kernel).
+    fn mark_seen(&mut self, slots: &[u32], epoch: Option<u8>) -> Result<(), Error> {
+        let epoch = match epoch {
+            Some(e) => e,
+            None => self.epoch_control()? as u8,
+        };
+        if epoch == 0 || slots.is_empty() {
+            return Ok(());
+        }
+        super::batch::update(
+            &self.ebpf,
+            names::MAP_CT_SEEN,
+            slots,
+            &vec![epoch; slots.len()],
+        )
+    }
+
+    /// Moves the presence filter to the next epoch after a walk that found
+    /// the live entries of `slots`. The walk ran after the current epoch
+    /// was set, so every entry it missed was inserted after it passed and
+    /// is marked with the current epoch, which the next one keeps valid.
+    /// The first sweep only starts epoch 1 (entries inserted before it
+    /// carry no mark); the second walks, marks and enables the filter.
+    fn next_epoch(&mut self, slots: &[u32]) -> Result<(), Error> {
+        let epoch = self.epoch_control()? as u8;
+        if epoch == 0 {
+            return self.set_epoch_control(1);
+        }
+        let next = ct::next_epoch(epoch);
+        self.mark_seen(slots, Some(next))?;
+        self.set_epoch_control(u32::from(next) | ct::EPOCH_ENABLED)
     }
 
     /// Entries the conntrack table holds at most.
