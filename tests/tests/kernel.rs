@@ -1620,9 +1620,8 @@ fn a_rule_counter_starts_at_zero_each_time_its_slot_is_reused() {
 }
 
 /// Conntrack's presence filter never hides a live flow: flows the kernel
-/// opened before the filter had an epoch, in its first (not yet enabled)
-/// epoch and between sweeps all pass a pre-DNAT Deny added after them as
-/// established, while a new flow is denied.
+/// opened in each epoch, between sweeps that flip it, all pass a pre-DNAT
+/// Deny added after them as established, while a new flow is denied.
 #[test]
 fn the_conntrack_presence_filter_keeps_every_live_flow() {
     in_router_ns(
@@ -1690,15 +1689,16 @@ spec:
             .sweep_conntrack()
             .expect("sweep");
     };
-    open(&mut k, 40001); // no epoch yet: unmarked
-    sweep(&mut k); // epoch 1, not enabled
-    open(&mut k, 40002); // marked 1
-    sweep(&mut k); // walks, marks 2, enables
-    open(&mut k, 40003); // marked 2
-    sweep(&mut k); // walks, marks 3
-    open(&mut k, 40004); // marked 3
-    sweep(&mut k); // walks, marks 4
-    open(&mut k, 40005); // marked 4
+    // Loading started the filter: epoch 2, enabled.
+    open(&mut k, 40001); // marked 2
+    sweep(&mut k); // walks, marks 3, flips
+    open(&mut k, 40002); // marked 3
+    sweep(&mut k); // marks 4
+    open(&mut k, 40003); // marked 4
+    sweep(&mut k); // marks 5
+    open(&mut k, 40004); // marked 5
+    sweep(&mut k); // marks 6
+    open(&mut k, 40005); // marked 6: only the kernel's mark
     k.publish(&deny);
     for sport in 40001..=40005 {
         assert_eq!(

@@ -353,6 +353,18 @@ impl Dataplane {
         self.set_epoch_control(u32::from(next) | ct::EPOCH_ENABLED)
     }
 
+    /// Turns conntrack's presence filter on if it is not (new maps, or
+    /// tables adopted from an agent without it): epoch 1 first, so the
+    /// kernel marks what it inserts from now on; then a sweep, whose walk
+    /// finds everything inserted before and enables the filter.
+    pub(super) fn start_presence_filter(&mut self) -> Result<(), Error> {
+        if self.epoch_control()? != 0 {
+            return Ok(());
+        }
+        self.next_epoch(&[])?;
+        self.sweep_conntrack().map(|_| ())
+    }
+
     /// Entries the conntrack table holds at most.
     pub fn conntrack_capacity(&self) -> u32 {
         match self.ebpf.map(names::MAP_CONNTRACK) {

@@ -350,6 +350,7 @@ impl Dataplane {
             },
         };
         dp.live = dp.generation()?;
+        dp.start_presence_filter()?;
         Ok(dp)
     }
 
