@@ -132,6 +132,10 @@ pub struct Live {
     tc_eg: SchedClassifier,
     /// The conntrack tables: new flows, assured flows.
     ct: [HashMap<MapData, CtKey, CtValue>; 2],
+    /// Conntrack's presence filter and its control word: an entry put in
+    /// the tables is marked there too, or the programs would not look.
+    seen: aya::maps::Array<MapData, u8>,
+    epoch: aya::maps::Array<MapData, u32>,
 }
 
 impl Hooks for Live {
@@ -169,11 +173,24 @@ impl Live {
             super::conntrack::open_pinned(pin_dir, new)?.0,
             super::conntrack::open_pinned(pin_dir, assured)?.0,
         ];
+        let array = |name: &'static str| {
+            let data = MapData::from_pin(pin_dir.join(name)).map_err(map_error(
+                name,
+                format!("open pin in {}", pin_dir.display()),
+            ))?;
+            Ok::<_, Error>(aya::maps::Map::Array(data))
+        };
+        let seen = aya::maps::Array::try_from(array(names::MAP_CT_SEEN)?)
+            .map_err(map_error(names::MAP_CT_SEEN, "open"))?;
+        let epoch = aya::maps::Array::try_from(array(names::MAP_CT_EPOCH)?)
+            .map_err(map_error(names::MAP_CT_EPOCH, "open"))?;
         Ok(Live {
             xdp,
             tc_in,
             tc_eg,
             ct,
+            seen,
+            epoch,
         })
     }
 
@@ -203,10 +220,22 @@ impl Live {
         self.insert(&key, &value, "insert")
     }
 
+    /// Inserts, then marks the presence filter with the current epoch (as
+    /// the programs and `Dataplane::open_flow` do: after the insert).
     fn insert(&mut self, key: &CtKey, v: &CtValue, op: &'static str) -> Result<(), Error> {
         let name = super::conntrack::table_of(v);
         let i = usize::from(name != super::conntrack::TABLES[0]);
-        self.ct[i].insert(key, v, 0).map_err(map_error(name, op))
+        self.ct[i].insert(key, v, 0).map_err(map_error(name, op))?;
+        let epoch = self
+            .epoch
+            .get(&0, 0)
+            .map_err(map_error(names::MAP_CT_EPOCH, "read"))? as u8;
+        if epoch != 0 {
+            self.seen
+                .set(key.seen_slot(), &epoch, 0)
+                .map_err(map_error(names::MAP_CT_SEEN, "mark"))?;
+        }
+        Ok(())
     }
 }
 
