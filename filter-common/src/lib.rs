@@ -1006,16 +1006,19 @@ pub mod ct {
 
     /// Whether a slot marked `mark` may hold a flow under control word
     /// `control`: always while the filter is not enabled; else when it was
-    /// marked in the current epoch or the one before (an entry inserted
-    /// after the sweeper's walk passed it carries the epoch before the
-    /// flip). A slot of a flow that is gone ages out after two flips.
+    /// marked in the epoch before the current one, the current one or the
+    /// next. The epoch before: an entry inserted after the sweeper's walk
+    /// passed it carries the epoch before the flip. The next: the sweeper
+    /// marks what its walk found with the next epoch before it flips, and
+    /// in between those slots hold only that mark. A slot of a flow that
+    /// is gone ages out after two flips.
     #[inline(always)]
     pub const fn may_have_flow(mark: u8, control: u32) -> bool {
         if control & EPOCH_ENABLED == 0 {
             return true;
         }
         let epoch = control as u8;
-        mark != 0 && (mark == epoch || next_epoch(mark) == epoch)
+        mark != 0 && (mark == epoch || next_epoch(mark) == epoch || mark == next_epoch(epoch))
     }
 }
 

@@ -445,6 +445,31 @@ pub fn pinned_occupancy(pin_dir: &Path) -> Result<Occupancy, Error> {
 mod tests {
     use super::*;
 
+    /// The presence filter's contract with the sweeper: a slot stays valid
+    /// from its mark through the next flip, also while the sweeper has
+    /// already marked it for the epoch after (its walk found the flow, the
+    /// flip has not happened yet), and across the wrap from 255 to 1; a
+    /// slot no one marks again ages out after two flips.
+    #[test]
+    fn a_presence_mark_is_valid_from_before_the_flip_until_two_flips_later() {
+        let on = |epoch: u8| u32::from(epoch) | ct::EPOCH_ENABLED;
+        for epoch in [1u8, 2, 100, 254, 255] {
+            let next = ct::next_epoch(epoch);
+            assert!(ct::may_have_flow(epoch, on(epoch)), "marked now");
+            assert!(
+                ct::may_have_flow(next, on(epoch)),
+                "marked by the sweeper before its flip"
+            );
+            assert!(ct::may_have_flow(epoch, on(next)), "one flip later");
+            assert!(
+                !ct::may_have_flow(epoch, on(ct::next_epoch(next))),
+                "two flips later"
+            );
+            assert!(!ct::may_have_flow(0, on(epoch)), "never marked");
+        }
+        assert!(ct::may_have_flow(0, 7), "not enabled: every lookup happens");
+    }
+
     const PROC: &str = "\
 ipv4     2 tcp      6 431999 ESTABLISHED src=10.0.0.1 dst=10.0.0.2 sport=40000 dport=22 src=10.0.0.2 dst=10.0.0.1 sport=22 dport=40000 [ASSURED] mark=0 zone=0 use=2
 ipv4     2 tcp      6 118 TIME_WAIT src=10.0.0.1 dst=10.0.0.2 sport=40001 dport=22 src=10.0.0.2 dst=10.0.0.1 sport=22 dport=40001 [ASSURED] mark=0 zone=0 use=2
