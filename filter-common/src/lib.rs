@@ -330,7 +330,7 @@ pub struct EndpointValue {
 /// Data part of an IPv4 address trie key. Field order is LPM order: the
 /// table id first, so a prefix never spans two tables.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AddrV4Key {
     /// [`table_id`], big-endian.
     pub table: [u8; 4],
@@ -340,7 +340,7 @@ pub struct AddrV4Key {
 
 /// Data part of an IPv6 address trie key, laid out like [`AddrV4Key`].
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct AddrV6Key {
     /// [`table_id`], big-endian.
     pub table: [u8; 4],
@@ -357,7 +357,7 @@ pub struct AddrV6Key {
 /// port, and nothing that needs a port (as iptables' port matches never
 /// match a non-first fragment).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PortKey {
     /// [`table_id`], big-endian.
     pub table: [u8; 4],

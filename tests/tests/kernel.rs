@@ -1713,3 +1713,65 @@ spec:
         "a new flow meets the Deny"
     );
 }
+
+/// A change is a patch: the generation it goes into holds the policy
+/// before the live one, and only what differs is written. With 200 deny
+/// rules over 2,000 sources loaded, turning the last rule from Deny to
+/// Allow writes one entry (its rule's metadata) and the packet it decides
+/// passes; turning it back writes one again. A list of other sources
+/// replaces every address entry.
+#[test]
+fn a_one_rule_change_writes_only_the_entries_that_differ() {
+    if !privileged("a_one_rule_change_writes_only_the_entries_that_differ") {
+        return;
+    }
+    use std::fmt::Write as _;
+    // 200 rules of 10 sources each in 10.<list>.0.0/16, then the last rule.
+    let policy = |last: &str, list: u8| {
+        let mut y = String::from("apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {name: test-hep, labels: {r: x}}\nspec: {node: kernel-test, interfaceName: lo}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: list}\nspec:\n  preDNAT: true\n  applyOnForward: true\n  ingress:\n");
+        for r in 0..200u32 {
+            let nets: Vec<String> = (0..10).map(|i| format!("10.{list}.{r}.{i}/32")).collect();
+            let _ = writeln!(
+                y,
+                "  - action: Deny\n    protocol: TCP\n    source: {{nets: [{}]}}\n    destination: {{ports: [{}]}}",
+                nets.join(", "),
+                1000 + r
+            );
+        }
+        let _ = writeln!(
+            y,
+            "  - action: {last}\n    source: {{nets: [192.0.2.7/32]}}"
+        );
+        y
+    };
+    let changed = |k: &Loaded| k.dp.as_ref().expect("loaded").last_publish().changed;
+    let probe = tcp4([192, 0, 2, 7], WORKER, 80);
+    let listed = tcp4([10, 0, 5, 3], WORKER, 1005);
+    // Generation 0, then 1: neither known yet, so both written whole.
+    let mut k = Loaded::new(&policy("Deny", 0));
+    k.publish(&policy("Deny", 1));
+    assert!(
+        changed(&k) > 2000,
+        "a generation not known is written whole"
+    );
+    assert_eq!(k.run(&probe), XDP_DROP);
+    // Generation 0 again, which holds the first policy.
+    k.publish(&policy("Allow", 0));
+    assert_eq!(changed(&k), 1, "only the last rule's metadata");
+    assert_eq!(k.run(&probe), XDP_PASS, "the changed rule is enforced");
+    assert_eq!(k.run(&listed), XDP_DROP, "the rest stays");
+    // Generation 1 holds list 1: list 2 replaces its 2,000 sources.
+    k.publish(&policy("Allow", 2));
+    assert!(
+        changed(&k) >= 4000,
+        "{} entries: 2,000 stale sources out, 2,000 new in",
+        changed(&k)
+    );
+    assert_eq!(k.run(&listed), XDP_PASS, "list 0 is gone");
+    assert_eq!(k.run(&tcp4([10, 2, 5, 3], WORKER, 1005)), XDP_DROP);
+    // Generation 0 holds list 0 with the last rule allowing.
+    k.publish(&policy("Deny", 0));
+    assert_eq!(changed(&k), 1);
+    assert_eq!(k.run(&probe), XDP_DROP);
+    assert_eq!(k.run(&listed), XDP_DROP);
+}

@@ -573,8 +573,8 @@ impl Agent {
         let ifaces = seen.iter().map(|(n, (i, _))| (n.clone(), *i)).collect();
         match self.dp.apply(&compiled, &ifaces) {
             Ok(generation) => {
-                // Enforced from the flip; clearing the old generation and
-                // attaching new interfaces come after.
+                // Enforced from the flip; attaching new interfaces comes
+                // after.
                 let times = self.dp.last_publish();
                 let took = times
                     .enforced
@@ -591,7 +591,7 @@ impl Agent {
                     rules,
                     enforced_after_ms = took * 1e3,
                     written_ms = times.to_enforce.as_secs_f64() * 1e3,
-                    cleared_ms = times.to_clear.as_secs_f64() * 1e3,
+                    changed = times.changed,
                     classes = compiled.classes.len(),
                     endpoints = ?self.dp.attachments(),
                     "policy applied"

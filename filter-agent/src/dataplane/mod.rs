@@ -24,6 +24,7 @@ pub use diag::KernelLogLevel;
 mod events;
 pub use events::{ring_bytes, Rate};
 pub mod live;
+mod patch;
 mod pins;
 mod publish;
 mod testrun;
@@ -154,9 +155,13 @@ pub struct Dataplane {
     /// Entries of each address table, both generations together
     /// ([`Options::prefix_capacity`], or an adopted table's size).
     prefix_capacity: u32,
-    /// The inactive generation holds nothing: this dataplane cleared it
-    /// after the last flip (unknown after a load: an adopted one may not).
-    inactive_clean: bool,
+    /// What the live generation holds, if this dataplane wrote it.
+    live_contents: Option<patch::Contents>,
+    /// What the inactive generation holds (the policy before the live
+    /// one), if this dataplane wrote it: the next publish patches it.
+    /// Unknown after a load (an adopted one holds what it holds) and after
+    /// a write that failed half-way: then it is cleared first.
+    inactive: Option<patch::Contents>,
     last_publish: PublishTimes,
 }
 
@@ -342,11 +347,12 @@ impl Dataplane {
             live: 0,
             pinned_maps,
             prefix_capacity,
-            inactive_clean: false,
+            live_contents: None,
+            inactive: None,
             last_publish: PublishTimes {
                 enforced: Instant::now(),
                 to_enforce: Duration::ZERO,
-                to_clear: Duration::ZERO,
+                changed: 0,
             },
         };
         dp.live = dp.generation()?;

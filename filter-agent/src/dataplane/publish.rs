@@ -1,14 +1,16 @@
 //! Publishing a compiled policy: the plan of one generation (classes,
 //! words, endpoint classes, rule slots) checked against the kernel tables'
-//! capacity, written into the inactive generation, made live by one write
-//! to `FW_GEN1`, the old one cleared; the node addresses and Service
-//! frontends beside it.
+//! capacity, patched into the inactive generation (`patch`), made live by
+//! one write to `FW_GEN1`; the node addresses and Service frontends
+//! beside it.
 
+use super::patch::Contents;
 use super::*;
 
 /// How long a packet that read the old generation may still be running
-/// when the agent starts clearing it. BPF programs run in an RCU read-side
-/// section of a few microseconds; this is generous.
+/// when the agent starts rewriting it (the next publish, at least this long
+/// after the flip). BPF programs run in an RCU read-side section of a few
+/// microseconds; this is generous.
 pub(super) const GRACE: Duration = Duration::from_millis(20);
 
 /// Rule slot of rule 0 of each of `compiled`'s tables (in their order)
@@ -57,14 +59,13 @@ pub fn preflight(compiled: &Compiled) -> Result<(), Error> {
 /// Where one generation's contents go, worked out before anything is
 /// written.
 pub(super) struct Plan {
-    layout: classes::Layout,
+    pub(super) layout: classes::Layout,
     /// Compiler class number → class number in the generation's range.
     classes: Vec<u32>,
-    /// First class number of the generation.
-    class_base: u32,
     /// Per table id: (interface index, class of its mask).
-    masks: BTreeMap<u32, Vec<(u32, u32)>>,
-    first_slots: Vec<u32>,
+    pub(super) masks: BTreeMap<u32, Vec<(u32, u32)>>,
+    /// Rule slot of each table's first rule, in `Compiled::tables` order.
+    pub(super) first_slots: Vec<u32>,
 }
 
 impl Plan {
@@ -97,7 +98,6 @@ impl Plan {
         Ok(Plan {
             layout,
             classes,
-            class_base,
             masks,
             first_slots: first_slots(compiled, generation),
         })
@@ -110,17 +110,18 @@ impl Plan {
 }
 
 /// How the last publish went: the policy is enforced from the moment the
-/// live generation flips; clearing the old one comes after.
+/// live generation flips.
 #[derive(Debug, Clone, Copy)]
 pub struct PublishTimes {
     /// When the new generation went live.
     pub enforced: Instant,
-    /// From the start of the publish to the flip: writing the inactive
+    /// From the start of the publish to the flip: patching the inactive
     /// generation.
     pub to_enforce: Duration,
-    /// From the flip to the old generation cleared (the grace period
-    /// included).
-    pub to_clear: Duration,
+    /// Classifier entries written or removed (the rule counters' reset
+    /// aside): the size of the change, or of the whole policy where the
+    /// inactive generation was not known.
+    pub changed: usize,
 }
 
 /// Whether every table fits the kernel's tables: at most `MAX_RULES` rules
@@ -323,8 +324,10 @@ pub(super) fn failsafe_keys(f: &crate::compile::failsafe::Failsafe) -> Vec<Key<F
 }
 
 impl Dataplane {
-    /// Writes `compiled` into the inactive generation, makes it live, and
-    /// clears the old one; attaches nothing. Returns the live generation.
+    /// Writes `compiled` into the inactive generation and makes it live;
+    /// attaches nothing. Returns the live generation. The inactive
+    /// generation is patched from what it holds (`dataplane/patch.rs`):
+    /// only the entries that differ are written.
     pub fn publish(&mut self, compiled: &Compiled, ifaces: &Interfaces) -> Result<u32, Error> {
         let started = Instant::now();
         let next = (self.live + 1) % GENERATIONS;
@@ -333,28 +336,36 @@ impl Dataplane {
         // Everything that can exceed a capacity is laid out before the
         // first write, so a policy that does not fit changes nothing.
         let plan = Plan::new(compiled, ifaces, next)?;
-        // The inactive generation may still hold entries if a previous
-        // update failed half-way, or an adopted one left them; start it
-        // clean. After our own clear it is known clean: walking every key
-        // of every table again would only find none.
-        if !self.inactive_clean {
-            self.clear_generation(next)?;
+        let want = Contents::new(next, compiled, &plan);
+        // The inactive generation was live until the last flip: a packet
+        // that read it then may still be running.
+        if let Some(left) = GRACE.checked_sub(self.last_publish.enforced.elapsed()) {
+            std::thread::sleep(left);
         }
-        self.inactive_clean = false;
+        // What it holds, if this dataplane wrote it; taken, so a write
+        // failing half-way leaves it unknown, and cleared before its next
+        // use.
+        let have = match self.inactive.take() {
+            Some(have) => have,
+            None => {
+                self.clear_generation(next)?;
+                Contents::default()
+            }
+        };
         self.write_failsafe(&compiled.failsafe)?;
         self.write_frontends(&compiled.frontends)?;
-        self.write_generation(next, compiled, &plan)?;
+        let changed = self.patch(next, &have, &want)?;
+        self.zero_counters(&want.slots())?;
         self.set_generation(next)?;
         let enforced = Instant::now();
-        let old = self.live;
         self.live = next;
-        std::thread::sleep(GRACE);
-        self.clear_generation(old)?;
-        self.inactive_clean = true;
+        // The generation that was live keeps its policy: the next publish
+        // patches it.
+        self.inactive = self.live_contents.replace(want);
         self.last_publish = PublishTimes {
             enforced,
             to_enforce: enforced - started,
-            to_clear: enforced.elapsed(),
+            changed,
         };
         Ok(next)
     }
@@ -362,205 +373,6 @@ impl Dataplane {
     /// When and how fast the last [`Dataplane::publish`] went.
     pub fn last_publish(&self) -> PublishTimes {
         self.last_publish
-    }
-
-    pub(super) fn write_generation(
-        &mut self,
-        generation: u32,
-        compiled: &Compiled,
-        plan: &Plan,
-    ) -> Result<(), Error> {
-        let base = generation * CLASS_WORDS_PER_GEN;
-        let at = |base: u32, n: usize| (base..).take(n).collect::<Vec<u32>>();
-        let words = &plan.layout.words;
-        batch::update(
-            &self.ebpf,
-            names::MAP_CLASS_WORDS,
-            &at(base, words.len()),
-            words,
-        )?;
-        let heads = &plan.layout.heads;
-        batch::update(
-            &self.ebpf,
-            names::MAP_CLASS,
-            &at(plan.class_base, heads.len()),
-            heads,
-        )?;
-        for (t, first_slot) in compiled.tables.iter().zip(&plan.first_slots) {
-            let table = table_id(generation, t.stage, t.direction);
-            self.write_table(table, *first_slot, t, plan)?;
-        }
-        // Each interface's summary: which of these tables have rules for it.
-        let mut summary: BTreeMap<u32, u32> = BTreeMap::new();
-        for t in &compiled.tables {
-            let table = table_id(generation, t.stage, t.direction);
-            for (ifindex, _) in &plan.masks[&table] {
-                *summary.entry(*ifindex).or_default() |= table_bit(t.stage, t.direction);
-            }
-        }
-        let mut eps: HashMap<&mut MapData, EndpointKey, EndpointValue> =
-            self.map(names::MAP_ENDPOINT)?;
-        for (ifindex, tables) in summary {
-            let key = EndpointKey {
-                ifindex,
-                table: summary_table(generation),
-            };
-            let value = EndpointValue {
-                class: tables,
-                first_slot: 0,
-            };
-            eps.insert(&key, &value, 0)
-                .map_err(map_error(names::MAP_ENDPOINT, format!("summary {ifindex}")))?;
-        }
-        Ok(())
-    }
-
-    pub(super) fn write_table(
-        &mut self,
-        table: u32,
-        first_slot: u32,
-        t: &Table,
-        plan: &Plan,
-    ) -> Result<(), Error> {
-        self.zero_counters(first_slot, t.rules.len())?;
-        let tb = table.to_be_bytes();
-        let (slots, metas): (Vec<u32>, Vec<RuleMeta>) = t
-            .rules
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let meta = RuleMeta {
-                    action: r.action,
-                    policy: r.owner,
-                    rule: i as u32,
-                    next: r.next,
-                };
-                (first_slot + i as u32, meta)
-            })
-            .unzip();
-        batch::update(&self.ebpf, names::MAP_RULE, &slots, &metas)?;
-        let bits = |p: &Prefix| TABLE_PREFIX_BITS + u32::from(p.len);
-        for (name, exact, entries) in [
-            (names::MAP_SRC_V4, names::MAP_SRC_V4_EXACT, &t.src_v4),
-            (names::MAP_DST_V4, names::MAP_DST_V4_EXACT, &t.dst_v4),
-        ] {
-            let addr = |p: &Prefix| (p.value(32) as u32).to_be_bytes();
-            self.fill_addresses(
-                (name, exact, 32),
-                entries,
-                |p| {
-                    Key::new(
-                        bits(p),
-                        AddrV4Key {
-                            table: tb,
-                            addr: addr(p),
-                        },
-                    )
-                },
-                plan,
-            )?;
-        }
-        for (name, exact, entries) in [
-            (names::MAP_SRC_V6, names::MAP_SRC_V6_EXACT, &t.src_v6),
-            (names::MAP_DST_V6, names::MAP_DST_V6_EXACT, &t.dst_v6),
-        ] {
-            let addr = |p: &Prefix| p.value(128).to_be_bytes();
-            self.fill_addresses(
-                (name, exact, 128),
-                entries,
-                |p| {
-                    Key::new(
-                        bits(p),
-                        AddrV6Key {
-                            table: tb,
-                            addr: addr(p),
-                        },
-                    )
-                },
-                plan,
-            )?;
-        }
-        for (name, exact, entries) in [
-            (names::MAP_PORT, names::MAP_PORT_EXACT, &t.dports),
-            (names::MAP_SPORT, names::MAP_SPORT_EXACT, &t.sports),
-        ] {
-            let (keys, classes): (Vec<Key<PortKey>>, Vec<u32>) = entries
-                .iter()
-                .filter(|e| is_single_port(e))
-                .map(|e| (port_key(tb, e), plan.class(e.class)))
-                .unzip();
-            batch::update(&self.ebpf, exact, &keys, &classes)?;
-            let mut ports: LpmTrie<&mut MapData, PortKey, u32> = self.map(name)?;
-            for e in entries.iter().filter(|e| !is_single_port(e)) {
-                ports
-                    .insert(&port_key(tb, e), &plan.class(e.class), 0)
-                    .map_err(map_error(name, format!("insert {e:?}")))?;
-            }
-        }
-        let mut table_hints: Array<&mut MapData, TableHints> = self.map(names::MAP_TABLE_HINTS)?;
-        table_hints
-            .set(table, &hints(t, plan), 0)
-            .map_err(map_error(
-                names::MAP_TABLE_HINTS,
-                format!("set table {table}"),
-            ))?;
-        let mut eps: HashMap<&mut MapData, EndpointKey, EndpointValue> =
-            self.map(names::MAP_ENDPOINT)?;
-        for (ifindex, class) in &plan.masks[&table] {
-            let value = EndpointValue {
-                class: *class,
-                first_slot,
-            };
-            eps.insert(
-                &EndpointKey {
-                    ifindex: *ifindex,
-                    table,
-                },
-                &value,
-                0,
-            )
-            .map_err(map_error(names::MAP_ENDPOINT, format!("insert {ifindex}")))?;
-        }
-        Ok(())
-    }
-
-    /// Writes an address field's entries: host addresses (`full` bits)
-    /// into the exact hash, the other prefixes into the trie (the kernel
-    /// asks the hash first).
-    pub(super) fn fill_addresses<K: aya::Pod>(
-        &mut self,
-        (trie, exact, full): (&'static str, &'static str, u8),
-        entries: &[(Prefix, u32)],
-        key: impl Fn(&Prefix) -> Key<K>,
-        plan: &Plan,
-    ) -> Result<(), Error> {
-        let (keys, classes): (Vec<Key<K>>, Vec<u32>) = entries
-            .iter()
-            .filter(|(p, _)| p.len == full)
-            .map(|(p, class)| (key(p), plan.class(*class)))
-            .unzip();
-        batch::update(&self.ebpf, exact, &keys, &classes)?;
-        let prefixes: Vec<(Prefix, u32)> = entries
-            .iter()
-            .filter(|(p, _)| p.len != full)
-            .copied()
-            .collect();
-        self.fill_trie(trie, &prefixes, key, plan)
-    }
-
-    pub(super) fn fill_trie<K: aya::Pod>(
-        &mut self,
-        name: &'static str,
-        entries: &[(Prefix, u32)],
-        key: impl Fn(&Prefix) -> Key<K>,
-        plan: &Plan,
-    ) -> Result<(), Error> {
-        let mut trie: LpmTrie<&mut MapData, K, u32> = self.map(name)?;
-        for (p, class) in entries {
-            trie.insert(&key(p), &plan.class(*class), 0)
-                .map_err(map_error(name, format!("insert {p:?}")))?;
-        }
-        Ok(())
     }
 
     /// Makes `entries` the failsafe set: new entries first, then the stale
@@ -619,12 +431,10 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Zeroes the counters of a table's `rules` slots from `first_slot`: a
-    /// slot counts for the rule the live generation puts there, from when
-    /// it went live.
-    pub(super) fn zero_counters(&mut self, first_slot: u32, rules: usize) -> Result<(), Error> {
-        let slots: Vec<u32> = (first_slot..).take(rules).collect();
-        batch::zero_per_cpu(&self.ebpf, names::MAP_RULE_COUNTERS, &slots)
+    /// Zeroes the counters of rule `slots`: a slot counts for the rule
+    /// the live generation puts there, from when it went live.
+    pub(super) fn zero_counters(&mut self, slots: &[u32]) -> Result<(), Error> {
+        batch::zero_per_cpu(&self.ebpf, names::MAP_RULE_COUNTERS, slots)
     }
 
     /// Removes every trie and endpoint entry of `generation`.

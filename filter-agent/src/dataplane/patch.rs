@@ -1,0 +1,253 @@
+//! One generation's contents as a value, and patching one into another.
+//!
+//! In: a compiled policy and its [`Plan`]. Out: [`Contents`], every entry
+//! the generation's classifier maps hold, keyed as the kernel keys them.
+//! The dataplane keeps the contents of both generations it wrote; the
+//! next policy goes into the inactive one as a patch from what it holds
+//! (the policy before the live one), so a one-rule change writes a few
+//! entries, not the whole policy. A generation this dataplane did not
+//! write (adopted, or a write that failed half-way) is cleared first and
+//! patched from empty, which is a full write.
+
+use std::hash::Hash;
+
+use filter_common::ClassHead;
+
+use super::publish::{hints, is_single_port, port_key, Plan};
+use super::*;
+
+/// One map's entries: (prefix length, key) → class number.
+type Entries<K> = std::collections::HashMap<(u32, K), u32>;
+
+/// Index in [`Contents`]' address and port arrays: the source field's
+/// trie, the destination's, then their exact hashes in the same order.
+const TRIE: usize = 0;
+const EXACT: usize = 2;
+
+/// The address and port maps, in [`Contents`]' order.
+const V4_MAPS: [&str; 4] = [
+    names::MAP_SRC_V4,
+    names::MAP_DST_V4,
+    names::MAP_SRC_V4_EXACT,
+    names::MAP_DST_V4_EXACT,
+];
+const V6_MAPS: [&str; 4] = [
+    names::MAP_SRC_V6,
+    names::MAP_DST_V6,
+    names::MAP_SRC_V6_EXACT,
+    names::MAP_DST_V6_EXACT,
+];
+const PORT_MAPS: [&str; 4] = [
+    names::MAP_PORT,
+    names::MAP_SPORT,
+    names::MAP_PORT_EXACT,
+    names::MAP_SPORT_EXACT,
+];
+
+/// Everything one generation holds in the classifier maps.
+#[derive(Default)]
+pub(super) struct Contents {
+    /// Non-zero class words from the generation's first (`FW_WORD1`).
+    words: Vec<u64>,
+    /// Class heads from the generation's first class (`FW_CLASS2`).
+    heads: Vec<ClassHead>,
+    /// Rule slot → what the rule there does (`FW_RULE3`).
+    rules: BTreeMap<u32, RuleMeta>,
+    /// Table id → its hints (`FW_TABLE1`), for every table of the
+    /// generation.
+    hints: BTreeMap<u32, TableHints>,
+    v4: [Entries<AddrV4Key>; 4],
+    v6: [Entries<AddrV6Key>; 4],
+    ports: [Entries<PortKey>; 4],
+    /// Endpoint masks and the per-interface summary (`FW_EP2`).
+    endpoints: std::collections::HashMap<EndpointKey, EndpointValue>,
+}
+
+impl Contents {
+    /// What `compiled`, laid out by `plan`, puts into `generation`.
+    pub(super) fn new(generation: u32, compiled: &Compiled, plan: &Plan) -> Contents {
+        let mut c = Contents {
+            words: plan.layout.words.clone(),
+            heads: plan.layout.heads.clone(),
+            ..Contents::default()
+        };
+        let tables = generation * TABLES_PER_GEN..(generation + 1) * TABLES_PER_GEN;
+        c.hints = tables.map(|t| (t, TableHints::default())).collect();
+        let mut summary: BTreeMap<u32, u32> = BTreeMap::new();
+        for (t, &first_slot) in compiled.tables.iter().zip(&plan.first_slots) {
+            let table = table_id(generation, t.stage, t.direction);
+            let tb = table.to_be_bytes();
+            for (i, r) in t.rules.iter().enumerate() {
+                let meta = RuleMeta {
+                    action: r.action,
+                    policy: r.owner,
+                    rule: i as u32,
+                    next: r.next,
+                };
+                c.rules.insert(first_slot + i as u32, meta);
+            }
+            let bits = |p: &Prefix| TABLE_PREFIX_BITS + u32::from(p.len);
+            for (field, entries) in [(0, &t.src_v4), (1, &t.dst_v4)] {
+                for (p, class) in entries {
+                    let key = AddrV4Key {
+                        table: tb,
+                        addr: (p.value(32) as u32).to_be_bytes(),
+                    };
+                    let map = field + if p.len == 32 { EXACT } else { TRIE };
+                    c.v4[map].insert((bits(p), key), plan.class(*class));
+                }
+            }
+            for (field, entries) in [(0, &t.src_v6), (1, &t.dst_v6)] {
+                for (p, class) in entries {
+                    let key = AddrV6Key {
+                        table: tb,
+                        addr: p.value(128).to_be_bytes(),
+                    };
+                    let map = field + if p.len == 128 { EXACT } else { TRIE };
+                    c.v6[map].insert((bits(p), key), plan.class(*class));
+                }
+            }
+            for (field, entries) in [(0, &t.dports), (1, &t.sports)] {
+                for e in entries {
+                    let key = port_key(tb, e);
+                    let map = field + if is_single_port(e) { EXACT } else { TRIE };
+                    c.ports[map].insert((key.prefix_len(), key.data()), plan.class(e.class));
+                }
+            }
+            c.hints.insert(table, hints(t, plan));
+            for &(ifindex, class) in &plan.masks[&table] {
+                let key = EndpointKey { ifindex, table };
+                c.endpoints.insert(key, EndpointValue { class, first_slot });
+                // Which of the generation's tables have rules for it.
+                *summary.entry(ifindex).or_default() |= table_bit(t.stage, t.direction);
+            }
+        }
+        for (ifindex, tables) in summary {
+            let key = EndpointKey {
+                ifindex,
+                table: summary_table(generation),
+            };
+            let value = EndpointValue {
+                class: tables,
+                first_slot: 0,
+            };
+            c.endpoints.insert(key, value);
+        }
+        c
+    }
+
+    /// The rule slots it fills.
+    pub(super) fn slots(&self) -> Vec<u32> {
+        self.rules.keys().copied().collect()
+    }
+}
+
+/// Indices (from `base`) and values of `want` that `have` does not hold.
+/// Entries past `want`'s end stay: nothing of `want` points at them.
+fn changed<T: PartialEq + Copy>(have: &[T], want: &[T], base: u32) -> (Vec<u32>, Vec<T>) {
+    want.iter()
+        .enumerate()
+        .filter(|&(i, w)| have.get(i) != Some(w))
+        .map(|(i, w)| (base + i as u32, *w))
+        .unzip()
+}
+
+impl Dataplane {
+    /// Turns generation `generation` from `have` into `want`, writing only
+    /// what differs; returns how many entries it wrote or removed. Stale
+    /// entries go first, so no table holds more than the larger of the two.
+    pub(super) fn patch(
+        &mut self,
+        generation: u32,
+        have: &Contents,
+        want: &Contents,
+    ) -> Result<usize, Error> {
+        let mut n = 0;
+        let (at, words) = changed(&have.words, &want.words, generation * CLASS_WORDS_PER_GEN);
+        batch::update(&self.ebpf, names::MAP_CLASS_WORDS, &at, &words)?;
+        n += at.len();
+        let (at, heads) = changed(&have.heads, &want.heads, generation * CLASSES_PER_GEN);
+        batch::update(&self.ebpf, names::MAP_CLASS, &at, &heads)?;
+        n += at.len();
+        let (slots, metas): (Vec<u32>, Vec<RuleMeta>) = want
+            .rules
+            .iter()
+            .filter(|&(slot, meta)| have.rules.get(slot) != Some(meta))
+            .map(|(slot, meta)| (*slot, *meta))
+            .unzip();
+        batch::update(&self.ebpf, names::MAP_RULE, &slots, &metas)?;
+        n += slots.len();
+        for i in 0..4 {
+            n += self.patch_entries(V4_MAPS[i], i < EXACT, &have.v4[i], &want.v4[i])?;
+            n += self.patch_entries(V6_MAPS[i], i < EXACT, &have.v6[i], &want.v6[i])?;
+            n += self.patch_entries(PORT_MAPS[i], i < EXACT, &have.ports[i], &want.ports[i])?;
+        }
+        let mut table_hints: Array<&mut MapData, TableHints> = self.map(names::MAP_TABLE_HINTS)?;
+        for (&table, h) in &want.hints {
+            if have.hints.get(&table) != Some(h) {
+                table_hints.set(table, h, 0).map_err(map_error(
+                    names::MAP_TABLE_HINTS,
+                    format!("set table {table}"),
+                ))?;
+                n += 1;
+            }
+        }
+        let mut eps: HashMap<&mut MapData, EndpointKey, EndpointValue> =
+            self.map(names::MAP_ENDPOINT)?;
+        for key in have
+            .endpoints
+            .keys()
+            .filter(|k| !want.endpoints.contains_key(k))
+        {
+            match eps.remove(key) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => n += 1,
+                Err(e) => return Err(map_error(names::MAP_ENDPOINT, "remove")(e)),
+            }
+        }
+        for (key, value) in &want.endpoints {
+            if have.endpoints.get(key) != Some(value) {
+                eps.insert(key, value, 0).map_err(map_error(
+                    names::MAP_ENDPOINT,
+                    format!("insert {}", key.ifindex),
+                ))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Patches one address or port map (an LPM trie, or the exact hash
+    /// beside it, keyed alike).
+    fn patch_entries<K: aya::Pod + Eq + Hash>(
+        &mut self,
+        name: &'static str,
+        trie: bool,
+        have: &Entries<K>,
+        want: &Entries<K>,
+    ) -> Result<usize, Error> {
+        let key = |&(len, data): &(u32, K)| Key::new(len, data);
+        let stale: Vec<Key<K>> = have
+            .keys()
+            .filter(|k| !want.contains_key(k))
+            .map(key)
+            .collect();
+        let (keys, classes): (Vec<Key<K>>, Vec<u32>) = want
+            .iter()
+            .filter(|&(k, class)| have.get(k) != Some(class))
+            .map(|(k, class)| (key(k), *class))
+            .unzip();
+        if trie {
+            let mut t: LpmTrie<&mut MapData, K, u32> = self.map(name)?;
+            for k in &stale {
+                t.remove(k).map_err(map_error(name, "remove"))?;
+            }
+            for (k, class) in keys.iter().zip(&classes) {
+                t.insert(k, class, 0).map_err(map_error(name, "insert"))?;
+            }
+        } else {
+            batch::delete(&self.ebpf, name, &stale)?;
+            batch::update(&self.ebpf, name, &keys, &classes)?;
+        }
+        Ok(stale.len() + keys.len())
+    }
+}
