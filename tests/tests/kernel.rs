@@ -239,6 +239,23 @@ impl Drop for Loaded {
     }
 }
 
+/// A TCP segment of a connection from `sport` to `dport`: `"syn"`, `"synack"`
+/// or, for anything else, a bare ACK.
+fn tcp_segment(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: &str) -> Vec<u8> {
+    let mut v = Vec::new();
+    let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, 100, 1024);
+    match flags {
+        "syn" => b.syn(),
+        "synack" => b.syn().ack(101),
+        _ => b.ack(101),
+    }
+    .write(&mut v, &[])
+    .expect("build");
+    v
+}
+
 fn tcp4(src: [u8; 4], dst: [u8; 4], dport: u16) -> Vec<u8> {
     let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
         .ipv4(src, dst, 64)
@@ -1074,20 +1091,7 @@ spec:
         },
     );
     let live = Live::open(&k.pin_dir).expect("open the pins");
-    let tcp = |src, dst, sport, dport, flags: &str| {
-        let mut v = Vec::new();
-        let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
-            .ipv4(src, dst, 64)
-            .tcp(sport, dport, 100, 1024);
-        match flags {
-            "syn" => b.syn(),
-            "synack" => b.syn().ack(101),
-            _ => b.ack(101),
-        }
-        .write(&mut v, &[])
-        .expect("build");
-        v
-    };
+    let tcp = tcp_segment;
     let udp = |src, dst, sport, dport| {
         let mut v = Vec::new();
         PacketBuilder::ethernet2(MAC_A, MAC_B)
@@ -1631,23 +1635,21 @@ fn the_conntrack_presence_filter_keeps_every_live_flow() {
 }
 
 fn the_conntrack_presence_filter_keeps_every_live_flow_in_ns() {
-    let hep = "apiVersion: projectcalico.org/v3
-kind: HostEndpoint
-metadata: {name: test-hep, labels: {ibm.role: worker_public}}
-spec: {node: kernel-test, interfaceName: lo}
----
+    let hep = format!(
+        "{TEST_HEP}
 apiVersion: projectcalico.org/v3
 kind: GlobalNetworkPolicy
-metadata: {name: allow-9000}
+metadata: {{name: allow-9000}}
 spec:
   selector: ibm.role=='worker_public'
   ingress:
   - action: Allow
     protocol: TCP
-    destination: {ports: [9000]}
+    destination: {{ports: [9000]}}
   egress:
   - action: Allow
-";
+"
+    );
     let deny = format!(
         "{hep}---
 apiVersion: projectcalico.org/v3
@@ -1663,21 +1665,8 @@ spec:
     destination: {{ports: [9000]}}
 "
     );
-    let mut k = Loaded::new(hep);
-    let tcp = |src, dst, sport, dport, flags: &str| {
-        let mut v = Vec::new();
-        let b = PacketBuilder::ethernet2(MAC_A, MAC_B)
-            .ipv4(src, dst, 64)
-            .tcp(sport, dport, 100, 1024);
-        match flags {
-            "syn" => b.syn(),
-            "synack" => b.syn().ack(101),
-            _ => b.ack(101),
-        }
-        .write(&mut v, &[])
-        .expect("build");
-        v
-    };
+    let mut k = Loaded::new(&hep);
+    let tcp = tcp_segment;
     // A connection the programs open and the node answers.
     let open = |k: &mut Loaded, sport: u16| {
         assert_eq!(k.tc(&tcp(OTHER, WORKER, sport, 9000, "syn"), true), 0);
