@@ -87,9 +87,13 @@ fn main() {
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let [flag, rules] = args.as_slice() {
-        if flag == "--spin" {
+        if let Some(established) = match flag.as_str() {
+            "--spin" => Some(false),
+            "--spin-established" => Some(true),
+            _ => None,
+        } {
             let rules: usize = rules.parse().expect("--spin RULES: a number of rules");
-            return spin(rules);
+            return spin(rules, established);
         }
     }
     let (mut baseline, mut plots) = (None, None);
@@ -144,13 +148,7 @@ fn main() {
         if [(1_000, 100_000), (10_000, 1_000_000)].contains(&(rules, cidrs)) {
             // The same packet on a flow conntrack knows: the pre-DNAT stage
             // is skipped after one table lookup.
-            let flow = Flow {
-                src: std::net::Ipv4Addr::from(last_source(rules, cidrs)).into(),
-                dst: std::net::Ipv4Addr::new(192, 0, 2, 1).into(),
-                proto: 6,
-                sport: 40000,
-                dport: port(rules - 1),
-            };
+            let flow = flow_of(rules, cidrs);
             d.each(|dp| dp.open_flow(&flow, true, true).expect("record the flow"));
             let measured = measure(d, &frame);
             d.each(|dp| dp.forget_flow(&flow).expect("forget the flow"));
@@ -174,11 +172,25 @@ fn port(r: usize) -> u16 {
     (1000 + r % 64_000) as u16
 }
 
+/// The flow of the benchmark's packet for `rules` rules sharing `cidrs`
+/// (see [`last_rule_syn`]).
+fn flow_of(rules: usize, cidrs: usize) -> Flow {
+    Flow {
+        src: std::net::Ipv4Addr::from(last_source(rules, cidrs)).into(),
+        dst: std::net::Ipv4Addr::new(192, 0, 2, 1).into(),
+        proto: 6,
+        sport: 40000,
+        dport: port(rules - 1),
+    }
+}
+
 /// `--spin RULES`: runs `fw_xdp` on the benchmark's packet for `rules`
 /// rules for about ten seconds and nothing else, for a profiler to watch
 /// (`perf record -a -g -- fw-bench --spin 1000`; the JIT's symbols name
-/// the program's functions, the kernel's name the map lookups).
-fn spin(rules: usize) {
+/// the program's functions, the kernel's name the map lookups), or with
+/// `--spin-established RULES` on a flow conntrack knows: the packet
+/// the grid's established-flow rows time.
+fn spin(rules: usize, established: bool) {
     let pins = Unpin::new();
     let pin_dir = pins.0.clone();
     let mut dp = Dataplane::load(&pin_dir.join("a")).expect("load the kernel object");
@@ -187,6 +199,10 @@ fn spin(rules: usize) {
         base: None,
     };
     publish(d, &policy(rules, CIDRS)).expect("publish");
+    if established {
+        dp.open_flow(&flow_of(rules, CIDRS), true, true)
+            .expect("record the flow");
+    }
     let frame = last_rule_syn(rules, CIDRS);
     let started = Instant::now();
     let mut packets = 0u64;
