@@ -179,14 +179,16 @@ pub(super) fn port_entries(
 /// Interns rule sets: each distinct set gets one class number.
 pub(super) struct Interner {
     pub(super) classes: Vec<RuleSet>,
-    index: HashMap<RuleSet, u32>,
+    index: bits::SetIndex<u32>,
 }
 
 impl Default for Interner {
     fn default() -> Self {
+        let mut index = bits::SetIndex::default();
+        index.insert(RuleSet::new(), 0);
         Interner {
             classes: vec![RuleSet::new()],
-            index: HashMap::from([(RuleSet::new(), 0)]),
+            index,
         }
     }
 }

@@ -7,11 +7,9 @@
 //! kernel's verdict scan (`filter-ebpf/src/classify.rs`) reads them the
 //! same way.
 
-use std::collections::HashMap;
-
 use filter_common::{ClassHead, CLASSES_PER_GEN, CLASS_WORDS_PER_GEN, SUMMARY_WORDS, WORDS};
 
-use crate::compile::bits::RuleSet;
+use crate::compile::bits::{RuleSet, SetIndex};
 
 /// Non-zero words from which a summary word's 64 words are stored dense.
 const DENSE_FROM: u32 = 32;
@@ -24,7 +22,7 @@ pub struct Layout {
     /// Word index − the generation's first word → a non-zero word.
     pub words: Vec<u64>,
     /// Rule set → class number (relative), to find an endpoint mask's class.
-    index: HashMap<RuleSet, u32>,
+    index: SetIndex<u32>,
 }
 
 impl Layout {
