@@ -395,10 +395,7 @@ pub(super) fn open_pinned(
     pin_dir: &Path,
     name: &'static str,
 ) -> Result<(HashMap<MapData, CtKey, CtValue>, u32), Error> {
-    let data = MapData::from_pin(pin_dir.join(name)).map_err(map_error(
-        name,
-        format!("open pin in {}", pin_dir.display()),
-    ))?;
+    let data = super::open_map_pin(pin_dir, name)?;
     let capacity = data.info().map_or(0, |i| i.max_entries());
     let map = if name == names::MAP_CONNTRACK {
         aya::maps::Map::LruHashMap(data)

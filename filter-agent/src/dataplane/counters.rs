@@ -14,11 +14,7 @@ impl PinnedCounters {
     /// Opens the rule and reason counters pinned under `pin_dir`.
     pub fn open(pin_dir: &Path) -> Result<PinnedCounters, Error> {
         let open = |name: &'static str| -> Result<aya::maps::Map, Error> {
-            let data = MapData::from_pin(pin_dir.join(name)).map_err(map_error(
-                name,
-                format!("open pin in {}", pin_dir.display()),
-            ))?;
-            Ok(aya::maps::Map::PerCpuArray(data))
+            Ok(aya::maps::Map::PerCpuArray(open_map_pin(pin_dir, name)?))
         };
         let rules = PerCpuArray::try_from(open(names::MAP_RULE_COUNTERS)?)
             .map_err(map_error(names::MAP_RULE_COUNTERS, "open"))?;

@@ -174,11 +174,7 @@ impl Live {
             super::conntrack::open_pinned(pin_dir, assured)?.0,
         ];
         let array = |name: &'static str| {
-            let data = MapData::from_pin(pin_dir.join(name)).map_err(map_error(
-                name,
-                format!("open pin in {}", pin_dir.display()),
-            ))?;
-            Ok::<_, Error>(aya::maps::Map::Array(data))
+            Ok::<_, Error>(aya::maps::Map::Array(super::open_map_pin(pin_dir, name)?))
         };
         let seen = aya::maps::Array::try_from(array(names::MAP_CT_SEEN)?)
             .map_err(map_error(names::MAP_CT_SEEN, "open"))?;

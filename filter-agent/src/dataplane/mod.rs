@@ -31,7 +31,7 @@ mod testrun;
 
 use attach::Attachment;
 pub use counters::PinnedCounters;
-use pins::{ensure_bpffs, remove_pins};
+use pins::{ensure_bpffs, open_map_pin, remove_pins};
 pub use publish::{class_storage, first_slots, preflight, PublishTimes};
 pub use testrun::TcRun;
 

@@ -12,6 +12,15 @@ pub(super) fn link_pin(dir: &Path, iface: &str, ifindex: u32, program: &str) -> 
     dir.join(format!("{program}@{}@{ifindex}", iface.replace('.', "_")))
 }
 
+/// The map pinned as `name` under `pin_dir`, opened from another process
+/// (a running agent's pins: counters, conntrack, `explain --dataplane`).
+pub(super) fn open_map_pin(pin_dir: &Path, name: &'static str) -> Result<MapData, Error> {
+    MapData::from_pin(pin_dir.join(name)).map_err(map_error(
+        name,
+        format!("open pin in {}", pin_dir.display()),
+    ))
+}
+
 /// Whether a pin in the pin directory is a link (see [`link_pin`]).
 pub(super) fn is_link_pin(path: &Path) -> bool {
     path.file_name()
