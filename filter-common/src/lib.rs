@@ -1004,6 +1004,19 @@ pub mod ct {
         }
     }
 
+    /// The mark a flow's slot gets when its entry is inserted under control
+    /// word `control`: the current epoch, or none before the agent has
+    /// started one. Every writer of the tables marks with it, after the
+    /// insert (the sweeper's walk must be able to find any flow whose mark
+    /// it may overwrite).
+    #[inline(always)]
+    pub const fn insert_mark(control: u32) -> Option<u8> {
+        match control as u8 {
+            0 => None,
+            epoch => Some(epoch),
+        }
+    }
+
     /// Whether a slot marked `mark` may hold a flow under control word
     /// `control`: always while the filter is not enabled; else when it was
     /// marked in the epoch before the current one, the current one or the

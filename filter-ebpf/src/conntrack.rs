@@ -368,10 +368,8 @@ pub fn open(pkt: &Packet, pending: bool) {
     if let Err(e) = FW_CT2.insert(&f.key, &value, 0) {
         crate::diag::conntrack_insert_failed(e);
     }
-    // After the insert (the sweeper's walk must be able to find any flow
-    // whose mark it may overwrite): the current epoch, once there is one.
-    let epoch = epoch_control() as u8;
-    if epoch != 0 {
+    // After the insert (`ct::insert_mark`).
+    if let Some(epoch) = ct::insert_mark(epoch_control()) {
         if let Some(seen) = FW_CTSEEN1.get_ptr_mut(f.key.seen_slot()) {
             // SAFETY: an array element, alive while the program runs; a
             // byte store, so a racing store leaves one of two epochs, both

@@ -319,14 +319,18 @@ impl Dataplane {
             .map_err(map_error(names::MAP_CT_EPOCH, "write"))
     }
 
-    /// Marks `slots` of the presence filter with `epoch`, or with the
-    /// current epoch (nothing before the first sweep, as the kernel).
+    /// Marks `slots` of the presence filter with `epoch`, or with an
+    /// inserted entry's mark (`ct::insert_mark`: none before the first
+    /// sweep).
     fn mark_seen(&mut self, slots: &[u32], epoch: Option<u8>) -> Result<(), Error> {
         let epoch = match epoch {
             Some(e) => e,
-            None => self.epoch_control()? as u8,
+            None => match ct::insert_mark(self.epoch_control()?) {
+                Some(e) => e,
+                None => return Ok(()),
+            },
         };
-        if epoch == 0 || slots.is_empty() {
+        if slots.is_empty() {
             return Ok(());
         }
         super::batch::update(
@@ -463,7 +467,10 @@ mod tests {
                 "two flips later"
             );
             assert!(!ct::may_have_flow(0, on(epoch)), "never marked");
+            assert_eq!(ct::insert_mark(on(epoch)), Some(epoch), "inserted now");
         }
+        assert_eq!(ct::insert_mark(0), None, "no epoch before the first sweep");
+        assert_eq!(ct::insert_mark(1), Some(1), "epoch 1 marks before enabling");
         assert!(ct::may_have_flow(0, 7), "not enabled: every lookup happens");
     }
 

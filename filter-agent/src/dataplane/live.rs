@@ -216,17 +216,17 @@ impl Live {
         self.insert(&key, &value, "insert")
     }
 
-    /// Inserts, then marks the presence filter with the current epoch (as
-    /// the programs and `Dataplane::open_flow` do: after the insert).
+    /// Inserts, then marks the presence filter (`ct::insert_mark`, as the
+    /// programs and `Dataplane::open_flow` do).
     fn insert(&mut self, key: &CtKey, v: &CtValue, op: &'static str) -> Result<(), Error> {
         let name = super::conntrack::table_of(v);
         let i = usize::from(name != super::conntrack::TABLES[0]);
         self.ct[i].insert(key, v, 0).map_err(map_error(name, op))?;
-        let epoch = self
+        let control = self
             .epoch
             .get(&0, 0)
-            .map_err(map_error(names::MAP_CT_EPOCH, "read"))? as u8;
-        if epoch != 0 {
+            .map_err(map_error(names::MAP_CT_EPOCH, "read"))?;
+        if let Some(epoch) = filter_common::ct::insert_mark(control) {
             self.seen
                 .set(key.seen_slot(), &epoch, 0)
                 .map_err(map_error(names::MAP_CT_SEEN, "mark"))?;
