@@ -5,13 +5,13 @@ use std::{
     collections::BTreeMap,
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use crate::{
     compile::{self, Compiled},
-    model::{Limits, Store},
+    model::{Limits, Parses, Store},
     node,
 };
 
@@ -90,6 +90,9 @@ pub struct Inputs {
     /// Resources from the Kubernetes API (`(Kind/namespace/name,
     /// document)`), and the namespaces' labels.
     pub kube: Option<(Vec<(String, serde_json::Value)>, Namespaces)>,
+    /// The policy files' last parses, which the next read of the directory
+    /// parses as changes to ([`crate::model::reparse`]).
+    pub parses: Arc<Mutex<Parses>>,
 }
 
 /// Namespace labels by namespace.
@@ -147,7 +150,15 @@ fn load_and_compile(
         None => Vec::new(),
     };
     if inputs.dir.is_some() {
-        store = Store::from_texts(&texts).map_err(Refused::Invalid)?;
+        // A load given up on (--parse-timeout) may still hold the last
+        // parses: this one then parses every file whole.
+        let mut fresh = Parses::default();
+        let mut held = inputs.parses.try_lock();
+        let parses = match held.as_deref_mut() {
+            Ok(parses) => parses,
+            Err(_) => &mut fresh,
+        };
+        store = Store::from_texts_reusing(&texts, parses).map_err(Refused::Invalid)?;
     }
     if let Some((resources, namespaces)) = &inputs.kube {
         let (kube, errors) = Store::from_resources(resources);

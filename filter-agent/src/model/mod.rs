@@ -8,6 +8,7 @@
 
 pub mod defaults;
 mod felix;
+pub mod reparse;
 pub mod types;
 pub mod validate;
 pub mod yaml;
@@ -20,6 +21,8 @@ use std::{
 };
 
 use serde::{de::DeserializeOwned, Deserialize};
+
+use reparse::{Parsed, Reparse};
 
 pub use types::*;
 
@@ -173,10 +176,41 @@ impl Store {
 
     /// Parses and validates files already read (see [`read_dir_texts`]).
     pub fn from_texts(texts: &[(PathBuf, String)]) -> Result<Store, Vec<Error>> {
+        Self::from_texts_reusing(texts, &mut Parses::default())
+    }
+
+    /// [`Store::from_texts`], parsing each file as a change to its last
+    /// parse in `parses` ([`reparse`]); `parses` is left holding these
+    /// texts' parses (a file that does not parse keeps its last one).
+    pub fn from_texts_reusing(
+        texts: &[(PathBuf, String)],
+        parses: &mut Parses,
+    ) -> Result<Store, Vec<Error>> {
         let mut store = Store::default();
         let mut errors = Vec::new();
+        parses
+            .0
+            .retain(|file, _| texts.iter().any(|(f, _)| f == file));
         for (file, text) in texts {
-            store.add_text(file, text, &mut errors);
+            let parsed = match parses.0.get(file) {
+                Some(last) => last.update(text),
+                None => Parsed::new(text).map(|p| (p, Reparse::Whole)),
+            };
+            match parsed {
+                Ok((parsed, how)) => {
+                    tracing::debug!(file = %file.display(), ?how, "parsed");
+                    store.add_docs(file, parsed.docs(), &mut errors);
+                    parses.0.insert(file.clone(), parsed);
+                }
+                Err(e) => errors.push(Error {
+                    origin: Origin {
+                        file: file.clone(),
+                        line: e.line,
+                    },
+                    field: "-".into(),
+                    message: e.message,
+                }),
+            }
         }
         if errors.is_empty() {
             validate::store(&store, &mut errors);
@@ -279,15 +313,21 @@ impl Store {
         };
         match yaml::documents(text) {
             Ok(docs) => {
-                for doc in docs {
-                    let ctx = DocContext {
-                        file,
-                        root: Arc::new(doc),
-                    };
-                    self.add_node(&ctx, &ctx.root.clone(), "", errors);
-                }
+                let docs: Vec<_> = docs.into_iter().map(Arc::new).collect();
+                self.add_docs(file, &docs, errors);
             }
             Err(e) => errors.push(at(e.line, e.message)),
+        }
+    }
+
+    /// Adds the resources of one file's parsed documents.
+    fn add_docs(&mut self, file: &Path, docs: &[Arc<yaml::Node>], errors: &mut Vec<Error>) {
+        for doc in docs {
+            let ctx = DocContext {
+                file,
+                root: doc.clone(),
+            };
+            self.add_node(&ctx, doc, "", errors);
         }
     }
 
@@ -546,6 +586,10 @@ impl Default for Limits {
         }
     }
 }
+
+/// Each policy file's last parse, for [`Store::from_texts_reusing`].
+#[derive(Debug, Default, Clone)]
+pub struct Parses(BTreeMap<PathBuf, Parsed>);
 
 /// Reads one policy file: a regular file (not a FIFO, device or socket,
 /// which could block or never end) of at most `max_bytes`.

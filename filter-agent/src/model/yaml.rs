@@ -14,7 +14,7 @@
 //! value `1.10` is `"1.10"`, not `1.1`). Booleans are YAML 1.2's `true`
 //! and `false` only, as serde_yaml had them: `node: n` is a node name.
 
-use std::{borrow::Cow, fmt};
+use std::{borrow::Cow, fmt, sync::Arc};
 
 use serde::de::{
     value::{MapDeserializer, SeqDeserializer},
@@ -31,6 +31,8 @@ pub const MAX_NESTING: usize = 64;
 pub struct Node {
     /// Line of the node's first character.
     pub line: usize,
+    /// Its column, 1-based, in characters (0: not from a file).
+    pub column: u32,
     /// What it holds.
     pub value: Value,
     /// A number's, boolean's or null's text as written; bytes of it in the
@@ -55,8 +57,9 @@ pub enum Value {
     Float(f64),
     /// Any other scalar.
     String(String),
-    /// A sequence.
-    Seq(Vec<Node>),
+    /// A sequence; each item shared, so that a document with one item
+    /// changed is a new spine over the same other items (see [`Parsed`]).
+    Seq(Vec<Arc<Node>>),
     /// A mapping in document order; each key with its own line.
     Map(Vec<(Key, Node)>),
 }
@@ -85,9 +88,18 @@ pub struct SyntaxError {
 /// much (reserved, not touched, until used).
 const PARSER_STACK: usize = 16 << 20;
 
+/// The parser's node budget: a 4 MiB file of one-line CIDRs holds ~300,000
+/// nodes; ten times that is still far below what would cost seconds.
+pub(super) const MAX_NODES: usize = 4_000_000;
+
 /// Every document of `text` (`---` separated); documents holding only
 /// comments or `null` are left out.
 pub fn documents(text: &str) -> Result<Vec<Node>, SyntaxError> {
+    documents_within(text, MAX_NESTING)
+}
+
+/// [`documents`], refusing nesting deeper than `depth`.
+pub(super) fn documents_within(text: &str, depth: usize) -> Result<Vec<Node>, SyntaxError> {
     let failed = |what: &str| SyntaxError {
         line: 1,
         message: format!("the YAML parser {what}"),
@@ -96,25 +108,23 @@ pub fn documents(text: &str) -> Result<Vec<Node>, SyntaxError> {
         std::thread::Builder::new()
             .name("yaml-parser".into())
             .stack_size(PARSER_STACK)
-            .spawn_scoped(scope, || parse(text))
+            .spawn_scoped(scope, || parse(text, depth))
             .map_err(|e| failed(&format!("could not start: {e}")))?
             .join()
             .map_err(|_| failed("failed unexpectedly"))?
     })
 }
 
-fn parse(text: &str) -> Result<Vec<Node>, SyntaxError> {
+fn parse(text: &str, depth: usize) -> Result<Vec<Node>, SyntaxError> {
     let mut options = serde_saphyr::Options::default();
     options.with_snippet = false;
     // Keys given twice are ambiguous: which one did the author mean?
     options.duplicate_keys = serde_saphyr::DuplicateKeyPolicy::Error;
     options.strict_booleans = true;
     let mut budget = serde_saphyr::Budget::default();
-    budget.max_depth = MAX_NESTING;
+    budget.max_depth = depth;
     budget.flow_nesting_limit = MAX_NESTING;
-    // A 4 MiB file of one-line CIDRs holds ~300,000 nodes: allow ten times
-    // that, still far below what would cost the agent seconds.
-    budget.max_nodes = 4_000_000;
+    budget.max_nodes = MAX_NODES;
     budget.max_events = 8_000_000;
     options.budget = Some(budget);
     let docs: Vec<Node> = serde_saphyr::from_multiple_with_options(text, options).map_err(|e| {
@@ -155,7 +165,10 @@ fn fill_texts(node: &mut Node, source: &str) {
         node.text = source.get(start..start + len).map(Into::into);
     }
     match &mut node.value {
-        Value::Seq(items) => items.iter_mut().for_each(|n| fill_texts(n, source)),
+        // Fresh from the parser: every item is unshared, nothing is copied.
+        Value::Seq(items) => items
+            .iter_mut()
+            .for_each(|n| fill_texts(Arc::make_mut(n), source)),
         Value::Map(entries) => entries.iter_mut().for_each(|(_, n)| fill_texts(n, source)),
         _ => {}
     }
@@ -182,6 +195,17 @@ fn message_of(e: &serde_saphyr::Error) -> String {
 }
 
 impl Node {
+    /// This node (its line and text as written) holding `value` instead.
+    pub(super) fn with_value(&self, value: Value) -> Node {
+        Node {
+            line: self.line,
+            column: self.column,
+            value,
+            text: self.text.clone(),
+            span: self.span,
+        }
+    }
+
     /// The value under `key` of a mapping.
     pub fn get(&self, key: &str) -> Option<&Node> {
         match &self.value {
@@ -211,7 +235,7 @@ impl Node {
                     .iter()
                     .find(|(key, _)| key.name == k)
                     .map(|(key, v)| (key.line, v)),
-                (Segment::Index(i), Value::Seq(items)) => items.get(i).map(|v| (v.line, v)),
+                (Segment::Index(i), Value::Seq(items)) => items.get(i).map(|v| (v.line, &**v)),
                 _ => None,
             };
             match next {
@@ -230,6 +254,7 @@ impl Node {
         use serde_json::Value as J;
         let node = |value| Node {
             line: 0,
+            column: 0,
             value,
             text: None,
             span: None,
@@ -252,7 +277,9 @@ impl Node {
                 scalar(v, n.to_string())
             }
             J::String(s) => node(Value::String(s.clone())),
-            J::Array(items) => node(Value::Seq(items.iter().map(Node::from_json).collect())),
+            J::Array(items) => node(Value::Seq(
+                items.iter().map(|i| Arc::new(Node::from_json(i))).collect(),
+            )),
             J::Object(map) => node(Value::Map(
                 map.iter()
                     .map(|(k, v)| {
@@ -327,6 +354,7 @@ impl<'de> Deserialize<'de> for Node {
         };
         Ok(Node {
             line: spanned.referenced.line() as usize,
+            column: spanned.referenced.column() as u32,
             value: spanned.value,
             text: None,
             span,
@@ -373,7 +401,7 @@ impl<'de> Deserialize<'de> for Value {
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
                 let mut items = Vec::new();
                 while let Some(item) = seq.next_element()? {
-                    items.push(item);
+                    items.push(Arc::new(item));
                 }
                 Ok(Value::Seq(items))
             }
@@ -418,7 +446,7 @@ impl<'de> Deserializer<'de> for NodeDeserializer<'de> {
             Value::Float(f) => visitor.visit_f64(*f),
             Value::String(s) => visitor.visit_borrowed_str(s),
             Value::Seq(items) => {
-                let mut seq = SeqDeserializer::new(items.iter().map(NodeDeserializer));
+                let mut seq = SeqDeserializer::new(items.iter().map(|n| NodeDeserializer(n)));
                 let value = visitor.visit_seq(&mut seq)?;
                 seq.end()?;
                 Ok(value)
