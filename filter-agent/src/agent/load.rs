@@ -90,9 +90,19 @@ pub struct Inputs {
     /// Resources from the Kubernetes API (`(Kind/namespace/name,
     /// document)`), and the namespaces' labels.
     pub kube: Option<(Vec<(String, serde_json::Value)>, Namespaces)>,
-    /// The policy files' last parses, which the next read of the directory
-    /// parses as changes to ([`crate::model::reparse`]).
-    pub parses: Arc<Mutex<Parses>>,
+    /// What the last load leaves for the next to start from.
+    pub memo: Arc<Mutex<Memo>>,
+}
+
+/// The last load's work, which the next takes over where its inputs did
+/// not change: a one-rule change to a big policy then costs about what the
+/// rule does, not what the policy does.
+#[derive(Debug, Default)]
+pub struct Memo {
+    /// Each policy file's last parse ([`crate::model::reparse`]).
+    pub parses: Parses,
+    /// The last compile's classified fields ([`compile::Reuse`]).
+    pub fields: compile::Reuse,
 }
 
 /// Namespace labels by namespace.
@@ -110,14 +120,22 @@ pub fn load(
     let node_name = inputs.node_name.as_str();
     // One read of the interfaces serves both.
     let ifaces = node::interfaces();
-    match load_and_compile(inputs, &ifaces, texts) {
+    // A load given up on (--parse-timeout) may still hold the memo: this
+    // one then starts from nothing.
+    let mut fresh = Memo::default();
+    let mut held = inputs.memo.try_lock();
+    let memo = match held.as_deref_mut() {
+        Ok(memo) => memo,
+        Err(_) => &mut fresh,
+    };
+    match load_and_compile(inputs, &ifaces, texts, memo) {
         Ok(l) => Outcome::Loaded(l),
         Err(why) => Outcome::Rejected {
             why,
             recompiled: in_force
                 .filter(|(_, compiled_for)| *compiled_for != ifaces)
                 .and_then(|(store, _)| {
-                    compile_for_node(store, node_name, ifaces.clone(), texts.clone())
+                    compile_for_node(store, node_name, ifaces.clone(), texts.clone(), &mut memo.fields)
                         .inspect_err(|e| tracing::error!(error = %e, "the resources in force do not compile for this node's interfaces of now"))
                         .ok()
                 }),
@@ -143,6 +161,7 @@ fn load_and_compile(
     inputs: &Inputs,
     ifaces: &NodeInterfaces,
     in_force: &Texts,
+    memo: &mut Memo,
 ) -> Result<Loaded, Refused> {
     let mut store = Store::default();
     let mut texts = match &inputs.dir {
@@ -150,15 +169,7 @@ fn load_and_compile(
         None => Vec::new(),
     };
     if inputs.dir.is_some() {
-        // A load given up on (--parse-timeout) may still hold the last
-        // parses: this one then parses every file whole.
-        let mut fresh = Parses::default();
-        let mut held = inputs.parses.try_lock();
-        let parses = match held.as_deref_mut() {
-            Ok(parses) => parses,
-            Err(_) => &mut fresh,
-        };
-        store = Store::from_texts_reusing(&texts, parses).map_err(Refused::Invalid)?;
+        store = Store::from_texts_reusing(&texts, &mut memo.parses).map_err(Refused::Invalid)?;
     }
     if let Some((resources, namespaces)) = &inputs.kube {
         let (kube, errors) = Store::from_resources(resources);
@@ -174,6 +185,7 @@ fn load_and_compile(
         &inputs.node_name,
         ifaces.clone(),
         texts.into_iter().collect(),
+        &mut memo.fields,
     )
 }
 
@@ -206,6 +218,7 @@ fn compile_for_node(
     node_name: &str,
     ifaces: NodeInterfaces,
     texts: Texts,
+    reuse: &mut compile::Reuse,
 ) -> Result<Loaded, Refused> {
     // Said once per agent: the same files are reloaded on every change.
     static WARNED: std::sync::Once = std::sync::Once::new();
@@ -222,7 +235,9 @@ fn compile_for_node(
             .map(|(n, (_, a))| (n.clone(), a.clone()))
             .collect(),
     };
-    let compiled = compile::compile(&store, &cnode)?;
+    let (compiled, reused) = compile::compile_reusing(&store, &cnode, reuse);
+    tracing::debug!(reused, "fields taken over from the last compile");
+    let compiled = compiled?;
     Ok(Loaded {
         compiled,
         seen: ifaces,

@@ -241,7 +241,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
             node_name: config.node_name.clone(),
             limits: config.limits,
             kube: None,
-            parses: Default::default(),
+            memo: Default::default(),
         },
         kube,
         kube_options: kube::Options {

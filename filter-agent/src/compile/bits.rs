@@ -13,9 +13,24 @@
 pub type SetIndex<V> = std::collections::HashMap<RuleSet, V, foldhash::quality::RandomState>;
 
 /// A set of rule numbers.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RuleSet {
     words: Vec<u64>,
+}
+
+/// Hashes the non-zero words and where they are: a set of a few rules in
+/// a big table (most of a policy's classes: a deny list's sources, one
+/// rule's ports) costs its few words, not the table's width.
+impl std::hash::Hash for RuleSet {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_usize(self.words.len());
+        for (i, &w) in self.words.iter().enumerate() {
+            if w != 0 {
+                state.write_usize(i);
+                state.write_u64(w);
+            }
+        }
+    }
 }
 
 impl RuleSet {

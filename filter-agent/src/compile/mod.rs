@@ -41,6 +41,7 @@ pub use order::{
 pub use resolve::lenient_net;
 use resolve::Resolver;
 pub(crate) use resolve::RuleMatch;
+pub use table::Reuse;
 use table::{Interner, TableBuilder};
 
 use std::{
@@ -219,6 +220,27 @@ pub struct Node {
 
 /// Compiles `store` for `node`.
 pub fn compile(store: &Store, node: &Node) -> Result<Compiled, Error> {
+    compile_reusing(store, node, &mut Reuse::default()).0
+}
+
+/// [`compile`], taking over from the last compile in `reuse` every field
+/// (one table's addresses or ports of one kind) whose inputs did not
+/// change; `reuse` is left holding this compile's. The result is exactly
+/// `compile`'s. Returns it and how many fields were taken over.
+pub fn compile_reusing(
+    store: &Store,
+    node: &Node,
+    reuse: &mut Reuse,
+) -> (Result<Compiled, Error>, usize) {
+    reuse.start();
+    let compiled = compile_with(store, node, reuse);
+    // A failed compile leaves what it classified: exact for its inputs
+    // all the same.
+    let reused = reuse.finish();
+    (compiled, reused)
+}
+
+fn compile_with(store: &Store, node: &Node, reuse: &mut Reuse) -> Result<Compiled, Error> {
     let bound = bind_endpoints(store, node);
     let labels: Vec<BTreeMap<String, String>> = bound
         .iter()
@@ -300,7 +322,7 @@ pub fn compile(store: &Store, node: &Node) -> Result<Compiled, Error> {
             if stage == stage::NORMAL {
                 push_profiles(store, &resolver, &bound, direction, &mut b, &mut owners)?;
             }
-            tables.push(b.build(stage, direction, &bound, &mut interner));
+            tables.push(b.build(stage, direction, &bound, &mut interner, reuse));
         }
     }
     Ok(Compiled {

@@ -55,7 +55,7 @@ fn mask(len: u8) -> u128 {
 }
 
 /// One rule's constraint on a field.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FieldMatch {
     /// Empty: no positive constraint.
     pub pos: Vec<Prefix>,

@@ -57,6 +57,7 @@ impl TableBuilder {
         direction: u32,
         bound: &[(String, &Resource<HostEndpointSpec>)],
         interner: &mut Interner,
+        reuse: &mut Reuse,
     ) -> Table {
         let mut masks: BTreeMap<String, RuleSet> = BTreeMap::new();
         for (r, eps) in self.endpoints.iter().enumerate() {
@@ -77,16 +78,51 @@ impl TableBuilder {
             .filter(|(_, m)| m.v6)
             .map(|(r, _)| r)
             .collect();
-        let mut addr = |f: fn(&RuleMatch) -> &FieldMatch, active: &RuleSet| -> Vec<(Prefix, u32)> {
-            let fm: Vec<FieldMatch> = matches.iter().map(|m| f(m).clone()).collect();
-            prefix::classify(&fm, active, &mut |s| interner.class(s))
+        let mut field = |n: u8, key: FieldKey| -> Vec<(Option<PortEntry>, Prefix, u32)> {
+            let slot = (stage, direction, n);
+            let mut local = match reuse.last.remove(&slot) {
+                Some(last) if last.key == key => {
+                    reuse.reused += 1;
+                    last
+                }
+                _ => {
+                    reuse.in_step = false;
+                    Field::classify(key, matches)
+                }
+            };
+            let entries = local.entries_in(interner, &mut reuse.in_step);
+            reuse.next.insert(slot, local);
+            entries
         };
-        let src_v4 = addr(|m| &m.src4, &v4);
-        let dst_v4 = addr(|m| &m.dst4, &v4);
-        let src_v6 = addr(|m| &m.src6, &v6);
-        let dst_v6 = addr(|m| &m.dst6, &v6);
-        let dports = port_entries(matches, |m| &m.dport, true, interner);
-        let sports = port_entries(matches, |m| &m.sport, false, interner);
+        let addr = |f: fn(&RuleMatch) -> &FieldMatch, active: &RuleSet| {
+            FieldKey::Addr(
+                matches.iter().map(|m| f(m).clone()).collect(),
+                active.clone(),
+            )
+        };
+        let port = |f: fn(&RuleMatch) -> &Option<FieldMatch>, whole_protocol: bool| {
+            FieldKey::Port(
+                matches
+                    .iter()
+                    .map(|m| (f(m).clone(), m.protocol, m.not_protocol))
+                    .collect(),
+                whole_protocol,
+            )
+        };
+        let prefixes = |e: Vec<(Option<PortEntry>, Prefix, u32)>| -> Vec<(Prefix, u32)> {
+            e.into_iter().map(|(_, p, c)| (p, c)).collect()
+        };
+        let ports = |e: Vec<(Option<PortEntry>, Prefix, u32)>| -> Vec<PortEntry> {
+            e.into_iter()
+                .filter_map(|(e, _, class)| e.map(|e| PortEntry { class, ..e }))
+                .collect()
+        };
+        let src_v4 = prefixes(field(0, addr(|m| &m.src4, &v4)));
+        let dst_v4 = prefixes(field(1, addr(|m| &m.dst4, &v4)));
+        let src_v6 = prefixes(field(2, addr(|m| &m.src6, &v6)));
+        let dst_v6 = prefixes(field(3, addr(|m| &m.dst6, &v6)));
+        let dports = ports(field(4, port(|m| &m.dport, true)));
+        let sports = ports(field(5, port(|m| &m.sport, false)));
         Table {
             stage,
             direction,
@@ -176,31 +212,177 @@ pub(super) fn port_entries(
     out
 }
 
+/// What decides one field's classes in one table: each rule part's
+/// constraint on the field, and for an address field the parts of its
+/// family, for a port field their protocols.
+#[derive(PartialEq)]
+enum FieldKey {
+    Addr(Vec<FieldMatch>, RuleSet),
+    Port(Vec<(Option<FieldMatch>, Option<u8>, Option<u8>)>, bool),
+}
+
+/// One field of one table classified: its entries with classes numbered
+/// locally (in order of first use), and the rule set of each local class.
+struct Field {
+    key: FieldKey,
+    /// (port entry for a port field, prefix for an address field, local
+    /// class).
+    entries: Vec<(Option<PortEntry>, Prefix, u32)>,
+    sets: Vec<RuleSet>,
+    /// The classes the local ones became, and how many classes there
+    /// were before, when the field was last interned.
+    global: Vec<u32>,
+    before: usize,
+}
+
+impl Field {
+    fn classify(key: FieldKey, matches: &[RuleMatch]) -> Field {
+        let mut local = Interner::default();
+        let entries = match &key {
+            FieldKey::Addr(fm, active) => prefix::classify(fm, active, &mut |s| local.class(s))
+                .into_iter()
+                .map(|(p, c)| (None, p, c))
+                .collect(),
+            FieldKey::Port(_, whole_protocol) => {
+                let field: fn(&RuleMatch) -> &Option<FieldMatch> = if *whole_protocol {
+                    |m| &m.dport
+                } else {
+                    |m| &m.sport
+                };
+                port_entries(matches, field, *whole_protocol, &mut local)
+                    .into_iter()
+                    .map(|e| (Some(e), Prefix::ROOT, e.class))
+                    .collect()
+            }
+        };
+        Field {
+            key,
+            entries,
+            sets: local.classes,
+            global: Vec::new(),
+            before: usize::MAX,
+        }
+    }
+
+    /// The entries with their classes interned in `interner`. Local
+    /// classes are interned in their order, which is the order of first
+    /// use: the numbering is the one interning the field directly gives.
+    ///
+    /// `in_step`: every field before this one in this compile was taken
+    /// over, so `interner` holds what it held before this field last time
+    /// if it holds as many classes; then the classes are the same as last
+    /// time, and are appended without a lookup.
+    fn entries_in(
+        &mut self,
+        interner: &mut Interner,
+        in_step: &mut bool,
+    ) -> Vec<(Option<PortEntry>, Prefix, u32)> {
+        let before = interner.classes.len();
+        if *in_step && before == self.before {
+            interner.replay(&self.sets, &self.global);
+        } else {
+            *in_step = false;
+            self.global = self.sets.iter().map(|s| interner.class_of(s)).collect();
+            self.before = before;
+        }
+        self.entries
+            .iter()
+            .map(|&(e, p, c)| (e, p, self.global[c as usize]))
+            .collect()
+    }
+}
+
+/// The fields of the last compile, by (stage, direction, field), for the
+/// next compile to take over where a field's inputs did not change: a
+/// one-rule change to a table of 10,000 rules with 100,000 CIDRs then
+/// classifies only the fields the rule changed (an action changes none).
+#[derive(Default)]
+pub struct Reuse {
+    last: std::collections::HashMap<(u32, u32, u8), Field>,
+    next: std::collections::HashMap<(u32, u32, u8), Field>,
+    reused: usize,
+    /// Every field so far in this compile was taken over (the fields come
+    /// in the same order every compile).
+    in_step: bool,
+}
+
+impl Reuse {
+    /// Before a compile.
+    pub(super) fn start(&mut self) {
+        self.in_step = true;
+    }
+
+    /// After a compile: what it classified becomes what the next reuses.
+    pub(super) fn finish(&mut self) -> usize {
+        self.last = std::mem::take(&mut self.next);
+        std::mem::take(&mut self.reused)
+    }
+}
+
+impl std::fmt::Debug for Reuse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Reuse({} fields)", self.last.len())
+    }
+}
+
 /// Interns rule sets: each distinct set gets one class number.
 pub(super) struct Interner {
     pub(super) classes: Vec<RuleSet>,
-    index: bits::SetIndex<u32>,
+    /// Class of each set; built at the first lookup, so a compile whose
+    /// every field is taken over ([`Reuse`]) hashes no set.
+    index: Option<bits::SetIndex<u32>>,
 }
 
 impl Default for Interner {
     fn default() -> Self {
-        let mut index = bits::SetIndex::default();
-        index.insert(RuleSet::new(), 0);
         Interner {
             classes: vec![RuleSet::new()],
-            index,
+            index: None,
         }
     }
 }
 
 impl Interner {
+    fn index(&mut self) -> &mut bits::SetIndex<u32> {
+        let classes = &self.classes;
+        self.index.get_or_insert_with(|| {
+            classes
+                .iter()
+                .enumerate()
+                .map(|(c, s)| (s.clone(), c as u32))
+                .collect()
+        })
+    }
+
+    /// [`Interner::class`] of a borrowed set, copied only if new.
+    pub(super) fn class_of(&mut self, set: &RuleSet) -> u32 {
+        match self.index().get(set) {
+            Some(c) => *c,
+            None => self.class(set.clone()),
+        }
+    }
+
     pub(super) fn class(&mut self, set: RuleSet) -> u32 {
-        if let Some(c) = self.index.get(&set) {
+        let next = self.classes.len() as u32;
+        let index = self.index();
+        if let Some(c) = index.get(&set) {
             return *c;
         }
-        let next = self.classes.len() as u32;
-        self.classes.push(set.clone());
-        self.index.insert(set, next);
+        index.insert(set.clone(), next);
+        self.classes.push(set);
         next
+    }
+
+    /// Appends the classes that interning `sets` gave `global` from this
+    /// interner's state: those numbered from the end on, in order.
+    fn replay(&mut self, sets: &[RuleSet], global: &[u32]) {
+        for (set, &c) in sets.iter().zip(global) {
+            if c as usize == self.classes.len() {
+                if let Some(index) = &mut self.index {
+                    index.insert(set.clone(), c);
+                }
+                self.classes.push(set.clone());
+            }
+        }
     }
 }

@@ -381,6 +381,18 @@ fn agree(store: &Store, compiled: &Compiled, p: &reference::Packet) -> Result<()
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
 
+    /// A compile that takes over fields from the last is the compile from
+    /// scratch, whatever changed between them.
+    #[test]
+    fn a_compile_reusing_the_last_is_the_compile_from_scratch(a in store_text(), b in store_text()) {
+        let mut reuse = Reuse::default();
+        for text in [&a, &b, &b, &a] {
+            let store = load(text);
+            let (got, _) = compile_reusing(&store, &node(), &mut reuse);
+            prop_assert_eq!(got, compile(&store, &node()));
+        }
+    }
+
     /// Thousands of (store, packet) pairs per run: 300 stores × 16 packets
     /// × 8 tables.
     #[test]
@@ -568,4 +580,31 @@ fn an_all_interfaces_endpoint_governs_every_interface_no_specific_one_claims() {
     .map(|(i, h)| (i.to_string(), h.to_string()))
     .collect();
     assert_eq!(bound, want);
+}
+
+#[test]
+fn a_changed_rule_reclassifies_only_the_fields_it_changed() {
+    let text = |action: &str, net: &str| {
+        format!(
+            "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {{name: h, labels: {{role: x}}}}\n\
+             spec: {{node: n1, interfaceName: eth0}}\n---\n\
+             apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: p}}\n\
+             spec:\n  selector: role == 'x'\n  ingress:\n  \
+             - {{action: Deny, protocol: TCP, source: {{nets: [10.0.0.0/8]}}, destination: {{ports: [22]}}}}\n  \
+             - {{action: {action}, protocol: UDP, source: {{nets: [{net}]}}}}\n"
+        )
+    };
+    let mut reuse = Reuse::default();
+    // Eight tables of six fields each.
+    let fields = 8 * 6;
+    let mut compile_text = |t: &str| {
+        let store = load(t);
+        let (got, reused) = compile_reusing(&store, &node(), &mut reuse);
+        assert_eq!(got, compile(&store, &node()));
+        reused
+    };
+    assert_eq!(compile_text(&text("Deny", "192.0.2.0/24")), 0);
+    assert_eq!(compile_text(&text("Allow", "192.0.2.0/24")), fields);
+    // The normal ingress table's IPv4 sources change; nothing else.
+    assert_eq!(compile_text(&text("Allow", "198.51.100.0/24")), fields - 1);
 }
