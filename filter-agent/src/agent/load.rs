@@ -31,6 +31,21 @@ pub struct Loaded {
     /// The resources and file texts it was compiled from.
     pub store: Arc<Store>,
     pub texts: Texts,
+    /// Where the load's time went.
+    pub took: Took,
+}
+
+/// A load's time by step, for the log: what a slow reload spent its time
+/// on.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Took {
+    /// Reading the policy files.
+    pub read: Duration,
+    /// Parsing, typing and validating them (and the Kubernetes API's
+    /// resources).
+    pub model: Duration,
+    /// Compiling for this node.
+    pub compile: Duration,
 }
 
 /// Why a policy source was refused.
@@ -164,10 +179,12 @@ fn load_and_compile(
     memo: &mut Memo,
 ) -> Result<Loaded, Refused> {
     let mut store = Store::default();
+    let started = std::time::Instant::now();
     let mut texts = match &inputs.dir {
         Some(dir) => read_dir(dir, &inputs.limits, in_force)?,
         None => Vec::new(),
     };
+    let read = started.elapsed();
     if inputs.dir.is_some() {
         store = Store::from_texts_reusing(&texts, &mut memo.parses).map_err(Refused::Invalid)?;
     }
@@ -180,13 +197,17 @@ fn load_and_compile(
         store.namespaces.clone_from(namespaces);
     }
     texts.sort();
-    compile_for_node(
+    let model = started.elapsed() - read;
+    let mut loaded = compile_for_node(
         Arc::new(store),
         &inputs.node_name,
         ifaces.clone(),
         texts.into_iter().collect(),
         &mut memo.fields,
-    )
+    )?;
+    loaded.took.read = read;
+    loaded.took.model = model;
+    Ok(loaded)
 }
 
 /// Reads the policy directory's files (see [`load_and_compile`] on files
@@ -235,6 +256,7 @@ fn compile_for_node(
             .map(|(n, (_, a))| (n.clone(), a.clone()))
             .collect(),
     };
+    let started = std::time::Instant::now();
     let (compiled, reused) = compile::compile_reusing(&store, &cnode, reuse);
     tracing::debug!(reused, "fields taken over from the last compile");
     let compiled = compiled?;
@@ -243,5 +265,9 @@ fn compile_for_node(
         seen: ifaces,
         store,
         texts,
+        took: Took {
+            compile: started.elapsed(),
+            ..Took::default()
+        },
     })
 }

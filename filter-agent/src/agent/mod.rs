@@ -28,7 +28,7 @@ use crate::{
     node,
 };
 
-use load::{load, Inputs, Loaded, NodeInterfaces, Outcome, Refused, Texts};
+use load::{load, Inputs, Loaded, NodeInterfaces, Outcome, Refused, Texts, Took};
 
 use crate::events::reader::{self, SharedNames};
 use crate::source::{
@@ -258,6 +258,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         status: config.status.clone(),
         said_waiting: false,
         reload_started: std::time::Instant::now(),
+        took: Took::default(),
         state: None,
         names,
         log_rate: config.log_rate,
@@ -370,6 +371,8 @@ struct Agent {
     state: Option<crate::state::StateFile>,
     /// When the reload under way started (for `/metrics`).
     reload_started: std::time::Instant,
+    /// Where the last load's time went.
+    took: Took,
     /// "Waiting for the first list" was logged.
     said_waiting: bool,
 }
@@ -469,7 +472,9 @@ impl Agent {
                 seen,
                 store,
                 texts,
+                took,
             }) => {
+                self.took = took;
                 self.refused_for = None;
                 let rules: Vec<usize> = compiled.tables.iter().map(|t| t.rules.len()).collect();
                 tracing::info!(
@@ -517,6 +522,7 @@ impl Agent {
                 // The interfaces changed meanwhile: the resources in force,
                 // compiled for them.
                 if let Some(l) = recompiled {
+                    self.took = l.took;
                     let _ = self.apply(l.compiled, l.seen, &l.store);
                 }
             }
@@ -591,6 +597,9 @@ impl Agent {
                     generation,
                     rules,
                     enforced_after_ms = took * 1e3,
+                    read_ms = self.took.read.as_secs_f64() * 1e3,
+                    model_ms = self.took.model.as_secs_f64() * 1e3,
+                    compile_ms = self.took.compile.as_secs_f64() * 1e3,
                     written_ms = times.to_enforce.as_secs_f64() * 1e3,
                     changed = times.changed,
                     classes = compiled.classes.len(),

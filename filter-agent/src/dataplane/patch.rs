@@ -16,8 +16,10 @@ use filter_common::ClassHead;
 use super::publish::{hints, is_single_port, port_key, Plan};
 use super::*;
 
-/// One map's entries: (prefix length, key) → class number.
-type Entries<K> = std::collections::HashMap<(u32, K), u32>;
+/// One map's entries: (prefix length, key) → class number. A generation
+/// holds one per trie and CIDR (hundreds of thousands), built and compared
+/// on every publish: foldhash, as for rule sets (`compile::bits`).
+type Entries<K> = std::collections::HashMap<(u32, K), u32, foldhash::quality::RandomState>;
 
 /// Index in [`Contents`]' address and port arrays: the source field's
 /// trie, the destination's, then their exact hashes in the same order.
@@ -60,7 +62,8 @@ pub(super) struct Contents {
     v6: [Entries<AddrV6Key>; 4],
     ports: [Entries<PortKey>; 4],
     /// Endpoint masks and the per-interface summary (`FW_EP2`).
-    endpoints: std::collections::HashMap<EndpointKey, EndpointValue>,
+    endpoints:
+        std::collections::HashMap<EndpointKey, EndpointValue, foldhash::quality::RandomState>,
 }
 
 impl Contents {

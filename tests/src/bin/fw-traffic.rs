@@ -56,14 +56,21 @@ fn main() {
         std::process::exit(2);
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (mut plots, mut only) = (None, None);
+    let (mut plots, mut only, mut updates_only) = (None, None, false);
     let mut rest = args.iter();
     while let Some(flag) = rest.next() {
-        match (flag.as_str(), rest.next()) {
-            ("--plots", Some(dir)) => plots = Some(PathBuf::from(dir)),
-            ("--only", Some(row)) => only = Some(row.clone()),
+        match flag.as_str() {
+            "--updates" => updates_only = true,
+            "--plots" | "--only" if rest.len() > 0 => {
+                let value = rest.next().cloned().unwrap_or_default();
+                if flag == "--plots" {
+                    plots = Some(PathBuf::from(value));
+                } else {
+                    only = Some(value);
+                }
+            }
             _ => {
-                eprintln!("usage: fw-traffic [--plots DIR] [--only 'FILTER LIST']");
+                eprintln!("usage: fw-traffic [--plots DIR] [--only 'FILTER LIST' | --updates]");
                 std::process::exit(2);
             }
         }
@@ -93,6 +100,11 @@ fn main() {
         // Traffic rows alone, flooding longer: for a profiler
         // (`perf record -C 1 -g` watches the receiver's CPU).
         traffic(&link, Some(&row));
+        return;
+    }
+    if updates_only {
+        // The update latency table alone.
+        updates(&link);
         return;
     }
     let traffic = traffic(&link, None);
