@@ -189,18 +189,24 @@ impl Store {
         let mut store = Store::default();
         let mut errors = Vec::new();
         parses
-            .0
+            .files
             .retain(|file, _| texts.iter().any(|(f, _)| f == file));
+        let last = std::mem::take(&mut parses.rules.last);
+        let rules = std::cell::RefCell::new(RuleTypes {
+            taken: 0,
+            next: TypedRules::with_capacity_and_hasher(last.len(), Default::default()),
+            last,
+        });
         for (file, text) in texts {
-            let parsed = match parses.0.get(file) {
+            let parsed = match parses.files.get(file) {
                 Some(last) => last.update(text),
                 None => Parsed::new(text).map(|p| (p, Reparse::Whole)),
             };
             match parsed {
                 Ok((parsed, how)) => {
                     tracing::debug!(file = %file.display(), ?how, "parsed");
-                    store.add_docs(file, parsed.docs(), &mut errors);
-                    parses.0.insert(file.clone(), parsed);
+                    store.add_docs(file, parsed.docs(), Some(&rules), &mut errors);
+                    parses.files.insert(file.clone(), parsed);
                 }
                 Err(e) => errors.push(Error {
                     origin: Origin {
@@ -212,6 +218,9 @@ impl Store {
                 }),
             }
         }
+        let mut rules = rules.into_inner();
+        rules.last = std::mem::take(&mut rules.next);
+        parses.rules = rules;
         if errors.is_empty() {
             validate::store(&store, &mut errors);
         }
@@ -242,6 +251,7 @@ impl Store {
             let ctx = DocContext {
                 file: &file,
                 root: Arc::new(yaml::Node::from_json(value)),
+                rules: None,
             };
             store.add_node(&ctx, &ctx.root.clone(), "", &mut errors);
         }
@@ -314,18 +324,25 @@ impl Store {
         match yaml::documents(text) {
             Ok(docs) => {
                 let docs: Vec<_> = docs.into_iter().map(Arc::new).collect();
-                self.add_docs(file, &docs, errors);
+                self.add_docs(file, &docs, None, errors);
             }
             Err(e) => errors.push(at(e.line, e.message)),
         }
     }
 
     /// Adds the resources of one file's parsed documents.
-    fn add_docs(&mut self, file: &Path, docs: &[Arc<yaml::Node>], errors: &mut Vec<Error>) {
+    fn add_docs(
+        &mut self,
+        file: &Path,
+        docs: &[Arc<yaml::Node>],
+        rules: Option<&std::cell::RefCell<RuleTypes>>,
+        errors: &mut Vec<Error>,
+    ) {
         for doc in docs {
             let ctx = DocContext {
                 file,
                 root: doc.clone(),
+                rules,
             };
             self.add_node(&ctx, doc, "", errors);
         }
@@ -416,8 +433,10 @@ impl Store {
             return;
         }
         match kind {
-            "GlobalNetworkPolicy" => ctx.parse(node, path, errors, &mut self.global_policies),
-            "NetworkPolicy" => ctx.parse(node, path, errors, &mut self.network_policies),
+            "GlobalNetworkPolicy" => {
+                ctx.parse_policy(node, path, errors, &mut self.global_policies)
+            }
+            "NetworkPolicy" => ctx.parse_policy(node, path, errors, &mut self.network_policies),
             "HostEndpoint" => ctx.parse(node, path, errors, &mut self.host_endpoints),
             "GlobalNetworkSet" => ctx.parse(node, path, errors, &mut self.global_network_sets),
             "NetworkSet" => ctx.parse(node, path, errors, &mut self.network_sets),
@@ -447,6 +466,8 @@ pub(crate) fn join_path(prefix: &str, field: &str) -> String {
 struct DocContext<'a> {
     file: &'a Path,
     root: Arc<yaml::Node>,
+    /// Rules typed by the last load, where the document is a reparse.
+    rules: Option<&'a std::cell::RefCell<RuleTypes>>,
 }
 
 impl DocContext<'_> {
@@ -475,6 +496,110 @@ impl DocContext<'_> {
                 errors.push(self.error_at(&field, e.into_inner().to_string()));
             })
             .ok()
+    }
+
+    /// [`DocContext::parse`] of a policy whose rules are typed one by
+    /// one, each taken from the last load where its item is the same.
+    fn parse_policy<S: DeserializeOwned + Default + RuleLists>(
+        &self,
+        node: &yaml::Node,
+        path: &str,
+        errors: &mut Vec<Error>,
+        out: &mut Vec<Resource<S>>,
+    ) {
+        match self
+            .rules
+            .and_then(|rules| self.typed_by_rule(node, path, rules))
+        {
+            Some(Ok(resource)) => out.push(resource),
+            Some(Err(error)) => errors.push(error),
+            None => self.parse(node, path, errors, out),
+        }
+    }
+
+    /// `node` typed without its rule lists, then each rule alone (or taken
+    /// from `rules`). The first error is the one typing the whole node
+    /// gives: where anything but a rule fails, or there is no rule list,
+    /// `None`, and the whole node is typed.
+    fn typed_by_rule<S: DeserializeOwned + Default + RuleLists>(
+        &self,
+        node: &yaml::Node,
+        path: &str,
+        rules: &std::cell::RefCell<RuleTypes>,
+    ) -> Option<Result<Resource<S>, Error>> {
+        use yaml::Value;
+        let Value::Map(entries) = &node.value else {
+            return None;
+        };
+        let at_spec = entries.iter().position(|(k, _)| k.name == "spec")?;
+        let spec = &entries[at_spec].1;
+        let Value::Map(spec_entries) = &spec.value else {
+            return None;
+        };
+        let is_list = |k: &yaml::Key, v: &yaml::Node| {
+            matches!(k.name.as_str(), "ingress" | "egress") && matches!(v.value, Value::Seq(_))
+        };
+        if !spec_entries.iter().any(|(k, v)| is_list(k, v)) {
+            return None;
+        }
+        let empty = |(k, v): &(yaml::Key, yaml::Node)| {
+            let v = if is_list(k, v) {
+                v.with_value(Value::Seq(Vec::new()))
+            } else {
+                v.clone()
+            };
+            (k.clone(), v)
+        };
+        let shell_spec = spec.with_value(Value::Map(spec_entries.iter().map(empty).collect()));
+        let shell = node.with_value(Value::Map(
+            entries
+                .iter()
+                .enumerate()
+                .map(|(i, (k, v))| match i == at_spec {
+                    true => (k.clone(), shell_spec.clone()),
+                    false => (k.clone(), v.clone()),
+                })
+                .collect(),
+        ));
+        let doc = self.typed::<Document<S>>(&shell, path, &mut Vec::new())?;
+        let mut spec = doc.spec.unwrap_or_default();
+        let mut rules = rules.borrow_mut();
+        for (key, list) in spec_entries {
+            let (Value::Seq(items), Some(out)) = (&list.value, spec.list(&key.name)) else {
+                continue;
+            };
+            for (i, item) in items.iter().enumerate() {
+                let id = Arc::as_ptr(item) as usize;
+                let rule = match rules.last.remove(&id) {
+                    Some((_, rule)) => {
+                        rules.taken += 1;
+                        rule
+                    }
+                    None => {
+                        let at = join_path(path, &format!("spec.{}[{i}]", key.name));
+                        let mut failed = Vec::new();
+                        match self.typed::<Rule>(item, &at, &mut failed) {
+                            Some(rule) => rule,
+                            None => return failed.pop().map(Err),
+                        }
+                    }
+                };
+                rules.next.insert(id, (item.clone(), rule.clone()));
+                out.push(rule);
+            }
+        }
+        Some(Ok(Resource {
+            meta: doc.metadata,
+            spec,
+            origin: Origin {
+                file: self.file.to_owned(),
+                line: node.line,
+            },
+            source: Source {
+                root: Some(self.root.clone()),
+                path: path.to_owned(),
+            },
+        }))
     }
 
     fn parse<S: DeserializeOwned + Default>(
@@ -587,9 +712,67 @@ impl Default for Limits {
     }
 }
 
-/// Each policy file's last parse, for [`Store::from_texts_reusing`].
-#[derive(Debug, Default, Clone)]
-pub struct Parses(BTreeMap<PathBuf, Parsed>);
+/// Each policy file's last parse, and the rules typed from it, for
+/// [`Store::from_texts_reusing`].
+#[derive(Debug, Default)]
+pub struct Parses {
+    files: BTreeMap<PathBuf, Parsed>,
+    rules: RuleTypes,
+}
+
+/// Typed rules by item address; a big policy's every rule moves from one
+/// to the next on each load, so the map is hashed with foldhash.
+type TypedRules =
+    std::collections::HashMap<usize, (Arc<yaml::Node>, Rule), foldhash::fast::RandomState>;
+
+/// Rules as typed from their parsed items, by the item's address (its
+/// `Arc` kept, so the address is not reused): a reparse shares the items
+/// that did not change, and their rules are not typed again.
+#[derive(Default)]
+struct RuleTypes {
+    last: TypedRules,
+    next: TypedRules,
+    /// Rules the last load took over.
+    taken: usize,
+}
+
+impl fmt::Debug for RuleTypes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RuleTypes({} rules)", self.last.len())
+    }
+}
+
+impl Parses {
+    /// How many rules the last load took over from the one before.
+    pub fn rules_taken(&self) -> usize {
+        self.rules.taken
+    }
+}
+
+/// A policy spec's rule lists, which a load types rule by rule.
+trait RuleLists {
+    fn list(&mut self, name: &str) -> Option<&mut Vec<Rule>>;
+}
+
+impl RuleLists for GlobalNetworkPolicySpec {
+    fn list(&mut self, name: &str) -> Option<&mut Vec<Rule>> {
+        match name {
+            "ingress" => Some(&mut self.ingress),
+            "egress" => Some(&mut self.egress),
+            _ => None,
+        }
+    }
+}
+
+impl RuleLists for NetworkPolicySpec {
+    fn list(&mut self, name: &str) -> Option<&mut Vec<Rule>> {
+        match name {
+            "ingress" => Some(&mut self.ingress),
+            "egress" => Some(&mut self.egress),
+            _ => None,
+        }
+    }
+}
 
 /// Reads one policy file: a regular file (not a FIFO, device or socket,
 /// which could block or never end) of at most `max_bytes`.
@@ -683,6 +866,103 @@ fn collect_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The store (or the errors) typing every document whole gives.
+    fn whole(text: &str) -> String {
+        let mut store = Store::default();
+        let mut errors = Vec::new();
+        store.add_text(Path::new("p.yaml"), text, &mut errors);
+        if errors.is_empty() {
+            validate::store(&store, &mut errors);
+        }
+        match errors.is_empty() {
+            true => format!("{store:?}"),
+            false => format!("{errors:?}"),
+        }
+    }
+
+    fn reusing(text: &str, parses: &mut Parses) -> String {
+        match Store::from_texts_reusing(&[("p.yaml".into(), text.to_owned())], parses) {
+            Ok(store) => format!("{store:?}"),
+            Err(errors) => format!("{errors:?}"),
+        }
+    }
+
+    #[test]
+    fn rules_typed_one_by_one_are_the_policy_typed_whole() {
+        let policy = |kind: &str, spec: &str| {
+            format!("apiVersion: projectcalico.org/v3\nkind: {kind}\nmetadata: {{name: p, namespace: n}}\nspec:\n{spec}")
+        };
+        let rules = "  ingress:\n  - action: Allow\n    protocol: TCP\n    destination: {ports: [22]}\n  - action: Deny\n    source: {nets: [10.0.0.0/8]}\n  egress:\n  - action: Allow\n";
+        let texts = [
+            policy("GlobalNetworkPolicy", rules),
+            policy("NetworkPolicy", rules),
+            policy(
+                "GlobalNetworkPolicy",
+                &rules.replace("action: Deny", "action: Bogus"),
+            ),
+            // Errors outside the rules and in them: the first one counts.
+            policy(
+                "GlobalNetworkPolicy",
+                &format!(
+                    "  order: x\n{}",
+                    rules.replace("action: Deny", "action: Bogus")
+                ),
+            ),
+            policy(
+                "GlobalNetworkPolicy",
+                &format!(
+                    "{}  bogus: 1\n",
+                    rules.replace("action: Deny", "action: Bogus")
+                ),
+            ),
+            policy(
+                "GlobalNetworkPolicy",
+                "  egress:\n  - action: Nope\n  ingress:\n  - action: Bogus\n",
+            ),
+            policy("GlobalNetworkPolicy", "  ingress:\n  egress: 3\n"),
+            policy(
+                "GlobalNetworkPolicy",
+                "  ingress:\n  - action: Allow\n    bogus: 1\n",
+            ),
+            format!(
+                "{}\n---\n{}",
+                policy("GlobalNetworkPolicy", rules),
+                policy("GlobalNetworkPolicy", rules).replace("name: p", "name: q")
+            ),
+        ];
+        let mut warm = Parses::default();
+        for text in &texts {
+            let want = whole(text);
+            assert_eq!(reusing(text, &mut Parses::default()), want, "{text}");
+            assert_eq!(
+                reusing(text, &mut warm),
+                want,
+                "after the last text: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unchanged_rule_is_not_typed_again() {
+        let text = |action: &str| {
+            let mut y = String::from("apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: p}\nspec:\n  ingress:\n");
+            for r in 0..20 {
+                y += &format!(
+                    "  - action: {}\n    destination: {{ports: [{}]}}\n    protocol: TCP\n",
+                    if r == 7 { action } else { "Allow" },
+                    r + 1
+                );
+            }
+            y
+        };
+        let mut parses = Parses::default();
+        reusing(&text("Deny"), &mut parses);
+        assert_eq!(parses.rules_taken(), 0);
+        let flipped = reusing(&text("Allow"), &mut parses);
+        assert_eq!(parses.rules_taken(), 19);
+        assert_eq!(flipped, whole(&text("Allow")));
+    }
 
     fn load(text: &str) -> Result<Store, Vec<Error>> {
         let mut store = Store::default();
