@@ -260,6 +260,15 @@ fn compile_with(store: &Store, node: &Node, reuse: &mut Reuse) -> Result<Compile
             filter_common::Direction::ALL.map(|d| (d as u32, d.name()))
         {
             let mut b = TableBuilder::default();
+            // A rule is one part or more: room for one each at least.
+            b.reserve(
+                policies
+                    .iter()
+                    .filter(|p| policy_stages(&p.spec).contains(&stage))
+                    .filter_map(|p| policy_rules(&p.spec, direction))
+                    .map(|rules| rules.len())
+                    .sum(),
+            );
             for tier in &tiers {
                 let members: Vec<_> = policies
                     .iter()
@@ -290,10 +299,10 @@ fn compile_with(store: &Store, node: &Node, reuse: &mut Reuse) -> Result<Compile
                                 rule: i,
                             },
                         );
-                        let field = format!("spec.{direction_name}[{i}]");
-                        let parts = resolver
-                            .rule(r)
-                            .map_err(|m| unsupported(&p.origin, &p.meta.name, &field, &m))?;
+                        let parts = resolver.rule(r).map_err(|m| {
+                            let field = format!("spec.{direction_name}[{i}]");
+                            unsupported(&p.origin, &p.meta.name, &field, &m)
+                        })?;
                         let range = b.push(r.action, owner, parts, &eps);
                         if r.action == Action::Pass {
                             pass_rules.push(range);

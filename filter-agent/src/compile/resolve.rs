@@ -93,7 +93,6 @@ impl<'a> Resolver<'a> {
 
     /// The entity's positive and negative address constraints.
     pub(super) fn addresses(&self, e: &EntityRule) -> (AddrSet, Vec<IpNetwork>) {
-        let all = Selector::parse("all()").expect("constant");
         let mut pos: AddrSet = (!e.nets.is_empty()).then(|| e.nets.iter().map(|c| c.0).collect());
         let mut neg: Vec<IpNetwork> = e.not_nets.iter().map(|c| c.0).collect();
         let scoped = e.namespace_selector.as_ref().is_some_and(|s| !s.is_blank());
@@ -102,6 +101,7 @@ impl<'a> Resolver<'a> {
         } else if scoped {
             // A namespaceSelector alone (or with notSelector) limits the
             // peer to the scoped resources.
+            let all = Selector::parse("all()").expect("constant");
             pos = Some(intersect(pos, self.selected(e, &all)));
         }
         if let Some(sel) = &e.not_selector {
@@ -244,7 +244,7 @@ impl<'a> Resolver<'a> {
             ));
         }
 
-        let mut parts = Vec::new();
+        let mut parts = Vec::with_capacity(dst_parts.len());
         for (dpos, dport, protocol) in dst_parts {
             let mut m = RuleMatch {
                 protocol,

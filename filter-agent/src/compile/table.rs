@@ -18,7 +18,8 @@ pub(super) fn action_code(a: Action) -> u32 {
 pub(super) struct TableBuilder {
     pub(super) rules: Vec<RuleInfo>,
     matches: Vec<RuleMatch>,
-    endpoints: Vec<BTreeSet<usize>>,
+    /// Each part's endpoints, shared by the parts of a policy.
+    endpoints: Vec<std::sync::Arc<BTreeSet<usize>>>,
 }
 
 impl TableBuilder {
@@ -32,6 +33,10 @@ impl TableBuilder {
     ) -> std::ops::Range<u32> {
         let start = self.rules.len() as u32;
         let end = start + parts.len() as u32;
+        let eps = match self.endpoints.last() {
+            Some(last) if **last == *eps => last.clone(),
+            _ => std::sync::Arc::new(eps.clone()),
+        };
         for m in parts {
             // A Log part goes on past its siblings: one record per rule.
             self.rules.push(RuleInfo {
@@ -43,6 +48,13 @@ impl TableBuilder {
             self.endpoints.push(eps.clone());
         }
         start..end
+    }
+
+    /// Room for `rules` more rule parts.
+    pub(super) fn reserve(&mut self, rules: usize) {
+        self.rules.reserve(rules);
+        self.matches.reserve(rules);
+        self.endpoints.reserve(rules);
     }
 
     pub(super) fn set_next(&mut self, range: std::ops::Range<u32>, next: u32) {
@@ -61,7 +73,7 @@ impl TableBuilder {
     ) -> Table {
         let mut masks: BTreeMap<String, RuleSet> = BTreeMap::new();
         for (r, eps) in self.endpoints.iter().enumerate() {
-            for &e in eps {
+            for &e in eps.iter() {
                 masks.entry(bound[e].0.clone()).or_default().insert(r);
             }
         }
@@ -78,37 +90,24 @@ impl TableBuilder {
             .filter(|(_, m)| m.v6)
             .map(|(r, _)| r)
             .collect();
-        let mut field = |n: u8, key: FieldKey| -> Vec<(Option<PortEntry>, Prefix, u32)> {
+        let mut field = |n: u8, inputs: Inputs| -> Vec<(Option<PortEntry>, Prefix, u32)> {
             let slot = (stage, direction, n);
             let mut local = match reuse.last.remove(&slot) {
-                Some(last) if last.key == key => {
+                Some(last) if inputs.are(&last.key) => {
                     reuse.reused += 1;
                     last
                 }
                 _ => {
                     reuse.in_step = false;
-                    Field::classify(key, matches)
+                    Field::classify(inputs.key(), matches)
                 }
             };
             let entries = local.entries_in(interner, &mut reuse.in_step);
             reuse.next.insert(slot, local);
             entries
         };
-        let addr = |f: fn(&RuleMatch) -> &FieldMatch, active: &RuleSet| {
-            FieldKey::Addr(
-                matches.iter().map(|m| f(m).clone()).collect(),
-                active.clone(),
-            )
-        };
-        let port = |f: fn(&RuleMatch) -> &Option<FieldMatch>, whole_protocol: bool| {
-            FieldKey::Port(
-                matches
-                    .iter()
-                    .map(|m| (f(m).clone(), m.protocol, m.not_protocol))
-                    .collect(),
-                whole_protocol,
-            )
-        };
+        let addr = |f, active| Inputs::Addr(matches, f, active);
+        let port = |f, whole_protocol| Inputs::Port(matches, f, whole_protocol);
         let prefixes = |e: Vec<(Option<PortEntry>, Prefix, u32)>| -> Vec<(Prefix, u32)> {
             e.into_iter().map(|(_, p, c)| (p, c)).collect()
         };
@@ -219,6 +218,53 @@ pub(super) fn port_entries(
 enum FieldKey {
     Addr(Vec<FieldMatch>, RuleSet),
     Port(Vec<(Option<FieldMatch>, Option<u8>, Option<u8>)>, bool),
+}
+
+/// One field's inputs in a table being built: its rule parts, and which
+/// of their fields (and the family's parts, or whether the field holds
+/// the protocol match).
+enum Inputs<'a> {
+    Addr(&'a [RuleMatch], fn(&RuleMatch) -> &FieldMatch, &'a RuleSet),
+    Port(&'a [RuleMatch], fn(&RuleMatch) -> &Option<FieldMatch>, bool),
+}
+
+impl Inputs<'_> {
+    /// Whether `key` holds these inputs (compared in place: a hit copies
+    /// nothing).
+    fn are(&self, key: &FieldKey) -> bool {
+        match (self, key) {
+            (Inputs::Addr(matches, f, active), FieldKey::Addr(fm, a)) => {
+                a == *active
+                    && fm.len() == matches.len()
+                    && fm.iter().zip(*matches).all(|(x, m)| x == f(m))
+            }
+            (Inputs::Port(matches, f, whole), FieldKey::Port(fm, w)) => {
+                w == whole
+                    && fm.len() == matches.len()
+                    && fm.iter().zip(*matches).all(|((x, p, np), m)| {
+                        x == f(m) && *p == m.protocol && *np == m.not_protocol
+                    })
+            }
+            _ => false,
+        }
+    }
+
+    /// The inputs, copied as a key.
+    fn key(&self) -> FieldKey {
+        match self {
+            Inputs::Addr(matches, f, active) => FieldKey::Addr(
+                matches.iter().map(|m| f(m).clone()).collect(),
+                (*active).clone(),
+            ),
+            Inputs::Port(matches, f, whole) => FieldKey::Port(
+                matches
+                    .iter()
+                    .map(|m| (f(m).clone(), m.protocol, m.not_protocol))
+                    .collect(),
+                *whole,
+            ),
+        }
+    }
 }
 
 /// One field of one table classified: its entries with classes numbered
