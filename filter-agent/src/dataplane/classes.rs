@@ -21,7 +21,7 @@ pub struct Layout {
     pub heads: Vec<ClassHead>,
     /// Word index − the generation's first word → a non-zero word.
     pub words: Vec<u64>,
-    /// Rule set → class number (relative), to find an endpoint mask's class.
+    /// Rule set → class number (relative), of the sets interned.
     index: SetIndex<u32>,
 }
 
@@ -37,6 +37,15 @@ impl Layout {
         if let Some(&id) = self.index.get(set) {
             return Ok(id);
         }
+        let id = self.push(set, word_base)?;
+        self.index.insert(set.clone(), id);
+        Ok(id)
+    }
+
+    /// Adds `set` as a new class, whether or not one holds it already:
+    /// for sets known to differ (the compiler's classes), which need no
+    /// lookup.
+    pub fn push(&mut self, set: &RuleSet, word_base: u32) -> Result<u32, String> {
         if set.words().len() > WORDS as usize {
             return Err(format!(
                 "a rule set reaches rule {}; a table holds {} rules",
@@ -79,7 +88,6 @@ impl Layout {
             ));
         }
         self.heads.push(head);
-        self.index.insert(set.clone(), id);
         Ok(id)
     }
 }

@@ -9,7 +9,7 @@
 //! write (adopted, or a write that failed half-way) is cleared first and
 //! patched from empty, which is a full write.
 
-use std::hash::Hash;
+use std::{hash::Hash, sync::Arc};
 
 use filter_common::ClassHead;
 
@@ -53,33 +53,130 @@ pub(super) struct Contents {
     words: Vec<u64>,
     /// Class heads from the generation's first class (`FW_CLASS2`).
     heads: Vec<ClassHead>,
+    /// Compiler class → the kernel's class number.
+    classes: Vec<u32>,
     /// Rule slot → what the rule there does (`FW_RULE3`).
     rules: BTreeMap<u32, RuleMeta>,
     /// Table id → its hints (`FW_TABLE1`), for every table of the
     /// generation.
     hints: BTreeMap<u32, TableHints>,
-    v4: [Entries<AddrV4Key>; 4],
-    v6: [Entries<AddrV6Key>; 4],
-    ports: [Entries<PortKey>; 4],
+    /// Table id → its address and port entries.
+    tables: BTreeMap<u32, Arc<TableEntries>>,
     /// Endpoint masks and the per-interface summary (`FW_EP2`).
     endpoints:
         std::collections::HashMap<EndpointKey, EndpointValue, foldhash::quality::RandomState>,
 }
 
+/// One table's address and port entries, and the compiled fields they
+/// were made from: a table whose fields and class numbers did not change
+/// since the generation was last written keeps its entries (shared, not
+/// rebuilt or compared entry by entry).
+#[derive(Default)]
+pub(super) struct TableEntries {
+    fields: Fields,
+    v4: [Entries<AddrV4Key>; 4],
+    v6: [Entries<AddrV6Key>; 4],
+    ports: [Entries<PortKey>; 4],
+}
+
+/// A compiled table's fields, as entries are made from them.
+#[derive(Default, PartialEq)]
+struct Fields {
+    src_v4: Vec<(Prefix, u32)>,
+    dst_v4: Vec<(Prefix, u32)>,
+    src_v6: Vec<(Prefix, u32)>,
+    dst_v6: Vec<(Prefix, u32)>,
+    dports: Vec<PortEntry>,
+    sports: Vec<PortEntry>,
+}
+
+impl Fields {
+    fn of(t: &Table) -> Fields {
+        Fields {
+            src_v4: t.src_v4.clone(),
+            dst_v4: t.dst_v4.clone(),
+            src_v6: t.src_v6.clone(),
+            dst_v6: t.dst_v6.clone(),
+            dports: t.dports.clone(),
+            sports: t.sports.clone(),
+        }
+    }
+
+    /// Whether `t` has these fields (compared in place).
+    fn are(&self, t: &Table) -> bool {
+        self.src_v4 == t.src_v4
+            && self.dst_v4 == t.dst_v4
+            && self.src_v6 == t.src_v6
+            && self.dst_v6 == t.dst_v6
+            && self.dports == t.dports
+            && self.sports == t.sports
+    }
+}
+
+impl TableEntries {
+    /// The entries of table `t` (kernel id `table`), classes numbered by
+    /// `plan`.
+    fn new(table: u32, t: &Table, plan: &Plan) -> TableEntries {
+        let mut c = TableEntries {
+            fields: Fields::of(t),
+            ..TableEntries::default()
+        };
+        let tb = table.to_be_bytes();
+        let bits = |p: &Prefix| TABLE_PREFIX_BITS + u32::from(p.len);
+        for (field, entries) in [(0, &t.src_v4), (1, &t.dst_v4)] {
+            for (p, class) in entries {
+                let key = AddrV4Key {
+                    table: tb,
+                    addr: (p.value(32) as u32).to_be_bytes(),
+                };
+                let map = field + if p.len == 32 { EXACT } else { TRIE };
+                c.v4[map].insert((bits(p), key), plan.class(*class));
+            }
+        }
+        for (field, entries) in [(0, &t.src_v6), (1, &t.dst_v6)] {
+            for (p, class) in entries {
+                let key = AddrV6Key {
+                    table: tb,
+                    addr: p.value(128).to_be_bytes(),
+                };
+                let map = field + if p.len == 128 { EXACT } else { TRIE };
+                c.v6[map].insert((bits(p), key), plan.class(*class));
+            }
+        }
+        for (field, entries) in [(0, &t.dports), (1, &t.sports)] {
+            for e in entries {
+                let key = port_key(tb, e);
+                let map = field + if is_single_port(e) { EXACT } else { TRIE };
+                c.ports[map].insert((key.prefix_len(), key.data()), plan.class(e.class));
+            }
+        }
+        c
+    }
+}
+
 impl Contents {
-    /// What `compiled`, laid out by `plan`, puts into `generation`.
-    pub(super) fn new(generation: u32, compiled: &Compiled, plan: &Plan) -> Contents {
+    /// What `compiled`, laid out by `plan`, puts into `generation`; the
+    /// entries of tables `have` (what the generation holds) already holds
+    /// are taken from it.
+    pub(super) fn new(
+        generation: u32,
+        compiled: &Compiled,
+        plan: &Plan,
+        have: Option<&Contents>,
+    ) -> Contents {
         let mut c = Contents {
             words: plan.layout.words.clone(),
             heads: plan.layout.heads.clone(),
+            classes: plan.classes.clone(),
             ..Contents::default()
         };
         let tables = generation * TABLES_PER_GEN..(generation + 1) * TABLES_PER_GEN;
         c.hints = tables.map(|t| (t, TableHints::default())).collect();
+        // The same class numbers, or no entry can be taken over.
+        let have = have.filter(|h| h.classes == plan.classes);
         let mut summary: BTreeMap<u32, u32> = BTreeMap::new();
         for (t, &first_slot) in compiled.tables.iter().zip(&plan.first_slots) {
             let table = table_id(generation, t.stage, t.direction);
-            let tb = table.to_be_bytes();
             for (i, r) in t.rules.iter().enumerate() {
                 let meta = RuleMeta {
                     action: r.action,
@@ -89,34 +186,11 @@ impl Contents {
                 };
                 c.rules.insert(first_slot + i as u32, meta);
             }
-            let bits = |p: &Prefix| TABLE_PREFIX_BITS + u32::from(p.len);
-            for (field, entries) in [(0, &t.src_v4), (1, &t.dst_v4)] {
-                for (p, class) in entries {
-                    let key = AddrV4Key {
-                        table: tb,
-                        addr: (p.value(32) as u32).to_be_bytes(),
-                    };
-                    let map = field + if p.len == 32 { EXACT } else { TRIE };
-                    c.v4[map].insert((bits(p), key), plan.class(*class));
-                }
-            }
-            for (field, entries) in [(0, &t.src_v6), (1, &t.dst_v6)] {
-                for (p, class) in entries {
-                    let key = AddrV6Key {
-                        table: tb,
-                        addr: p.value(128).to_be_bytes(),
-                    };
-                    let map = field + if p.len == 128 { EXACT } else { TRIE };
-                    c.v6[map].insert((bits(p), key), plan.class(*class));
-                }
-            }
-            for (field, entries) in [(0, &t.dports), (1, &t.sports)] {
-                for e in entries {
-                    let key = port_key(tb, e);
-                    let map = field + if is_single_port(e) { EXACT } else { TRIE };
-                    c.ports[map].insert((key.prefix_len(), key.data()), plan.class(e.class));
-                }
-            }
+            let entries = match have.and_then(|h| h.tables.get(&table)) {
+                Some(held) if held.fields.are(t) => held.clone(),
+                _ => Arc::new(TableEntries::new(table, t, plan)),
+            };
+            c.tables.insert(table, entries);
             c.hints.insert(table, hints(t, plan));
             for &(ifindex, class) in &plan.masks[&table] {
                 let key = EndpointKey { ifindex, table };
@@ -142,6 +216,28 @@ impl Contents {
     /// The rule slots it fills.
     pub(super) fn slots(&self) -> Vec<u32> {
         self.rules.keys().copied().collect()
+    }
+
+    /// Each table's entries in `want` that differ from this one's, as
+    /// (held, wanted) pairs; a table held and wanted alike is left out.
+    fn changed_tables<'a>(
+        &'a self,
+        want: &'a Contents,
+    ) -> Vec<(&'a TableEntries, &'a TableEntries)> {
+        static NONE: std::sync::LazyLock<TableEntries> =
+            std::sync::LazyLock::new(TableEntries::default);
+        let ids: BTreeSet<u32> = self
+            .tables
+            .keys()
+            .chain(want.tables.keys())
+            .copied()
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| match (self.tables.get(&id), want.tables.get(&id)) {
+                (Some(h), Some(w)) if Arc::ptr_eq(h, w) => None,
+                (h, w) => Some((h.map_or(&*NONE, |h| &**h), w.map_or(&*NONE, |w| &**w))),
+            })
+            .collect()
     }
 }
 
@@ -180,10 +276,17 @@ impl Dataplane {
             .unzip();
         batch::update(&self.ebpf, names::MAP_RULE, &slots, &metas)?;
         n += slots.len();
+        let tables = have.changed_tables(want);
         for i in 0..4 {
-            n += self.patch_entries(V4_MAPS[i], i < EXACT, &have.v4[i], &want.v4[i])?;
-            n += self.patch_entries(V6_MAPS[i], i < EXACT, &have.v6[i], &want.v6[i])?;
-            n += self.patch_entries(PORT_MAPS[i], i < EXACT, &have.ports[i], &want.ports[i])?;
+            let pairs: Vec<_> = tables.iter().map(|(h, w)| (&h.v4[i], &w.v4[i])).collect();
+            n += self.patch_entries(V4_MAPS[i], i < EXACT, &pairs)?;
+            let pairs: Vec<_> = tables.iter().map(|(h, w)| (&h.v6[i], &w.v6[i])).collect();
+            n += self.patch_entries(V6_MAPS[i], i < EXACT, &pairs)?;
+            let pairs: Vec<_> = tables
+                .iter()
+                .map(|(h, w)| (&h.ports[i], &w.ports[i]))
+                .collect();
+            n += self.patch_entries(PORT_MAPS[i], i < EXACT, &pairs)?;
         }
         let mut table_hints: Array<&mut MapData, TableHints> = self.map(names::MAP_TABLE_HINTS)?;
         for (&table, h) in &want.hints {
@@ -220,23 +323,23 @@ impl Dataplane {
     }
 
     /// Patches one address or port map (an LPM trie, or the exact hash
-    /// beside it, keyed alike).
+    /// beside it, keyed alike) from each changed table's held entries to
+    /// its wanted ones.
     fn patch_entries<K: aya::Pod + Eq + Hash>(
         &mut self,
         name: &'static str,
         trie: bool,
-        have: &Entries<K>,
-        want: &Entries<K>,
+        tables: &[(&Entries<K>, &Entries<K>)],
     ) -> Result<usize, Error> {
         let key = |&(len, data): &(u32, K)| Key::new(len, data);
-        let stale: Vec<Key<K>> = have
-            .keys()
-            .filter(|k| !want.contains_key(k))
+        let stale: Vec<Key<K>> = tables
+            .iter()
+            .flat_map(|(have, want)| have.keys().filter(|k| !want.contains_key(k)))
             .map(key)
             .collect();
-        let (keys, classes): (Vec<Key<K>>, Vec<u32>) = want
+        let (keys, classes): (Vec<Key<K>>, Vec<u32>) = tables
             .iter()
-            .filter(|&(k, class)| have.get(k) != Some(class))
+            .flat_map(|(have, want)| want.iter().filter(|&(k, class)| have.get(k) != Some(class)))
             .map(|(k, class)| (key(k), *class))
             .unzip();
         if trie {

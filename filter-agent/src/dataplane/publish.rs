@@ -61,7 +61,7 @@ pub fn preflight(compiled: &Compiled) -> Result<(), Error> {
 pub(super) struct Plan {
     pub(super) layout: classes::Layout,
     /// Compiler class number → class number in the generation's range.
-    classes: Vec<u32>,
+    pub(super) classes: Vec<u32>,
     /// Per table id: (interface index, class of its mask).
     pub(super) masks: BTreeMap<u32, Vec<(u32, u32)>>,
     /// Rule slot of each table's first rule, in `Compiled::tables` order.
@@ -78,9 +78,28 @@ impl Plan {
         let class_base = generation * CLASSES_PER_GEN;
         let mut layout = classes::Layout::new();
         let mut classes = Vec::with_capacity(compiled.classes.len());
+        // The compiler's classes are distinct sets: pushed without a
+        // lookup; an endpoint mask is found among them by this index, or
+        // interned.
+        let mut known: std::collections::HashMap<_, u32, foldhash::quality::RandomState> =
+            Default::default();
         for c in &compiled.classes {
-            classes.push(class_base + layout.intern(c, word_base).map_err(Error::Capacity)?);
+            classes.push(class_base + layout.push(c, word_base).map_err(Error::Capacity)?);
         }
+        let mut mask_class = |mask: &crate::compile::bits::RuleSet| -> Result<u32, Error> {
+            if known.is_empty() {
+                known = compiled
+                    .classes
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c, i as u32))
+                    .collect();
+            }
+            match known.get(mask) {
+                Some(&c) => Ok(c),
+                None => layout.intern(mask, word_base).map_err(Error::Capacity),
+            }
+        };
         let mut masks = BTreeMap::new();
         for t in &compiled.tables {
             let mut eps = Vec::new();
@@ -90,7 +109,7 @@ impl Plan {
                 let Some(&ifindex) = ifaces.get(iface) else {
                     continue;
                 };
-                let class = layout.intern(mask, word_base).map_err(Error::Capacity)?;
+                let class = mask_class(mask)?;
                 eps.push((ifindex, class_base + class));
             }
             masks.insert(table_id(generation, t.stage, t.direction), eps);
@@ -336,7 +355,7 @@ impl Dataplane {
         // Everything that can exceed a capacity is laid out before the
         // first write, so a policy that does not fit changes nothing.
         let plan = Plan::new(compiled, ifaces, next)?;
-        let want = Contents::new(next, compiled, &plan);
+        let want = Contents::new(next, compiled, &plan, self.inactive.as_ref());
         // The inactive generation was live until the last flip: a packet
         // that read it then may still be running.
         if let Some(left) = GRACE.checked_sub(self.last_publish.enforced.elapsed()) {
