@@ -79,24 +79,14 @@ impl Plan {
         let mut layout = classes::Layout::new();
         let mut classes = Vec::with_capacity(compiled.classes.len());
         // The compiler's classes are distinct sets: pushed without a
-        // lookup; an endpoint mask is found among them by this index, or
-        // interned.
-        let mut known: std::collections::HashMap<_, u32, foldhash::quality::RandomState> =
-            Default::default();
+        // lookup. An endpoint mask (a few per table) is found among them by
+        // a scan, which mostly compares lengths, or interned.
         for c in &compiled.classes {
             classes.push(class_base + layout.push(c, word_base).map_err(Error::Capacity)?);
         }
         let mut mask_class = |mask: &crate::compile::bits::RuleSet| -> Result<u32, Error> {
-            if known.is_empty() {
-                known = compiled
-                    .classes
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| (c, i as u32))
-                    .collect();
-            }
-            match known.get(mask) {
-                Some(&c) => Ok(c),
+            match compiled.classes.iter().position(|c| c == mask) {
+                Some(c) => Ok(c as u32),
                 None => layout.intern(mask, word_base).map_err(Error::Capacity),
             }
         };

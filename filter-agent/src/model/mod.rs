@@ -568,6 +568,7 @@ impl DocContext<'_> {
             let (Value::Seq(items), Some(out)) = (&list.value, spec.list(&key.name)) else {
                 continue;
             };
+            out.reserve(items.len());
             for (i, item) in items.iter().enumerate() {
                 let id = Arc::as_ptr(item) as usize;
                 let rule = match rules.last.remove(&id) {
