@@ -604,7 +604,7 @@ struct UpdateRow {
 /// lets through, [`CHANGES`] times per tool and size.
 fn updates(link: &Link) -> Vec<UpdateRow> {
     println!("## Update latency: one rule's action flipped\n");
-    println!("A probe sends a UDP packet every {} µs; the last rule of the policy decides it. Each change turns that rule from Deny to Allow (and back, untimed): the time from the change (the policy file renamed into place, or the command started) to the first probe that arrives. This filter's agent runs with `--debounce {DEBOUNCE_MS}`; its time includes the debounce, the watcher, compiling the whole policy and publishing it. {CHANGES} changes per row.\n", PROBE_EVERY.as_micros());
+    println!("A probe sends a UDP packet every {} µs; the last rule of the policy decides it. Each change turns that rule from Deny to Allow (and back, untimed): the time from the change (the policy file renamed into place, or the command started) to the first probe that arrives. This filter's agent runs with `--debounce {DEBOUNCE_MS}`; its time includes the debounce, the watcher, reading the file, parsing, typing and compiling what changed (the rest is taken over from the last load) and patching the inactive generation. {CHANGES} changes per row.\n", PROBE_EVERY.as_micros());
     println!("| tool | rules | CIDRs | median ms | p99 ms | max ms |");
     println!("|---|---:|---:|---:|---:|---:|");
     let probe = Probe::start(link);
