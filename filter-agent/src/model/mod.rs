@@ -589,8 +589,13 @@ impl DocContext<'_> {
                 out.push(rule);
             }
         }
-        Some(Ok(Resource {
-            meta: doc.metadata,
+        Some(Ok(self.resource(node, path, doc.metadata, spec)))
+    }
+
+    /// The resource typed from `node` (at `path`).
+    fn resource<S>(&self, node: &yaml::Node, path: &str, meta: Metadata, spec: S) -> Resource<S> {
+        Resource {
+            meta,
             spec,
             origin: Origin {
                 file: self.file.to_owned(),
@@ -600,7 +605,7 @@ impl DocContext<'_> {
                 root: Some(self.root.clone()),
                 path: path.to_owned(),
             },
-        }))
+        }
     }
 
     fn parse<S: DeserializeOwned + Default>(
@@ -611,18 +616,8 @@ impl DocContext<'_> {
         out: &mut Vec<Resource<S>>,
     ) {
         if let Some(doc) = self.typed::<Document<S>>(node, path, errors) {
-            out.push(Resource {
-                meta: doc.metadata,
-                spec: doc.spec.unwrap_or_default(),
-                origin: Origin {
-                    file: self.file.to_owned(),
-                    line: node.line,
-                },
-                source: Source {
-                    root: Some(self.root.clone()),
-                    path: path.to_owned(),
-                },
-            });
+            let spec = doc.spec.unwrap_or_default();
+            out.push(self.resource(node, path, doc.metadata, spec));
         }
     }
 }
@@ -870,20 +865,14 @@ mod tests {
 
     /// The store (or the errors) typing every document whole gives.
     fn whole(text: &str) -> String {
-        let mut store = Store::default();
-        let mut errors = Vec::new();
-        store.add_text(Path::new("p.yaml"), text, &mut errors);
-        if errors.is_empty() {
-            validate::store(&store, &mut errors);
-        }
-        match errors.is_empty() {
-            true => format!("{store:?}"),
-            false => format!("{errors:?}"),
+        match load(text) {
+            Ok(store) => format!("{store:?}"),
+            Err(errors) => format!("{errors:?}"),
         }
     }
 
     fn reusing(text: &str, parses: &mut Parses) -> String {
-        match Store::from_texts_reusing(&[("p.yaml".into(), text.to_owned())], parses) {
+        match Store::from_texts_reusing(&[("t.yaml".into(), text.to_owned())], parses) {
             Ok(store) => format!("{store:?}"),
             Err(errors) => format!("{errors:?}"),
         }
