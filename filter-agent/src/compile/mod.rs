@@ -299,7 +299,7 @@ fn compile_with(store: &Store, node: &Node, reuse: &mut Reuse) -> Result<Compile
                                 rule: i,
                             },
                         );
-                        let parts = resolver.rule(r).map_err(|m| {
+                        let parts = reuse.parts(r, &resolver).map_err(|m| {
                             let field = format!("spec.{direction_name}[{i}]");
                             unsupported(&p.origin, &p.meta.name, &field, &m)
                         })?;

@@ -147,6 +147,19 @@ impl<'a> Resolver<'a> {
         out
     }
 
+    /// Whether [`Resolver::rule`] of `r` depends on nothing but `r`: no
+    /// selector, namespace selector or named port, which other resources
+    /// answer.
+    pub(super) fn stands_alone(r: &Rule) -> bool {
+        let alone = |e: &model::EntityRule| {
+            e.selector.is_none()
+                && e.not_selector.is_none()
+                && e.namespace_selector.as_ref().is_none_or(|s| s.is_blank())
+                && !e.ports.iter().any(|p| matches!(p, Port::Named(_)))
+        };
+        alone(&r.source) && alone(&r.destination)
+    }
+
     /// The parts of `r`: one, or several when named ports couple addresses
     /// and ports. An empty list: the rule can match nothing.
     pub(super) fn rule(&self, r: &Rule) -> Result<Vec<RuleMatch>, Unsupported> {

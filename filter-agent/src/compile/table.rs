@@ -346,6 +346,10 @@ impl Field {
 pub struct Reuse {
     last: std::collections::HashMap<(u32, u32, u8), Field>,
     next: std::collections::HashMap<(u32, u32, u8), Field>,
+    /// The parts of each rule that depends on nothing else, by its parsed
+    /// item ([`crate::model::ItemId`]).
+    last_parts: PartsByItem,
+    next_parts: PartsByItem,
     reused: usize,
     /// Every field so far in this compile was taken over (the fields come
     /// in the same order every compile).
@@ -361,7 +365,26 @@ impl Reuse {
     /// After a compile: what it classified becomes what the next reuses.
     pub(super) fn finish(&mut self) -> usize {
         self.last = std::mem::take(&mut self.next);
+        self.last_parts = std::mem::take(&mut self.next_parts);
         std::mem::take(&mut self.reused)
+    }
+
+    /// The parts of `r`, taken from the last compile where `r` is the
+    /// same parsed item and depends on nothing else.
+    pub(super) fn parts(
+        &mut self,
+        r: &Rule,
+        resolver: &Resolver<'_>,
+    ) -> Result<Vec<RuleMatch>, Unsupported> {
+        let Some(id) = r.item.key().filter(|_| Resolver::stands_alone(r)) else {
+            return resolver.rule(r);
+        };
+        let parts = match self.last_parts.remove(&id) {
+            Some((_, parts)) => parts,
+            None => resolver.rule(r)?,
+        };
+        self.next_parts.insert(id, (r.item.clone(), parts.clone()));
+        Ok(parts)
     }
 }
 
@@ -370,6 +393,13 @@ impl std::fmt::Debug for Reuse {
         write!(f, "Reuse({} fields)", self.last.len())
     }
 }
+
+/// Rule parts by parsed item, the item held (see [`crate::model::ItemId`]).
+type PartsByItem = std::collections::HashMap<
+    usize,
+    (crate::model::ItemId, Vec<RuleMatch>),
+    foldhash::fast::RandomState,
+>;
 
 /// Interns rule sets: each distinct set gets one class number.
 pub(super) struct Interner {

@@ -385,11 +385,14 @@ proptest! {
     /// scratch, whatever changed between them.
     #[test]
     fn a_compile_reusing_the_last_is_the_compile_from_scratch(a in store_text(), b in store_text()) {
-        let mut reuse = Reuse::default();
+        // Loaded as a reload loads them, so unchanged rules keep their
+        // parsed items and their parts are taken over.
+        let (mut reuse, mut parses) = (Reuse::default(), crate::model::Parses::default());
         for text in [&a, &b, &b, &a] {
-            let store = load(text);
+            let texts = [("generated.yaml".into(), text.clone())];
+            let store = Store::from_texts_reusing(&texts, &mut parses).expect("loads");
             let (got, _) = compile_reusing(&store, &node(), &mut reuse);
-            prop_assert_eq!(got, compile(&store, &node()));
+            prop_assert_eq!(got, compile(&load(text), &node()));
         }
     }
 
@@ -607,4 +610,29 @@ fn a_changed_rule_reclassifies_only_the_fields_it_changed() {
     assert_eq!(compile_text(&text("Allow", "192.0.2.0/24")), fields);
     // The normal ingress table's IPv4 sources change; nothing else.
     assert_eq!(compile_text(&text("Allow", "198.51.100.0/24")), fields - 1);
+}
+
+#[test]
+fn a_rule_that_selects_is_resolved_again_when_what_it_selects_changes() {
+    let text = |net: &str| {
+        format!(
+            "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {{name: h, labels: {{role: x}}}}\n\
+             spec: {{node: n1, interfaceName: eth0}}\n---\n\
+             apiVersion: projectcalico.org/v3\nkind: GlobalNetworkSet\nmetadata: {{name: s, labels: {{k: v}}}}\n\
+             spec:\n  nets:\n  - {net}\n---\n\
+             apiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: p}}\n\
+             spec:\n  selector: role == 'x'\n  ingress:\n  \
+             - action: Deny\n    source: {{selector: k == 'v'}}\n  \
+             - action: Allow\n    source: {{nets: [10.0.0.0/8]}}\n"
+        )
+    };
+    let (mut reuse, mut parses) = (Reuse::default(), crate::model::Parses::default());
+    for net in ["192.0.2.0/24", "198.51.100.0/24"] {
+        let texts = [("p.yaml".into(), text(net))];
+        let store = Store::from_texts_reusing(&texts, &mut parses).expect("loads");
+        let (got, _) = compile_reusing(&store, &node(), &mut reuse);
+        assert_eq!(got, compile(&load(&text(net)), &node()), "{net}");
+    }
+    // The policy's items were shared all along.
+    assert_eq!(parses.rules_taken(), 2);
 }

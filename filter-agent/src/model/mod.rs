@@ -580,7 +580,10 @@ impl DocContext<'_> {
                         let at = join_path(path, &format!("spec.{}[{i}]", key.name));
                         let mut failed = Vec::new();
                         match self.typed::<Rule>(item, &at, &mut failed) {
-                            Some(rule) => rule,
+                            Some(rule) => Rule {
+                                item: ItemId::of(item),
+                                ..rule
+                            },
                             None => return failed.pop().map(Err),
                         }
                     }

@@ -161,6 +161,35 @@ pub struct Rule {
     /// Annotations of the rule (kept, not interpreted).
     #[serde(default)]
     pub metadata: Option<RuleMetadata>,
+    /// The parsed item the rule was typed from, where a reload of a policy
+    /// file typed it: not part of what the rule says.
+    #[serde(skip)]
+    pub item: ItemId,
+}
+
+/// The parsed YAML item a rule was typed from. A reload shares the items
+/// of a file that did not change (`model::reparse`), so the same item (one
+/// `Arc`) is the same rule, and what the compiler made of it last time
+/// holds (`compile::Reuse`). Held, so the item's address stays its own.
+#[derive(Clone, Default)]
+pub struct ItemId(Option<std::sync::Arc<crate::model::yaml::Node>>);
+
+impl ItemId {
+    pub(crate) fn of(item: &std::sync::Arc<crate::model::yaml::Node>) -> ItemId {
+        ItemId(Some(item.clone()))
+    }
+
+    /// The item's address, if the rule came from one.
+    pub fn key(&self) -> Option<usize> {
+        self.0.as_ref().map(|n| std::sync::Arc::as_ptr(n) as usize)
+    }
+}
+
+/// Not what the rule says: shown as nothing.
+impl fmt::Debug for ItemId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("_")
+    }
 }
 
 /// `metadata` of a rule.
