@@ -90,7 +90,7 @@ impl TableBuilder {
             .filter(|(_, m)| m.v6)
             .map(|(r, _)| r)
             .collect();
-        let mut field = |n: u8, inputs: Inputs| -> Vec<(Option<PortEntry>, Prefix, u32)> {
+        let mut field = |n: u8, inputs: Inputs| -> Entries {
             let slot = (stage, direction, n);
             let mut local = match reuse.last.remove(&slot) {
                 Some(last) if inputs.are(&last.key) => {
@@ -108,20 +108,12 @@ impl TableBuilder {
         };
         let addr = |f, active| Inputs::Addr(matches, f, active);
         let port = |f, whole_protocol| Inputs::Port(matches, f, whole_protocol);
-        let prefixes = |e: Vec<(Option<PortEntry>, Prefix, u32)>| -> Vec<(Prefix, u32)> {
-            e.into_iter().map(|(_, p, c)| (p, c)).collect()
-        };
-        let ports = |e: Vec<(Option<PortEntry>, Prefix, u32)>| -> Vec<PortEntry> {
-            e.into_iter()
-                .filter_map(|(e, _, class)| e.map(|e| PortEntry { class, ..e }))
-                .collect()
-        };
-        let src_v4 = prefixes(field(0, addr(|m| &m.src4, &v4)));
-        let dst_v4 = prefixes(field(1, addr(|m| &m.dst4, &v4)));
-        let src_v6 = prefixes(field(2, addr(|m| &m.src6, &v6)));
-        let dst_v6 = prefixes(field(3, addr(|m| &m.dst6, &v6)));
-        let dports = ports(field(4, port(|m| &m.dport, true)));
-        let sports = ports(field(5, port(|m| &m.sport, false)));
+        let src_v4 = field(0, addr(|m| &m.src4, &v4)).prefixes();
+        let dst_v4 = field(1, addr(|m| &m.dst4, &v4)).prefixes();
+        let src_v6 = field(2, addr(|m| &m.src6, &v6)).prefixes();
+        let dst_v6 = field(3, addr(|m| &m.dst6, &v6)).prefixes();
+        let dports = field(4, port(|m| &m.dport, true)).ports();
+        let sports = field(5, port(|m| &m.sport, false)).ports();
         Table {
             stage,
             direction,
@@ -269,11 +261,33 @@ impl Inputs<'_> {
 
 /// One field of one table classified: its entries with classes numbered
 /// locally (in order of first use), and the rule set of each local class.
+/// A field's entries: an address field's prefixes, or a port field's
+/// entries, each with its class.
+enum Entries {
+    Addr(Vec<(Prefix, u32)>),
+    Port(Vec<PortEntry>),
+}
+
+impl Entries {
+    fn prefixes(self) -> Vec<(Prefix, u32)> {
+        match self {
+            Entries::Addr(e) => e,
+            Entries::Port(_) => Vec::new(),
+        }
+    }
+
+    fn ports(self) -> Vec<PortEntry> {
+        match self {
+            Entries::Port(e) => e,
+            Entries::Addr(_) => Vec::new(),
+        }
+    }
+}
+
 struct Field {
     key: FieldKey,
-    /// (port entry for a port field, prefix for an address field, local
-    /// class).
-    entries: Vec<(Option<PortEntry>, Prefix, u32)>,
+    /// The entries, their classes numbered locally.
+    entries: Entries,
     sets: Vec<RuleSet>,
     /// The classes the local ones became, and how many classes there
     /// were before, when the field was last interned.
@@ -285,20 +299,16 @@ impl Field {
     fn classify(key: FieldKey, matches: &[RuleMatch]) -> Field {
         let mut local = Interner::default();
         let entries = match &key {
-            FieldKey::Addr(fm, active) => prefix::classify(fm, active, &mut |s| local.class(s))
-                .into_iter()
-                .map(|(p, c)| (None, p, c))
-                .collect(),
+            FieldKey::Addr(fm, active) => {
+                Entries::Addr(prefix::classify(fm, active, &mut |s| local.class(s)))
+            }
             FieldKey::Port(_, whole_protocol) => {
                 let field: fn(&RuleMatch) -> &Option<FieldMatch> = if *whole_protocol {
                     |m| &m.dport
                 } else {
                     |m| &m.sport
                 };
-                port_entries(matches, field, *whole_protocol, &mut local)
-                    .into_iter()
-                    .map(|e| (Some(e), Prefix::ROOT, e.class))
-                    .collect()
+                Entries::Port(port_entries(matches, field, *whole_protocol, &mut local))
             }
         };
         Field {
@@ -318,11 +328,7 @@ impl Field {
     /// over, so `interner` holds what it held before this field last time
     /// if it holds as many classes; then the classes are the same as last
     /// time, and are appended without a lookup.
-    fn entries_in(
-        &mut self,
-        interner: &mut Interner,
-        in_step: &mut bool,
-    ) -> Vec<(Option<PortEntry>, Prefix, u32)> {
+    fn entries_in(&mut self, interner: &mut Interner, in_step: &mut bool) -> Entries {
         let before = interner.classes.len();
         if *in_step && before == self.before {
             interner.replay(&self.sets, &self.global);
@@ -331,10 +337,20 @@ impl Field {
             self.global = self.sets.iter().map(|s| interner.class_of(s)).collect();
             self.before = before;
         }
-        self.entries
-            .iter()
-            .map(|&(e, p, c)| (e, p, self.global[c as usize]))
-            .collect()
+        let global = &self.global;
+        match &self.entries {
+            Entries::Addr(e) => {
+                Entries::Addr(e.iter().map(|&(p, c)| (p, global[c as usize])).collect())
+            }
+            Entries::Port(e) => Entries::Port(
+                e.iter()
+                    .map(|&e| PortEntry {
+                        class: global[e.class as usize],
+                        ..e
+                    })
+                    .collect(),
+            ),
+        }
     }
 }
 

@@ -191,11 +191,10 @@ impl Store {
         parses
             .files
             .retain(|file, _| texts.iter().any(|(f, _)| f == file));
-        let last = std::mem::take(&mut parses.rules.last);
         let rules = std::cell::RefCell::new(RuleTypes {
             taken: 0,
-            next: TypedRules::with_capacity_and_hasher(last.len(), Default::default()),
-            last,
+            load: parses.rules.load + 1,
+            ..std::mem::take(&mut parses.rules)
         });
         for (file, text) in texts {
             let parsed = match parses.files.get(file) {
@@ -219,7 +218,8 @@ impl Store {
             }
         }
         let mut rules = rules.into_inner();
-        rules.last = std::mem::take(&mut rules.next);
+        let load = rules.load;
+        rules.typed.retain(|_, (_, seen)| *seen == load);
         parses.rules = rules;
         if errors.is_empty() {
             validate::store(&store, &mut errors);
@@ -564,6 +564,7 @@ impl DocContext<'_> {
         let doc = self.typed::<Document<S>>(&shell, path, &mut Vec::new())?;
         let mut spec = doc.spec.unwrap_or_default();
         let mut rules = rules.borrow_mut();
+        let load = rules.load;
         for (key, list) in spec_entries {
             let (Value::Seq(items), Some(out)) = (&list.value, spec.list(&key.name)) else {
                 continue;
@@ -571,24 +572,22 @@ impl DocContext<'_> {
             out.reserve(items.len());
             for (i, item) in items.iter().enumerate() {
                 let id = Arc::as_ptr(item) as usize;
-                let rule = match rules.last.remove(&id) {
-                    Some((_, rule)) => {
-                        rules.taken += 1;
-                        rule
-                    }
-                    None => {
-                        let at = join_path(path, &format!("spec.{}[{i}]", key.name));
-                        let mut failed = Vec::new();
-                        match self.typed::<Rule>(item, &at, &mut failed) {
-                            Some(rule) => Rule {
-                                item: ItemId::of(item),
-                                ..rule
-                            },
-                            None => return failed.pop().map(Err),
-                        }
-                    }
+                if let Some((rule, seen)) = rules.typed.get_mut(&id) {
+                    *seen = load;
+                    out.push(rule.clone());
+                    rules.taken += 1;
+                    continue;
+                }
+                let at = join_path(path, &format!("spec.{}[{i}]", key.name));
+                let mut failed = Vec::new();
+                let Some(rule) = self.typed::<Rule>(item, &at, &mut failed) else {
+                    return failed.pop().map(Err);
                 };
-                rules.next.insert(id, (item.clone(), rule.clone()));
+                let rule = Rule {
+                    item: ItemId::of(item),
+                    ..rule
+                };
+                rules.typed.insert(id, (rule.clone(), load));
                 out.push(rule);
             }
         }
@@ -719,25 +718,27 @@ pub struct Parses {
     rules: RuleTypes,
 }
 
-/// Typed rules by item address; a big policy's every rule moves from one
-/// to the next on each load, so the map is hashed with foldhash.
-type TypedRules =
-    std::collections::HashMap<usize, (Arc<yaml::Node>, Rule), foldhash::fast::RandomState>;
+/// Typed rules by item address, and the load that last met each; a big
+/// policy's every rule is looked up on each load, so the map is hashed
+/// with foldhash.
+type TypedRules = std::collections::HashMap<usize, (Rule, u64), foldhash::fast::RandomState>;
 
-/// Rules as typed from their parsed items, by the item's address (its
-/// `Arc` kept, so the address is not reused): a reparse shares the items
-/// that did not change, and their rules are not typed again.
+/// Rules as typed from their parsed items, by the item's address (the
+/// rule holds its item, [`ItemId`], so the address is not reused): a
+/// reparse shares the items that did not change, and their rules are not
+/// typed again. After a load, rules it did not meet are dropped.
 #[derive(Default)]
 struct RuleTypes {
-    last: TypedRules,
-    next: TypedRules,
+    typed: TypedRules,
+    /// This load's number.
+    load: u64,
     /// Rules the last load took over.
     taken: usize,
 }
 
 impl fmt::Debug for RuleTypes {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "RuleTypes({} rules)", self.last.len())
+        write!(f, "RuleTypes({} rules)", self.typed.len())
     }
 }
 
