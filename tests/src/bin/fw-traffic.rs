@@ -587,8 +587,11 @@ const PROBE_EVERY: Duration = Duration::from_micros(100);
 /// allows the probe) to a policy of `rules` rules.
 trait Apply {
     fn name(&self) -> &'static str;
-    /// Applies the change; returns once the tool says it is applied.
-    fn apply(&mut self, allow: bool) -> Result<(), String>;
+    /// The tool's input for the change: made before the clock starts, as
+    /// an operator's file or rule set exists before it is applied.
+    fn prepare(&self, allow: bool) -> String;
+    /// Applies `input`; returns once the tool says it is applied.
+    fn apply(&mut self, allow: bool, input: &str) -> Result<(), String>;
 }
 
 /// One row of the update table.
@@ -604,7 +607,7 @@ struct UpdateRow {
 /// lets through, [`CHANGES`] times per tool and size.
 fn updates(link: &Link) -> Vec<UpdateRow> {
     println!("## Update latency: one rule's action flipped\n");
-    println!("A probe sends a UDP packet every {} µs; the last rule of the policy decides it. Each change turns that rule from Deny to Allow (and back, untimed): the time from the change (the policy file renamed into place, or the command started) to the first probe that arrives. This filter's agent runs with `--debounce {DEBOUNCE_MS}`; its time includes the debounce, the watcher, reading the file, parsing, typing and compiling what changed (the rest is taken over from the last load) and patching the inactive generation. {CHANGES} changes per row.\n", PROBE_EVERY.as_micros());
+    println!("A probe sends a UDP packet every {} µs; the last rule of the policy decides it. Each change turns that rule from Deny to Allow (and back, untimed): the time from the change (the policy file written and renamed into place, or the command started; the file's text or the rule set made beforehand) to the first probe that arrives. This filter's agent runs with `--debounce {DEBOUNCE_MS}`; its time includes the debounce, the watcher, reading the file, parsing, typing and compiling what changed (the rest is taken over from the last load) and patching the inactive generation. {CHANGES} changes per row.\n", PROBE_EVERY.as_micros());
     println!("| tool | rules | CIDRs | median ms | p99 ms | max ms |");
     println!("|---|---:|---:|---:|---:|---:|");
     let probe = Probe::start(link);
@@ -662,13 +665,14 @@ fn print_update(row: &UpdateRow) {
 /// [`CHANGES`] timed changes (Deny to Allow), each undone before the next.
 fn time_changes(probe: &Probe, tool: &mut dyn Apply) -> Result<Vec<Duration>, String> {
     let mut took = Vec::with_capacity(CHANGES);
-    tool.apply(false)?;
+    let (allow, deny) = (tool.prepare(true), tool.prepare(false));
+    tool.apply(false, &deny)?;
     probe.wait_silent(tool.name())?;
     for _ in 0..CHANGES {
         let t0 = Instant::now();
-        tool.apply(true)?;
+        tool.apply(true, &allow)?;
         took.push(probe.first_after(t0, tool.name())? - t0);
-        tool.apply(false)?;
+        tool.apply(false, &deny)?;
         probe.wait_silent(tool.name())?;
     }
     took.sort();
@@ -789,9 +793,13 @@ impl Apply for ThisFilter {
         "this filter"
     }
 
-    fn apply(&mut self, allow: bool) -> Result<(), String> {
+    fn prepare(&self, allow: bool) -> String {
+        probe_policy(self.rules, self.cidrs, allow)
+    }
+
+    fn apply(&mut self, allow: bool, input: &str) -> Result<(), String> {
         let applied = self.agent.count("policy applied");
-        self.dir.write(&probe_policy(self.rules, self.cidrs, allow));
+        self.dir.write(input);
         if allow {
             // Timed by the probe, not by the log.
             return Ok(());
@@ -860,7 +868,7 @@ impl Apply for Netfilter {
         }
     }
 
-    fn apply(&mut self, allow: bool) -> Result<(), String> {
+    fn prepare(&self, allow: bool) -> String {
         let mut t = String::from(if self.nft {
             "table ip fwbu\nflush table ip fwbu\ntable ip fwbu {\n  chain in {\n    type filter hook input priority filter; policy accept;\n"
         } else {
@@ -871,12 +879,15 @@ impl Apply for Netfilter {
             t += &self.rule(&src, port, false);
         }
         t += &self.rule(PROBE_SOURCE, PROBE_PORT, allow);
+        t += if self.nft { "  }\n}\n" } else { "COMMIT\n" };
+        t
+    }
+
+    fn apply(&mut self, _: bool, input: &str) -> Result<(), String> {
         if self.nft {
-            t += "  }\n}\n";
-            run_in(&self.ns, &["nft", "-f", "-"], &t)
+            run_in(&self.ns, &["nft", "-f", "-"], input)
         } else {
-            t += "COMMIT\n";
-            run_in(&self.ns, &["iptables-legacy-restore"], &t)
+            run_in(&self.ns, &["iptables-legacy-restore"], input)
         }
     }
 }
