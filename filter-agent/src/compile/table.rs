@@ -455,14 +455,17 @@ impl Interner {
     }
 
     pub(super) fn class(&mut self, set: RuleSet) -> u32 {
+        use std::collections::hash_map::Entry;
         let next = self.classes.len() as u32;
-        let index = self.index();
-        if let Some(c) = index.get(&set) {
-            return *c;
+        match self.index().entry(set) {
+            Entry::Occupied(known) => *known.get(),
+            Entry::Vacant(new) => {
+                let set = new.key().clone();
+                new.insert(next);
+                self.classes.push(set);
+                next
+            }
         }
-        index.insert(set.clone(), next);
-        self.classes.push(set);
-        next
     }
 
     /// Appends the classes that interning `sets` gave `global` from this

@@ -259,12 +259,10 @@ fn find_run(
     let (first, last) = changed;
     match &node.value {
         Value::Map(entries) => {
-            let (e, (_, value)) = entries.iter().enumerate().find(|(e, (key, _))| {
-                let end = entries.get(e + 1).map_or(hi, |(k, _)| k.line);
-                key.line <= first && last < end
-            })?;
-            let end = entries.get(e + 1).map_or(hi, |(k, _)| k.line);
-            let mut run = find_run(value, end, changed, lines, depth + 1)?;
+            // Each entry's lines: from its key to the next key.
+            let end = |e: usize| entries.get(e + 1).map_or(hi, |(k, _)| k.line);
+            let e = (0..entries.len()).find(|&e| entries[e].0.line <= first && last < end(e))?;
+            let mut run = find_run(&entries[e].1, end(e), changed, lines, depth + 1)?;
             run.path.insert(0, e);
             Some(run)
         }
@@ -454,7 +452,7 @@ fn directives(text: &str) -> bool {
 /// The column of a line's block sequence dash (`- ` or `-` ending the
 /// line), indented with spaces only.
 fn dash_column(line: &str) -> Option<usize> {
-    let column = line.len() - line.trim_start_matches(' ').len();
+    let column = indent(line);
     let rest = &line[column..];
     let after = rest.strip_prefix('-')?;
     after
