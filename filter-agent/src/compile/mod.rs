@@ -169,17 +169,17 @@ pub struct Table {
     /// Rules in evaluation order; index = rule number.
     pub rules: Vec<RuleInfo>,
     /// IPv4 source prefixes → class.
-    pub src_v4: Vec<(Prefix, u32)>,
+    pub src_v4: std::sync::Arc<Vec<(Prefix, u32)>>,
     /// IPv4 destination prefixes → class.
-    pub dst_v4: Vec<(Prefix, u32)>,
+    pub dst_v4: std::sync::Arc<Vec<(Prefix, u32)>>,
     /// IPv6 source prefixes → class.
-    pub src_v6: Vec<(Prefix, u32)>,
+    pub src_v6: std::sync::Arc<Vec<(Prefix, u32)>>,
     /// IPv6 destination prefixes → class.
-    pub dst_v6: Vec<(Prefix, u32)>,
+    pub dst_v6: std::sync::Arc<Vec<(Prefix, u32)>>,
     /// Protocol / destination port (or ICMP type and code) entries.
-    pub dports: Vec<PortEntry>,
+    pub dports: std::sync::Arc<Vec<PortEntry>>,
     /// Protocol / source port entries.
-    pub sports: Vec<PortEntry>,
+    pub sports: std::sync::Arc<Vec<PortEntry>>,
     /// Interface name → rules that concern its endpoint. Absent: nothing of
     /// this stage and direction applies.
     pub masks: BTreeMap<String, RuleSet>,
@@ -321,7 +321,12 @@ fn compile_with(store: &Store, node: &Node, reuse: &mut Reuse) -> Result<Compile
                             tier: tier.name.clone(),
                         },
                     );
-                    b.push(Action::Deny, owner, vec![RuleMatch::all()], &tier_eps);
+                    b.push(
+                        Action::Deny,
+                        owner,
+                        vec![std::sync::Arc::new(RuleMatch::all())],
+                        &tier_eps,
+                    );
                 }
                 let after = b.rules.len() as u32;
                 for range in pass_rules {
@@ -454,6 +459,7 @@ fn push_profiles(
                     });
                     unsupported(&origin, name, &format!("spec.rules[{i}]"), &m)
                 })?;
+                let parts = parts.into_iter().map(std::sync::Arc::new).collect();
                 let range = b.push(r.action, owner, parts, &eps);
                 if r.action == Action::Pass {
                     passes.push(range);
@@ -469,7 +475,12 @@ fn push_profiles(
     if !bound.is_empty() {
         let owner = push_owner(owners, Owner::NoProfileAllowed);
         let all: BTreeSet<usize> = (0..bound.len()).collect();
-        b.push(Action::Deny, owner, vec![RuleMatch::all()], &all);
+        b.push(
+            Action::Deny,
+            owner,
+            vec![std::sync::Arc::new(RuleMatch::all())],
+            &all,
+        );
     }
     Ok(())
 }

@@ -71,15 +71,15 @@ pub struct FieldMatch {
 /// Inputs are sparse (each prefix lists the rules naming it), and each
 /// prefix's dense set is built from its parent's and interned at once, so
 /// memory follows the trie depth, not the number of prefixes.
-pub fn classify(
-    rules: &[FieldMatch],
+pub fn classify<'a>(
+    rules: impl IntoIterator<Item = &'a FieldMatch>,
     active: &RuleSet,
     class: &mut impl FnMut(RuleSet) -> u32,
 ) -> Vec<(Prefix, u32)> {
     let mut direct: BTreeMap<Prefix, (Vec<usize>, Vec<usize>)> = BTreeMap::new();
     let mut no_pos = RuleSet::new();
     direct.entry(Prefix::ROOT).or_default();
-    for (r, m) in rules.iter().enumerate() {
+    for (r, m) in rules.into_iter().enumerate() {
         if m.pos.is_empty() {
             no_pos.insert(r);
         }

@@ -2,7 +2,15 @@
 //! prefixes mapped to classes (the interned sets of rules they allow),
 //! endpoint masks (docs/design.md, "The classifier").
 
+use std::sync::Arc;
+
 use super::*;
+
+/// A rule part as tables hold it: shared between the compile that
+/// resolved it, the tables' field keys and the next compile's
+/// [`Reuse`], so taking a part over copies a pointer, and a field whose
+/// parts are the same pointers is the same field without comparing them.
+pub(super) type Part = Arc<RuleMatch>;
 
 pub(super) fn action_code(a: Action) -> u32 {
     match a {
@@ -17,7 +25,7 @@ pub(super) fn action_code(a: Action) -> u32 {
 #[derive(Default)]
 pub(super) struct TableBuilder {
     pub(super) rules: Vec<RuleInfo>,
-    matches: Vec<RuleMatch>,
+    matches: Vec<Part>,
     /// Each part's endpoints, shared by the parts of a policy.
     endpoints: Vec<std::sync::Arc<BTreeSet<usize>>>,
 }
@@ -28,7 +36,7 @@ impl TableBuilder {
         &mut self,
         a: Action,
         owner: u32,
-        parts: Vec<RuleMatch>,
+        parts: Vec<Part>,
         eps: &BTreeSet<usize>,
     ) -> std::ops::Range<u32> {
         let start = self.rules.len() as u32;
@@ -77,7 +85,7 @@ impl TableBuilder {
                 masks.entry(bound[e].0.clone()).or_default().insert(r);
             }
         }
-        let matches = &self.matches;
+        let matches: Arc<[Part]> = self.matches.into();
         let v4: RuleSet = matches
             .iter()
             .enumerate()
@@ -90,30 +98,32 @@ impl TableBuilder {
             .filter(|(_, m)| m.v6)
             .map(|(r, _)| r)
             .collect();
-        let mut field = |n: u8, inputs: Inputs| -> Entries {
+        let mut field = |n: u8, key: FieldKey| -> Entries {
             let slot = (stage, direction, n);
             let mut local = match reuse.last.remove(&slot) {
-                Some(last) if inputs.are(&last.key) => {
+                Some(last) if key.is(&last.key) => {
                     reuse.reused += 1;
-                    last
+                    Field { key, ..last }
                 }
                 _ => {
                     reuse.in_step = false;
-                    Field::classify(inputs.key(), matches)
+                    Field::classify(key)
                 }
             };
             let entries = local.entries_in(interner, &mut reuse.in_step);
             reuse.next.insert(slot, local);
             entries
         };
-        let addr = |f, active| Inputs::Addr(matches, f, active);
-        let port = |f, whole_protocol| Inputs::Port(matches, f, whole_protocol);
-        let src_v4 = field(0, addr(|m| &m.src4, &v4)).prefixes();
-        let dst_v4 = field(1, addr(|m| &m.dst4, &v4)).prefixes();
-        let src_v6 = field(2, addr(|m| &m.src6, &v6)).prefixes();
-        let dst_v6 = field(3, addr(|m| &m.dst6, &v6)).prefixes();
-        let dports = field(4, port(|m| &m.dport, true)).ports();
-        let sports = field(5, port(|m| &m.sport, false)).ports();
+        let key = |of| FieldKey {
+            parts: matches.clone(),
+            of,
+        };
+        let src_v4 = field(0, key(Of::Addr(|m| &m.src4, v4.clone()))).prefixes();
+        let dst_v4 = field(1, key(Of::Addr(|m| &m.dst4, v4.clone()))).prefixes();
+        let src_v6 = field(2, key(Of::Addr(|m| &m.src6, v6.clone()))).prefixes();
+        let dst_v6 = field(3, key(Of::Addr(|m| &m.dst6, v6))).prefixes();
+        let dports = field(4, key(Of::Port(|m| &m.dport, true))).ports();
+        let sports = field(5, key(Of::Port(|m| &m.sport, false))).ports();
         Table {
             stage,
             direction,
@@ -139,7 +149,7 @@ impl TableBuilder {
 /// the kernel no source lookup (`TableHints`), whatever protocols its
 /// rules name.
 pub(super) fn port_entries(
-    matches: &[RuleMatch],
+    matches: &[Part],
     field: fn(&RuleMatch) -> &Option<FieldMatch>,
     whole_protocol: bool,
     interner: &mut Interner,
@@ -203,58 +213,43 @@ pub(super) fn port_entries(
     out
 }
 
-/// What decides one field's classes in one table: each rule part's
-/// constraint on the field, and for an address field the parts of its
-/// family, for a port field their protocols.
-#[derive(PartialEq)]
-enum FieldKey {
-    Addr(Vec<FieldMatch>, RuleSet),
-    Port(Vec<(Option<FieldMatch>, Option<u8>, Option<u8>)>, bool),
+/// What decides one field's classes in one table: the table's rule parts
+/// and which of their fields, with, for an address field, the parts of its
+/// family, for a port field, whether it holds the protocol match.
+struct FieldKey {
+    parts: Arc<[Part]>,
+    of: Of,
 }
 
-/// One field's inputs in a table being built: its rule parts, and which
-/// of their fields (and the family's parts, or whether the field holds
-/// the protocol match).
-enum Inputs<'a> {
-    Addr(&'a [RuleMatch], fn(&RuleMatch) -> &FieldMatch, &'a RuleSet),
-    Port(&'a [RuleMatch], fn(&RuleMatch) -> &Option<FieldMatch>, bool),
+enum Of {
+    Addr(fn(&RuleMatch) -> &FieldMatch, RuleSet),
+    Port(fn(&RuleMatch) -> &Option<FieldMatch>, bool),
 }
 
-impl Inputs<'_> {
-    /// Whether `key` holds these inputs (compared in place: a hit copies
-    /// nothing).
-    fn are(&self, key: &FieldKey) -> bool {
-        match (self, key) {
-            (Inputs::Addr(matches, f, active), FieldKey::Addr(fm, a)) => {
-                a == *active
-                    && fm.len() == matches.len()
-                    && fm.iter().zip(*matches).all(|(x, m)| x == f(m))
+impl FieldKey {
+    /// Whether `last`, a key of the same field of the same table, has the
+    /// same inputs: a part that is the same pointer is the same part, so a
+    /// compile that took every part over compares no field.
+    fn is(&self, last: &FieldKey) -> bool {
+        let parts = self.parts.len() == last.parts.len();
+        match (&self.of, &last.of) {
+            (Of::Addr(f, active), Of::Addr(_, was)) => {
+                parts
+                    && active == was
+                    && (self.parts.iter().zip(last.parts.iter()))
+                        .all(|(a, b)| Arc::ptr_eq(a, b) || f(a) == f(b))
             }
-            (Inputs::Port(matches, f, whole), FieldKey::Port(fm, w)) => {
-                w == whole
-                    && fm.len() == matches.len()
-                    && fm.iter().zip(*matches).all(|((x, p, np), m)| {
-                        x == f(m) && *p == m.protocol && *np == m.not_protocol
+            (Of::Port(f, whole), Of::Port(_, was)) => {
+                parts
+                    && whole == was
+                    && (self.parts.iter().zip(last.parts.iter())).all(|(a, b)| {
+                        Arc::ptr_eq(a, b)
+                            || (f(a) == f(b)
+                                && a.protocol == b.protocol
+                                && a.not_protocol == b.not_protocol)
                     })
             }
             _ => false,
-        }
-    }
-
-    /// The inputs, copied as a key.
-    fn key(&self) -> FieldKey {
-        match self {
-            Inputs::Addr(matches, f, active) => FieldKey::Addr(
-                matches.iter().map(|m| f(m).clone()).collect(),
-                (*active).clone(),
-            ),
-            Inputs::Port(matches, f, whole) => FieldKey::Port(
-                matches
-                    .iter()
-                    .map(|m| (f(m).clone(), m.protocol, m.not_protocol))
-                    .collect(),
-                *whole,
-            ),
         }
     }
 }
@@ -263,23 +258,24 @@ impl Inputs<'_> {
 /// locally (in order of first use), and the rule set of each local class.
 /// A field's entries: an address field's prefixes, or a port field's
 /// entries, each with its class.
+#[derive(Clone)]
 enum Entries {
-    Addr(Vec<(Prefix, u32)>),
-    Port(Vec<PortEntry>),
+    Addr(Arc<Vec<(Prefix, u32)>>),
+    Port(Arc<Vec<PortEntry>>),
 }
 
 impl Entries {
-    fn prefixes(self) -> Vec<(Prefix, u32)> {
+    fn prefixes(self) -> Arc<Vec<(Prefix, u32)>> {
         match self {
             Entries::Addr(e) => e,
-            Entries::Port(_) => Vec::new(),
+            Entries::Port(_) => Arc::default(),
         }
     }
 
-    fn ports(self) -> Vec<PortEntry> {
+    fn ports(self) -> Arc<Vec<PortEntry>> {
         match self {
             Entries::Port(e) => e,
-            Entries::Addr(_) => Vec::new(),
+            Entries::Addr(_) => Arc::default(),
         }
     }
 }
@@ -293,23 +289,28 @@ struct Field {
     /// were before, when the field was last interned.
     global: Vec<u32>,
     before: usize,
+    /// The entries with the classes of `global`, while it holds: a field
+    /// taken over whose classes kept their numbers is the same value (and
+    /// allocation) as last time, which the dataplane compares first.
+    made: Option<Entries>,
 }
 
 impl Field {
-    fn classify(key: FieldKey, matches: &[RuleMatch]) -> Field {
+    fn classify(key: FieldKey) -> Field {
         let mut local = Interner::default();
-        let entries = match &key {
-            FieldKey::Addr(fm, active) => {
-                Entries::Addr(prefix::classify(fm, active, &mut |s| local.class(s)))
+        let entries = match &key.of {
+            Of::Addr(f, active) => {
+                let fms = key.parts.iter().map(|m| f(m));
+                Entries::Addr(Arc::new(prefix::classify(fms, active, &mut |s| {
+                    local.class(s)
+                })))
             }
-            FieldKey::Port(_, whole_protocol) => {
-                let field: fn(&RuleMatch) -> &Option<FieldMatch> = if *whole_protocol {
-                    |m| &m.dport
-                } else {
-                    |m| &m.sport
-                };
-                Entries::Port(port_entries(matches, field, *whole_protocol, &mut local))
-            }
+            Of::Port(f, whole_protocol) => Entries::Port(Arc::new(port_entries(
+                &key.parts,
+                *f,
+                *whole_protocol,
+                &mut local,
+            ))),
         };
         Field {
             key,
@@ -317,6 +318,7 @@ impl Field {
             sets: local.classes,
             global: Vec::new(),
             before: usize::MAX,
+            made: None,
         }
     }
 
@@ -334,23 +336,29 @@ impl Field {
             interner.replay(&self.sets, &self.global);
         } else {
             *in_step = false;
-            self.global = self.sets.iter().map(|s| interner.class_of(s)).collect();
+            let global: Vec<u32> = self.sets.iter().map(|s| interner.class_of(s)).collect();
+            if global != self.global {
+                self.made = None;
+                self.global = global;
+            }
             self.before = before;
         }
         let global = &self.global;
-        match &self.entries {
-            Entries::Addr(e) => {
-                Entries::Addr(e.iter().map(|&(p, c)| (p, global[c as usize])).collect())
-            }
-            Entries::Port(e) => Entries::Port(
-                e.iter()
-                    .map(|&e| PortEntry {
-                        class: global[e.class as usize],
-                        ..e
-                    })
-                    .collect(),
-            ),
-        }
+        self.made
+            .get_or_insert_with(|| match &self.entries {
+                Entries::Addr(e) => Entries::Addr(Arc::new(
+                    e.iter().map(|&(p, c)| (p, global[c as usize])).collect(),
+                )),
+                Entries::Port(e) => Entries::Port(Arc::new(
+                    e.iter()
+                        .map(|&e| PortEntry {
+                            class: global[e.class as usize],
+                            ..e
+                        })
+                        .collect(),
+                )),
+            })
+            .clone()
     }
 }
 
@@ -391,13 +399,15 @@ impl Reuse {
         &mut self,
         r: &Rule,
         resolver: &Resolver<'_>,
-    ) -> Result<Vec<RuleMatch>, Unsupported> {
+    ) -> Result<Vec<Part>, Unsupported> {
+        let resolve =
+            || Ok::<_, Unsupported>(resolver.rule(r)?.into_iter().map(Arc::new).collect());
         let Some(id) = r.item.key().filter(|_| Resolver::stands_alone(r)) else {
-            return resolver.rule(r);
+            return resolve();
         };
         let parts = match self.last_parts.remove(&id) {
             Some((_, parts)) => parts,
-            None => resolver.rule(r)?,
+            None => resolve()?,
         };
         self.next_parts.insert(id, (r.item.clone(), parts.clone()));
         Ok(parts)
@@ -413,7 +423,7 @@ impl std::fmt::Debug for Reuse {
 /// Rule parts by parsed item, the item held (see [`crate::model::ItemId`]).
 type PartsByItem = std::collections::HashMap<
     usize,
-    (crate::model::ItemId, Vec<RuleMatch>),
+    (crate::model::ItemId, Vec<Part>),
     foldhash::fast::RandomState,
 >;
 

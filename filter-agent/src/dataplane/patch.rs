@@ -79,15 +79,17 @@ pub(super) struct TableEntries {
     ports: [Entries<PortKey>; 4],
 }
 
-/// A compiled table's fields, as entries are made from them.
+/// A compiled table's fields, as entries are made from them: shared with
+/// the compile, which hands a field it took over on unchanged as the same
+/// allocation, so comparing it is comparing two pointers (`Arc`'s `Eq`).
 #[derive(Default, PartialEq)]
 struct Fields {
-    src_v4: Vec<(Prefix, u32)>,
-    dst_v4: Vec<(Prefix, u32)>,
-    src_v6: Vec<(Prefix, u32)>,
-    dst_v6: Vec<(Prefix, u32)>,
-    dports: Vec<PortEntry>,
-    sports: Vec<PortEntry>,
+    src_v4: Arc<Vec<(Prefix, u32)>>,
+    dst_v4: Arc<Vec<(Prefix, u32)>>,
+    src_v6: Arc<Vec<(Prefix, u32)>>,
+    dst_v6: Arc<Vec<(Prefix, u32)>>,
+    dports: Arc<Vec<PortEntry>>,
+    sports: Arc<Vec<PortEntry>>,
 }
 
 impl Fields {
@@ -124,7 +126,7 @@ impl TableEntries {
         let tb = table.to_be_bytes();
         let bits = |p: &Prefix| TABLE_PREFIX_BITS + u32::from(p.len);
         for (field, entries) in [(0, &t.src_v4), (1, &t.dst_v4)] {
-            for (p, class) in entries {
+            for (p, class) in entries.iter() {
                 let key = AddrV4Key {
                     table: tb,
                     addr: (p.value(32) as u32).to_be_bytes(),
@@ -134,7 +136,7 @@ impl TableEntries {
             }
         }
         for (field, entries) in [(0, &t.src_v6), (1, &t.dst_v6)] {
-            for (p, class) in entries {
+            for (p, class) in entries.iter() {
                 let key = AddrV6Key {
                     table: tb,
                     addr: p.value(128).to_be_bytes(),
@@ -144,7 +146,7 @@ impl TableEntries {
             }
         }
         for (field, entries) in [(0, &t.dports), (1, &t.sports)] {
-            for e in entries {
+            for e in entries.iter() {
                 let key = port_key(tb, e);
                 let map = field + if is_single_port(e) { EXACT } else { TRIE };
                 c.ports[map].insert((key.prefix_len(), key.data()), plan.class(e.class));
