@@ -70,7 +70,7 @@ fn store(rules: usize, cidrs: usize) -> Store {
                 })
                 .collect();
             let first = 1000 + ((p * 10 + r) % 6000) as u16 * 10;
-            spec.ingress.push(Rule {
+            spec.ingress.push(std::sync::Arc::new(Rule {
                 action: if r % 3 == 0 {
                     Action::Allow
                 } else {
@@ -89,7 +89,7 @@ fn store(rules: usize, cidrs: usize) -> Store {
                     ..Default::default()
                 },
                 ..Default::default()
-            });
+            }));
         }
         s.global_policies
             .push(resource(&format!("p{p}"), &[], spec));

@@ -370,15 +370,16 @@ fn push_owner(owners: &mut Vec<Owner>, o: Owner) -> u32 {
 pub fn unsupported_rules(store: &Store) -> Vec<Error> {
     let resolver = Resolver::new(store);
     let mut errors = Vec::new();
-    let mut scan = |origin: &model::Origin, name: &str, lists: [(&str, &[Rule]); 2]| {
-        for (list, rules) in lists {
-            for (i, r) in rules.iter().enumerate() {
-                if let Err(m) = resolver.rule(r) {
-                    errors.push(unsupported(origin, name, &format!("spec.{list}[{i}]"), &m));
+    let mut scan =
+        |origin: &model::Origin, name: &str, lists: [(&str, &[std::sync::Arc<Rule>]); 2]| {
+            for (list, rules) in lists {
+                for (i, r) in rules.iter().enumerate() {
+                    if let Err(m) = resolver.rule(r) {
+                        errors.push(unsupported(origin, name, &format!("spec.{list}[{i}]"), &m));
+                    }
                 }
             }
-        }
-    };
+        };
     for p in &store.global_policies {
         scan(
             &p.origin,
@@ -420,14 +421,14 @@ fn push_profiles(
         by_list.entry(&h.spec.profiles).or_default().insert(e);
     }
     let allow_all = ProfileSpec {
-        ingress: vec![Rule {
+        ingress: vec![std::sync::Arc::new(Rule {
             action: Action::Allow,
             ..Default::default()
-        }],
-        egress: vec![Rule {
+        })],
+        egress: vec![std::sync::Arc::new(Rule {
             action: Action::Allow,
             ..Default::default()
-        }],
+        })],
         ..Default::default()
     };
     for (list, eps) in by_list {

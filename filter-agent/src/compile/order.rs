@@ -108,7 +108,10 @@ pub fn policy_stages(spec: &GlobalNetworkPolicySpec) -> Vec<u32> {
 }
 
 /// The rules of `spec` for `direction` if the policy governs it.
-pub fn policy_rules(spec: &GlobalNetworkPolicySpec, direction: u32) -> Option<&[Rule]> {
+pub fn policy_rules(
+    spec: &GlobalNetworkPolicySpec,
+    direction: u32,
+) -> Option<&[std::sync::Arc<Rule>]> {
     let types = model::validate::effective_types(spec);
     match direction {
         direction::INGRESS if types.contains(&PolicyType::Ingress) => Some(&spec.ingress),

@@ -583,10 +583,10 @@ impl DocContext<'_> {
                 let Some(rule) = self.typed::<Rule>(item, &at, &mut failed) else {
                     return failed.pop().map(Err);
                 };
-                let rule = Rule {
+                let rule = Arc::new(Rule {
                     item: ItemId::of(item),
                     ..rule
-                };
+                });
                 rules.typed.insert(id, (rule.clone(), load));
                 out.push(rule);
             }
@@ -721,7 +721,7 @@ pub struct Parses {
 /// Typed rules by item address, and the load that last met each; a big
 /// policy's every rule is looked up on each load, so the map is hashed
 /// with foldhash.
-type TypedRules = std::collections::HashMap<usize, (Rule, u64), foldhash::fast::RandomState>;
+type TypedRules = std::collections::HashMap<usize, (Arc<Rule>, u64), foldhash::fast::RandomState>;
 
 /// Rules as typed from their parsed items, by the item's address (the
 /// rule holds its item, [`ItemId`], so the address is not reused): a
@@ -751,11 +751,11 @@ impl Parses {
 
 /// A policy spec's rule lists, which a load types rule by rule.
 trait RuleLists {
-    fn list(&mut self, name: &str) -> Option<&mut Vec<Rule>>;
+    fn list(&mut self, name: &str) -> Option<&mut Vec<Arc<Rule>>>;
 }
 
 impl RuleLists for GlobalNetworkPolicySpec {
-    fn list(&mut self, name: &str) -> Option<&mut Vec<Rule>> {
+    fn list(&mut self, name: &str) -> Option<&mut Vec<Arc<Rule>>> {
         match name {
             "ingress" => Some(&mut self.ingress),
             "egress" => Some(&mut self.egress),
@@ -765,7 +765,7 @@ impl RuleLists for GlobalNetworkPolicySpec {
 }
 
 impl RuleLists for NetworkPolicySpec {
-    fn list(&mut self, name: &str) -> Option<&mut Vec<Rule>> {
+    fn list(&mut self, name: &str) -> Option<&mut Vec<Arc<Rule>>> {
         match name {
             "ingress" => Some(&mut self.ingress),
             "egress" => Some(&mut self.egress),

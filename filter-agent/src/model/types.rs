@@ -6,7 +6,7 @@
 //! own (CIDRs, ports, protocols) are parsed while deserializing, so their
 //! errors carry the YAML position.
 
-use std::{collections::BTreeMap, fmt, net::IpAddr};
+use std::{collections::BTreeMap, fmt, net::IpAddr, sync::Arc};
 
 use ipnetwork::IpNetwork;
 use serde::{de, Deserialize, Deserializer};
@@ -68,12 +68,13 @@ pub struct GlobalNetworkPolicySpec {
     /// Directions governed; defaulted from the rules when empty.
     #[serde(default)]
     pub types: Vec<PolicyType>,
-    /// Ingress rules, in order.
+    /// Ingress rules, in order. Shared (`Arc`): a reload takes each rule
+    /// whose text did not change over from the last load as it is.
     #[serde(default)]
-    pub ingress: Vec<Rule>,
+    pub ingress: Vec<Arc<Rule>>,
     /// Egress rules, in order.
     #[serde(default)]
-    pub egress: Vec<Rule>,
+    pub egress: Vec<Arc<Rule>>,
     /// Untracked policy.
     #[serde(default)]
     pub do_not_track: bool,
@@ -108,12 +109,12 @@ pub struct NetworkPolicySpec {
     /// Directions governed.
     #[serde(default)]
     pub types: Vec<PolicyType>,
-    /// Ingress rules.
+    /// Ingress rules (shared, as a GlobalNetworkPolicy's).
     #[serde(default)]
-    pub ingress: Vec<Rule>,
+    pub ingress: Vec<Arc<Rule>>,
     /// Egress rules.
     #[serde(default)]
-    pub egress: Vec<Rule>,
+    pub egress: Vec<Arc<Rule>>,
     /// Hints only.
     #[serde(default)]
     pub performance_hints: Vec<String>,
@@ -536,12 +537,12 @@ pub enum TierAction {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ProfileSpec {
-    /// Ingress rules.
+    /// Ingress rules (shared, as a GlobalNetworkPolicy's).
     #[serde(default)]
-    pub ingress: Vec<Rule>,
+    pub ingress: Vec<Arc<Rule>>,
     /// Egress rules.
     #[serde(default)]
-    pub egress: Vec<Rule>,
+    pub egress: Vec<Arc<Rule>>,
     /// Labels applied to endpoints that use the profile.
     #[serde(default)]
     pub labels_to_apply: BTreeMap<String, String>,
