@@ -411,12 +411,8 @@ fn ip_length(frame: &[u8]) -> usize {
 /// Has the kernel log, with `prefix`, the packets the worker's eth1 (and
 /// its VLAN sub-interfaces) receives that `filter` (nftables) selects, at prerouting (what XDP and
 /// TC ingress see): with `nf_log_all_netns` on for as long as the returned
-/// guards live, one test at a time.
-fn kernel_logs(
-    p: &Pair,
-    filter: &str,
-    prefix: &str,
-) -> (std::sync::MutexGuard<'static, ()>, Sysctl) {
+/// guard lives, one test at a time.
+fn kernel_logs(p: &Pair, filter: &str, prefix: &str) -> KernelLogs {
     let one_at_a_time = NF_LOG_ALL_NETNS.lock().unwrap_or_else(|e| e.into_inner());
     let all_netns = Sysctl::set("net.netfilter.nf_log_all_netns", "1");
     sh(
@@ -433,7 +429,19 @@ fn kernel_logs(
             ),
         ],
     );
-    (one_at_a_time, all_netns)
+    KernelLogs {
+        _all_netns: all_netns,
+        _one_at_a_time: one_at_a_time,
+    }
+}
+
+/// The sysctl and the lock that makes it one test's at a time. Fields drop
+/// in declaration order: the sysctl is restored before the lock is let go,
+/// else the next test would read our "1" as the value to restore and we
+/// would then turn logging off under it.
+struct KernelLogs {
+    _all_netns: Sysctl,
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
 
 /// The kernel log from now on, read without blocking (a read at the end
