@@ -5,6 +5,8 @@
 //! every duplicate. The dataplane stores them sparse in the kernel's class
 //! maps (`dataplane::classes`) and checks their capacity.
 
+use std::sync::Arc;
+
 /// An index by rule set. A rule set is a word per 64 rules, and a compile
 /// and a publish intern one per trie entry and class: std's SipHash spent
 /// a tenth of a 10,000-rule compile hashing them. foldhash's quality
@@ -13,9 +15,15 @@
 pub type SetIndex<V> = std::collections::HashMap<RuleSet, V, foldhash::quality::RandomState>;
 
 /// A set of rule numbers.
+///
+/// The words are shared: a compile takes most classes over from the last
+/// one (`compile::table::Reuse`) and the dataplane keeps them beside what
+/// it wrote, so a clone is a reference count, and comparing a class with
+/// the one it was cloned from is comparing two pointers (`Arc`'s `Eq`
+/// looks at the pointers first). Changing a shared set copies it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct RuleSet {
-    words: Vec<u64>,
+    words: Arc<Vec<u64>>,
 }
 
 /// Hashes the non-zero words and where they are: a set of a few rules in
@@ -35,8 +43,8 @@ impl std::hash::Hash for RuleSet {
 
 impl RuleSet {
     /// No rule.
-    pub const fn new() -> RuleSet {
-        RuleSet { words: Vec::new() }
+    pub fn new() -> RuleSet {
+        RuleSet::default()
     }
 
     /// The 64-bit words, rule 0 in the lowest bit of word 0.
@@ -44,13 +52,19 @@ impl RuleSet {
         &self.words
     }
 
+    /// The words to change, copied first if shared.
+    fn words_mut(&mut self) -> &mut Vec<u64> {
+        Arc::make_mut(&mut self.words)
+    }
+
     /// Adds rule `r`.
     pub fn insert(&mut self, r: usize) {
         let w = r / 64;
-        if self.words.len() <= w {
-            self.words.resize(w + 1, 0);
+        let words = self.words_mut();
+        if words.len() <= w {
+            words.resize(w + 1, 0);
         }
-        self.words[w] |= 1 << (r % 64);
+        words[w] |= 1 << (r % 64);
     }
 
     /// Whether rule `r` is in the set.
@@ -67,37 +81,42 @@ impl RuleSet {
 
     /// `self |= other`.
     pub fn union_with(&mut self, other: &RuleSet) {
-        if self.words.len() < other.words.len() {
-            self.words.resize(other.words.len(), 0);
+        let words = self.words_mut();
+        if words.len() < other.words.len() {
+            words.resize(other.words.len(), 0);
         }
-        self.words
+        words
             .iter_mut()
-            .zip(&other.words)
+            .zip(other.words.iter())
             .for_each(|(x, y)| *x |= y);
     }
 
     /// `self &= other`.
     pub fn intersect_with(&mut self, other: &RuleSet) {
-        self.words.truncate(other.words.len());
-        self.words
+        let words = self.words_mut();
+        words.truncate(other.words.len());
+        words
             .iter_mut()
-            .zip(&other.words)
+            .zip(other.words.iter())
             .for_each(|(x, y)| *x &= y);
         self.trim();
     }
 
     /// `self &= !other`.
     pub fn subtract(&mut self, other: &RuleSet) {
-        self.words
+        self.words_mut()
             .iter_mut()
-            .zip(&other.words)
+            .zip(other.words.iter())
             .for_each(|(x, y)| *x &= !y);
         self.trim();
     }
 
     fn trim(&mut self) {
-        while self.words.last() == Some(&0) {
-            self.words.pop();
+        if self.words.last() == Some(&0) {
+            let words = self.words_mut();
+            while words.last() == Some(&0) {
+                words.pop();
+            }
         }
     }
 

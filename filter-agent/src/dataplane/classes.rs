@@ -14,21 +14,44 @@ use crate::compile::bits::{RuleSet, SetIndex};
 /// Non-zero words from which a summary word's 64 words are stored dense.
 const DENSE_FROM: u32 = 32;
 
-/// The classes of one generation as the kernel stores them.
+/// Classes of one generation as the kernel stores them: all of them, or
+/// those after another layout's ([`Layout::after`]).
 #[derive(Debug, Default)]
 pub struct Layout {
-    /// Class number − the generation's first class → its head.
+    /// Class number − [`Layout::start`]'s class → its head.
     pub heads: Vec<ClassHead>,
-    /// Word index − the generation's first word → a non-zero word.
+    /// Word index − [`Layout::start`]'s word → a non-zero word.
     pub words: Vec<u64>,
-    /// Rule set → class number (relative), of the sets interned.
+    /// Rule set → class number (relative to the generation), of the sets
+    /// interned.
     index: SetIndex<u32>,
+    /// The class and word, from the generation's first, this layout's
+    /// first are.
+    start: (u32, u32),
 }
 
 impl Layout {
     /// No class yet.
     pub fn new() -> Layout {
         Layout::default()
+    }
+
+    /// No class yet, numbering on from where `before` ends: the classes
+    /// that change with each publish (endpoint masks) laid out after those
+    /// that can be kept.
+    pub fn after(before: &Layout) -> Layout {
+        Layout {
+            start: before.end(),
+            ..Layout::default()
+        }
+    }
+
+    /// The class and word, from the generation's first, after its last.
+    pub fn end(&self) -> (u32, u32) {
+        (
+            self.start.0 + self.heads.len() as u32,
+            self.start.1 + self.words.len() as u32,
+        )
     }
 
     /// The class of `set`, added if new. `word_base` is the generation's
@@ -53,7 +76,7 @@ impl Layout {
                 WORDS * 64
             ));
         }
-        let id = self.heads.len() as u32;
+        let id = self.end().0;
         if id >= CLASSES_PER_GEN {
             return Err(format!(
                 "more than {CLASSES_PER_GEN} distinct rule sets (classes) in one policy generation"
@@ -66,7 +89,7 @@ impl Layout {
             pad: 0,
         };
         for (s, chunk) in set.words().chunks(64).enumerate() {
-            head.offset[s] = word_base + self.words.len() as u32;
+            head.offset[s] = word_base + self.end().1;
             for (b, &w) in chunk.iter().enumerate() {
                 if w != 0 {
                     head.summary[s] |= 1 << b;
@@ -82,7 +105,7 @@ impl Layout {
                 self.words.extend(chunk.iter().filter(|&&w| w != 0));
             }
         }
-        if self.words.len() > CLASS_WORDS_PER_GEN as usize {
+        if self.end().1 > CLASS_WORDS_PER_GEN {
             return Err(format!(
                 "the rule sets need more than {CLASS_WORDS_PER_GEN} non-zero 64-bit words in one policy generation"
             ));
@@ -158,6 +181,20 @@ mod tests {
         assert_eq!(layout.words.len(), 65);
         assert_eq!(word(head, &layout.words, 39), 1);
         assert_eq!(word(head, &layout.words, 64), 1 << 5);
+    }
+
+    #[test]
+    fn a_layout_after_another_numbers_on_from_it() {
+        let mut first = Layout::new();
+        let a: RuleSet = [3, 9000].into_iter().collect();
+        first.push(&a, 100).unwrap();
+        let mut then = Layout::after(&first);
+        assert_eq!(then.start, (1, 2));
+        let b: RuleSet = [5].into_iter().collect();
+        assert_eq!(then.intern(&b, 100), Ok(1));
+        assert_eq!(then.intern(&b, 100), Ok(1));
+        assert_eq!(then.heads[0].offset[0], 102, "after the first's two words");
+        assert_eq!(then.end(), (2, 3));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::{hash::Hash, sync::Arc};
 
 use filter_common::ClassHead;
 
-use super::publish::{hints, is_single_port, port_key, Plan};
+use super::publish::{hints, is_single_port, port_key, ClassBase, Plan};
 use super::*;
 
 /// One map's entries: (prefix length, key) → class number. A generation
@@ -49,12 +49,13 @@ const PORT_MAPS: [&str; 4] = [
 /// Everything one generation holds in the classifier maps.
 #[derive(Default)]
 pub(super) struct Contents {
-    /// Non-zero class words from the generation's first (`FW_WORD1`).
-    words: Vec<u64>,
-    /// Class heads from the generation's first class (`FW_CLASS2`).
-    heads: Vec<ClassHead>,
-    /// Compiler class → the kernel's class number.
-    classes: Vec<u32>,
+    /// The compiler's classes: their heads from the generation's first
+    /// class (`FW_CLASS2`), their non-zero words from its first word
+    /// (`FW_WORD1`).
+    base: Option<Arc<ClassBase>>,
+    /// The endpoint masks' heads and words, after the base's.
+    mask_heads: Vec<ClassHead>,
+    mask_words: Vec<u64>,
     /// Rule slot → what the rule there does (`FW_RULE3`).
     rules: BTreeMap<u32, RuleMeta>,
     /// Table id → its hints (`FW_TABLE1`), for every table of the
@@ -167,15 +168,16 @@ impl Contents {
         have: Option<&Contents>,
     ) -> Contents {
         let mut c = Contents {
-            words: plan.layout.words.clone(),
-            heads: plan.layout.heads.clone(),
-            classes: plan.classes.clone(),
+            base: Some(plan.base.clone()),
+            mask_heads: plan.masks_layout.heads.clone(),
+            mask_words: plan.masks_layout.words.clone(),
             ..Contents::default()
         };
         let tables = generation * TABLES_PER_GEN..(generation + 1) * TABLES_PER_GEN;
         c.hints = tables.map(|t| (t, TableHints::default())).collect();
-        // The same class numbers, or no entry can be taken over.
-        let have = have.filter(|h| h.classes == plan.classes);
+        // A table's entries name compiler class `c` as the generation's
+        // class `c` whatever the classes hold: entries made from the same
+        // fields are the same entries.
         let mut summary: BTreeMap<u32, u32> = BTreeMap::new();
         for (t, &first_slot) in compiled.tables.iter().zip(&plan.first_slots) {
             let table = table_id(generation, t.stage, t.direction);
@@ -215,6 +217,39 @@ impl Contents {
         c
     }
 
+    /// The compiler's classes as laid out in the generation, if known.
+    pub(super) fn class_base(&self) -> Option<&Arc<ClassBase>> {
+        self.base.as_ref()
+    }
+
+    /// The class heads and words, each from the first that `want` may
+    /// hold differently (all where the base differs, only the masks'
+    /// where it is the same), and that index.
+    fn classes_from<'a>(&'a self, want: &'a Contents) -> ClassesFrom<'a> {
+        let same_base = match (&self.base, &want.base) {
+            (Some(h), Some(w)) => Arc::ptr_eq(h, w),
+            _ => false,
+        };
+        let (from_head, from_word) = match (&want.base, same_base) {
+            (Some(b), true) => b.layout.end(),
+            _ => (0, 0),
+        };
+        let heads = |c: &'a Contents| {
+            let base = c.base.iter().flat_map(|b| b.layout.heads.iter());
+            base.chain(&c.mask_heads).skip(from_head as usize).copied()
+        };
+        let words = |c: &'a Contents| {
+            let base = c.base.iter().flat_map(|b| b.layout.words.iter());
+            base.chain(&c.mask_words).skip(from_word as usize).copied()
+        };
+        ClassesFrom {
+            from_head,
+            from_word,
+            heads: (Box::new(heads(self)), Box::new(heads(want))),
+            words: (Box::new(words(self)), Box::new(words(want))),
+        }
+    }
+
     /// The rule slots it fills.
     pub(super) fn slots(&self) -> Vec<u32> {
         self.rules.keys().copied().collect()
@@ -243,13 +278,30 @@ impl Contents {
     }
 }
 
-/// Indices (from `base`) and values of `want` that `have` does not hold.
-/// Entries past `want`'s end stay: nothing of `want` points at them.
-fn changed<T: PartialEq + Copy>(have: &[T], want: &[T], base: u32) -> (Vec<u32>, Vec<T>) {
-    want.iter()
-        .enumerate()
-        .filter(|&(i, w)| have.get(i) != Some(w))
-        .map(|(i, w)| (base + i as u32, *w))
+/// Two generations' class heads and words (held, wanted) from the first
+/// that may differ ([`Contents::classes_from`]).
+struct ClassesFrom<'a> {
+    from_head: u32,
+    from_word: u32,
+    heads: Pair<'a, ClassHead>,
+    words: Pair<'a, u64>,
+}
+
+type Pair<'a, T> = (
+    Box<dyn Iterator<Item = T> + 'a>,
+    Box<dyn Iterator<Item = T> + 'a>,
+);
+
+/// Indices (from `base`) and values of `want` that `have` does not hold,
+/// both read from the same index on. Entries past `want`'s end stay:
+/// nothing of `want` points at them.
+fn changed<T: PartialEq>(
+    (mut have, want): (impl Iterator<Item = T>, impl Iterator<Item = T>),
+    base: u32,
+) -> (Vec<u32>, Vec<T>) {
+    want.enumerate()
+        .filter(|(_, w)| have.next().as_ref() != Some(w))
+        .map(|(i, w)| (base + i as u32, w))
         .unzip()
 }
 
@@ -264,10 +316,13 @@ impl Dataplane {
         want: &Contents,
     ) -> Result<usize, Error> {
         let mut n = 0;
-        let (at, words) = changed(&have.words, &want.words, generation * CLASS_WORDS_PER_GEN);
+        let classes = have.classes_from(want);
+        let first_word = generation * CLASS_WORDS_PER_GEN + classes.from_word;
+        let (at, words) = changed(classes.words, first_word);
         batch::update(&self.ebpf, names::MAP_CLASS_WORDS, &at, &words)?;
         n += at.len();
-        let (at, heads) = changed(&have.heads, &want.heads, generation * CLASSES_PER_GEN);
+        let first_class = generation * CLASSES_PER_GEN + classes.from_head;
+        let (at, heads) = changed(classes.heads, first_class);
         batch::update(&self.ebpf, names::MAP_CLASS, &at, &heads)?;
         n += at.len();
         let (slots, metas): (Vec<u32>, Vec<RuleMeta>) = want

@@ -4,8 +4,11 @@
 //! one write to `FW_GEN1`; the node addresses and Service frontends
 //! beside it.
 
+use std::sync::Arc;
+
 use super::patch::Contents;
 use super::*;
+use crate::compile::bits::RuleSet;
 
 /// How long a packet that read the old generation may still be running
 /// when the agent starts rewriting it (the next publish, at least this long
@@ -33,8 +36,9 @@ pub fn first_slots(compiled: &Compiled, generation: u32) -> Vec<u32> {
 /// endpoint masks aside: (classes, stored 64-bit words), or the capacity
 /// it exceeds.
 pub fn class_storage(compiled: &Compiled) -> Result<(usize, usize), Error> {
-    let plan = Plan::new(compiled, &Interfaces::new(), 0)?;
-    Ok((plan.layout.heads.len(), plan.layout.words.len()))
+    let plan = Plan::new(compiled, &Interfaces::new(), 0, None)?;
+    let layout = &plan.base.layout;
+    Ok((layout.heads.len(), layout.words.len()))
 }
 
 /// Everything `publish` would refuse about `compiled` before writing a
@@ -53,15 +57,30 @@ pub fn preflight(compiled: &Compiled) -> Result<(), Error> {
         .enumerate()
         .map(|(i, name)| (name.clone(), i as u32 + 1))
         .collect();
-    Plan::new(compiled, &ifaces, 0).map(|_| ())
+    Plan::new(compiled, &ifaces, 0, None).map(|_| ())
+}
+
+/// The compiler's classes as one generation stores them: compiler class
+/// `c` is the generation's class `c`. A publish whose classes are those
+/// the generation holds (a change of actions, orders or ports that split
+/// no class) keeps this, shared, and writes none of it.
+pub(super) struct ClassBase {
+    /// The compiler's classes it was laid out from.
+    sets: Vec<RuleSet>,
+    /// The generation's first word, which the heads' offsets include.
+    word_base: u32,
+    pub(super) layout: classes::Layout,
 }
 
 /// Where one generation's contents go, worked out before anything is
 /// written.
 pub(super) struct Plan {
-    pub(super) layout: classes::Layout,
-    /// Compiler class number → class number in the generation's range.
-    pub(super) classes: Vec<u32>,
+    /// The compiler's classes.
+    pub(super) base: Arc<ClassBase>,
+    /// The endpoint masks that are no compiler class, numbered after them.
+    pub(super) masks_layout: classes::Layout,
+    /// The generation's first class.
+    class_base: u32,
     /// Per table id: (interface index, class of its mask).
     pub(super) masks: BTreeMap<u32, Vec<(u32, u32)>>,
     /// Rule slot of each table's first rule, in `Compiled::tables` order.
@@ -69,25 +88,47 @@ pub(super) struct Plan {
 }
 
 impl Plan {
+    /// The plan of `compiled` in `generation`, taking the class layout
+    /// over from `held` (what the generation holds) where it has the same
+    /// classes.
     pub(super) fn new(
         compiled: &Compiled,
         ifaces: &Interfaces,
         generation: u32,
+        held: Option<&Contents>,
     ) -> Result<Plan, Error> {
         let word_base = generation * CLASS_WORDS_PER_GEN;
         let class_base = generation * CLASSES_PER_GEN;
-        let mut layout = classes::Layout::new();
-        let mut classes = Vec::with_capacity(compiled.classes.len());
-        // The compiler's classes are distinct sets: pushed without a
-        // lookup. An endpoint mask (a few per table) is found among them by
-        // a scan, which mostly compares lengths, or interned.
-        for c in &compiled.classes {
-            classes.push(class_base + layout.push(c, word_base).map_err(Error::Capacity)?);
-        }
-        let mut mask_class = |mask: &crate::compile::bits::RuleSet| -> Result<u32, Error> {
+        // Comparing the sets costs a pointer each where the compile took
+        // them over (`compile::bits::RuleSet`).
+        let held = held
+            .and_then(|h| h.class_base())
+            .filter(|b| b.word_base == word_base && b.sets == compiled.classes);
+        let base = match held {
+            Some(base) => base.clone(),
+            None => {
+                // The compiler's classes are distinct sets: pushed without
+                // a lookup.
+                let mut layout = classes::Layout::new();
+                for c in &compiled.classes {
+                    layout.push(c, word_base).map_err(Error::Capacity)?;
+                }
+                Arc::new(ClassBase {
+                    sets: compiled.classes.clone(),
+                    word_base,
+                    layout,
+                })
+            }
+        };
+        let mut masks_layout = classes::Layout::after(&base.layout);
+        // An endpoint mask (a few per table) is found among the compiler's
+        // classes by a scan, which mostly compares lengths, or interned.
+        let mut mask_class = |mask: &RuleSet| -> Result<u32, Error> {
             match compiled.classes.iter().position(|c| c == mask) {
                 Some(c) => Ok(c as u32),
-                None => layout.intern(mask, word_base).map_err(Error::Capacity),
+                None => masks_layout
+                    .intern(mask, word_base)
+                    .map_err(Error::Capacity),
             }
         };
         let mut masks = BTreeMap::new();
@@ -105,8 +146,9 @@ impl Plan {
             masks.insert(table_id(generation, t.stage, t.direction), eps);
         }
         Ok(Plan {
-            layout,
-            classes,
+            base,
+            masks_layout,
+            class_base,
             masks,
             first_slots: first_slots(compiled, generation),
         })
@@ -114,7 +156,7 @@ impl Plan {
 
     /// The kernel's number for compiler class `c`.
     pub(super) fn class(&self, c: u32) -> u32 {
-        self.classes[c as usize]
+        self.class_base + c
     }
 }
 
@@ -344,7 +386,7 @@ impl Dataplane {
         check_prefixes(compiled, self.prefix_capacity)?;
         // Everything that can exceed a capacity is laid out before the
         // first write, so a policy that does not fit changes nothing.
-        let plan = Plan::new(compiled, ifaces, next)?;
+        let plan = Plan::new(compiled, ifaces, next, self.inactive.as_ref())?;
         let want = Contents::new(next, compiled, &plan, self.inactive.as_ref());
         // The inactive generation was live until the last flip: a packet
         // that read it then may still be running.
@@ -680,7 +722,7 @@ mod tests {
         let c = compiled(200);
         let ifaces: Interfaces = [("eth1".to_string(), 7)].into();
         for generation in 0..GENERATIONS {
-            let plan = Plan::new(&c, &ifaces, generation).expect("fits");
+            let plan = Plan::new(&c, &ifaces, generation, None).expect("fits");
             let base = generation * CLASSES_PER_GEN;
             for i in 0..c.classes.len() as u32 {
                 let k = plan.class(i);
@@ -701,6 +743,26 @@ mod tests {
     }
 
     #[test]
+    fn a_plan_takes_the_class_layout_over_where_the_classes_are_the_same() {
+        let ifaces: Interfaces = [("eth1".to_string(), 7)].into();
+        let c = compiled(200);
+        let first = Plan::new(&c, &ifaces, 1, None).expect("fits");
+        let held = Contents::new(1, &c, &first, None);
+        // A clone shares its sets, as a compile that took them over does.
+        let again = Plan::new(&c.clone(), &ifaces, 1, Some(&held)).expect("fits");
+        assert!(Arc::ptr_eq(&first.base, &again.base));
+        // The other generation's words are elsewhere.
+        let other = Plan::new(&c, &ifaces, 0, Some(&held)).expect("fits");
+        assert!(!Arc::ptr_eq(&first.base, &other.base));
+        // Other classes are laid out anew, each compiler class in its place.
+        let d = compiled(201);
+        assert_ne!(c.classes, d.classes);
+        let anew = Plan::new(&d, &ifaces, 1, Some(&held)).expect("fits");
+        assert!(!Arc::ptr_eq(&first.base, &anew.base));
+        assert_eq!(anew.base.layout.heads.len(), d.classes.len());
+    }
+
+    #[test]
     fn hints_spare_exactly_the_lookups_a_table_does_not_need() {
         let ifaces: Interfaces = [("eth1".to_string(), 7)].into();
         let normal_ingress = |c: &Compiled| {
@@ -715,7 +777,7 @@ mod tests {
         };
         // Single TCP ports, no nets: the port hash, nothing else.
         let c = compiled(200);
-        let plan = Plan::new(&c, &ifaces, 1).expect("fits");
+        let plan = Plan::new(&c, &ifaces, 1, None).expect("fits");
         let t = normal_ingress(&c);
         let h = hints(&t, &plan);
         assert_eq!(h.exact, 1 << field::DPORT, "{h:?}");
@@ -748,7 +810,7 @@ mod tests {
             ..Default::default()
         };
         let c = crate::compile::compile(&store, &node).expect("compiles");
-        let plan = Plan::new(&c, &ifaces, 0).expect("fits");
+        let plan = Plan::new(&c, &ifaces, 0, None).expect("fits");
         let h = hints(&normal_ingress(&c), &plan);
         // (8000:8080 ends in the single port 8080.)
         assert_eq!(h.exact, 1 << field::SRC4 | 1 << field::DPORT, "{h:?}");
