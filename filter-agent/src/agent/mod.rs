@@ -6,6 +6,7 @@
 
 mod load;
 mod metrics;
+mod record;
 mod serve;
 
 pub use metrics::Metrics;
@@ -259,8 +260,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         said_waiting: false,
         reload_started: std::time::Instant::now(),
         took: Took::default(),
-        state: None,
-        names,
+        recorder: record::Recorder::start(config.state_dir.clone(), names, config.status.clone()),
         log_rate: config.log_rate,
         log_denied: config.log_denied,
     };
@@ -300,6 +300,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
             r = shutdown.changed() => if r.is_err() { break },
         }
     }
+    // The books of the last reload are written before anything is removed.
+    agent.recorder.finish();
     if config.detach_on_exit {
         tracing::info!("stopping: detaching programs and removing pins");
         let _ = std::fs::remove_dir_all(&agent.state_dir);
@@ -361,14 +363,12 @@ struct Agent {
     parse_timeout: Duration,
     /// Readiness.
     status: Status,
-    /// Rule names and the LOG prefix, for the record reader.
-    names: SharedNames,
+    /// Writes down what each reload did (`rules.json`, names, metrics).
+    recorder: record::Recorder,
     /// See [`Config::log_rate`].
     log_rate: dataplane::Rate,
     /// See [`Config::log_denied`].
     log_denied: bool,
-    /// What `rules.json` says now.
-    state: Option<crate::state::StateFile>,
     /// When the reload under way started (for `/metrics`).
     reload_started: std::time::Instant,
     /// Where the last load's time went.
@@ -491,7 +491,6 @@ impl Agent {
                 if self.apply(compiled, seen, &store) {
                     self.texts = texts;
                     self.store = Some(store);
-                    self.status.set_ready();
                 }
             }
             Outcome::Rejected {
@@ -503,22 +502,15 @@ impl Agent {
                 for line in why.lines() {
                     tracing::error!(error = %line, "invalid policy");
                 }
-                tracing::error!(
-                    kept = self.store.is_some(),
-                    "policy rejected; the last good policy stays enforced"
-                );
-                let took = self.reload_started.elapsed().as_secs_f64();
-                self.status.metrics.applied(false, took, None);
-                // `status` says why, beside the policy that stayed.
-                if let Some(mut state) = self.state.clone() {
-                    let lines = why.lines();
-                    let message = lines.first().cloned().map(|first| match lines.len() {
-                        1 => first,
-                        n => format!("{first} (and {} more)", n - 1),
-                    });
-                    state.last_error = Some(crate::state::Event::now(took, message));
-                    self.write_state(state);
-                }
+                let lines = why.lines();
+                let message = lines.first().cloned().map(|first| match lines.len() {
+                    1 => first,
+                    n => format!("{first} (and {} more)", n - 1),
+                });
+                self.recorder.refused(record::Refused {
+                    took: self.reload_started.elapsed().as_secs_f64(),
+                    message,
+                });
                 // The interfaces changed meanwhile: the resources in force,
                 // compiled for them.
                 if let Some(l) = recompiled {
@@ -529,25 +521,14 @@ impl Agent {
         }
     }
 
-    /// Writes `rules.json` (and keeps it, to add a later refusal to it).
-    fn write_state(&mut self, state: crate::state::StateFile) {
-        if let Err(e) = crate::state::write_state(&self.state_dir, &state) {
-            tracing::warn!(dir = %self.state_dir.display(), error = %e, "cannot write the rule index: stats and status will be unavailable");
-        }
-        self.state = Some(state);
-    }
-
-    /// The record reader's names and the kernel's Log settings for the
-    /// policy just applied: FelixConfiguration's `logPrefix`,
-    /// `logActionRateLimit` and `logActionRateLimitBurst` where set.
-    fn log_settings(&mut self, state: &crate::state::StateFile, store: &Store) {
+    /// The kernel's Log settings for the policy just applied:
+    /// FelixConfiguration's `logActionRateLimit` and
+    /// `logActionRateLimitBurst` where set. Returns its `logPrefix`, for
+    /// the record reader.
+    fn log_settings(&mut self, store: &Store) -> Option<String> {
         use crate::model::defaults::felix_setting;
         let node = &self.inputs.node_name;
         let prefix = felix_setting(store, node, |f| f.log_prefix.clone());
-        self.names
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .update(state, prefix.as_deref());
         let burst = felix_setting(store, node, |f| {
             f.other
                 .get("logActionRateLimitBurst")
@@ -569,6 +550,7 @@ impl Agent {
         if let Err(e) = self.dp.set_log_config(rate, self.log_denied) {
             tracing::warn!(error = %format!("{:#}", anyhow::Error::from(e)), "cannot set the Log record rate");
         }
+        prefix
     }
 
     /// Makes `compiled` live; on failure the previous policy stays.
@@ -587,25 +569,17 @@ impl Agent {
                     .enforced
                     .saturating_duration_since(self.reload_started)
                     .as_secs_f64();
-                let mut state = crate::state::state(&compiled, generation, &self.dp.attachments());
-                state.last_apply = Some(crate::state::Event::now(took, None));
-                self.log_settings(&state, store);
-                self.status.metrics.applied(true, took, Some(state.clone()));
-                self.write_state(state);
-                let rules: usize = compiled.tables.iter().map(|t| t.rules.len()).sum();
-                tracing::info!(
+                let prefix = self.log_settings(store);
+                self.recorder.applied(record::Applied {
+                    attachments: self.dp.attachments(),
+                    compiled,
                     generation,
-                    rules,
-                    enforced_after_ms = took * 1e3,
-                    read_ms = self.took.read.as_secs_f64() * 1e3,
-                    model_ms = self.took.model.as_secs_f64() * 1e3,
-                    compile_ms = self.took.compile.as_secs_f64() * 1e3,
-                    written_ms = times.to_enforce.as_secs_f64() * 1e3,
-                    changed = times.changed,
-                    classes = compiled.classes.len(),
-                    endpoints = ?self.dp.attachments(),
-                    "policy applied"
-                );
+                    prefix,
+                    took,
+                    load: self.took,
+                    written: times.to_enforce,
+                    changed: times.changed,
+                });
                 self.compiled_for = seen;
                 true
             }
