@@ -57,19 +57,73 @@ pub(super) fn update<K: aya::Pod, V: aya::Pod>(
 
 /// Zeroes entries `keys` of the per-CPU array `name` on every CPU.
 pub(super) fn zero_per_cpu(ebpf: &Ebpf, name: &'static str, keys: &[u32]) -> Result<(), Error> {
+    let (map, per_key) = per_cpu(ebpf, name)?;
+    zero_keys(name, map.fd().as_fd().as_raw_fd(), per_key, keys)
+}
+
+/// [`zero_per_cpu`] on a thread of its own once `after` has passed: for
+/// counters of a generation just retired, which packets that read it
+/// before the flip may still be counting into, and which nothing needs
+/// until it is patched again. `None` where no thread could be started.
+pub(super) fn zero_per_cpu_after(
+    ebpf: &Ebpf,
+    name: &'static str,
+    keys: Vec<u32>,
+    after: std::time::Duration,
+) -> Option<std::thread::JoinHandle<Result<(), Error>>> {
+    let (map, per_key) = per_cpu(ebpf, name).ok()?;
+    // The thread's own handle on the map, valid however long it runs.
+    let fd = map.fd().as_fd().try_clone_to_owned().ok()?;
+    std::thread::Builder::new()
+        .name("filter-zero".into())
+        .spawn(move || {
+            std::thread::sleep(after);
+            zero_keys(name, fd.as_raw_fd(), per_key, &keys)
+        })
+        .ok()
+}
+
+/// The per-CPU array `name` and the length of one key's value: one slot
+/// per possible CPU, each rounded up to 8 bytes (the kernel's layout).
+fn per_cpu<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<(&'a MapData, usize), Error> {
+    if !matches!(ebpf.map(name), Some(Map::PerCpuArray(_))) {
+        return Err(map_error(name, "find")(MapError::InvalidName {
+            name: name.into(),
+        }));
+    }
     let map = data(ebpf, name)?;
     let info = map.info().map_err(map_error(name, "info"))?;
+    if info.key_size() as usize != std::mem::size_of::<u32>() {
+        return Err(map_error(name, "batch update")(MapError::InvalidKeySize {
+            size: std::mem::size_of::<u32>(),
+            expected: info.key_size() as usize,
+        }));
+    }
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| {
         map_error(name, "count CPUs")(MapError::SyscallError(SyscallError {
             call: "nr_cpus",
             io_error: e,
         }))
     })?;
-    // The kernel's layout of a per-CPU value: one slot per possible CPU,
-    // each rounded up to 8 bytes.
-    let per_key = (info.value_size() as usize).next_multiple_of(8) * cpus.get() as usize;
-    let zeros = vec![0u8; per_key * keys.len()];
-    update_bytes(ebpf, name, keys, &zeros, per_key)
+    Ok((
+        map,
+        (info.value_size() as usize).next_multiple_of(8) * cpus.get() as usize,
+    ))
+}
+
+/// Zeroes `keys` of the per-CPU array `fd` whose values are `per_key`
+/// bytes, a chunk per call.
+fn zero_keys(
+    name: &'static str,
+    fd: std::os::fd::RawFd,
+    per_key: usize,
+    keys: &[u32],
+) -> Result<(), Error> {
+    let zeros = vec![0u8; per_key * keys.len().min(CHUNK)];
+    for k in keys.chunks(CHUNK) {
+        call(name, BPF_MAP_UPDATE_BATCH, fd, k, zeros.as_ptr())?;
+    }
+    Ok(())
 }
 
 /// [`update`] with the values as `value_len`-byte slots of `values`.

@@ -162,6 +162,9 @@ pub struct Dataplane {
     /// Unknown after a load (an adopted one holds what it holds) and after
     /// a write that failed half-way: then it is cleared first.
     inactive: Option<patch::Contents>,
+    /// The rule counters of the generation last retired, being zeroed in
+    /// the background (see [`Dataplane::publish`]).
+    zeroing: Option<publish::Zeroing>,
     last_publish: PublishTimes,
 }
 
@@ -349,6 +352,7 @@ impl Dataplane {
             prefix_capacity,
             live_contents: None,
             inactive: None,
+            zeroing: None,
             last_publish: PublishTimes {
                 enforced: Instant::now(),
                 to_enforce: Duration::ZERO,

@@ -160,6 +160,15 @@ impl Plan {
     }
 }
 
+/// The rule counters of a retired generation, zeroed on a thread of their
+/// own ([`batch::zero_per_cpu_after`]).
+pub(super) struct Zeroing {
+    generation: u32,
+    /// The slots zeroed, sorted.
+    slots: Vec<u32>,
+    done: std::thread::JoinHandle<Result<(), Error>>,
+}
+
 /// How the last publish went: the policy is enforced from the moment the
 /// live generation flips.
 #[derive(Debug, Clone, Copy)]
@@ -406,13 +415,37 @@ impl Dataplane {
         self.write_failsafe(&compiled.failsafe)?;
         self.write_frontends(&compiled.frontends)?;
         let changed = self.patch(next, &have, &want)?;
-        self.zero_counters(&want.slots())?;
+        let zeroed = self.zeroed(next);
+        let slots: Vec<u32> = want
+            .slots()
+            .into_iter()
+            .filter(|s| zeroed.binary_search(s).is_err())
+            .collect();
+        self.zero_counters(&slots)?;
         self.set_generation(next)?;
         let enforced = Instant::now();
+        let retired = self.live;
         self.live = next;
         // The generation that was live keeps its policy: the next publish
-        // patches it.
+        // patches it. Its counters are zeroed meanwhile, once no packet
+        // can still be counting into them, so that a publish into it
+        // zeroes none of them on the way to its flip (with 10,000 rules
+        // that took longer than writing a one-rule change).
         self.inactive = self.live_contents.replace(want);
+        if let Some(held) = &self.inactive {
+            let slots = held.slots();
+            self.zeroing = batch::zero_per_cpu_after(
+                &self.ebpf,
+                names::MAP_RULE_COUNTERS,
+                slots.clone(),
+                GRACE,
+            )
+            .map(|done| Zeroing {
+                generation: retired,
+                slots,
+                done,
+            });
+        }
         self.last_publish = PublishTimes {
             enforced,
             to_enforce: enforced - started,
@@ -480,6 +513,23 @@ impl Dataplane {
             ))?;
         }
         Ok(())
+    }
+
+    /// The rule slots of `generation` whose counters are zero already
+    /// (sorted): those the background zeroing of its retirement covered,
+    /// once it is done. A zeroing that failed covered none.
+    fn zeroed(&mut self, generation: u32) -> Vec<u32> {
+        let Some(z) = self.zeroing.take() else {
+            return Vec::new();
+        };
+        match z.done.join() {
+            Ok(Ok(())) if z.generation == generation => z.slots,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %format!("{:#}", anyhow::Error::from(e)), "zeroing a retired generation's rule counters failed: zeroing them now");
+                Vec::new()
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// Zeroes the counters of rule `slots`: a slot counts for the rule
