@@ -133,8 +133,6 @@ pub fn load(
     in_force: Option<(Arc<Store>, NodeInterfaces)>,
 ) -> Outcome {
     let node_name = inputs.node_name.as_str();
-    // One read of the interfaces serves both.
-    let ifaces = node::interfaces();
     // A load given up on (--parse-timeout) may still hold the memo: this
     // one then starts from nothing.
     let mut fresh = Memo::default();
@@ -143,7 +141,31 @@ pub fn load(
         Ok(memo) => memo,
         Err(_) => &mut fresh,
     };
-    match load_and_compile(inputs, &ifaces, texts, memo) {
+    // One read of the interfaces serves both, made while the sources are
+    // read and parsed: the netlink dumps took a tenth of a one-rule
+    // reload of a big policy.
+    let (ifaces, modelled) = std::thread::scope(|s| {
+        let reading = std::thread::Builder::new().spawn_scoped(s, node::interfaces);
+        let modelled = model(inputs, texts, &mut memo.parses);
+        let ifaces = match reading {
+            Ok(r) => r.join().unwrap_or_else(|_| node::interfaces()),
+            Err(_) => node::interfaces(),
+        };
+        (ifaces, modelled)
+    });
+    let loaded = modelled.and_then(|m| {
+        let mut loaded = compile_for_node(
+            Arc::new(m.store),
+            node_name,
+            ifaces.clone(),
+            m.texts.into_iter().collect(),
+            &mut memo.fields,
+        )?;
+        loaded.took.read = m.took.read;
+        loaded.took.model = m.took.model;
+        Ok(loaded)
+    });
+    match loaded {
         Ok(l) => Outcome::Loaded(l),
         Err(why) => Outcome::Rejected {
             why,
@@ -159,7 +181,8 @@ pub fn load(
     }
 }
 
-/// Loads and compiles the directory for this node.
+/// Reads and models the sources: the directory's files and the
+/// Kubernetes API's resources.
 ///
 /// A file found without any resource (empty, blank or only comments)
 /// that had some when the policy in force was applied is read as it was
@@ -172,12 +195,7 @@ pub fn load(
 /// validation is left out and reported (as Calico leaves a bad resource of
 /// its datastore out), the others are enforced. A directory is loaded as a
 /// whole: one bad file keeps the last good policy.
-fn load_and_compile(
-    inputs: &Inputs,
-    ifaces: &NodeInterfaces,
-    in_force: &Texts,
-    memo: &mut Memo,
-) -> Result<Loaded, Refused> {
+fn model(inputs: &Inputs, in_force: &Texts, parses: &mut Parses) -> Result<Modelled, Refused> {
     let mut store = Store::default();
     let started = std::time::Instant::now();
     let mut texts = match &inputs.dir {
@@ -186,7 +204,7 @@ fn load_and_compile(
     };
     let read = started.elapsed();
     if inputs.dir.is_some() {
-        store = Store::from_texts_reusing(&texts, &mut memo.parses).map_err(Refused::Invalid)?;
+        store = Store::from_texts_reusing(&texts, parses).map_err(Refused::Invalid)?;
     }
     if let Some((resources, namespaces)) = &inputs.kube {
         let (kube, errors) = Store::from_resources(resources);
@@ -198,16 +216,21 @@ fn load_and_compile(
     }
     texts.sort();
     let model = started.elapsed() - read;
-    let mut loaded = compile_for_node(
-        Arc::new(store),
-        &inputs.node_name,
-        ifaces.clone(),
-        texts.into_iter().collect(),
-        &mut memo.fields,
-    )?;
-    loaded.took.read = read;
-    loaded.took.model = model;
-    Ok(loaded)
+    let took = Took {
+        read,
+        model,
+        ..Took::default()
+    };
+    Ok(Modelled { store, texts, took })
+}
+
+/// The sources read and modelled, to compile.
+struct Modelled {
+    store: Store,
+    /// Each file's text, sorted by path.
+    texts: Vec<(PathBuf, String)>,
+    /// Reading and modelling.
+    took: Took,
 }
 
 /// Reads the policy directory's files (see [`load_and_compile`] on files
