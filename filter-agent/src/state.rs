@@ -117,13 +117,15 @@ pub fn state(
             let (kind, tier, policy, rule) = match &compiled.owners[r.owner as usize] {
                 Owner::Policy { tier, policy, rule } => (
                     "policy",
-                    Some(tier.clone()),
-                    Some(policy.clone()),
+                    Some(tier.to_string()),
+                    Some(policy.to_string()),
                     Some(*rule),
                 ),
-                Owner::TierEnd { tier } => ("tier-default-action", Some(tier.clone()), None, None),
+                Owner::TierEnd { tier } => {
+                    ("tier-default-action", Some(tier.to_string()), None, None)
+                }
                 Owner::Profile { profile, rule } => {
-                    ("profile", None, Some(profile.clone()), Some(*rule))
+                    ("profile", None, Some(profile.to_string()), Some(*rule))
                 }
                 Owner::NoProfileAllowed => ("no-profile-allowed", None, None, None),
             };

@@ -36,7 +36,7 @@ impl TableBuilder {
         &mut self,
         a: Action,
         owner: u32,
-        parts: Vec<Part>,
+        parts: &[Part],
         eps: &BTreeSet<usize>,
     ) -> std::ops::Range<u32> {
         let start = self.rules.len() as u32;
@@ -52,7 +52,7 @@ impl TableBuilder {
                 next: end,
                 owner,
             });
-            self.matches.push(m);
+            self.matches.push(m.clone());
             self.endpoints.push(eps.clone());
         }
         start..end
@@ -384,6 +384,8 @@ impl Reuse {
     /// Before a compile.
     pub(super) fn start(&mut self) {
         self.in_step = true;
+        // As many rules as last time, most likely: no rehash on the way.
+        self.next_parts.reserve(self.last_parts.len());
     }
 
     /// After a compile: what it classified becomes what the next reuses.
@@ -399,7 +401,7 @@ impl Reuse {
         &mut self,
         r: &Rule,
         resolver: &Resolver<'_>,
-    ) -> Result<Vec<Part>, Unsupported> {
+    ) -> Result<Arc<[Part]>, Unsupported> {
         let resolve =
             || Ok::<_, Unsupported>(resolver.rule(r)?.into_iter().map(Arc::new).collect());
         let Some(id) = r.item.key().filter(|_| Resolver::stands_alone(r)) else {
@@ -423,7 +425,7 @@ impl std::fmt::Debug for Reuse {
 /// Rule parts by parsed item, the item held (see [`crate::model::ItemId`]).
 type PartsByItem = std::collections::HashMap<
     usize,
-    (crate::model::ItemId, Vec<Part>),
+    (crate::model::ItemId, Arc<[Part]>),
     foldhash::fast::RandomState,
 >;
 

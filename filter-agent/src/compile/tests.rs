@@ -315,13 +315,15 @@ fn node() -> Node {
 fn who(o: &Owner) -> Who {
     match o {
         Owner::Policy { tier, policy, rule } => Who::Policy {
-            tier: tier.clone(),
-            policy: policy.clone(),
+            tier: tier.to_string(),
+            policy: policy.to_string(),
             rule: *rule,
         },
-        Owner::TierEnd { tier } => Who::TierEnd { tier: tier.clone() },
+        Owner::TierEnd { tier } => Who::TierEnd {
+            tier: tier.to_string(),
+        },
         Owner::Profile { profile, rule } => Who::Profile {
-            profile: profile.clone(),
+            profile: profile.to_string(),
             rule: *rule,
         },
         Owner::NoProfileAllowed => Who::NoProfileAllowed,
@@ -534,7 +536,7 @@ fn a_named_port_without_protocol_matches_the_declared_protocol() {
         )
         .and_then(|o| o.decided)
         .is_some_and(|i| {
-            matches!(&c.owners[t.rules[i].owner as usize], Owner::Policy { policy, .. } if policy == "no-http-out")
+            matches!(&c.owners[t.rules[i].owner as usize], Owner::Policy { policy, .. } if &**policy == "no-http-out")
         })
     };
     assert!(denied_by_rule(6, 80), "TCP to the TCP http port");
