@@ -26,6 +26,9 @@ use super::yaml::{documents_within, Node, SyntaxError, Value, MAX_NESTING, MAX_N
 #[derive(Clone, Default)]
 pub struct Parsed {
     text: String,
+    /// Where each line of `text` starts (lines as `split_inclusive('\n')`
+    /// has them): kept, so the next update splits only what changed.
+    starts: Vec<usize>,
     docs: Vec<Arc<Node>>,
     /// Nodes and keys in `docs`, held against the parser's node budget.
     nodes: usize,
@@ -62,6 +65,7 @@ impl Parsed {
             .collect();
         Ok(Parsed {
             text: text.to_owned(),
+            starts: line_starts(text, 0),
             nodes: docs.iter().map(|d| count(d)).sum(),
             docs,
         })
@@ -92,16 +96,9 @@ impl Parsed {
         if self.text.contains('\r') || text.contains('\r') || directives(text) {
             return None;
         }
-        let old: Vec<&str> = self.text.split_inclusive('\n').collect();
-        let new: Vec<&str> = text.split_inclusive('\n').collect();
-        let prefix = old.iter().zip(&new).take_while(|(a, b)| a == b).count();
-        let suffix = old
-            .iter()
-            .rev()
-            .zip(new.iter().rev())
-            .take(old.len().min(new.len()) - prefix)
-            .take_while(|(a, b)| a == b)
-            .count();
+        let old = lines(&self.text, &self.starts);
+        let (prefix, suffix, starts) = self.lines_changed(text);
+        let new = lines(text, &starts);
         // The old text's changed lines, 1-based: [first, last], empty
         // (last = first - 1) where lines were only inserted.
         let changed = (prefix + 1, old.len() - suffix);
@@ -160,10 +157,103 @@ impl Parsed {
             .collect();
         Some(Parsed {
             text: text.to_owned(),
+            starts,
             docs,
             nodes,
         })
     }
+    /// How many lines at the start and at the end `text` has as this
+    /// text has them (the suffix no longer than what the prefix leaves of
+    /// either text), and where `text`'s lines start: found by comparing
+    /// bytes, and splitting only the lines between them.
+    fn lines_changed(&self, text: &str) -> (usize, usize, Vec<usize>) {
+        let (old, new) = (self.text.as_bytes(), text.as_bytes());
+        let starts = &self.starts;
+        let lines = starts.len();
+        let n = old.len().min(new.len());
+        // A line at the start is the same where it ends within the common
+        // bytes: one per newline among them.
+        let same = common_prefix(old, new, n);
+        let prefix = starts[1.min(lines)..].partition_point(|&s| s <= same)
+            + usize::from(same == old.len() && old.ends_with(b"\n"));
+        // Where the prefix's lines end, in both texts.
+        let first = starts.get(prefix).copied().unwrap_or(old.len());
+        // A line at the end is the same where it lies within the common
+        // bytes and starts a line in both texts.
+        let tail = common_suffix(old, new, n);
+        let shift = |at: usize| at + new.len() - old.len();
+        let from = old.len() - tail;
+        let mut suffix = lines - starts.partition_point(|&s| s < from);
+        let starts_new_line = |at: usize| at == 0 || new[at - 1] == b'\n';
+        if suffix > 0 && !starts_new_line(shift(starts[lines - suffix])) {
+            suffix -= 1;
+        }
+        // No line both in the prefix and in the suffix, of either text.
+        while suffix > 0 && (lines - suffix < prefix || shift(starts[lines - suffix]) < first) {
+            suffix -= 1;
+        }
+        // The new text's lines: the prefix's as they were, those between
+        // split, the suffix's moved by the change in length.
+        let last = match suffix {
+            0 => new.len(),
+            _ => shift(starts[lines - suffix]),
+        };
+        let mut new_starts = Vec::with_capacity(lines + 16);
+        new_starts.extend_from_slice(&starts[..prefix]);
+        new_starts.extend(line_starts(&text[first..last], first));
+        new_starts.extend(starts[lines - suffix..].iter().map(|&s| shift(s)));
+        (prefix, suffix, new_starts)
+    }
+}
+
+/// Where the lines of `text` start, offset by `base`.
+fn line_starts(text: &str, base: usize) -> Vec<usize> {
+    if text.is_empty() {
+        return Vec::new();
+    }
+    let after_newlines = text
+        .match_indices('\n')
+        .map(|(i, _)| i + 1)
+        .filter(|&i| i < text.len());
+    std::iter::once(0)
+        .chain(after_newlines)
+        .map(|i| base + i)
+        .collect()
+}
+
+/// The lines of `text` that start at `starts`.
+fn lines<'a>(text: &'a str, starts: &[usize]) -> Vec<&'a str> {
+    let ends = starts.iter().skip(1).copied().chain([text.len()]);
+    starts.iter().zip(ends).map(|(&a, b)| &text[a..b]).collect()
+}
+
+/// Chunk of [`common_prefix`] and [`common_suffix`]: compared as memcmp
+/// compares, then byte by byte within the last.
+const CHUNK: usize = 64;
+
+/// How many of the first `n` bytes of `a` and `b` are the same.
+fn common_prefix(a: &[u8], b: &[u8], n: usize) -> usize {
+    let mut i = 0;
+    while i + CHUNK <= n && a[i..i + CHUNK] == b[i..i + CHUNK] {
+        i += CHUNK;
+    }
+    while i < n && a[i] == b[i] {
+        i += 1;
+    }
+    i
+}
+
+/// How many of the last `n` bytes of `a` and `b` are the same.
+fn common_suffix(a: &[u8], b: &[u8], n: usize) -> usize {
+    let (a, b) = (&a[a.len() - n..], &b[b.len() - n..]);
+    let mut i = 0;
+    while i + CHUNK <= n && a[n - i - CHUNK..n - i] == b[n - i - CHUNK..n - i] {
+        i += CHUNK;
+    }
+    while i < n && a[n - i - 1] == b[n - i - 1] {
+        i += 1;
+    }
+    i
 }
 
 /// The items `lines` (a run's new lines) hold, as the whole text parses
@@ -710,6 +800,34 @@ mod tests {
     }
 
     proptest! {
+        /// The lines kept at either end, and the new text's line starts,
+        /// are those comparing lines gives.
+        #[test]
+        fn lines_changed_compares_as_lines_do(old in "[ab\n]{0,12}", new in "[ab\n]{0,12}") {
+            // (`update` takes an unchanged text as it was.)
+            prop_assume!(old != new);
+            let last = Parsed {
+                starts: line_starts(&old, 0),
+                text: old.clone(),
+                ..Parsed::default()
+            };
+            let a: Vec<&str> = old.split_inclusive('\n').collect();
+            let b: Vec<&str> = new.split_inclusive('\n').collect();
+            let prefix = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+            let suffix = a
+                .iter()
+                .rev()
+                .zip(b.iter().rev())
+                .take(a.len().min(b.len()) - prefix)
+                .take_while(|(x, y)| x == y)
+                .count();
+            let (p, s, starts) = last.lines_changed(&new);
+            prop_assert_eq!((p, s), (prefix, suffix));
+            prop_assert_eq!(lines(&new, &starts), b);
+        }
+    }
+
+    proptest! {
         #![proptest_config(ProptestConfig::with_cases(4000))]
 
         /// The splice's result is the whole parse's, success or error.
@@ -737,6 +855,7 @@ mod tests {
                 (Ok((got, _)), Ok(whole)) => {
                     prop_assert_eq!(&got.docs, &whole.docs, "{:?} → {:?}", old, new);
                     prop_assert_eq!(got.nodes, whole.nodes);
+                    prop_assert_eq!(&got.starts, &whole.starts, "{:?} → {:?}", old, new);
                 }
                 (Err(got), Err(whole)) => prop_assert_eq!(got, whole),
                 (got, whole) => prop_assert!(false, "{:?} → {:?}: {:?} against {:?}", old, new, got.map(|g| g.0.docs), whole.map(|w| w.docs)),
