@@ -57,7 +57,10 @@ pub(super) struct Contents {
     mask_heads: Vec<ClassHead>,
     mask_words: Vec<u64>,
     /// Rule slot → what the rule there does (`FW_RULE3`).
-    rules: BTreeMap<u32, RuleMeta>,
+    /// The tables take consecutive slots from the generation's first
+    /// (`publish::first_slots`): a vector from `first_slot` on.
+    rules: Vec<RuleMeta>,
+    first_slot: u32,
     /// Table id → its hints (`FW_TABLE1`), for every table of the
     /// generation.
     hints: BTreeMap<u32, TableHints>,
@@ -75,6 +78,8 @@ pub(super) struct Contents {
 #[derive(Default)]
 pub(super) struct TableEntries {
     fields: Fields,
+    /// The lookups the table spares the kernel (`publish::hints`).
+    hints: TableHints,
     v4: [Entries<AddrV4Key>; 4],
     v6: [Entries<AddrV6Key>; 4],
     ports: [Entries<PortKey>; 4],
@@ -122,6 +127,7 @@ impl TableEntries {
     fn new(table: u32, t: &Table, plan: &Plan) -> TableEntries {
         let mut c = TableEntries {
             fields: Fields::of(t),
+            hints: hints(t, plan),
             ..TableEntries::default()
         };
         let tb = table.to_be_bytes();
@@ -168,6 +174,7 @@ impl Contents {
         have: Option<&Contents>,
     ) -> Contents {
         let mut c = Contents {
+            first_slot: generation * RULE_SLOTS_PER_GEN,
             base: Some(plan.base.clone()),
             mask_heads: plan.masks_layout.heads.clone(),
             mask_words: plan.masks_layout.words.clone(),
@@ -188,14 +195,15 @@ impl Contents {
                     rule: i as u32,
                     next: r.next,
                 };
-                c.rules.insert(first_slot + i as u32, meta);
+                debug_assert_eq!(c.first_slot + c.rules.len() as u32, first_slot + i as u32);
+                c.rules.push(meta);
             }
             let entries = match have.and_then(|h| h.tables.get(&table)) {
                 Some(held) if held.fields.are(t) => held.clone(),
                 _ => Arc::new(TableEntries::new(table, t, plan)),
             };
+            c.hints.insert(table, entries.hints);
             c.tables.insert(table, entries);
-            c.hints.insert(table, hints(t, plan));
             for &(ifindex, class) in &plan.masks[&table] {
                 let key = EndpointKey { ifindex, table };
                 c.endpoints.insert(key, EndpointValue { class, first_slot });
@@ -252,7 +260,7 @@ impl Contents {
 
     /// The rule slots it fills.
     pub(super) fn slots(&self) -> Vec<u32> {
-        self.rules.keys().copied().collect()
+        (self.first_slot..self.first_slot + self.rules.len() as u32).collect()
     }
 
     /// Each table's entries in `want` that differ from this one's, as
@@ -325,12 +333,10 @@ impl Dataplane {
         let (at, heads) = changed(classes.heads, first_class);
         batch::update(&self.ebpf, names::MAP_CLASS, &at, &heads)?;
         n += at.len();
-        let (slots, metas): (Vec<u32>, Vec<RuleMeta>) = want
-            .rules
-            .iter()
-            .filter(|&(slot, meta)| have.rules.get(slot) != Some(meta))
-            .map(|(slot, meta)| (*slot, *meta))
-            .unzip();
+        // (What a generation held is from its own first slot on, or empty.)
+        debug_assert!(have.rules.is_empty() || have.first_slot == want.first_slot);
+        let rules = (have.rules.iter().copied(), want.rules.iter().copied());
+        let (slots, metas) = changed(rules, want.first_slot);
         batch::update(&self.ebpf, names::MAP_RULE, &slots, &metas)?;
         n += slots.len();
         let tables = have.changed_tables(want);
