@@ -579,6 +579,11 @@ fn xdp_filter(link: &Link, list: usize) -> Result<Guard, String> {
 const UPDATE_SIZES: [(usize, usize); 4] = [(1, 0), (100, 0), (10_000, 0), (10_000, 100_000)];
 /// Changes timed per size and tool.
 const CHANGES: usize = 100;
+/// Untimed changes before the timed ones: a node's agent has long made
+/// its first writes of both generations (each a full write, its inactive
+/// generation unknown at start) and settled its memory before an operator
+/// changes a rule; the same for every tool.
+const WARM_UP: usize = 5;
 /// The probe's port on the receiver and its sending interval.
 const PROBE_PORT: u16 = 7777;
 const PROBE_EVERY: Duration = Duration::from_micros(100);
@@ -607,7 +612,7 @@ struct UpdateRow {
 /// lets through, [`CHANGES`] times per tool and size.
 fn updates(link: &Link) -> Vec<UpdateRow> {
     println!("## Update latency: one rule's action flipped\n");
-    println!("A probe sends a UDP packet every {} µs; the last rule of the policy decides it. Each change turns that rule from Deny to Allow (and back, untimed): the time from the change (the policy file written and renamed into place, or the command started; the file's text or the rule set made beforehand) to the first probe that arrives. This filter's agent runs with `--debounce {DEBOUNCE_MS}`; its time includes the debounce, the watcher, reading the file, parsing, typing and compiling what changed (the rest is taken over from the last load) and patching the inactive generation. {CHANGES} changes per row.\n", PROBE_EVERY.as_micros());
+    println!("A probe sends a UDP packet every {} µs; the last rule of the policy decides it. Each change turns that rule from Deny to Allow (and back, untimed): the time from the change (the policy file written and renamed into place, or the command started; the file's text or the rule set made beforehand) to the first probe that arrives, after {WARM_UP} untimed changes. This filter's agent runs with `--debounce {DEBOUNCE_MS}`; its time includes the debounce, the watcher, reading the file, parsing, typing and compiling what changed (the rest is taken over from the last load) and patching the inactive generation. {CHANGES} changes per row.\n", PROBE_EVERY.as_micros());
     println!("| tool | rules | CIDRs | median ms | p99 ms | max ms |");
     println!("|---|---:|---:|---:|---:|---:|");
     let probe = Probe::start(link);
@@ -662,19 +667,27 @@ fn print_update(row: &UpdateRow) {
     }
 }
 
-/// [`CHANGES`] timed changes (Deny to Allow), each undone before the next.
+/// [`CHANGES`] timed changes (Deny to Allow) after [`WARM_UP`] untimed
+/// ones, each undone before the next.
 fn time_changes(probe: &Probe, tool: &mut dyn Apply) -> Result<Vec<Duration>, String> {
-    let mut took = Vec::with_capacity(CHANGES);
     let (allow, deny) = (tool.prepare(true), tool.prepare(false));
     tool.apply(false, &deny)?;
     probe.wait_silent(tool.name())?;
-    for _ in 0..CHANGES {
+    // One change and its undoing; the change's time.
+    let mut change = || -> Result<Duration, String> {
         let t0 = Instant::now();
         tool.apply(true, &allow)?;
-        took.push(probe.first_after(t0, tool.name())? - t0);
+        let took = probe.first_after(t0, tool.name())? - t0;
         tool.apply(false, &deny)?;
         probe.wait_silent(tool.name())?;
+        Ok(took)
+    };
+    for _ in 0..WARM_UP {
+        change()?;
     }
+    let mut took = (0..CHANGES)
+        .map(|_| change())
+        .collect::<Result<Vec<_>, _>>()?;
     took.sort();
     Ok(took)
 }
