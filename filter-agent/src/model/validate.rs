@@ -35,40 +35,14 @@ pub fn store(store: &Store, errors: &mut Vec<Error>) {
     for p in &store.network_policies {
         let mut report = reporter(p, errors);
         performance_hints(&p.spec.performance_hints, &mut report);
-        for (dir, rules) in [("ingress", &p.spec.ingress), ("egress", &p.spec.egress)] {
-            for (i, r) in rules.iter().enumerate() {
-                rule(
-                    r,
-                    RulePath {
-                        list: dir,
-                        index: i,
-                    },
-                    dir,
-                    false,
-                    &mut report,
-                );
-            }
-        }
+        rule_lists(&p.spec.ingress, &p.spec.egress, false, &mut report);
     }
     for h in &store.host_endpoints {
         host_endpoint(h, errors);
     }
     for p in &store.profiles {
         let mut report = reporter(p, errors);
-        for (dir, rules) in [("ingress", &p.spec.ingress), ("egress", &p.spec.egress)] {
-            for (i, r) in rules.iter().enumerate() {
-                rule(
-                    r,
-                    RulePath {
-                        list: dir,
-                        index: i,
-                    },
-                    dir,
-                    true,
-                    &mut report,
-                );
-            }
-        }
+        rule_lists(&p.spec.ingress, &p.spec.egress, true, &mut report);
     }
     for (kind, sets) in [
         ("GlobalNetworkSet", &store.global_network_sets),
@@ -422,18 +396,19 @@ fn global_policy(p: &Resource<GlobalNetworkPolicySpec>, errors: &mut Vec<Error>)
             format!("{flag} policies must set applyOnForward: true"),
         );
     }
-    for (dir, rules) in [("ingress", &s.ingress), ("egress", &s.egress)] {
-        for (i, r) in rules.iter().enumerate() {
-            rule(
-                r,
-                RulePath {
-                    list: dir,
-                    index: i,
-                },
-                dir,
-                true,
-                &mut report,
-            );
+    rule_lists(&s.ingress, &s.egress, true, &mut report);
+}
+
+/// Each rule of a resource's `ingress` and `egress` lists.
+fn rule_lists(
+    ingress: &[std::sync::Arc<Rule>],
+    egress: &[std::sync::Arc<Rule>],
+    global: bool,
+    report: &mut Reporter<'_>,
+) {
+    for (list, rules) in [("ingress", ingress), ("egress", egress)] {
+        for (index, r) in rules.iter().enumerate() {
+            rule(r, RulePath { list, index }, list, global, report);
         }
     }
 }
