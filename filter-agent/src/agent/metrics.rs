@@ -32,7 +32,7 @@ pub struct Metrics {
     conntrack_capacity: Gauge,
     source_stale_since: Gauge<f64, AtomicU64>,
     /// The live generation's rules and interfaces.
-    state: Arc<Mutex<Option<StateFile>>>,
+    state: Arc<Mutex<Option<Arc<StateFile>>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -88,7 +88,7 @@ struct InterfaceLabels {
 impl Metrics {
     /// A policy applied (or refused) after `seconds` of reading, compiling
     /// and publishing.
-    pub fn applied(&self, ok: bool, seconds: f64, state: Option<StateFile>) {
+    pub fn applied(&self, ok: bool, seconds: f64, state: Option<Arc<StateFile>>) {
         self.applies.inc();
         self.apply_seconds.observe(seconds);
         if ok {

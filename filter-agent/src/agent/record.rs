@@ -9,7 +9,11 @@
 //! (a change arriving meanwhile is no longer held back by the last one's
 //! books).
 
-use std::{path::PathBuf, sync::mpsc, thread::JoinHandle};
+use std::{
+    path::PathBuf,
+    sync::{mpsc, Arc},
+    thread::JoinHandle,
+};
 
 use super::{Status, Took};
 use crate::{compile::Compiled, events::reader::SharedNames, state::StateFile};
@@ -113,8 +117,9 @@ struct Books {
     state_dir: PathBuf,
     names: SharedNames,
     status: Status,
-    /// What `rules.json` says now (a refusal adds to it).
-    state: Option<StateFile>,
+    /// What `rules.json` says now (a refusal adds to it), shared with the
+    /// record reader's names and the metrics.
+    state: Option<Arc<StateFile>>,
 }
 
 impl Books {
@@ -122,6 +127,7 @@ impl Books {
         let _span = tracing::info_span!("sync").entered();
         let mut state = crate::state::state(&a.compiled, a.generation, &a.attachments);
         state.last_apply = Some(crate::state::Event::now(a.took, None));
+        let state = Arc::new(state);
         self.names
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -152,15 +158,16 @@ impl Books {
         self.status.metrics.applied(false, r.took, None);
         // `status` says why, beside the policy that stayed.
         let kept = self.state.is_some();
-        if let Some(mut state) = self.state.clone() {
+        if let Some(held) = &self.state {
+            let mut state = StateFile::clone(held);
             state.last_error = Some(crate::state::Event::now(r.took, r.message));
-            self.write(state);
+            self.write(Arc::new(state));
         }
         tracing::error!(kept, "policy rejected; the last good policy stays enforced");
     }
 
     /// Writes `rules.json` (and keeps it, to add a later refusal to it).
-    fn write(&mut self, state: StateFile) {
+    fn write(&mut self, state: Arc<StateFile>) {
         if let Err(e) = crate::state::write_state(&self.state_dir, &state) {
             tracing::warn!(dir = %self.state_dir.display(), error = %e, "cannot write the rule index: stats and status will be unavailable");
         }
