@@ -233,7 +233,7 @@ struct Modelled {
     took: Took,
 }
 
-/// Reads the policy directory's files (see [`load_and_compile`] on files
+/// Reads the policy directory's files (see [`model()`] on files
 /// caught empty).
 fn read_dir(
     dir: &Path,

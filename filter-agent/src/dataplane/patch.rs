@@ -230,32 +230,27 @@ impl Contents {
         self.base.as_ref()
     }
 
-    /// The class heads and words, each from the first that `want` may
-    /// hold differently (all where the base differs, only the masks'
-    /// where it is the same), and that index.
-    fn classes_from<'a>(&'a self, want: &'a Contents) -> ClassesFrom<'a> {
-        let same_base = match (&self.base, &want.base) {
-            (Some(h), Some(w)) => Arc::ptr_eq(h, w),
-            _ => false,
-        };
-        let (from_head, from_word) = match (&want.base, same_base) {
-            (Some(b), true) => b.layout.end(),
+    /// The class heads and the class words before which `want` holds
+    /// what this holds: the compiler's classes where both share them (a
+    /// publish that took the layout over), else none.
+    fn same_classes(&self, want: &Contents) -> (u32, u32) {
+        match (&self.base, &want.base) {
+            (Some(h), Some(w)) if Arc::ptr_eq(h, w) => w.layout.end(),
             _ => (0, 0),
-        };
-        let heads = |c: &'a Contents| {
-            let base = c.base.iter().flat_map(|b| b.layout.heads.iter());
-            base.chain(&c.mask_heads).skip(from_head as usize).copied()
-        };
-        let words = |c: &'a Contents| {
-            let base = c.base.iter().flat_map(|b| b.layout.words.iter());
-            base.chain(&c.mask_words).skip(from_word as usize).copied()
-        };
-        ClassesFrom {
-            from_head,
-            from_word,
-            heads: (Box::new(heads(self)), Box::new(heads(want))),
-            words: (Box::new(words(self)), Box::new(words(want))),
         }
+    }
+
+    /// The class heads from the generation's first: the compiler's
+    /// classes', then the endpoint masks'.
+    fn class_heads(&self) -> impl Iterator<Item = ClassHead> + '_ {
+        let base = self.base.iter().flat_map(|b| &b.layout.heads);
+        base.chain(&self.mask_heads).copied()
+    }
+
+    /// The class words from the generation's first, in the same order.
+    fn class_words(&self) -> impl Iterator<Item = u64> + '_ {
+        let base = self.base.iter().flat_map(|b| &b.layout.words);
+        base.chain(&self.mask_words).copied()
     }
 
     /// The rule slots it fills.
@@ -286,20 +281,6 @@ impl Contents {
     }
 }
 
-/// Two generations' class heads and words (held, wanted) from the first
-/// that may differ ([`Contents::classes_from`]).
-struct ClassesFrom<'a> {
-    from_head: u32,
-    from_word: u32,
-    heads: Pair<'a, ClassHead>,
-    words: Pair<'a, u64>,
-}
-
-type Pair<'a, T> = (
-    Box<dyn Iterator<Item = T> + 'a>,
-    Box<dyn Iterator<Item = T> + 'a>,
-);
-
 /// Indices (from `base`) and values of `want` that `have` does not hold,
 /// both read from the same index on. Entries past `want`'s end stay:
 /// nothing of `want` points at them.
@@ -324,13 +305,14 @@ impl Dataplane {
         want: &Contents,
     ) -> Result<usize, Error> {
         let mut n = 0;
-        let classes = have.classes_from(want);
-        let first_word = generation * CLASS_WORDS_PER_GEN + classes.from_word;
-        let (at, words) = changed(classes.words, first_word);
+        let (same_heads, same_words) = have.same_classes(want);
+        let (h, w) = (same_heads as usize, same_words as usize);
+        let words = (have.class_words().skip(w), want.class_words().skip(w));
+        let (at, words) = changed(words, generation * CLASS_WORDS_PER_GEN + same_words);
         batch::update(&self.ebpf, names::MAP_CLASS_WORDS, &at, &words)?;
         n += at.len();
-        let first_class = generation * CLASSES_PER_GEN + classes.from_head;
-        let (at, heads) = changed(classes.heads, first_class);
+        let heads = (have.class_heads().skip(h), want.class_heads().skip(h));
+        let (at, heads) = changed(heads, generation * CLASSES_PER_GEN + same_heads);
         batch::update(&self.ebpf, names::MAP_CLASS, &at, &heads)?;
         n += at.len();
         // (What a generation held is from its own first slot on, or empty.)

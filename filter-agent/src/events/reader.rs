@@ -28,9 +28,8 @@ const MAX_PREFIX: usize = 29;
 
 /// What the reader needs to name a record: the rules of the live
 /// generation and the one before (a record may be read after a flip), and
-/// the prefix template.
-/// The rule index is the agent's own (`rules.json`'s), shared: an apply
-/// of 10,000 rules copied it into a map here.
+/// the prefix template. The rule indexes are the ones the agent wrote to
+/// `rules.json`, shared rather than copied (10,000 rules a reload).
 #[derive(Debug, Default)]
 pub struct Names {
     live: Option<Arc<StateFile>>,

@@ -162,6 +162,7 @@ impl Parsed {
             nodes,
         })
     }
+
     /// How many lines at the start and at the end `text` has as this
     /// text has them (the suffix no longer than what the prefix leaves of
     /// either text), and where `text`'s lines start: found by comparing
