@@ -260,7 +260,8 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         said_waiting: false,
         reload_started: std::time::Instant::now(),
         took: Took::default(),
-        recorder: record::Recorder::start(config.state_dir.clone(), names, config.status.clone()),
+        recorder: record::Recorder::start(config.state_dir.clone(), names, config.status.clone())
+            .context("start the thread that writes the rule index")?,
         log_rate: config.log_rate,
         log_denied: config.log_denied,
     };

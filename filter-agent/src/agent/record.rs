@@ -56,7 +56,13 @@ pub(super) struct Recorder {
 }
 
 impl Recorder {
-    pub(super) fn start(state_dir: PathBuf, names: SharedNames, status: Status) -> Recorder {
+    /// Starts the thread. Without it the agent would never say it is
+    /// ready, so failing to start it fails the agent's start.
+    pub(super) fn start(
+        state_dir: PathBuf,
+        names: SharedNames,
+        status: Status,
+    ) -> std::io::Result<Recorder> {
         let (tx, rx) = mpsc::channel();
         let mut books = Books {
             state_dir,
@@ -73,15 +79,11 @@ impl Recorder {
                         Job::Refused(r) => books.refused(r),
                     }
                 }
-            })
-            .ok();
-        if thread.is_none() {
-            tracing::error!("cannot start the thread that writes the rule index: stats, status and metrics will be unavailable");
-        }
-        Recorder {
+            })?;
+        Ok(Recorder {
             tx: Some(tx),
-            thread,
-        }
+            thread: Some(thread),
+        })
     }
 
     pub(super) fn applied(&self, a: Applied) {
