@@ -408,7 +408,7 @@ fn rule_lists(
 ) {
     for (list, rules) in [("ingress", ingress), ("egress", egress)] {
         for (index, r) in rules.iter().enumerate() {
-            rule(r, RulePath { list, index }, list, global, report);
+            rule(r, RulePath { list, index }, global, report);
         }
     }
 }
@@ -428,7 +428,9 @@ impl std::fmt::Display for RulePath<'_> {
     }
 }
 
-fn rule(r: &Rule, path: RulePath<'_>, direction: &str, global: bool, report: &mut Reporter<'_>) {
+fn rule(r: &Rule, path: RulePath<'_>, global: bool, report: &mut Reporter<'_>) {
+    // The list a rule is in is its direction.
+    let direction = path.list;
     use std::net::IpAddr;
     if let Some(m) = &r.metadata {
         annotations(
