@@ -490,11 +490,12 @@ struct Find {
     error: u32,
 }
 
-/// One candidate: the first bitmap word from `next_word` on where all five
+/// The next candidates: the bitmap words from `next_word` on where all five
 /// classes have rules (from their summaries, one summary word at a time),
-/// ANDed; stops at the first rule found. A callback per word, not a loop
-/// over words: each path into the classifier verifies it again, and a
-/// loop body the verifier walks 64 times per path is past its budget.
+/// ANDed; stops at the first rule found. A callback per few words, not a
+/// loop over all of them: each path into the classifier verifies it
+/// again, and a loop body the verifier walks 64 times per path is past its
+/// budget.
 #[inline(never)]
 extern "C" fn probe(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: bpf_loop hands back the pointer `hop` passed: a live,
@@ -524,33 +525,42 @@ fn probe_inline(f: &mut Find) -> Result<Option<u32>, u32> {
         f.next_word = WORDS;
         return Ok(None);
     }
-    let heads = [
-        head(f.classes[0])?,
-        head(f.classes[1])?,
-        head(f.classes[2])?,
-        head(f.classes[3])?,
-        head(f.classes[4])?,
-    ];
     let mut c = u64::MAX << (f.next_word % 64);
-    for h in &heads {
-        c &= h.summary[s];
+    for class in f.classes {
+        c &= head(class)?.summary[s];
     }
-    if c == 0 {
-        f.next_word = (s as u32 + 1) * 64;
-        return Ok(None);
+    // Up to `WORDS_PER_PROBE` candidates of this summary word per call:
+    // the callback and the summaries' AND are paid once for them (the
+    // worst case is a run of candidates whose AND is empty). The heads are
+    // looked up again per word (an array lookup, inlined): five pointers
+    // kept across the words would not fit the deepest call chain's stack.
+    for _ in 0..WORDS_PER_PROBE {
+        if c == 0 {
+            f.next_word = (s as u32 + 1) * 64;
+            return Ok(None);
+        }
+        let b = lowest_bit(c);
+        c &= c - 1;
+        let w = s as u32 * 64 + b;
+        f.next_word = w + 1;
+        let mut hits = u64::MAX;
+        for class in f.classes {
+            hits &= word(head(class)?, s, b)?;
+        }
+        if w == f.start / 64 {
+            hits &= u64::MAX << (f.start % 64);
+        }
+        if hits != 0 {
+            return Ok(Some(w * 64 + lowest_bit(hits)));
+        }
     }
-    let b = lowest_bit(c);
-    let w = s as u32 * 64 + b;
-    f.next_word = w + 1;
-    let mut hits = u64::MAX;
-    for h in &heads {
-        hits &= word(h, s, b)?;
-    }
-    if w == f.start / 64 {
-        hits &= u64::MAX << (f.start % 64);
-    }
-    Ok((hits != 0).then(|| w * 64 + lowest_bit(hits)))
+    Ok(None)
 }
+
+/// Candidate words one [`probe`] call may look at. The verifier walks the
+/// unrolled body once per candidate and per path into the classifier:
+/// more would cost it more than the callbacks they save.
+const WORDS_PER_PROBE: usize = 4;
 
 /// Bitmap word `64 * s + b` of a class whose summary has it (every
 /// candidate word is in all five summaries); `s` is bounds-checked by the
