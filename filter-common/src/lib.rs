@@ -750,10 +750,13 @@ pub mod names {
     /// new flows cannot evict them.
     pub const MAP_CONNTRACK_ASSURED: &str = "FW_CTA1";
     /// Conntrack's presence filter: a byte per slot of
-    /// [`crate::CtKey::seen_slot`], the epoch it was last marked in.
-    pub const MAP_CT_SEEN: &str = "FW_CTSEEN1";
-    /// The presence filter's control word (`ct::EPOCH_ENABLED`).
-    pub const MAP_CT_EPOCH: &str = "FW_CTEPOCH1";
+    /// [`crate::CtKey::seen_slot`], the epoch it was last marked in, eight
+    /// to an entry ([`crate::CT_SEEN_WORDS`]), memory-mapped by the agent.
+    pub const MAP_CT_SEEN: &str = "FW_CTSEEN2";
+    /// The presence filter's control word (`ct::EPOCH_ENABLED`). Renamed
+    /// with the filter, so an agent adopting the maps of one that had the
+    /// filter of another layout starts with it off (control 0).
+    pub const MAP_CT_EPOCH: &str = "FW_CTEPOCH2";
     /// The node's own addresses.
     pub const MAP_HOST: &str = "FW_HOST1";
     /// Service frontends.
@@ -1057,9 +1060,15 @@ pub struct CtKey {
     pub addr_b: [u8; 16],
 }
 
-/// Slots of the conntrack presence filter (`FW_CTSEEN1`, a byte each):
-/// 128 KiB, which stays in cache where the tables' bucket arrays do not.
+/// Slots of the conntrack presence filter (`names::MAP_CT_SEEN`, a byte
+/// each): 128 KiB, which stays in cache where the tables' bucket arrays
+/// do not.
 pub const CT_SEEN_SLOTS: u32 = 1 << 17;
+
+/// Entries of the presence filter's array map: eight slots to a `u64`. An
+/// array map gives every entry at least eight bytes, so a byte an entry
+/// would take 1 MiB and a line of cache per eight slots.
+pub const CT_SEEN_WORDS: u32 = CT_SEEN_SLOTS / 8;
 
 impl CtKey {
     /// This key's slot in the presence filter: a cheap hash of the ends.

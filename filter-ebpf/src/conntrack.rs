@@ -37,23 +37,37 @@ static FW_CTA1: HashMap<CtKey, CtValue> = HashMap::pinned(ct::DEFAULT_SIZE, BPF_
 /// no valid epoch marks has no flow in either table, so the lookup of a
 /// flow conntrack does not know costs one cache line, not two bucket
 /// walks (`filter_common::ct::may_have_flow` says when it is valid).
-#[map(name = "FW_CTSEEN1")]
-static FW_CTSEEN1: Array<u8> = Array::pinned(filter_common::CT_SEEN_SLOTS, 0);
+/// Eight slots to an entry (`CT_SEEN_WORDS`), each written with a byte
+/// store, by these programs and by the agent through its mapping of the
+/// map (`BPF_F_MMAPABLE`): no writer rewrites another's slot.
+#[map(name = "FW_CTSEEN2")]
+static FW_CTSEEN2: Array<u64> = Array::pinned(filter_common::CT_SEEN_WORDS, BPF_F_MMAPABLE);
+
+const BPF_F_MMAPABLE: u32 = aya_ebpf::bindings::BPF_F_MMAPABLE;
+
+/// The byte of presence-filter slot `slot` (`CtKey::seen_slot`).
+#[inline(always)]
+fn seen_byte(slot: u32) -> Option<*mut u8> {
+    let word = FW_CTSEEN2.get_ptr_mut(slot / 8)?;
+    // Within the entry: `slot % 8` is below its eight bytes.
+    Some(word.cast::<u8>().wrapping_add((slot % 8) as usize))
+}
 
 /// The filter's control word: current epoch and whether it is enabled.
-#[map(name = "FW_CTEPOCH1")]
-static FW_CTEPOCH1: Array<u32> = Array::pinned(1, 0);
+#[map(name = "FW_CTEPOCH2")]
+static FW_CTEPOCH2: Array<u32> = Array::pinned(1, 0);
 
 #[inline(always)]
 fn epoch_control() -> u32 {
-    FW_CTEPOCH1.get(0).copied().unwrap_or(0)
+    FW_CTEPOCH2.get(0).copied().unwrap_or(0)
 }
 
 /// The entry of `key` and whether it is in the assured table, which is
 /// looked at first (most packets belong to long-lived flows).
 #[inline(always)]
 fn lookup(key: &CtKey) -> Option<(*mut CtValue, bool)> {
-    let mark = FW_CTSEEN1.get(key.seen_slot()).copied().unwrap_or(1);
+    // SAFETY: a byte of a live array entry, read at once.
+    let mark = seen_byte(key.seen_slot()).map_or(1, |b| unsafe { *b });
     if !ct::may_have_flow(mark, epoch_control()) {
         return None;
     }
@@ -370,7 +384,7 @@ pub fn open(pkt: &Packet, pending: bool) {
     }
     // After the insert (`ct::insert_mark`).
     if let Some(epoch) = ct::insert_mark(epoch_control()) {
-        if let Some(seen) = FW_CTSEEN1.get_ptr_mut(f.key.seen_slot()) {
+        if let Some(seen) = seen_byte(f.key.seen_slot()) {
             // SAFETY: an array element, alive while the program runs; a
             // byte store, so a racing store leaves one of two epochs, both
             // valid for the next lookups.

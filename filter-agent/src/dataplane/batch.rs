@@ -231,3 +231,64 @@ fn data<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a MapData, Error> {
         })),
     }
 }
+
+/// Stores `byte` at each of `offsets` in the values of the array map
+/// `name` (created `BPF_F_MMAPABLE`), one byte store each through a
+/// shared mapping of them. For maps whose entries hold several slots that
+/// the programs store into byte by byte meanwhile: an update through the
+/// syscall would write the whole entry back, and with it an older copy of
+/// the slots beside.
+pub(super) fn store_bytes(
+    ebpf: &Ebpf,
+    name: &'static str,
+    offsets: &[u32],
+    byte: u8,
+) -> Result<(), Error> {
+    store_bytes_in(data(ebpf, name)?, name, offsets, byte)
+}
+
+/// [`store_bytes`] into an array map already open.
+pub(super) fn store_bytes_in(
+    map: &MapData,
+    name: &'static str,
+    offsets: &[u32],
+    byte: u8,
+) -> Result<(), Error> {
+    use std::sync::atomic::{AtomicU8, Ordering};
+    let info = map.info().map_err(map_error(name, "info"))?;
+    let len = info.max_entries() as usize * info.value_size().next_multiple_of(8) as usize;
+    if offsets.is_empty() || len == 0 {
+        return Ok(());
+    }
+    let fd = map.fd().as_fd().as_raw_fd();
+    // SAFETY: a new shared mapping of the map's `len` bytes of values
+    // (offset 0 of an mmapable array's file), unmapped below; nothing
+    // else of this process refers to it.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(map_error(name, "map into memory")(MapError::SyscallError(
+            SyscallError {
+                call: "mmap",
+                io_error: std::io::Error::last_os_error(),
+            },
+        )));
+    }
+    let bytes = base.cast::<AtomicU8>();
+    for &at in offsets.iter().filter(|&&at| (at as usize) < len) {
+        // SAFETY: within the mapping; `AtomicU8` has `u8`'s layout, and an
+        // atomic store is the byte store the programs do too.
+        unsafe { (*bytes.add(at as usize)).store(byte, Ordering::Relaxed) };
+    }
+    // SAFETY: the mapping made above, no longer used.
+    unsafe { libc::munmap(base, len) };
+    Ok(())
+}

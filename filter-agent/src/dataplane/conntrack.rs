@@ -333,12 +333,7 @@ impl Dataplane {
         if slots.is_empty() {
             return Ok(());
         }
-        super::batch::update(
-            &self.ebpf,
-            names::MAP_CT_SEEN,
-            slots,
-            &vec![epoch; slots.len()],
-        )
+        super::batch::store_bytes(&self.ebpf, names::MAP_CT_SEEN, slots, epoch)
     }
 
     /// Moves the presence filter to the next epoch after a walk that found

@@ -134,7 +134,7 @@ pub struct Live {
     ct: [HashMap<MapData, CtKey, CtValue>; 2],
     /// Conntrack's presence filter and its control word: an entry put in
     /// the tables is marked there too, or the programs would not look.
-    seen: aya::maps::Array<MapData, u8>,
+    seen: MapData,
     epoch: aya::maps::Array<MapData, u32>,
 }
 
@@ -176,8 +176,7 @@ impl Live {
         let array = |name: &'static str| {
             Ok::<_, Error>(aya::maps::Map::Array(super::open_map_pin(pin_dir, name)?))
         };
-        let seen = aya::maps::Array::try_from(array(names::MAP_CT_SEEN)?)
-            .map_err(map_error(names::MAP_CT_SEEN, "open"))?;
+        let seen = super::open_map_pin(pin_dir, names::MAP_CT_SEEN)?;
         let epoch = aya::maps::Array::try_from(array(names::MAP_CT_EPOCH)?)
             .map_err(map_error(names::MAP_CT_EPOCH, "open"))?;
         Ok(Live {
@@ -227,9 +226,12 @@ impl Live {
             .get(&0, 0)
             .map_err(map_error(names::MAP_CT_EPOCH, "read"))?;
         if let Some(epoch) = filter_common::ct::insert_mark(control) {
-            self.seen
-                .set(key.seen_slot(), &epoch, 0)
-                .map_err(map_error(names::MAP_CT_SEEN, "mark"))?;
+            super::batch::store_bytes_in(
+                &self.seen,
+                names::MAP_CT_SEEN,
+                &[key.seen_slot()],
+                epoch,
+            )?;
         }
         Ok(())
     }
