@@ -1703,6 +1703,40 @@ spec:
     );
 }
 
+/// A map an earlier agent pinned under a name whose layout version has
+/// been bumped since (the presence filter's `FW_CTSEEN1`) is unpinned when
+/// the dataplane loads, and the maps of this layout stay pinned: nothing
+/// would read the old one, and its pin would keep its memory.
+#[test]
+fn pins_of_maps_of_an_earlier_layout_are_removed_at_load() {
+    if !privileged("pins_of_maps_of_an_earlier_layout_are_removed_at_load") {
+        return;
+    }
+    let pin_dir = Path::new("/sys/fs/bpf").join(unique("fwretired"));
+    // Removed with the directory by `Loaded`'s drop, whatever happens.
+    let mut k = Loaded {
+        dp: None,
+        pin_dir: pin_dir.clone(),
+        published: None,
+    };
+    std::fs::create_dir_all(&pin_dir).expect("create the pin directory");
+    let retired = pin_dir.join("FW_CTSEEN1");
+    let made = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&retired)
+        .args(["type", "array", "key", "4", "value", "1", "entries", "1"])
+        .args(["name", "FW_CTSEEN1"])
+        .status()
+        .expect("run bpftool");
+    assert!(made.success(), "bpftool map create");
+    assert!(retired.exists());
+    k.dp = Some(Dataplane::load(&pin_dir).expect("load"));
+    assert!(!retired.exists(), "the retired map's pin is gone");
+    for name in filter_common::names::MAPS {
+        assert!(pin_dir.join(name).exists(), "{name} is pinned");
+    }
+}
+
 /// A change is a patch: the generation it goes into holds the policy
 /// before the live one, and only what differs is written. With 200 deny
 /// rules over 2,000 sources loaded, turning the last rule from Deny to

@@ -31,7 +31,7 @@ mod testrun;
 
 use attach::Attachment;
 pub use counters::PinnedCounters;
-use pins::{ensure_bpffs, open_map_pin, remove_pins};
+use pins::{ensure_bpffs, open_map_pin, remove_pins, remove_retired_map_pins};
 pub use publish::{class_storage, first_slots, preflight, PublishTimes};
 pub use testrun::TcRun;
 
@@ -361,6 +361,9 @@ impl Dataplane {
         };
         dp.live = dp.generation()?;
         dp.start_presence_filter()?;
+        // Last, so an agent that fails to load leaves a previous one's
+        // pins as they were.
+        remove_retired_map_pins(pin_dir, &dp.ebpf)?;
         Ok(dp)
     }
 

@@ -21,6 +21,34 @@ pub(super) fn open_map_pin(pin_dir: &Path, name: &'static str) -> Result<MapData
     ))
 }
 
+/// Unpins the maps a previous agent pinned under names this object does
+/// not have: a map's name carries its layout's version
+/// (`filter_common::names`), and one whose version was bumped is left to
+/// no reader, its pin alone keeping its memory (the programs still
+/// attached keep theirs alive until they are swapped for ours).
+pub(super) fn remove_retired_map_pins(pin_dir: &Path, ebpf: &Ebpf) -> Result<(), Error> {
+    let current: BTreeSet<&str> = ebpf.maps().map(|(name, _)| name).collect();
+    let entries = std::fs::read_dir(pin_dir).map_err(|source| Error::Fs {
+        op: "read",
+        path: pin_dir.to_path_buf(),
+        source,
+    })?;
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("FW_") && !is_link_pin(&path) && !current.contains(name.as_ref()) {
+            tracing::info!(pin = %path.display(), "unpinning a map of an earlier layout");
+            std::fs::remove_file(&path).map_err(|source| Error::Fs {
+                op: "unpin retired",
+                path: path.clone(),
+                source,
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// Whether a pin in the pin directory is a link (see [`link_pin`]).
 pub(super) fn is_link_pin(path: &Path) -> bool {
     path.file_name()
