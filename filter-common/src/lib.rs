@@ -760,7 +760,7 @@ pub mod names {
     /// The node's own addresses.
     pub const MAP_HOST: &str = "FW_HOST1";
     /// Service frontends.
-    pub const MAP_SERVICES: &str = "FW_SVC1";
+    pub const MAP_SERVICES: &str = "FW_SVC2";
     /// The first fragments each hook passed (`FragKey` → time).
     pub const MAP_FRAGMENTS: &str = "FW_FRAG1";
     /// Log records ([`crate::events::Record`]) for the agent.
@@ -1226,7 +1226,7 @@ pub struct HostKey {
 /// Entries in the node-address map.
 pub const MAX_HOST_ADDRS: u32 = 1024;
 
-/// Key of the service-frontend map (`FW_SVC1`): an address, protocol and
+/// Key of the service-frontend map (`FW_SVC2`): an address, protocol and
 /// port kube-proxy rewrites. Traffic to a frontend is forwarded, not
 /// host-bound, even when the address is the node's (a NodePort).
 #[repr(C)]

@@ -10,7 +10,7 @@
 //! the FIB leaves no window: an address added a moment ago is local at
 //! once. The agent's list of node addresses (`FW_HOST1`) is the fallback
 //! when the FIB cannot answer. Service frontends kube-proxy rewrites
-//! (`FW_SVC1`, NodePorts on node addresses among them) are forwarded: they
+//! (`FW_SVC2`, NodePorts on node addresses among them) are forwarded: they
 //! meet the forward stage after DNAT.
 
 use aya_ebpf::{
@@ -29,8 +29,12 @@ use crate::parse::{Family, Packet};
 #[map(name = "FW_HOST1")]
 static FW_HOST1: HashMap<HostKey, u32> = HashMap::pinned(MAX_HOST_ADDRS, 0);
 
-#[map(name = "FW_SVC1")]
-static FW_SVC1: HashMap<SvcKey, u32> = HashMap::pinned(MAX_FRONTENDS, 0);
+/// Allocated as entries come: a node has a few hundred frontends, not
+/// 65,536 (preallocated, 6 MiB whatever the cluster), and only the agent
+/// writes it, never a packet.
+#[map(name = "FW_SVC2")]
+static FW_SVC2: HashMap<SvcKey, u32> =
+    HashMap::pinned(MAX_FRONTENDS, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -75,7 +79,7 @@ pub fn is_host_bound(skb: *mut core::ffi::c_void, ifindex: u32, pkt: &Packet) ->
         addr: pkt.dst,
     };
     // SAFETY: as above.
-    unsafe { FW_SVC1.get(&svc) }.is_none()
+    unsafe { FW_SVC2.get(&svc) }.is_none()
 }
 
 /// The FIB's answer for `pkt` arriving on `ifindex`: `Some(true)` when the
