@@ -89,23 +89,11 @@ impl Dataplane {
             .values()
             .flat_map(|a| a.links.iter().map(|(_, p)| p))
             .collect();
-        let entries = std::fs::read_dir(&self.pin_dir).map_err(|source| Error::Fs {
-            op: "read",
-            path: self.pin_dir.clone(),
-            source,
-        })?;
-        for e in entries.flatten() {
-            let path = e.path();
-            if is_link_pin(&path) && !claimed.contains(&&path) {
-                tracing::info!(pin = %path.display(), "detaching a link no endpoint claims");
-                std::fs::remove_file(&path).map_err(|source| Error::Fs {
-                    op: "unpin",
-                    path: path.clone(),
-                    source,
-                })?;
-            }
-        }
-        Ok(())
+        super::pins::unpin_where(
+            &self.pin_dir,
+            "detaching a link no endpoint claims",
+            |path| is_link_pin(path) && !claimed.iter().any(|c| c.as_path() == path),
+        )
     }
 
     /// Attaches the three programs to `iface`. A link pinned by a previous

@@ -257,7 +257,13 @@ pub(super) fn store_bytes_in(
     use std::sync::atomic::{AtomicU8, Ordering};
     let info = map.info().map_err(map_error(name, "info"))?;
     let len = info.max_entries() as usize * info.value_size().next_multiple_of(8) as usize;
-    if offsets.is_empty() || len == 0 {
+    if let Some(&index) = offsets.iter().find(|&&at| at as usize >= len) {
+        return Err(map_error(name, "store")(MapError::OutOfBounds {
+            index,
+            max_entries: len as u32,
+        }));
+    }
+    if offsets.is_empty() {
         return Ok(());
     }
     let fd = map.fd().as_fd().as_raw_fd();
@@ -283,9 +289,10 @@ pub(super) fn store_bytes_in(
         )));
     }
     let bytes = base.cast::<AtomicU8>();
-    for &at in offsets.iter().filter(|&&at| (at as usize) < len) {
-        // SAFETY: within the mapping; `AtomicU8` has `u8`'s layout, and an
-        // atomic store is the byte store the programs do too.
+    for &at in offsets {
+        // SAFETY: within the mapping (checked above); `AtomicU8` has
+        // `u8`'s layout, and an atomic store is the byte store the
+        // programs do too.
         unsafe { (*bytes.add(at as usize)).store(byte, Ordering::Relaxed) };
     }
     // SAFETY: the mapping made above, no longer used.

@@ -28,6 +28,21 @@ pub(super) fn open_map_pin(pin_dir: &Path, name: &'static str) -> Result<MapData
 /// attached keep theirs alive until they are swapped for ours).
 pub(super) fn remove_retired_map_pins(pin_dir: &Path, ebpf: &Ebpf) -> Result<(), Error> {
     let current: BTreeSet<&str> = ebpf.maps().map(|(name, _)| name).collect();
+    unpin_where(pin_dir, "unpinning a map of an earlier layout", |path| {
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .is_some_and(|n| {
+                n.starts_with("FW_") && !is_link_pin(path) && !current.contains(n.as_ref())
+            })
+    })
+}
+
+/// Unpins each pin of `pin_dir` that `stale` picks, logging `why`.
+pub(super) fn unpin_where(
+    pin_dir: &Path,
+    why: &str,
+    stale: impl Fn(&Path) -> bool,
+) -> Result<(), Error> {
     let entries = std::fs::read_dir(pin_dir).map_err(|source| Error::Fs {
         op: "read",
         path: pin_dir.to_path_buf(),
@@ -35,12 +50,10 @@ pub(super) fn remove_retired_map_pins(pin_dir: &Path, ebpf: &Ebpf) -> Result<(),
     })?;
     for e in entries.flatten() {
         let path = e.path();
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with("FW_") && !is_link_pin(&path) && !current.contains(name.as_ref()) {
-            tracing::info!(pin = %path.display(), "unpinning a map of an earlier layout");
+        if stale(&path) {
+            tracing::info!(pin = %path.display(), "{why}");
             std::fs::remove_file(&path).map_err(|source| Error::Fs {
-                op: "unpin retired",
+                op: "unpin",
                 path: path.clone(),
                 source,
             })?;
