@@ -579,6 +579,8 @@ fn xdp_filter(link: &Link, list: usize) -> Result<Guard, String> {
 const UPDATE_SIZES: [(usize, usize); 4] = [(1, 0), (100, 0), (10_000, 0), (10_000, 100_000)];
 /// Changes timed per size and tool.
 const CHANGES: usize = 100;
+/// Full reloads timed: each rewrites the whole policy, so fewer.
+const FULL_RELOADS: usize = 20;
 /// Untimed changes before the timed ones: a node's agent has long made
 /// its first writes of both generations (each a full write, its inactive
 /// generation unknown at start) and settled its memory before an operator
@@ -612,7 +614,7 @@ struct UpdateRow {
 /// lets through, [`CHANGES`] times per tool and size.
 fn updates(link: &Link) -> Vec<UpdateRow> {
     println!("## Update latency: one rule's action flipped\n");
-    println!("A probe sends a UDP packet every {} µs; the last rule of the policy decides it. Each change turns that rule from Deny to Allow (and back, untimed): the time from the change (the policy file written and renamed into place, or the command started; the file's text or the rule set made beforehand) to the first probe that arrives, after {WARM_UP} untimed changes. This filter's agent runs with `--debounce {DEBOUNCE_MS}`; its time includes the debounce, the watcher, reading the file, parsing, typing and compiling what changed (the rest is taken over from the last load) and patching the inactive generation. {CHANGES} changes per row.\n", PROBE_EVERY.as_micros());
+    println!("A probe sends a UDP packet every {} µs; the last rule of the policy decides it. Each change turns that rule from Deny to Allow (and back, untimed): the time from the change (the policy file written and renamed into place, or the command started; the file's text or the rule set made beforehand) to the first probe that arrives, after {WARM_UP} untimed changes. This filter's agent runs with `--debounce {DEBOUNCE_MS}`; its time includes the debounce, the watcher, reading the file, parsing, typing and compiling what changed (the rest is taken over from the last load) and patching the inactive generation. {CHANGES} changes per row. The last row is a full reload: the change gives every other rule other sources and ports as it allows the probe, so nothing of the last load is taken over ({FULL_RELOADS} changes).\n", PROBE_EVERY.as_micros());
     println!("| tool | rules | CIDRs | median ms | p99 ms | max ms |");
     println!("|---|---:|---:|---:|---:|---:|");
     let probe = Probe::start(link);
@@ -636,7 +638,7 @@ fn updates(link: &Link) -> Vec<UpdateRow> {
                 .into_iter()
                 .zip(["this filter", "iptables-restore (legacy)", "nft -f"])
         {
-            let result = tool.and_then(|mut t| time_changes(&probe, t.as_mut()));
+            let result = tool.and_then(|mut t| time_changes(&probe, t.as_mut(), CHANGES));
             let row = UpdateRow {
                 tool: name,
                 rules,
@@ -647,6 +649,21 @@ fn updates(link: &Link) -> Vec<UpdateRow> {
             rows.push(row);
         }
     }
+    // A full reload: the change rewrites every rule (other sources, other
+    // ports), so nothing of the last load can be taken over.
+    let (rules, cidrs) = UPDATE_SIZES[UPDATE_SIZES.len() - 1];
+    let result = ThisFilter::start(link, rules, cidrs).and_then(|mut t| {
+        t.everything = true;
+        time_changes(&probe, &mut t, FULL_RELOADS)
+    });
+    let row = UpdateRow {
+        tool: "this filter, every rule changed",
+        rules,
+        cidrs,
+        result,
+    };
+    print_update(&row);
+    rows.push(row);
     println!();
     rows
 }
@@ -667,9 +684,13 @@ fn print_update(row: &UpdateRow) {
     }
 }
 
-/// [`CHANGES`] timed changes (Deny to Allow) after [`WARM_UP`] untimed
+/// `changes` timed changes (Deny to Allow) after [`WARM_UP`] untimed
 /// ones, each undone before the next.
-fn time_changes(probe: &Probe, tool: &mut dyn Apply) -> Result<Vec<Duration>, String> {
+fn time_changes(
+    probe: &Probe,
+    tool: &mut dyn Apply,
+    changes: usize,
+) -> Result<Vec<Duration>, String> {
     let (allow, deny) = (tool.prepare(true), tool.prepare(false));
     tool.apply(false, &deny)?;
     probe.wait_silent(tool.name())?;
@@ -685,7 +706,7 @@ fn time_changes(probe: &Probe, tool: &mut dyn Apply) -> Result<Vec<Duration>, St
     for _ in 0..WARM_UP {
         change()?;
     }
-    let mut took = (0..CHANGES)
+    let mut took = (0..changes)
         .map(|_| change())
         .collect::<Result<Vec<_>, _>>()?;
     took.sort();
@@ -783,6 +804,8 @@ const PROBE_SOURCE: &str = "198.51.100.1";
 struct ThisFilter {
     rules: usize,
     cidrs: usize,
+    /// Whether the change rewrites every rule, not only the probe's.
+    everything: bool,
     dir: PolicyDir,
     agent: Agent,
 }
@@ -790,11 +813,12 @@ struct ThisFilter {
 impl ThisFilter {
     fn start(link: &Link, rules: usize, cidrs: usize) -> Result<ThisFilter, String> {
         let dir = PolicyDir::new("updates");
-        dir.write(&probe_policy(rules, cidrs, false));
+        dir.write(&probe_policy(rules, cidrs, false, false));
         let agent = start_agent(link, &dir, None, &[])?;
         Ok(ThisFilter {
             rules,
             cidrs,
+            everything: false,
             dir,
             agent,
         })
@@ -807,7 +831,7 @@ impl Apply for ThisFilter {
     }
 
     fn prepare(&self, allow: bool) -> String {
-        probe_policy(self.rules, self.cidrs, allow)
+        probe_policy(self.rules, self.cidrs, allow, self.everything && allow)
     }
 
     fn apply(&mut self, allow: bool, input: &str) -> Result<(), String> {
@@ -823,15 +847,16 @@ impl Apply for ThisFilter {
 }
 
 /// `rules` rules in a normal (not pre-DNAT) policy on the receiver, the
-/// last for the probe; `cidrs` sources spread over the others.
-fn probe_policy(rules: usize, cidrs: usize, allow: bool) -> String {
+/// last for the probe; `cidrs` sources spread over the others; `other`:
+/// every other rule with other sources and ports.
+fn probe_policy(rules: usize, cidrs: usize, allow: bool, other: bool) -> String {
     let mut y = host_endpoint();
     y += "---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: probe}\nspec:\n  selector: role == 'bench'\n  egress:\n  - action: Allow\n  ingress:\n";
     let fillers = rules - 1;
     let per = cidrs.checked_div(fillers).unwrap_or(0);
-    let mut n = 0u32;
+    let (mut n, shift) = if other { (1 << 22, 1) } else { (0, 0) };
     for r in 0..fillers {
-        let (src, port) = filler(r);
+        let (src, port) = filler(r + shift);
         let nets = if per == 0 {
             vec![format!("{src}/32")]
         } else {
