@@ -19,3 +19,13 @@ pub mod reference;
 pub mod selector;
 pub mod source;
 pub mod state;
+
+/// Drops `garbage` on a thread of its own: freeing what a reload replaced
+/// (a big policy's last parse is hundreds of thousands of allocations)
+/// need not delay what it enforces. Should no thread start, the closure,
+/// garbage and all, is dropped here with the error, as it would have been.
+pub fn drop_aside<T: Send + 'static>(garbage: T) {
+    let _ = std::thread::Builder::new()
+        .name("drop".into())
+        .spawn(move || drop(garbage));
+}

@@ -188,9 +188,12 @@ impl Store {
     ) -> Result<Store, Vec<Error>> {
         let mut store = Store::default();
         let mut errors = Vec::new();
-        parses
+        // What this load replaces, freed aside (`crate::drop_aside`).
+        let mut retired: Vec<Parsed> = parses
             .files
-            .retain(|file, _| texts.iter().any(|(f, _)| f == file));
+            .extract_if(.., |file, _| !texts.iter().any(|(f, _)| f == file))
+            .map(|(_, p)| p)
+            .collect();
         let rules = std::cell::RefCell::new(RuleTypes {
             taken: 0,
             load: parses.rules.load + 1,
@@ -205,7 +208,7 @@ impl Store {
                 Ok((parsed, how)) => {
                     tracing::debug!(file = %file.display(), ?how, "parsed");
                     store.add_docs(file, parsed.docs(), Some(&rules), &mut errors);
-                    parses.files.insert(file.clone(), parsed);
+                    retired.extend(parses.files.insert(file.clone(), parsed));
                 }
                 Err(e) => errors.push(Error {
                     origin: Origin {
@@ -219,8 +222,12 @@ impl Store {
         }
         let mut rules = rules.into_inner();
         let load = rules.load;
-        rules.typed.retain(|_, (_, seen)| *seen == load);
+        let stale: Vec<_> = rules
+            .typed
+            .extract_if(|_, (_, seen)| *seen != load)
+            .collect();
         parses.rules = rules;
+        crate::drop_aside((retired, stale));
         if errors.is_empty() {
             validate::store(&store, &mut errors);
         }

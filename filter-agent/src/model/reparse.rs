@@ -281,18 +281,23 @@ fn parse_items(lines: &[&str], next: Option<&str>, run: &Run) -> Option<Vec<Arc<
     let snippet_lines: Vec<&str> = snippet.split_inclusive('\n').collect();
     // The items' own nesting counts from the sequence's depth.
     let depth = MAX_NESTING + 1 + usize::from(wrapped) - run.depth;
-    let docs = documents_within(&snippet, depth).ok()?;
-    let seq = match (docs.as_slice(), wrapped) {
-        ([], false) if next.is_none() => return Some(Vec::new()),
-        ([seq], false) => seq,
-        ([map], true) => match &map.value {
-            Value::Map(entries) if entries.len() == 2 && entries[1].0.name == "z" => &entries[0].1,
+    // Taken, not borrowed: the items then have one owner each, and
+    // renumbering their lines below changes them in place instead of
+    // copying every one.
+    let mut docs = documents_within(&snippet, depth).ok()?;
+    let seq = match (docs.len(), wrapped) {
+        (0, false) if next.is_none() => return Some(Vec::new()),
+        (1, false) => docs.pop()?,
+        (1, true) => match docs.pop()?.value {
+            Value::Map(mut entries) if entries.len() == 2 && entries[1].0.name == "z" => {
+                entries.swap_remove(0).1
+            }
             _ => return None,
         },
         _ => return None,
     };
-    let mut items = match &seq.value {
-        Value::Seq(items) => items.clone(),
+    let mut items = match seq.value {
+        Value::Seq(items) => items,
         Value::Null if wrapped => Vec::new(),
         _ => return None,
     };
