@@ -98,32 +98,43 @@ impl TableBuilder {
             .filter(|(_, m)| m.v6)
             .map(|(r, _)| r)
             .collect();
-        let mut field = |n: u8, key: FieldKey| -> Entries {
-            let slot = (stage, direction, n);
-            let mut local = match reuse.last.remove(&slot) {
-                Some(last) if key.is(&last.key) => {
-                    reuse.reused += 1;
-                    Field { key, ..last }
-                }
-                _ => {
-                    reuse.in_step = false;
-                    Field::classify(key)
-                }
-            };
-            let entries = local.entries_in(interner, &mut reuse.in_step);
-            reuse.next.insert(slot, local);
-            entries
-        };
         let key = |of| FieldKey {
             parts: matches.clone(),
             of,
         };
-        let src_v4 = field(0, key(Of::Addr(|m| &m.src4, v4.clone()))).prefixes();
-        let dst_v4 = field(1, key(Of::Addr(|m| &m.dst4, v4.clone()))).prefixes();
-        let src_v6 = field(2, key(Of::Addr(|m| &m.src6, v6.clone()))).prefixes();
-        let dst_v6 = field(3, key(Of::Addr(|m| &m.dst6, v6))).prefixes();
-        let dports = field(4, key(Of::Port(|m| &m.dport, true))).ports();
-        let sports = field(5, key(Of::Port(|m| &m.sport, false))).ports();
+        let keys = [
+            key(Of::Addr(|m| &m.src4, v4.clone())),
+            key(Of::Addr(|m| &m.dst4, v4)),
+            key(Of::Addr(|m| &m.src6, v6.clone())),
+            key(Of::Addr(|m| &m.dst6, v6)),
+            key(Of::Port(|m| &m.dport, true)),
+            key(Of::Port(|m| &m.sport, false)),
+        ];
+        let slot = |n: usize| (stage, direction, n as u8);
+        let [src_v4, dst_v4, src_v6, dst_v6, dports, sports] =
+            fields(keys, |n, key| match reuse.last.remove(&slot(n)) {
+                Some(last) if key.is(&last.key) => {
+                    reuse.reused += 1;
+                    Ok(Field { key, ..last })
+                }
+                _ => Err(key),
+            });
+        // Numbered into the compile's classes in field order, as the
+        // fields come: taken over, or classified.
+        let mut number = |n: usize, (mut local, classified): (Field, bool)| {
+            if classified {
+                reuse.in_step = false;
+            }
+            let entries = local.entries_in(interner, &mut reuse.in_step);
+            reuse.next.insert(slot(n), local);
+            entries
+        };
+        let src_v4 = number(0, src_v4).prefixes();
+        let dst_v4 = number(1, dst_v4).prefixes();
+        let src_v6 = number(2, src_v6).prefixes();
+        let dst_v6 = number(3, dst_v6).prefixes();
+        let dports = number(4, dports).ports();
+        let sports = number(5, sports).ports();
         Table {
             stage,
             direction,
@@ -137,6 +148,52 @@ impl TableBuilder {
             masks,
         }
     }
+}
+
+/// A table's fields: each taken over from the last compile (`take` gives
+/// it back, `Ok`) or classified (`true` beside it). Those classified are
+/// independent and one may hold most of a compile's work (a list of
+/// 100,000 sources), so two threads take them one by one.
+fn fields<const N: usize>(
+    keys: [FieldKey; N],
+    mut take: impl FnMut(usize, FieldKey) -> Result<Field, FieldKey>,
+) -> [(Field, bool); N] {
+    let mut done: [Option<(Field, bool)>; N] = [const { None }; N];
+    let mut todo = Vec::new();
+    for (n, key) in keys.into_iter().enumerate() {
+        match take(n, key) {
+            Ok(field) => done[n] = Some((field, false)),
+            Err(key) => todo.push((n, key)),
+        }
+    }
+    let jobs = todo.len();
+    let queue = std::sync::Mutex::new(todo.into_iter());
+    let work = || {
+        let mut out = Vec::new();
+        loop {
+            let job = queue.lock().unwrap_or_else(|e| e.into_inner()).next();
+            let Some((n, key)) = job else { return out };
+            out.push((n, Field::classify(key)));
+        }
+    };
+    let classified = std::thread::scope(|s| {
+        // Without a second thread, this one does it all.
+        let helper = (jobs > 1)
+            .then(|| std::thread::Builder::new().spawn_scoped(s, work).ok())
+            .flatten();
+        let mut out = work();
+        if let Some(helper) = helper {
+            match helper.join() {
+                Ok(more) => out.extend(more),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        out
+    });
+    for (n, field) in classified {
+        done[n] = Some((field, true));
+    }
+    done.map(|field| field.expect("every field is taken over or classified"))
 }
 
 /// The entries of a port trie for one port field.
