@@ -5,14 +5,62 @@
 //! every duplicate. The dataplane stores them sparse in the kernel's class
 //! maps (`dataplane::classes`) and checks their capacity.
 
-use std::sync::Arc;
+use std::{
+    hash::{BuildHasher, BuildHasherDefault},
+    sync::Arc,
+};
 
 /// An index by rule set. A rule set is a word per 64 rules, and a compile
 /// and a publish intern one per trie entry and class: std's SipHash spent
 /// a tenth of a 10,000-rule compile hashing them. foldhash's quality
 /// hasher, seeded per process like std's, hashes long keys several times
-/// faster.
-pub type SetIndex<V> = std::collections::HashMap<RuleSet, V, foldhash::quality::RandomState>;
+/// faster; and each key carries its hash ([`Keyed`]), computed once, where
+/// a growing map would hash every key again at each doubling (a twentieth
+/// of a full reload's compile at 10,000 rules).
+pub type SetIndex<V> = std::collections::HashMap<Keyed, V, BuildHasherDefault<Prehashed>>;
+
+/// A rule set and its hash, the key of a [`SetIndex`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keyed {
+    hash: u64,
+    /// The set.
+    pub set: RuleSet,
+}
+
+impl std::hash::Hash for Keyed {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl From<RuleSet> for Keyed {
+    fn from(set: RuleSet) -> Keyed {
+        // One seed per process, as std's maps have.
+        static SEED: std::sync::OnceLock<foldhash::quality::RandomState> =
+            std::sync::OnceLock::new();
+        let hash = SEED.get_or_init(Default::default).hash_one(&set);
+        Keyed { hash, set }
+    }
+}
+
+/// The hasher of a [`SetIndex`]: its keys come hashed.
+#[derive(Default)]
+pub struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is meant; fold anything else in all the same.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
 
 /// A set of rule numbers.
 ///
@@ -42,6 +90,11 @@ impl std::hash::Hash for RuleSet {
 }
 
 impl RuleSet {
+    /// This set as a [`SetIndex`] key.
+    pub fn keyed(&self) -> Keyed {
+        Keyed::from(self.clone())
+    }
+
     /// No rule.
     pub fn new() -> RuleSet {
         RuleSet::default()

@@ -510,26 +510,28 @@ impl Interner {
             classes
                 .iter()
                 .enumerate()
-                .map(|(c, s)| (s.clone(), c as u32))
+                .map(|(c, s)| (s.keyed(), c as u32))
                 .collect()
         })
     }
 
-    /// [`Interner::class`] of a borrowed set, copied only if new.
+    /// [`Interner::class`] of a borrowed set (a reference more, not a
+    /// copy of its words).
     pub(super) fn class_of(&mut self, set: &RuleSet) -> u32 {
-        match self.index().get(set) {
-            Some(c) => *c,
-            None => self.class(set.clone()),
-        }
+        self.class_keyed(set.keyed())
     }
 
     pub(super) fn class(&mut self, set: RuleSet) -> u32 {
+        self.class_keyed(set.into())
+    }
+
+    fn class_keyed(&mut self, key: bits::Keyed) -> u32 {
         use std::collections::hash_map::Entry;
         let next = self.classes.len() as u32;
-        match self.index().entry(set) {
+        match self.index().entry(key) {
             Entry::Occupied(known) => *known.get(),
             Entry::Vacant(new) => {
-                let set = new.key().clone();
+                let set = new.key().set.clone();
                 new.insert(next);
                 self.classes.push(set);
                 next
@@ -543,7 +545,7 @@ impl Interner {
         for (set, &c) in sets.iter().zip(global) {
             if c as usize == self.classes.len() {
                 if let Some(index) = &mut self.index {
-                    index.insert(set.clone(), c);
+                    index.insert(set.keyed(), c);
                 }
                 self.classes.push(set.clone());
             }

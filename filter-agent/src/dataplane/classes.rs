@@ -57,11 +57,12 @@ impl Layout {
     /// The class of `set`, added if new. `word_base` is the generation's
     /// first index in the word array. Errors name the capacity exceeded.
     pub fn intern(&mut self, set: &RuleSet, word_base: u32) -> Result<u32, String> {
-        if let Some(&id) = self.index.get(set) {
+        let key = set.keyed();
+        if let Some(&id) = self.index.get(&key) {
             return Ok(id);
         }
         let id = self.push(set, word_base)?;
-        self.index.insert(set.clone(), id);
+        self.index.insert(key, id);
         Ok(id)
     }
 
