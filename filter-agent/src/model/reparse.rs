@@ -262,7 +262,50 @@ fn common_suffix(a: &[u8], b: &[u8], n: usize) -> usize {
 /// its first token ends the last item, and an empty node (`key:` with no
 /// value) takes its position from that token, so the lines are parsed
 /// with a stand-in token at the same line and column.
+///
+/// A run of many lines (a full reload's is the whole policy) is parsed in
+/// two halves on two threads, split at an item's dash near the middle:
+/// the first half then ends before an item, as a run does.
 fn parse_items(lines: &[&str], next: Option<&str>, run: &Run) -> Option<Vec<Arc<Node>>> {
+    let split = (lines.len() >= PARALLEL_LINES)
+        .then(|| {
+            (lines.len() / 2..lines.len()).find(|&k| dash_column(lines[k]) == Some(run.column))
+        })
+        .flatten();
+    let Some(k) = split else {
+        return parse_items_alone(lines, next, run);
+    };
+    let (first, second) = lines.split_at(k);
+    let second_run = Run {
+        path: Vec::new(),
+        start: run.start + k,
+        ..*run
+    };
+    let (first, second) = std::thread::scope(|s| {
+        // The parse itself runs on a thread of its own with the stack
+        // it needs (`documents_within`).
+        let helper = std::thread::Builder::new()
+            .spawn_scoped(s, || parse_items_alone(second, next, &second_run))
+            .ok();
+        let first = parse_items_alone(first, Some(second[0]), run);
+        let second = match helper.map(|h| h.join()) {
+            Some(Ok(items)) => items,
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            None => parse_items_alone(second, next, &second_run),
+        };
+        (first, second)
+    });
+    let mut items = first?;
+    items.extend(second?);
+    Some(items)
+}
+
+/// Lines of a run from which [`parse_items`] parses it in two halves; few
+/// in unit tests, so that the property tests split their runs too.
+const PARALLEL_LINES: usize = if cfg!(test) { 4 } else { 20_000 };
+
+/// [`parse_items`] on this thread.
+fn parse_items_alone(lines: &[&str], next: Option<&str>, run: &Run) -> Option<Vec<Arc<Node>>> {
     let column = run.column;
     let (head, tail) = match next.map(indent) {
         None => (String::new(), String::new()),
