@@ -29,3 +29,23 @@ pub fn drop_aside<T: Send + 'static>(garbage: T) {
         .name("drop".into())
         .spawn(move || drop(garbage));
 }
+
+/// `here` on this thread and `there` on a second one, at once: the two
+/// halves of a full reload's parse, typing or classification. Should no
+/// thread start, `there` runs here after `here`; a panic in either is
+/// this thread's.
+pub fn on_two_threads<A, B: Send>(
+    here: impl FnOnce() -> A,
+    there: impl Fn() -> B + Sync,
+) -> (A, B) {
+    std::thread::scope(|s| {
+        let helper = std::thread::Builder::new().spawn_scoped(s, &there).ok();
+        let a = here();
+        let b = match helper.map(|h| h.join()) {
+            Some(Ok(b)) => b,
+            Some(Err(panic)) => std::panic::resume_unwind(panic),
+            None => there(),
+        };
+        (a, b)
+    })
+}

@@ -176,20 +176,15 @@ fn fields<const N: usize>(
             out.push((n, Field::classify(key)));
         }
     };
-    let classified = std::thread::scope(|s| {
-        // Without a second thread, this one does it all.
-        let helper = (jobs > 1)
-            .then(|| std::thread::Builder::new().spawn_scoped(s, work).ok())
-            .flatten();
-        let mut out = work();
-        if let Some(helper) = helper {
-            match helper.join() {
-                Ok(more) => out.extend(more),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
+    let classified = match jobs {
+        0 | 1 => work(),
+        // Both take from the queue: whichever is free takes the next.
+        _ => {
+            let (mut out, more) = crate::on_two_threads(work, work);
+            out.extend(more);
+            out
         }
-        out
-    });
+    };
     for (n, field) in classified {
         done[n] = Some((field, true));
     }

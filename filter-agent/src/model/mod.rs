@@ -523,19 +523,12 @@ fn type_rules(
         return which.iter().map(one).collect();
     }
     let (first, second) = which.split_at(which.len() / 2);
-    std::thread::scope(|s| {
-        let helper = std::thread::Builder::new()
-            .spawn_scoped(s, || second.iter().map(one).collect::<Vec<_>>())
-            .ok();
-        let mut out: Vec<_> = first.iter().map(one).collect();
-        match helper.map(|h| h.join()) {
-            Some(Ok(rest)) => out.extend(rest),
-            Some(Err(panic)) => std::panic::resume_unwind(panic),
-            // No second thread: this one types them.
-            None => out.extend(second.iter().map(one)),
-        }
-        out
-    })
+    let (mut out, rest) = crate::on_two_threads(
+        || first.iter().map(one).collect::<Vec<_>>(),
+        || second.iter().map(one).collect::<Vec<_>>(),
+    );
+    out.extend(rest);
+    out
 }
 
 /// Rules to type before a second thread pays (a rule: about 5 µs); small

@@ -281,20 +281,12 @@ fn parse_items(lines: &[&str], next: Option<&str>, run: &Run) -> Option<Vec<Arc<
         start: run.start + k,
         ..*run
     };
-    let (first, second) = std::thread::scope(|s| {
-        // The parse itself runs on a thread of its own with the stack
-        // it needs (`documents_within`).
-        let helper = std::thread::Builder::new()
-            .spawn_scoped(s, || parse_items_alone(second, next, &second_run))
-            .ok();
-        let first = parse_items_alone(first, Some(second[0]), run);
-        let second = match helper.map(|h| h.join()) {
-            Some(Ok(items)) => items,
-            Some(Err(panic)) => std::panic::resume_unwind(panic),
-            None => parse_items_alone(second, next, &second_run),
-        };
-        (first, second)
-    });
+    // Each parse runs on a thread of its own with the stack it needs
+    // (`documents_within`).
+    let (first, second) = crate::on_two_threads(
+        || parse_items_alone(first, Some(second[0]), run),
+        || parse_items_alone(second, next, &second_run),
+    );
     let mut items = first?;
     items.extend(second?);
     Some(items)
