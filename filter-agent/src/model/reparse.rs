@@ -130,14 +130,19 @@ impl Parsed {
         if new_lines.is_empty() && run.first > 0 && next.map(indent) != Some(run.column) {
             return None;
         }
-        let items = parse_items(new_lines, next, &run)?;
+        // The replaced items are counted on a thread of their own while
+        // the new ones are parsed (and counted as their lines are moved).
+        let (parsed, replaced) = crate::on_two_threads(
+            || parse_items(new_lines, next, &run),
+            || run_nodes(&self.docs[k], &run),
+        );
+        let (items, added) = parsed?;
 
         // A sequence left with no item is no sequence (`key:` is null).
         if items.is_empty() && run_is_whole(&self.docs[k], &run) {
             return None;
         }
-        let nodes = self.nodes + items.iter().map(|i| count(i)).sum::<usize>()
-            - run_nodes(&self.docs[k], &run);
+        let nodes = self.nodes + added - replaced;
         // Past half the budget the whole text is parsed, and the parser's
         // own count decides.
         if nodes > MAX_NODES / 2 {
@@ -154,7 +159,8 @@ impl Parsed {
                 }
                 std::cmp::Ordering::Greater => shifted_arc(doc, delta),
             })
-            .collect();
+            .collect::<Vec<_>>();
+        debug_assert_eq!(nodes, docs.iter().map(|d| count(d)).sum::<usize>());
         Some(Parsed {
             text: text.to_owned(),
             starts,
@@ -266,7 +272,7 @@ fn common_suffix(a: &[u8], b: &[u8], n: usize) -> usize {
 /// A run of many lines (a full reload's is the whole policy) is parsed in
 /// two halves on two threads, split at an item's dash near the middle:
 /// the first half then ends before an item, as a run does.
-fn parse_items(lines: &[&str], next: Option<&str>, run: &Run) -> Option<Vec<Arc<Node>>> {
+fn parse_items(lines: &[&str], next: Option<&str>, run: &Run) -> Option<(Vec<Arc<Node>>, usize)> {
     let split = (lines.len() >= PARALLEL_LINES)
         .then(|| {
             (lines.len() / 2..lines.len()).find(|&k| dash_column(lines[k]) == Some(run.column))
@@ -287,17 +293,22 @@ fn parse_items(lines: &[&str], next: Option<&str>, run: &Run) -> Option<Vec<Arc<
         || parse_items_alone(first, Some(second[0]), run),
         || parse_items_alone(second, next, &second_run),
     );
-    let mut items = first?;
-    items.extend(second?);
-    Some(items)
+    let (mut items, nodes) = first?;
+    let (more, more_nodes) = second?;
+    items.extend(more);
+    Some((items, nodes + more_nodes))
 }
 
 /// Lines of a run from which [`parse_items`] parses it in two halves; few
 /// in unit tests, so that the property tests split their runs too.
 const PARALLEL_LINES: usize = if cfg!(test) { 4 } else { 20_000 };
 
-/// [`parse_items`] on this thread.
-fn parse_items_alone(lines: &[&str], next: Option<&str>, run: &Run) -> Option<Vec<Arc<Node>>> {
+/// [`parse_items`] on this thread: the items, and their nodes and keys.
+fn parse_items_alone(
+    lines: &[&str],
+    next: Option<&str>,
+    run: &Run,
+) -> Option<(Vec<Arc<Node>>, usize)> {
     let column = run.column;
     let (head, tail) = match next.map(indent) {
         None => (String::new(), String::new()),
@@ -321,7 +332,7 @@ fn parse_items_alone(lines: &[&str], next: Option<&str>, run: &Run) -> Option<Ve
     // copying every one.
     let mut docs = documents_within(&snippet, depth).ok()?;
     let seq = match (docs.len(), wrapped) {
-        (0, false) if next.is_none() => return Some(Vec::new()),
+        (0, false) if next.is_none() => return Some((Vec::new(), 0)),
         (1, false) => docs.pop()?,
         (1, true) => match docs.pop()?.value {
             Value::Map(mut entries) if entries.len() == 2 && entries[1].0.name == "z" => {
@@ -344,13 +355,14 @@ fn parse_items_alone(lines: &[&str], next: Option<&str>, run: &Run) -> Option<Ve
         }
     }
     let offset = run.start as isize - 1 - isize::from(wrapped);
+    let mut nodes = 0;
     for item in &mut items {
         if dash_before(&snippet_lines, item) != Some(column) {
             return None;
         }
-        shift(Arc::make_mut(item), offset);
+        nodes += shift(Arc::make_mut(item), offset);
     }
-    Some(items)
+    Some((items, nodes))
 }
 
 /// Spaces before a line's first character.
@@ -536,18 +548,24 @@ fn moved(line: usize, delta: isize) -> usize {
     (line as isize + delta) as usize
 }
 
-/// Moves every line under `node` by `delta`, in place.
-fn shift(node: &mut Node, delta: isize) {
+/// Moves every line under `node` by `delta`, in place; returns the nodes
+/// and keys it moved (as [`count`] counts them), which a splice then need
+/// not walk again to count.
+fn shift(node: &mut Node, delta: isize) -> usize {
     node.line = moved(node.line, delta);
-    match &mut node.value {
+    1 + match &mut node.value {
         Value::Seq(items) => items
             .iter_mut()
-            .for_each(|n| shift(Arc::make_mut(n), delta)),
-        Value::Map(entries) => entries.iter_mut().for_each(|(key, n)| {
-            key.line = moved(key.line, delta);
-            shift(n, delta);
-        }),
-        _ => {}
+            .map(|n| shift(Arc::make_mut(n), delta))
+            .sum(),
+        Value::Map(entries) => entries
+            .iter_mut()
+            .map(|(key, n)| {
+                key.line = moved(key.line, delta);
+                1 + shift(n, delta)
+            })
+            .sum(),
+        _ => 0,
     }
 }
 
