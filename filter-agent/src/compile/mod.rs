@@ -254,6 +254,13 @@ fn compile_with(store: &Store, node: &Node, reuse: &mut Reuse) -> Result<Compile
     policies.sort_by(|a, b| policy_order(a, b));
     let tiers = tiers(store);
     let resolver = Resolver::new(store);
+    let applied = policies
+        .iter()
+        .filter(|p| labels.iter().any(|l| applies_to_host_endpoint(&p.spec, l)));
+    reuse.resolve_ahead(
+        applied.flat_map(|p| p.spec.ingress.iter().chain(&p.spec.egress).map(|r| &**r)),
+        &resolver,
+    );
 
     let mut owners = Vec::new();
     let mut interner = Interner::default();

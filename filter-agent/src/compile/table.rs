@@ -117,7 +117,10 @@ impl TableBuilder {
                     reuse.reused += 1;
                     Ok(Field { key, ..last })
                 }
-                _ => Err(key),
+                replaced => {
+                    reuse.retired.extend(replaced);
+                    Err(key)
+                }
             });
         // Numbered into the compile's classes in field order, as the
         // fields come: taken over, or classified.
@@ -426,7 +429,15 @@ pub struct Reuse {
     /// item ([`crate::model::ItemId`]).
     last_parts: PartsByItem,
     next_parts: PartsByItem,
+    /// Parts resolved ahead ([`Reuse::resolve_ahead`]) for this compile.
+    resolved: std::collections::HashMap<
+        usize,
+        Result<Arc<[Part]>, Unsupported>,
+        foldhash::fast::RandomState,
+    >,
     reused: usize,
+    /// The last compile's fields this one replaced, to be freed aside.
+    retired: Vec<Field>,
     /// Every field so far in this compile was taken over (the fields come
     /// in the same order every compile).
     in_step: bool,
@@ -441,9 +452,18 @@ impl Reuse {
     }
 
     /// After a compile: what it classified becomes what the next reuses.
+    /// What it replaced is freed aside ([`crate::drop_aside`]): the last
+    /// parts not taken over hold the last parse's items, and with every
+    /// rule changed freeing them is a fifth of the compile.
     pub(super) fn finish(&mut self) -> usize {
-        self.last = std::mem::take(&mut self.next);
-        self.last_parts = std::mem::take(&mut self.next_parts);
+        let fields = std::mem::replace(&mut self.last, std::mem::take(&mut self.next));
+        let parts = std::mem::replace(&mut self.last_parts, std::mem::take(&mut self.next_parts));
+        crate::drop_aside((
+            fields,
+            parts,
+            std::mem::take(&mut self.retired),
+            std::mem::take(&mut self.resolved),
+        ));
         std::mem::take(&mut self.reused)
     }
 
@@ -454,17 +474,49 @@ impl Reuse {
         r: &Rule,
         resolver: &Resolver<'_>,
     ) -> Result<Arc<[Part]>, Unsupported> {
-        let resolve =
-            || Ok::<_, Unsupported>(resolver.rule(r)?.into_iter().map(Arc::new).collect());
-        let Some(id) = r.item.key().filter(|_| Resolver::stands_alone(r)) else {
-            return resolve();
+        let Some(id) = alone(r) else {
+            return resolve(r, resolver);
         };
+        // A policy of several stages meets its rules once per stage.
+        if let Some((_, parts)) = self.next_parts.get(&id) {
+            return Ok(parts.clone());
+        }
         let parts = match self.last_parts.remove(&id) {
             Some((_, parts)) => parts,
-            None => resolve()?,
+            None => match self.resolved.remove(&id) {
+                Some(resolved) => resolved?,
+                None => resolve(r, resolver)?,
+            },
         };
         self.next_parts.insert(id, (r.item.clone(), parts.clone()));
         Ok(parts)
+    }
+
+    /// Resolves ahead, on two threads, the rules of `rules` that
+    /// [`Reuse::parts`] will not take over, when there are enough of them
+    /// to pay for a thread: with every rule of a big policy changed,
+    /// resolving them is a quarter of the compile.
+    pub(super) fn resolve_ahead<'r>(
+        &mut self,
+        rules: impl Iterator<Item = &'r Rule>,
+        resolver: &Resolver<'_>,
+    ) {
+        let todo: Vec<(usize, &Rule)> = rules
+            .filter_map(|r| alone(r).map(|id| (id, r)))
+            .filter(|(id, _)| !self.last_parts.contains_key(id))
+            .collect();
+        if todo.len() < PARALLEL_RESOLVE {
+            return;
+        }
+        let (first, second) = todo.split_at(todo.len() / 2);
+        let half = |rules: &[(usize, &Rule)]| -> Vec<_> {
+            rules
+                .iter()
+                .map(|&(id, r)| (id, resolve(r, resolver)))
+                .collect()
+        };
+        let (first, second) = crate::on_two_threads(|| half(first), || half(second));
+        self.resolved.extend(first.into_iter().chain(second));
     }
 }
 
@@ -473,6 +525,20 @@ impl std::fmt::Debug for Reuse {
         write!(f, "Reuse({} fields)", self.last.len())
     }
 }
+
+/// The key of `r`'s parsed item, if its parts depend on nothing but it
+/// (and may be kept from one compile to the next).
+fn alone(r: &Rule) -> Option<usize> {
+    r.item.key().filter(|_| Resolver::stands_alone(r))
+}
+
+fn resolve(r: &Rule, resolver: &Resolver<'_>) -> Result<Arc<[Part]>, Unsupported> {
+    Ok(resolver.rule(r)?.into_iter().map(Arc::new).collect())
+}
+
+/// Rules to resolve before a second thread pays; small in unit tests, so
+/// that they take the two-thread way too.
+const PARALLEL_RESOLVE: usize = if cfg!(test) { 2 } else { 256 };
 
 /// Rule parts by parsed item, the item held (see [`crate::model::ItemId`]).
 type PartsByItem = std::collections::HashMap<
