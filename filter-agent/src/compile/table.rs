@@ -492,10 +492,10 @@ impl Reuse {
         Ok(parts)
     }
 
-    /// Resolves ahead, on two threads, the rules of `rules` that
-    /// [`Reuse::parts`] will not take over, when there are enough of them
-    /// to pay for a thread: with every rule of a big policy changed,
-    /// resolving them is a quarter of the compile.
+    /// Resolves ahead the rules of `rules` that [`Reuse::parts`] will not
+    /// take over, on two threads when there are enough of them to pay for
+    /// one: with every rule of a big policy changed, resolving them is a
+    /// quarter of the compile.
     pub(super) fn resolve_ahead<'r>(
         &mut self,
         rules: impl Iterator<Item = &'r Rule>,
@@ -505,18 +505,10 @@ impl Reuse {
             .filter_map(|r| alone(r).map(|id| (id, r)))
             .filter(|(id, _)| !self.last_parts.contains_key(id))
             .collect();
-        if todo.len() < PARALLEL_RESOLVE {
-            return;
-        }
-        let (first, second) = todo.split_at(todo.len() / 2);
-        let half = |rules: &[(usize, &Rule)]| -> Vec<_> {
-            rules
-                .iter()
-                .map(|&(id, r)| (id, resolve(r, resolver)))
-                .collect()
-        };
-        let (first, second) = crate::on_two_threads(|| half(first), || half(second));
-        self.resolved.extend(first.into_iter().chain(second));
+        let resolved = crate::map_in_halves(&todo, crate::PARALLEL_AT, |&(id, r)| {
+            (id, resolve(r, resolver))
+        });
+        self.resolved.extend(resolved);
     }
 }
 
@@ -535,10 +527,6 @@ fn alone(r: &Rule) -> Option<usize> {
 fn resolve(r: &Rule, resolver: &Resolver<'_>) -> Result<Arc<[Part]>, Unsupported> {
     Ok(resolver.rule(r)?.into_iter().map(Arc::new).collect())
 }
-
-/// Rules to resolve before a second thread pays; small in unit tests, so
-/// that they take the two-thread way too.
-const PARALLEL_RESOLVE: usize = if cfg!(test) { 2 } else { 256 };
 
 /// Rule parts by parsed item, the item held (see [`crate::model::ItemId`]).
 type PartsByItem = std::collections::HashMap<

@@ -505,8 +505,8 @@ fn typed_in<T: DeserializeOwned>(
 }
 
 /// Rules `which` of the list `list` (`items`) of the policy at `path`,
-/// typed, in order. A full reload types every rule of a big policy: past
-/// [`PARALLEL_RULES`] the second half is typed on a thread of its own.
+/// typed, in order. A full reload types every rule of a big policy, on two
+/// threads (see [`crate::map_in_halves`]).
 fn type_rules(
     file: &Path,
     root: &yaml::Node,
@@ -519,21 +519,8 @@ fn type_rules(
         let at = join_path(path, &format!("spec.{list}[{i}]"));
         typed_in::<Rule>(file, root, &items[i], &at)
     };
-    if which.len() < PARALLEL_RULES {
-        return which.iter().map(one).collect();
-    }
-    let (first, second) = which.split_at(which.len() / 2);
-    let (mut out, rest) = crate::on_two_threads(
-        || first.iter().map(one).collect::<Vec<_>>(),
-        || second.iter().map(one).collect::<Vec<_>>(),
-    );
-    out.extend(rest);
-    out
+    crate::map_in_halves(which, crate::PARALLEL_AT, one)
 }
-
-/// Rules to type before a second thread pays (a rule: about 5 µs); small
-/// in unit tests, so that they take the two-thread way too.
-const PARALLEL_RULES: usize = if cfg!(test) { 2 } else { 256 };
 
 impl DocContext<'_> {
     /// An error about `field` (a path from the document's root), at its line.
