@@ -843,8 +843,8 @@ pub struct XdpMeta {
 /// Identifies an [`XdpMeta`] of this layout (`"fw"` + layout version 1).
 pub const XDP_META_MAGIC: u32 = 0x6677_0001;
 
-/// `cargo xtask bench`'s component profile: parts of `fw_xdp` a benchmark
-/// load switches off, as bits of the read-only global [`bench_skip::GLOBAL`]
+/// `cargo xtask bench`'s component profile: parts of `fw_xdp` and
+/// `fw_tc_in` a benchmark load switches off, as bits of the read-only global [`bench_skip::GLOBAL`]
 /// set when the object is loaded. The agent leaves it 0, and the verifier
 /// then removes every check (a known constant), so the switches cost the
 /// enforcing programs nothing.
@@ -855,7 +855,7 @@ pub mod bench_skip {
     pub const FAILSAFE: u32 = 1;
     /// The untracked stage.
     pub const UNTRACKED: u32 = 2;
-    /// The conntrack lookup.
+    /// The conntrack lookups (every packet is a new flow).
     pub const CONNTRACK: u32 = 4;
     /// The pre-DNAT stage.
     pub const PRE_DNAT: u32 = 8;
@@ -863,6 +863,11 @@ pub mod bench_skip {
     pub const SCAN: u32 = 16;
     /// The table hints ([`crate::TableHints`]): every field looked up.
     pub const HINTS: u32 = 32;
+    /// TC ingress: the FIB lookup that tells host-bound from forwarded
+    /// packets (every packet taken as host-bound).
+    pub const HOST_BOUND: u32 = 64;
+    /// TC ingress: the normal stage (its packets pass).
+    pub const NORMAL: u32 = 128;
 }
 
 /// Verdicts XDP hands to TC in [`XdpMeta::verdict`].

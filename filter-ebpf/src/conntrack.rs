@@ -204,6 +204,9 @@ fn rst_plausible(v: &CtValue, from_a: bool, pkt: &Packet) -> bool {
 /// in their own stack frame.
 #[inline(never)]
 pub fn track(pkt: &Packet, hook: Hook) -> Known {
+    if crate::skipped(filter_common::bench_skip::CONNTRACK) {
+        return Known::New;
+    }
     if pkt.inner.present {
         return related(pkt);
     }

@@ -169,7 +169,7 @@ fn early_ingress(ifindex: u32, pkt: &Packet, bytes: u64) -> Early {
             Early::Pass(xdp_verdict::NONE, reason::PASS_NO_POLICY)
         };
     }
-    if !skipped(skip::CONNTRACK) && conntrack::track(pkt, Hook::Peek) != Known::New {
+    if conntrack::track(pkt, Hook::Peek) != Known::New {
         return Early::Pass(xdp_verdict::NONE, reason::ALLOW_CONNTRACK);
     }
     if failsafe_in {
@@ -323,6 +323,7 @@ fn try_tc_in(ctx: &TcContext) -> (i32, u32) {
 /// TC ingress for a packet that is not a later fragment.
 #[inline(always)]
 fn tc_in(ctx: &TcContext, skb: &parse::Skb, pkt: &Packet) -> (i32, u32) {
+    use filter_common::bench_skip as skip;
     let bytes = skb.len as u64;
     let early = match skb.meta {
         Some(m) => m.verdict,
@@ -335,7 +336,7 @@ fn tc_in(ctx: &TcContext, skb: &parse::Skb, pkt: &Packet) -> (i32, u32) {
     // packets of known flows, most of them.
     let host_bound = || {
         use aya_ebpf::EbpfContext;
-        host::is_host_bound(ctx.as_ptr(), skb.ifindex, pkt)
+        skipped(skip::HOST_BOUND) || host::is_host_bound(ctx.as_ptr(), skb.ifindex, pkt)
     };
     if early == xdp_verdict::UNTRACKED_ALLOW {
         if !host_bound() {
@@ -360,9 +361,12 @@ fn tc_in(ctx: &TcContext, skb: &parse::Skb, pkt: &Packet) -> (i32, u32) {
         conntrack::open(pkt, true);
         return (TC_ACT_OK, reason::PASS_FORWARDED);
     }
-    if failsafe::is_failsafe(direction::INGRESS, pkt) {
+    if !skipped(skip::FAILSAFE) && failsafe::is_failsafe(direction::INGRESS, pkt) {
         conntrack::open(pkt, false);
         return (TC_ACT_OK, reason::PASS_FAILSAFE);
+    }
+    if skipped(skip::NORMAL) {
+        return (TC_ACT_OK, reason::PASS_NO_POLICY);
     }
     normal_stage(direction::INGRESS, skb.ifindex, pkt, bytes)
 }

@@ -182,8 +182,9 @@ pub struct Options {
     pub log_ring_bytes: u32,
     /// The kernel programs' diagnostics (aya-log), off by default.
     pub kernel_log: KernelLogLevel,
-    /// Parts of `fw_xdp` switched off (`filter_common::bench_skip`): for
-    /// `cargo xtask bench`'s component profile only; 0 enforces policy.
+    /// Parts of `fw_xdp` and `fw_tc_in` switched off
+    /// (`filter_common::bench_skip`): for `cargo xtask bench`'s component
+    /// profile only; 0 enforces policy.
     pub bench_skip: u32,
     /// Entries of each address table: the trie and the host-address hash
     /// of each of IPv4/IPv6 source/destination. The live policy and the

@@ -8,6 +8,9 @@
 //! path, feature `bench-no-log`), that object's `fw_xdp` runs too, with
 //! the same policy, alternating with the others: what the Log path costs a
 //! packet that logs nothing, measured side by side.
+//!
+//! `--profile` runs only the component profile (where each program's time
+//! goes), for comparing two builds of the programs.
 
 use std::{
     collections::BTreeMap,
@@ -96,6 +99,12 @@ fn main() {
             return spin(rules, established);
         }
     }
+    if args == ["--profile"] {
+        // The profile alone: what a change to the programs moved, without
+        // the grid's minutes.
+        let pins = Unpin::new();
+        return profile(&pins.0);
+    }
     let (mut baseline, mut plots) = (None, None);
     let mut rest = args.iter();
     while let Some(flag) = rest.next() {
@@ -106,7 +115,7 @@ fn main() {
             ("--plots", Some(dir)) => plots = Some(std::path::PathBuf::from(dir)),
             _ => {
                 eprintln!(
-                    "usage: fw-bench [--baseline KERNEL_OBJECT] [--plots DIR] | --spin RULES"
+                    "usage: fw-bench [--baseline KERNEL_OBJECT] [--plots DIR] | --profile | --spin RULES"
                 );
                 std::process::exit(2);
             }
@@ -235,34 +244,55 @@ fn last_source(rules: usize, cidrs: usize) -> u32 {
     0x0a00_0000u32 + last
 }
 
-/// Where `fw_xdp`'s time goes: the object loaded once per row with one
-/// part switched off (`filter_common::bench_skip`, read-only data the
-/// verifier folds), all with the same policy, timed alternating with each
-/// other and `fw_pass`; medians of five. For a new flow decided by the
-/// last of 1,000 rules (100,000 CIDRs), and for a packet of an endpoint
-/// without policy.
+/// Where `fw_xdp`'s and `fw_tc_in`'s time goes: the object loaded once
+/// per row with one part switched off (`filter_common::bench_skip`,
+/// read-only data the verifier folds), all with the same policy, timed
+/// alternating with each other and the pass programs; medians of five.
+/// `fw_tc_in` runs as without XDP's metadata, so it runs XDP's stages
+/// too. For a new flow decided by the last of 1,000 rules (100,000
+/// CIDRs), the same packet on a flow conntrack knows, and a packet of an
+/// endpoint without policy (which TC's normal stage denies: Calico's
+/// default for a host endpoint).
 fn profile(pin_dir: &Path) {
     use filter_common::bench_skip as skip;
+    // (part, mask, whether fw_xdp has the part).
     let parts = [
-        ("whole pipeline", 0),
-        ("without the failsafe lookups", skip::FAILSAFE),
-        ("without the untracked stage", skip::UNTRACKED),
-        ("without the conntrack lookup", skip::CONNTRACK),
-        ("without the pre-DNAT stage", skip::PRE_DNAT),
-        ("without the classifier's scan (lookups kept)", skip::SCAN),
+        ("whole pipeline", 0, true),
+        ("without the failsafe lookups", skip::FAILSAFE, true),
+        ("without the untracked stage", skip::UNTRACKED, true),
+        ("without the conntrack lookups", skip::CONNTRACK, true),
+        ("without the pre-DNAT stage", skip::PRE_DNAT, true),
+        (
+            "without the classifier's scan (lookups kept)",
+            skip::SCAN,
+            true,
+        ),
         (
             "without the table hints (every field looked up)",
             skip::HINTS,
+            true,
         ),
         (
+            "without the FIB lookup (TC: host-bound taken as known)",
+            skip::HOST_BOUND,
+            false,
+        ),
+        ("without the normal stage (TC)", skip::NORMAL, false),
+        (
             "parse and metadata only",
-            skip::FAILSAFE | skip::UNTRACKED | skip::CONNTRACK | skip::PRE_DNAT,
+            skip::FAILSAFE
+                | skip::UNTRACKED
+                | skip::CONNTRACK
+                | skip::PRE_DNAT
+                | skip::HOST_BOUND
+                | skip::NORMAL,
+            true,
         ),
     ];
     let mut dps: Vec<Dataplane> = parts
         .iter()
         .enumerate()
-        .map(|(i, &(_, mask))| {
+        .map(|(i, &(_, mask, _))| {
             let options = Options {
                 bench_skip: mask,
                 ..Options::default()
@@ -271,42 +301,82 @@ fn profile(pin_dir: &Path) {
         })
         .collect();
     const RULES: usize = 1000;
+    // (packet, policy, frame, whether conntrack knows its flow).
     let cases = [
         (
             "new flow, rule 1,000 of 1,000 decides",
             policy(RULES, CIDRS),
             last_rule_syn(RULES, CIDRS),
+            false,
         ),
-        ("endpoint without policy", policy(0, 0), last_rule_syn(0, 0)),
+        (
+            "established flow, 1,000 rules",
+            policy(RULES, CIDRS),
+            last_rule_syn(RULES, CIDRS),
+            true,
+        ),
+        (
+            "endpoint without policy",
+            policy(0, 0),
+            last_rule_syn(0, 0),
+            false,
+        ),
     ];
-    println!("\n### Where fw_xdp's time goes: one part switched off at a time\n");
-    println!("| packet | part switched off | fw_xdp ns/packet | saved ns | XDP_PASS ns/packet |");
-    println!("|---|---|---:|---:|---:|");
-    for (what, text, frame) in &cases {
+    let run = TcRun {
+        ingress: true,
+        ifindex: 1,
+        ingress_ifindex: 1,
+        mark: 0,
+    };
+    println!("\n### Where the time goes: one part switched off at a time\n");
+    println!("`fw_tc_in` as in the grid: without XDP's metadata, so it runs XDP's stages too. A part a program does not have is marked -.\n");
+    println!("| packet | part switched off | fw_xdp ns/packet | saved ns | XDP_PASS ns/packet | fw_tc_in ns/packet | saved ns | TC pass ns/packet |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|");
+    let flow = flow_of(RULES, CIDRS);
+    for (what, text, frame, established) in &cases {
         let compiled = compiled(text);
         let ifaces: Interfaces = [("lo".to_string(), 1)].into();
         for dp in &mut dps {
             dp.publish(&compiled, &ifaces).expect("publish");
+            if *established {
+                dp.open_flow(&flow, true, true).expect("record the flow");
+            } else {
+                dp.forget_flow(&flow).expect("forget the flow");
+            }
         }
-        let mut times = vec![Vec::new(); dps.len()];
-        let mut pass = Vec::new();
+        let mut xdp = vec![Vec::new(); dps.len()];
+        let mut tc = vec![Vec::new(); dps.len()];
+        let (mut pass, mut tc_pass) = (Vec::new(), Vec::new());
         for _ in 0..RUNS {
             for (i, dp) in dps.iter_mut().enumerate() {
-                times[i].push(dp.time_xdp(frame, 1, REPEAT, false).expect("run").1);
+                if parts[i].2 {
+                    xdp[i].push(dp.time_xdp(frame, 1, REPEAT, false).expect("run").1);
+                }
+                tc[i].push(dp.time_tc(frame, run, REPEAT, false).expect("run").1);
             }
             pass.push(dps[0].time_xdp(frame, 1, REPEAT, true).expect("pass").1);
+            tc_pass.push(dps[0].time_tc(frame, run, REPEAT, true).expect("pass").1);
         }
-        let ns = |v: Vec<Duration>| median(v).unwrap_or_default().as_nanos() as i64;
-        let times: Vec<i64> = times.into_iter().map(ns).collect();
-        let pass = ns(pass);
-        for (i, (part, _)) in parts.iter().enumerate() {
-            let t = times[i];
-            let saved = if i == 0 {
-                String::new()
-            } else {
-                (times[0] - t).to_string()
-            };
-            println!("| {what} | {part} | {t} | {saved} | {pass} |");
+        let ns = |v: Vec<Duration>| median(v).map(|d| d.as_nanos() as i64);
+        let xdp: Vec<Option<i64>> = xdp.into_iter().map(ns).collect();
+        let tc: Vec<Option<i64>> = tc.into_iter().map(ns).collect();
+        let (pass, tc_pass) = (
+            ns(pass).unwrap_or_default(),
+            ns(tc_pass).unwrap_or_default(),
+        );
+        // The time and what switching the part off saved against the
+        // whole pipeline (row 0).
+        let cells = |times: &[Option<i64>], i: usize| match (times[i], times[0]) {
+            (Some(t), _) if i == 0 => (t.to_string(), String::new()),
+            (Some(t), Some(whole)) => (t.to_string(), (whole - t).to_string()),
+            _ => ("-".into(), "-".into()),
+        };
+        for (i, (part, _, _)) in parts.iter().enumerate() {
+            let (x, x_saved) = cells(&xdp, i);
+            let (t, t_saved) = cells(&tc, i);
+            println!(
+                "| {what} | {part} | {x} | {x_saved} | {pass} | {t} | {t_saved} | {tc_pass} |"
+            );
         }
     }
     for dp in dps {
