@@ -10,7 +10,8 @@
 //!   host-bound packets failsafe, the normal ingress stage with profiles,
 //!   and a conntrack entry for allowed new flows. Forwarded packets pass
 //!   on to the forward stage. Without XDP metadata (XDP could not run or
-//!   write it) it runs XDP's stages itself first.
+//!   write it) it runs XDP's stages itself first, and their conntrack
+//!   lookup, which then records the packet, is its own.
 //! * `fw_tc_eg` (TC egress): host-originated packets meet the untracked
 //!   egress stage, conntrack, failsafe and the normal egress stage;
 //!   forwarded ones conntrack and the forward stage (ingress rules of the
@@ -112,9 +113,10 @@ fn finish<C: events::Hook>(
 /// The outcome of the stages before conntrack's entry point: XDP's work.
 enum Early {
     Drop,
-    /// An `xdp_verdict` for TC, and the reason to count if nothing later
-    /// decides.
-    Pass(u32, u32),
+    /// An `xdp_verdict` for TC, the reason to count if nothing later
+    /// decides, and whether conntrack was asked on the way (and, unless
+    /// the hook only peeks, recorded the packet).
+    Pass(u32, u32, bool),
 }
 
 /// `cargo xtask bench`'s component profile (`filter_common::bench_skip`):
@@ -129,10 +131,13 @@ pub(crate) fn skipped(part: u32) -> bool {
     FW_BENCH_SKIP.load() & part != 0
 }
 
-/// Raw failsafe, untracked ingress, conntrack (read only), mangle failsafe,
-/// pre-DNAT: everything 3.9 does before DNAT.
+/// Raw failsafe, untracked ingress, conntrack, mangle failsafe, pre-DNAT:
+/// everything 3.9 does before DNAT. `hook`: XDP peeks; TC ingress,
+/// running these stages where XDP did not, records the packet in the one
+/// lookup (as netfilter's conntrack does before the mangle table's
+/// pre-DNAT rules see it), so it does not look the flow up twice.
 #[inline(always)]
-fn early_ingress(ifindex: u32, pkt: &Packet, bytes: u64) -> Early {
+fn early_ingress(ifindex: u32, pkt: &Packet, bytes: u64, hook: Hook) -> Early {
     use filter_common::bench_skip as skip;
     // Failsafe and conntrack only decide which of XDP's two stages see the
     // packet: an endpoint with rules in neither (the most common case)
@@ -143,7 +148,7 @@ fn early_ingress(ifindex: u32, pkt: &Packet, bytes: u64) -> Early {
     let untracked = has(stage::UNTRACKED);
     let pre_dnat = has(stage::PRE_DNAT);
     if !untracked && !pre_dnat {
-        return Early::Pass(xdp_verdict::NONE, reason::PASS_NO_POLICY);
+        return Early::Pass(xdp_verdict::NONE, reason::PASS_NO_POLICY, false);
     }
     let failsafe_in = !skipped(skip::FAILSAFE) && failsafe::is_failsafe(direction::INGRESS, pkt);
     if !failsafe_in
@@ -152,36 +157,38 @@ fn early_ingress(ifindex: u32, pkt: &Packet, bytes: u64) -> Early {
         && (skipped(skip::FAILSAFE) || !failsafe::is_reply_failsafe(direction::INGRESS, pkt))
     {
         match run_stage(stage::UNTRACKED, direction::INGRESS, ifindex, pkt, bytes) {
-            Verdict::Allow => return Early::Pass(xdp_verdict::UNTRACKED_ALLOW, reason::ALLOW_RULE),
+            Verdict::Allow => {
+                return Early::Pass(xdp_verdict::UNTRACKED_ALLOW, reason::ALLOW_RULE, false)
+            }
             Verdict::Deny => return Early::Drop,
             Verdict::Continue(_) => {}
         }
     }
-    // The mangle failsafe skips pre-DNAT policy only (4).
-    let failsafe = Early::Pass(xdp_verdict::NONE, reason::PASS_FAILSAFE);
     // Conntrack's answer here only decides whether pre-DNAT rules see the
     // packet: without them, no lookup (the largest fixed cost of the
-    // pipeline). TC ingress looks the flow up for itself.
+    // pipeline). TC ingress then looks the flow up for itself.
     if !pre_dnat {
-        return if failsafe_in {
-            failsafe
+        let why = if failsafe_in {
+            reason::PASS_FAILSAFE
         } else {
-            Early::Pass(xdp_verdict::NONE, reason::PASS_NO_POLICY)
+            reason::PASS_NO_POLICY
         };
+        return Early::Pass(xdp_verdict::NONE, why, false);
     }
-    if conntrack::track(pkt, Hook::Peek) != Known::New {
-        return Early::Pass(xdp_verdict::NONE, reason::ALLOW_CONNTRACK);
+    if conntrack::track(pkt, hook) != Known::New {
+        return Early::Pass(xdp_verdict::NONE, reason::ALLOW_CONNTRACK, true);
     }
+    // The mangle failsafe skips pre-DNAT policy only (4).
     if failsafe_in {
-        return failsafe;
+        return Early::Pass(xdp_verdict::NONE, reason::PASS_FAILSAFE, true);
     }
     if skipped(skip::PRE_DNAT) {
-        return Early::Pass(xdp_verdict::NONE, reason::PASS_NO_POLICY);
+        return Early::Pass(xdp_verdict::NONE, reason::PASS_NO_POLICY, true);
     }
     match run_stage(stage::PRE_DNAT, direction::INGRESS, ifindex, pkt, bytes) {
-        Verdict::Allow => Early::Pass(xdp_verdict::PRE_DNAT_ALLOW, reason::ALLOW_RULE),
+        Verdict::Allow => Early::Pass(xdp_verdict::PRE_DNAT_ALLOW, reason::ALLOW_RULE, true),
         Verdict::Deny => Early::Drop,
-        Verdict::Continue(why) => Early::Pass(xdp_verdict::NONE, why),
+        Verdict::Continue(why) => Early::Pass(xdp_verdict::NONE, why, true),
     }
 }
 
@@ -229,9 +236,9 @@ fn try_xdp(ctx: &XdpContext) -> (u32, u32) {
     // Read once: a context field read again later may be compiled from a
     // moved context pointer, which the verifier refuses.
     let ifindex = ctx.ingress_ifindex() as u32;
-    let judged = match early_ingress(ifindex, pkt, bytes) {
+    let judged = match early_ingress(ifindex, pkt, bytes, Hook::Peek) {
         Early::Drop => (xdp_action::XDP_DROP, reason::DROP_RULE),
-        Early::Pass(verdict, why) => {
+        Early::Pass(verdict, why, _) => {
             fragments::remember(hook, pkt);
             // Without room for metadata TC runs these stages again itself.
             parse::set_xdp_meta(
@@ -325,11 +332,16 @@ fn try_tc_in(ctx: &TcContext) -> (i32, u32) {
 fn tc_in(ctx: &TcContext, skb: &parse::Skb, pkt: &Packet) -> (i32, u32) {
     use filter_common::bench_skip as skip;
     let bytes = skb.len as u64;
-    let early = match skb.meta {
-        Some(m) => m.verdict,
-        None => match early_ingress(skb.ifindex, pkt, bytes) {
+    // `tracked`: XDP's stages, run here, already asked conntrack and
+    // recorded the packet.
+    let (early, tracked) = match skb.meta {
+        Some(m) => (m.verdict, false),
+        None => match early_ingress(skb.ifindex, pkt, bytes, Hook::TcIngress) {
             Early::Drop => return (TC_ACT_SHOT, reason::DROP_RULE),
-            Early::Pass(v, _) => v,
+            Early::Pass(_, reason::ALLOW_CONNTRACK, true) => {
+                return (TC_ACT_OK, reason::ALLOW_CONNTRACK)
+            }
+            Early::Pass(v, _, tracked) => (v, tracked),
         },
     };
     // A FIB lookup: asked only where the answer matters, so not for the
@@ -344,7 +356,7 @@ fn tc_in(ctx: &TcContext, skb: &parse::Skb, pkt: &Packet) -> (i32, u32) {
         }
         return (TC_ACT_OK, reason::ALLOW_EARLIER_STAGE);
     }
-    if conntrack::track(pkt, Hook::TcIngress) != Known::New {
+    if !tracked && conntrack::track(pkt, Hook::TcIngress) != Known::New {
         return (TC_ACT_OK, reason::ALLOW_CONNTRACK);
     }
     let host_bound = host_bound();
