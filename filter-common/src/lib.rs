@@ -36,7 +36,7 @@
 //! * `FW_GEN1`: array of one `u32`, the live generation. The agent writes a
 //!   whole new generation, then flips this word: a packet reads it once and
 //!   so sees one policy version, never half of two.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 /// Rules per table. A table holds one stage and direction of one generation.
 pub const MAX_RULES: u32 = 16_384;
@@ -80,6 +80,18 @@ pub const MAX_PORT_ENTRIES: u32 = 65_536;
 pub const MAX_HOPS: u32 = 32;
 /// Entries in the endpoint map: (interface, table) pairs.
 pub const MAX_ENDPOINT_ENTRIES: u32 = 4096;
+/// Interfaces below this index have their endpoint entries in an array
+/// too ([`endpoint_slot`]): one inlined array lookup where the hash took
+/// a hash of the key and a bucket walk (about 25 ns a lookup, and a
+/// packet takes one for the interface's summary and one per stage).
+/// A node's own interfaces, the host endpoints, are created at boot and
+/// have small indexes; the rest are looked up in the hash.
+pub const ENDPOINT_ARRAY_IFINDEXES: u32 = 512;
+/// Rows of the endpoint array: every table of both generations, then each
+/// generation's summary.
+pub const ENDPOINT_ARRAY_ROWS: u32 = MAX_TABLES + GENERATIONS;
+/// Entries in the endpoint array.
+pub const MAX_ENDPOINT_SLOTS: u32 = ENDPOINT_ARRAY_ROWS * ENDPOINT_ARRAY_IFINDEXES;
 
 /// IP protocol numbers (IPv4 protocol, IPv6 upper-layer header), named once
 /// for the kernel, the agent and the tests.
@@ -325,6 +337,40 @@ pub struct EndpointValue {
     /// Rule slot of the table's rule 0: rule `r` is at `first_slot + r` in
     /// `FW_RULE3` and `FW_RULE_CTR2`.
     pub first_slot: u32,
+}
+
+/// Value of the endpoint array (`FW_EPA1`): the endpoint map's entry for
+/// an interface with a small index, where it is one array lookup away
+/// ([`endpoint_slot`]). All-zero, as the array starts, is "no entry".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointSlot {
+    pub class: u32,
+    pub first_slot: u32,
+    /// 1 where the endpoint map has the entry, else 0.
+    pub present: u32,
+    /// Zero.
+    pub pad: u32,
+}
+
+/// Where the endpoint array holds the entry of `key` (a table's or a
+/// summary's), if its interface has a small enough index
+/// ([`ENDPOINT_ARRAY_IFINDEXES`]); `None` for one the endpoint map alone
+/// holds.
+#[inline(always)]
+pub const fn endpoint_slot(key: &EndpointKey) -> Option<u32> {
+    if key.ifindex >= ENDPOINT_ARRAY_IFINDEXES {
+        return None;
+    }
+    let row = if key.table & SUMMARY_TABLE != 0 {
+        MAX_TABLES + (key.table & !SUMMARY_TABLE)
+    } else {
+        key.table
+    };
+    if row >= ENDPOINT_ARRAY_ROWS {
+        return None;
+    }
+    Some(row * ENDPOINT_ARRAY_IFINDEXES + key.ifindex)
 }
 
 /// Data part of an IPv4 address trie key. Field order is LPM order: the
@@ -734,6 +780,9 @@ pub mod names {
     pub const MAP_CLASS_WORDS: &str = "FW_WORD1";
     /// Endpoint classes.
     pub const MAP_ENDPOINT: &str = "FW_EP2";
+    /// The endpoint entries of interfaces with small indexes, again
+    /// ([`crate::endpoint_slot`]).
+    pub const MAP_ENDPOINT_SLOTS: &str = "FW_EPA1";
     /// Rule metadata.
     pub const MAP_RULE: &str = "FW_RULE3";
     /// Per-rule counters.
@@ -1285,6 +1334,7 @@ mod pod {
     use super::*;
     unsafe impl aya::Pod for ClassHead {}
     unsafe impl aya::Pod for EndpointValue {}
+    unsafe impl aya::Pod for EndpointSlot {}
     unsafe impl aya::Pod for TableHints {}
     unsafe impl aya::Pod for AddrV4Key {}
     unsafe impl aya::Pod for AddrV6Key {}
@@ -1301,4 +1351,34 @@ mod pod {
     unsafe impl aya::Pod for events::Record {}
     unsafe impl aya::Pod for events::Config {}
     unsafe impl aya::Pod for events::Counter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_slots_are_distinct_and_in_range_for_small_indexes_only() {
+        let mut seen = std::collections::BTreeSet::new();
+        let tables = (0..GENERATIONS)
+            .flat_map(|g| (0..TABLES_PER_GEN).map(move |t| g * TABLES_PER_GEN + t))
+            .chain((0..GENERATIONS).map(summary_table));
+        for table in tables {
+            for ifindex in [0, 1, ENDPOINT_ARRAY_IFINDEXES - 1] {
+                let slot = endpoint_slot(&EndpointKey { ifindex, table }).expect("a slot");
+                assert!(slot < MAX_ENDPOINT_SLOTS);
+                assert!(seen.insert(slot), "slot {slot} taken twice");
+            }
+            let large = EndpointKey {
+                ifindex: ENDPOINT_ARRAY_IFINDEXES,
+                table,
+            };
+            assert_eq!(endpoint_slot(&large), None);
+        }
+        let unknown = EndpointKey {
+            ifindex: 1,
+            table: summary_table(GENERATIONS),
+        };
+        assert_eq!(endpoint_slot(&unknown), None);
+    }
 }

@@ -22,10 +22,11 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
 };
 use filter_common::{
-    action, direction, field, reason, stage, summary_table, table_bit, table_id, AddrV4Key,
-    AddrV6Key, ClassHead, EndpointKey, EndpointValue, PortKey, RuleMeta, TableHints, GENERATIONS,
-    MAX_CLASSES, MAX_CLASS_WORDS, MAX_ENDPOINT_ENTRIES, MAX_HOPS, MAX_PORT_ENTRIES, MAX_RULE_SLOTS,
-    MAX_TABLES, MAX_TRIE_ENTRIES, PORT_KEY_FULL_BITS, SUMMARY_WORDS, TABLE_PREFIX_BITS, WORDS,
+    action, direction, endpoint_slot, field, reason, stage, summary_table, table_bit, table_id,
+    AddrV4Key, AddrV6Key, ClassHead, EndpointKey, EndpointSlot, EndpointValue, PortKey, RuleMeta,
+    TableHints, GENERATIONS, MAX_CLASSES, MAX_CLASS_WORDS, MAX_ENDPOINT_ENTRIES,
+    MAX_ENDPOINT_SLOTS, MAX_HOPS, MAX_PORT_ENTRIES, MAX_RULE_SLOTS, MAX_TABLES, MAX_TRIE_ENTRIES,
+    PORT_KEY_FULL_BITS, SUMMARY_WORDS, TABLE_PREFIX_BITS, WORDS,
 };
 
 use crate::parse::{Family, Packet, IPPROTO_ICMP, IPPROTO_ICMPV6};
@@ -142,6 +143,29 @@ static FW_WORD1: Array<u64> = Array::pinned(MAX_CLASS_WORDS, 0);
 #[map(name = "FW_EP2")]
 static FW_EP2: HashMap<EndpointKey, EndpointValue> = HashMap::pinned(MAX_ENDPOINT_ENTRIES, 0);
 
+/// `FW_EP2`'s entries of interfaces with small indexes, where an inlined
+/// array lookup finds them (`filter_common::endpoint_slot`).
+#[map(name = "FW_EPA1")]
+static FW_EPA1: Array<EndpointSlot> = Array::pinned(MAX_ENDPOINT_SLOTS, 0);
+
+/// The endpoint entry of `key`: from the array where the interface's index
+/// is small, else from the hash.
+#[inline(always)]
+fn endpoint(key: &EndpointKey) -> Option<EndpointValue> {
+    match endpoint_slot(key) {
+        Some(i) => match FW_EPA1.get(i) {
+            Some(e) if e.present != 0 => Some(EndpointValue {
+                class: e.class,
+                first_slot: e.first_slot,
+            }),
+            _ => None,
+        },
+        // SAFETY: values of FW_EP2 are only written by the agent into the
+        // inactive generation, and copied out here at once.
+        None => unsafe { FW_EP2.get(key) }.copied(),
+    }
+}
+
 #[map(name = "FW_SPORT1")]
 static FW_SPORT1: LpmTrie<PortKey, u32> = LpmTrie::pinned(MAX_TRIE_ENTRIES, 0);
 
@@ -210,11 +234,8 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
         _ => return reason::PASS_TABLE_ERROR as u64,
     };
     let table = table_id(generation, stage, direction);
-    let endpoint = EndpointKey { ifindex, table };
-    // SAFETY: values of FW_EP2 are only written by the agent into the
-    // inactive generation, and copied out here at once.
-    let ep = match unsafe { FW_EP2.get(&endpoint) } {
-        Some(v) => *v,
+    let ep = match endpoint(&EndpointKey { ifindex, table }) {
+        Some(v) => v,
         None => return reason::PASS_NO_POLICY as u64,
     };
     let table_be = table.to_be_bytes();
@@ -354,7 +375,7 @@ pub fn is_endpoint(ifindex: u32) -> bool {
 }
 
 /// The tables of the live generation with rules for `ifindex`, as
-/// `filter_common::table_bit`s (one hash lookup: the interface's summary
+/// `filter_common::table_bit`s (one lookup: the interface's summary
 /// entry; a stage without rules decides nothing); [`TABLES_UNKNOWN`] when
 /// the live generation cannot be read.
 #[inline(always)]
@@ -367,8 +388,7 @@ pub fn tables_of(ifindex: u32) -> u32 {
         ifindex,
         table: summary_table(generation),
     };
-    // SAFETY: a plain value copied at once.
-    unsafe { FW_EP2.get(&key) }.map_or(0, |v| v.class)
+    endpoint(&key).map_or(0, |v| v.class)
 }
 
 /// [`tables_of`] without a live generation: every table may have rules

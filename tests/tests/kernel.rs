@@ -132,11 +132,24 @@ struct Loaded {
     pin_dir: std::path::PathBuf,
     /// The policy [`Loaded::new`] published, and its generation.
     published: Option<(compile::Compiled, u32)>,
+    /// The interface `lo` is published as and the programs run on.
+    ifindex: u32,
 }
 
 impl Loaded {
     fn new(policy: &str) -> Loaded {
         Self::with_options(policy, &filter_agent::dataplane::Options::default())
+    }
+
+    /// [`Loaded::new`] with `lo`'s endpoint published as interface
+    /// `ifindex` (which must exist here), the programs run on it.
+    fn new_on(ifindex: u32, policy: &str) -> Loaded {
+        let pin_dir = Path::new("/sys/fs/bpf").join(unique("fwk"));
+        let dp = Dataplane::load(&pin_dir).expect("load the kernel object");
+        let mut k = Loaded::at(pin_dir, Some(dp));
+        k.ifindex = ifindex;
+        k.publish(policy);
+        k
     }
 
     fn with_options(policy: &str, options: &filter_agent::dataplane::Options) -> Loaded {
@@ -154,6 +167,7 @@ impl Loaded {
             dp,
             pin_dir,
             published: None,
+            ifindex: LO,
         }
     }
 
@@ -169,7 +183,7 @@ impl Loaded {
         &mut self,
         compiled: &compile::Compiled,
     ) -> Result<u32, filter_agent::dataplane::Error> {
-        let ifaces: Interfaces = [("lo".to_string(), LO)].into();
+        let ifaces: Interfaces = [("lo".to_string(), self.ifindex)].into();
         self.dp.as_mut().expect("loaded").publish(compiled, &ifaces)
     }
 
@@ -177,7 +191,7 @@ impl Loaded {
         self.dp
             .as_mut()
             .expect("loaded")
-            .test_run_xdp(frame, LO)
+            .test_run_xdp(frame, self.ifindex)
             .expect("BPF_PROG_TEST_RUN")
     }
 
@@ -191,8 +205,8 @@ impl Loaded {
                 frame,
                 filter_agent::dataplane::TcRun {
                     ingress,
-                    ifindex: LO,
-                    ingress_ifindex: if ingress { LO } else { 0 },
+                    ifindex: self.ifindex,
+                    ingress_ifindex: if ingress { self.ifindex } else { 0 },
                     mark: 0,
                 },
             )
@@ -353,6 +367,53 @@ fn pre_dnat_lessons_decide_at_xdp() {
     assert_eq!(r[reason::DROP_RULE as usize], 6, "{r:?}");
     assert_eq!(r[reason::ALLOW_RULE as usize], 1, "{r:?}");
     assert_eq!(r[reason::PASS_NO_VERDICT as usize], 4, "{r:?}");
+}
+
+/// An interface index past the endpoint array's
+/// (`filter_common::ENDPOINT_ARRAY_IFINDEXES`).
+const LARGE_IFINDEX: u32 = filter_common::ENDPOINT_ARRAY_IFINDEXES + 188;
+
+/// An endpoint's entries are in an array for interfaces with small
+/// indexes and in the endpoint hash alone for the rest: both are found,
+/// at XDP and at TC, and a policy that takes the endpoint's pre-DNAT rules
+/// away leaves neither with an entry that still denies.
+#[test]
+fn endpoints_are_judged_whatever_their_interface_index() {
+    in_router_ns(
+        "endpoints_are_judged_whatever_their_interface_index",
+        || {
+            let added = std::process::Command::new("ip")
+                .args(["link", "add", "fwlarge", "index"])
+                .arg(LARGE_IFINDEX.to_string())
+                .args(["type", "veth", "peer", "name", "fwlarge-peer"])
+                .status()
+                .expect("run ip");
+            assert!(added.success(), "ip link add fwlarge");
+            for ifindex in [LO, LARGE_IFINDEX] {
+                let mut k = Loaded::new_on(ifindex, &format!("{POLICY}{ALLOW_NORMAL}"));
+                let what = format!("interface {ifindex}");
+                assert_eq!(
+                    k.both(&tcp4(OTHER, WORKER, 31000), &what),
+                    XDP_DROP,
+                    "{what}"
+                );
+                assert_eq!(k.both(&tcp4(CLIENT, LB, 80), &what), XDP_PASS, "{what}");
+                assert_eq!(k.both(&tcp4(OTHER, LB, 80), &what), XDP_DROP, "{what}");
+                // The endpoint keeps its normal-stage rules only.
+                k.publish(&format!(
+                    "{TEST_HEP}{}",
+                    ALLOW_NORMAL.trim_start_matches("---")
+                ));
+                assert_eq!(
+                    k.both(&tcp4(OTHER, WORKER, 31000), &what),
+                    XDP_PASS,
+                    "{what}"
+                );
+                k.publish(&format!("{POLICY}{ALLOW_NORMAL}"));
+                assert_eq!(k.both(&tcp4(OTHER, LB, 80), &what), XDP_DROP, "{what}");
+            }
+        },
+    );
 }
 
 #[test]

@@ -56,11 +56,12 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use filter_common::{
-    failsafe_port_bit, field, names, summary_table, table_bit, table_id, AddrV4Key, AddrV6Key,
-    EndpointKey, EndpointValue, FailsafeKey, HostKey, PortKey, RuleCounter, RuleMeta, SvcKey,
-    TableHints, CLASSES_PER_GEN, CLASS_WORDS_PER_GEN, FAILSAFE_ADDR_OFFSET_BITS,
-    FAILSAFE_PORT_BITS, GENERATIONS, MAX_PORT_ENTRIES, MAX_RULES, PORT_KEY_ANY_PROTO_BITS,
-    PORT_KEY_FLAG_BITS, RULE_SLOTS_PER_GEN, TABLES_PER_GEN, TABLE_PREFIX_BITS,
+    endpoint_slot, failsafe_port_bit, field, names, summary_table, table_bit, table_id, AddrV4Key,
+    AddrV6Key, EndpointKey, EndpointSlot, EndpointValue, FailsafeKey, HostKey, PortKey,
+    RuleCounter, RuleMeta, SvcKey, TableHints, CLASSES_PER_GEN, CLASS_WORDS_PER_GEN,
+    FAILSAFE_ADDR_OFFSET_BITS, FAILSAFE_PORT_BITS, GENERATIONS, MAX_PORT_ENTRIES, MAX_RULES,
+    PORT_KEY_ANY_PROTO_BITS, PORT_KEY_FLAG_BITS, RULE_SLOTS_PER_GEN, TABLES_PER_GEN,
+    TABLE_PREFIX_BITS,
 };
 
 use crate::compile::{prefix::Prefix, services::Frontend, Compiled, PortEntry, Table};

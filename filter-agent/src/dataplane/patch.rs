@@ -355,6 +355,19 @@ impl Dataplane {
                 Err(e) => return Err(map_error(names::MAP_ENDPOINT, "remove")(e)),
             }
         }
+        // The array's copies of the same entries (`endpoint_slot`): the
+        // removed ones emptied, the changed ones written.
+        let (mut slots, mut values) = (Vec::new(), Vec::new());
+        for key in have
+            .endpoints
+            .keys()
+            .filter(|k| !want.endpoints.contains_key(k))
+        {
+            if let Some(i) = endpoint_slot(key) {
+                slots.push(i);
+                values.push(EndpointSlot::default());
+            }
+        }
         for (key, value) in &want.endpoints {
             if have.endpoints.get(key) != Some(value) {
                 eps.insert(key, value, 0).map_err(map_error(
@@ -362,8 +375,18 @@ impl Dataplane {
                     format!("insert {}", key.ifindex),
                 ))?;
                 n += 1;
+                if let Some(i) = endpoint_slot(key) {
+                    slots.push(i);
+                    values.push(EndpointSlot {
+                        class: value.class,
+                        first_slot: value.first_slot,
+                        present: 1,
+                        pad: 0,
+                    });
+                }
             }
         }
+        batch::update(&self.ebpf, names::MAP_ENDPOINT_SLOTS, &slots, &values)?;
         Ok(n)
     }
 

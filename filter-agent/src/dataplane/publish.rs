@@ -570,10 +570,13 @@ impl Dataplane {
             .filter_map(Result::ok)
             .filter(|k| tables.contains(&k.table) || k.table == summary_table(generation))
             .collect();
-        for k in stale {
-            eps.remove(&k)
+        for k in &stale {
+            eps.remove(k)
                 .map_err(map_error(names::MAP_ENDPOINT, "remove"))?;
         }
+        let slots: Vec<u32> = stale.iter().filter_map(endpoint_slot).collect();
+        let empty = vec![EndpointSlot::default(); slots.len()];
+        batch::update(&self.ebpf, names::MAP_ENDPOINT_SLOTS, &slots, &empty)?;
         Ok(())
     }
 
