@@ -31,12 +31,19 @@ fn key(hook: u32, pkt: &Packet) -> FragKey {
 }
 
 /// Records that `hook` (a `parse::slot`) passed `pkt`, if it is a first
-/// fragment.
-#[inline(never)]
+/// fragment. The test is inlined: a call per passed packet to learn that
+/// it is no fragment cost about 9 ns (`fw-bench`).
+#[inline(always)]
 pub fn remember(hook: u32, pkt: &Packet) {
-    if !pkt.first_fragment {
-        return;
+    if pkt.first_fragment {
+        record_first(hook, pkt);
     }
+}
+
+/// [`remember`] for a first fragment: a function of its own, whose key
+/// lives in its own stack frame.
+#[inline(never)]
+fn record_first(hook: u32, pkt: &Packet) {
     // A full LRU evicts the oldest datagram: its later fragments are
     // dropped, which is safe. A refused insert drops this one's.
     if let Err(e) = FW_FRAG1.insert(&key(hook, pkt), &now(), 0) {

@@ -112,6 +112,10 @@ fn finish<C: events::Hook>(
 
 /// The outcome of the stages before conntrack's entry point: XDP's work.
 enum Early {
+    /// The interface has no rules in XDP's stages: nothing ran, and TC can
+    /// tell as much from the one lookup that told XDP (so XDP leaves it
+    /// no metadata: writing it cost about 9 ns).
+    NoStages,
     Drop,
     /// An `xdp_verdict` for TC, the reason to count if nothing later
     /// decides, and whether conntrack was asked on the way (and, unless
@@ -148,7 +152,7 @@ fn early_ingress(ifindex: u32, pkt: &Packet, bytes: u64, hook: Hook) -> Early {
     let untracked = has(stage::UNTRACKED);
     let pre_dnat = has(stage::PRE_DNAT);
     if !untracked && !pre_dnat {
-        return Early::Pass(xdp_verdict::NONE, reason::PASS_NO_POLICY, false);
+        return Early::NoStages;
     }
     let failsafe_in = !skipped(skip::FAILSAFE) && failsafe::is_failsafe(direction::INGRESS, pkt);
     if !failsafe_in
@@ -237,6 +241,10 @@ fn try_xdp(ctx: &XdpContext) -> (u32, u32) {
     // moved context pointer, which the verifier refuses.
     let ifindex = ctx.ingress_ifindex() as u32;
     let judged = match early_ingress(ifindex, pkt, bytes, Hook::Peek) {
+        Early::NoStages => {
+            fragments::remember(hook, pkt);
+            (xdp_action::XDP_PASS, reason::PASS_NO_POLICY)
+        }
         Early::Drop => (xdp_action::XDP_DROP, reason::DROP_RULE),
         Early::Pass(verdict, why, _) => {
             fragments::remember(hook, pkt);
@@ -337,6 +345,7 @@ fn tc_in(ctx: &TcContext, skb: &parse::Skb, pkt: &Packet) -> (i32, u32) {
     let (early, tracked) = match skb.meta {
         Some(m) => (m.verdict, false),
         None => match early_ingress(skb.ifindex, pkt, bytes, Hook::TcIngress) {
+            Early::NoStages => (xdp_verdict::NONE, false),
             Early::Drop => return (TC_ACT_SHOT, reason::DROP_RULE),
             Early::Pass(_, reason::ALLOW_CONNTRACK, true) => {
                 return (TC_ACT_OK, reason::ALLOW_CONNTRACK)
