@@ -536,6 +536,9 @@ fn nft(link: &Link, list: usize) -> Result<Guard, String> {
 /// xdp-filter (xdp-tools) in native mode, its IPv4 map filled with the
 /// list through bpftool (one xdp-filter call per address would take
 /// minutes).
+/// Where libxdp (xdp-filter's loader) pins its dispatchers.
+const LIBXDP_PINS: &str = "/sys/fs/bpf/xdp";
+
 fn xdp_filter(link: &Link, list: usize) -> Result<Guard, String> {
     const MAP: &str = "/sys/fs/bpf/xdp-filter/filter_ipv4";
     const CAPACITY: usize = 10_000;
@@ -545,10 +548,15 @@ fn xdp_filter(link: &Link, list: usize) -> Result<Guard, String> {
             thousands(CAPACITY)
         ));
     }
-    let undo = Undo(vec![nsenter(
+    let mut undo = Undo(vec![nsenter(
         &link.rx,
         &["xdp-filter", "unload", flood::RX_IF],
     )]);
+    // libxdp pins its dispatcher under bpffs's `xdp` and leaves the folder
+    // when it unloads: removed again (when empty) if this load made it.
+    if !Path::new(LIBXDP_PINS).exists() {
+        undo.0.push(vec!["rmdir".into(), LIBXDP_PINS.into()]);
+    }
     run_in(
         &link.rx.path(),
         &[
