@@ -353,6 +353,31 @@ pub struct EndpointSlot {
     pub pad: u32,
 }
 
+impl EndpointSlot {
+    /// The slot holding `v`.
+    #[inline(always)]
+    pub const fn holding(v: &EndpointValue) -> EndpointSlot {
+        EndpointSlot {
+            class: v.class,
+            first_slot: v.first_slot,
+            present: 1,
+            pad: 0,
+        }
+    }
+
+    /// The entry the slot holds, if any.
+    #[inline(always)]
+    pub const fn value(&self) -> Option<EndpointValue> {
+        if self.present == 0 {
+            return None;
+        }
+        Some(EndpointValue {
+            class: self.class,
+            first_slot: self.first_slot,
+        })
+    }
+}
+
 /// Where the endpoint array holds the entry of `key` (a table's or a
 /// summary's), if its interface has a small enough index
 /// ([`ENDPOINT_ARRAY_IFINDEXES`]); `None` for one the endpoint map alone
@@ -893,10 +918,10 @@ pub struct XdpMeta {
 pub const XDP_META_MAGIC: u32 = 0x6677_0001;
 
 /// `cargo xtask bench`'s component profile: parts of `fw_xdp` and
-/// `fw_tc_in` a benchmark load switches off, as bits of the read-only global [`bench_skip::GLOBAL`]
-/// set when the object is loaded. The agent leaves it 0, and the verifier
-/// then removes every check (a known constant), so the switches cost the
-/// enforcing programs nothing.
+/// `fw_tc_in` a benchmark load switches off, as bits of the read-only
+/// global [`bench_skip::GLOBAL`] set when the object is loaded. The agent
+/// leaves it 0, and the verifier then removes every check (a known
+/// constant), so the switches cost the enforcing programs nothing.
 pub mod bench_skip {
     /// The global's symbol.
     pub const GLOBAL: &str = "FW_BENCH_SKIP";

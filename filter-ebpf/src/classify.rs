@@ -153,13 +153,7 @@ static FW_EPA1: Array<EndpointSlot> = Array::pinned(MAX_ENDPOINT_SLOTS, 0);
 #[inline(always)]
 fn endpoint(key: &EndpointKey) -> Option<EndpointValue> {
     match endpoint_slot(key) {
-        Some(i) => match FW_EPA1.get(i) {
-            Some(e) if e.present != 0 => Some(EndpointValue {
-                class: e.class,
-                first_slot: e.first_slot,
-            }),
-            _ => None,
-        },
+        Some(i) => FW_EPA1.get(i).and_then(EndpointSlot::value),
         // SAFETY: values of FW_EP2 are only written by the agent into the
         // inactive generation, and copied out here at once.
         None => unsafe { FW_EP2.get(key) }.copied(),

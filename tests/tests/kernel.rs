@@ -141,21 +141,17 @@ impl Loaded {
         Self::with_options(policy, &filter_agent::dataplane::Options::default())
     }
 
-    /// [`Loaded::new`] with `lo`'s endpoint published as interface
-    /// `ifindex` (which must exist here), the programs run on it.
-    fn new_on(ifindex: u32, policy: &str) -> Loaded {
-        let pin_dir = Path::new("/sys/fs/bpf").join(unique("fwk"));
-        let dp = Dataplane::load(&pin_dir).expect("load the kernel object");
-        let mut k = Loaded::at(pin_dir, Some(dp));
-        k.ifindex = ifindex;
-        k.publish(policy);
-        k
+    fn with_options(policy: &str, options: &filter_agent::dataplane::Options) -> Loaded {
+        Self::on(LO, policy, options)
     }
 
-    fn with_options(policy: &str, options: &filter_agent::dataplane::Options) -> Loaded {
+    /// [`Loaded::new`] with `lo`'s endpoint published as interface
+    /// `ifindex` (which must exist here), the programs run on it.
+    fn on(ifindex: u32, policy: &str, options: &filter_agent::dataplane::Options) -> Loaded {
         let pin_dir = Path::new("/sys/fs/bpf").join(unique("fwk"));
         let dp = Dataplane::load_with(&pin_dir, options).expect("load the kernel object");
         let mut k = Loaded::at(pin_dir, Some(dp));
+        k.ifindex = ifindex;
         k.publish(policy);
         k
     }
@@ -375,8 +371,9 @@ const LARGE_IFINDEX: u32 = filter_common::ENDPOINT_ARRAY_IFINDEXES + 188;
 
 /// An endpoint's entries are in an array for interfaces with small
 /// indexes and in the endpoint hash alone for the rest: both are found,
-/// at XDP and at TC, and a policy that takes the endpoint's pre-DNAT rules
-/// away leaves neither with an entry that still denies.
+/// at XDP and at TC, and a policy that moves the endpoint elsewhere,
+/// patched over a generation that had it here, leaves neither with an
+/// entry that still judges the interface.
 #[test]
 fn endpoints_are_judged_whatever_their_interface_index() {
     in_router_ns(
@@ -390,7 +387,8 @@ fn endpoints_are_judged_whatever_their_interface_index() {
                 .expect("run ip");
             assert!(added.success(), "ip link add fwlarge");
             for ifindex in [LO, LARGE_IFINDEX] {
-                let mut k = Loaded::new_on(ifindex, &format!("{POLICY}{ALLOW_NORMAL}"));
+                let policy = format!("{POLICY}{ALLOW_NORMAL}");
+                let mut k = Loaded::on(ifindex, &policy, &Default::default());
                 let what = format!("interface {ifindex}");
                 assert_eq!(
                     k.both(&tcp4(OTHER, WORKER, 31000), &what),
@@ -399,17 +397,20 @@ fn endpoints_are_judged_whatever_their_interface_index() {
                 );
                 assert_eq!(k.both(&tcp4(CLIENT, LB, 80), &what), XDP_PASS, "{what}");
                 assert_eq!(k.both(&tcp4(OTHER, LB, 80), &what), XDP_DROP, "{what}");
-                // The endpoint keeps its normal-stage rules only.
-                k.publish(&format!(
-                    "{TEST_HEP}{}",
-                    ALLOW_NORMAL.trim_start_matches("---")
-                ));
+                // Both generations hold the policy, so the next publish
+                // patches one that has the endpoint's entries to one
+                // without them (a cleared generation has none to remove).
+                k.publish(&policy);
+                // The endpoint moves to an interface this node does not
+                // have; the policies and their tables stay as they were,
+                // so an entry left for this interface would still deny.
+                k.publish(&policy.replace("interfaceName: lo", "interfaceName: eth9"));
                 assert_eq!(
                     k.both(&tcp4(OTHER, WORKER, 31000), &what),
                     XDP_PASS,
                     "{what}"
                 );
-                k.publish(&format!("{POLICY}{ALLOW_NORMAL}"));
+                k.publish(&policy);
                 assert_eq!(k.both(&tcp4(OTHER, LB, 80), &what), XDP_DROP, "{what}");
             }
         },

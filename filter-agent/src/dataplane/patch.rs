@@ -345,6 +345,9 @@ impl Dataplane {
         }
         let mut eps: HashMap<&mut MapData, EndpointKey, EndpointValue> =
             self.map(names::MAP_ENDPOINT)?;
+        // The array's copies of the same entries (`endpoint_slot`): the
+        // removed ones emptied, the changed ones written, in one batch.
+        let (mut slots, mut values) = (Vec::new(), Vec::new());
         for key in have
             .endpoints
             .keys()
@@ -354,15 +357,6 @@ impl Dataplane {
                 Ok(()) | Err(aya::maps::MapError::KeyNotFound) => n += 1,
                 Err(e) => return Err(map_error(names::MAP_ENDPOINT, "remove")(e)),
             }
-        }
-        // The array's copies of the same entries (`endpoint_slot`): the
-        // removed ones emptied, the changed ones written.
-        let (mut slots, mut values) = (Vec::new(), Vec::new());
-        for key in have
-            .endpoints
-            .keys()
-            .filter(|k| !want.endpoints.contains_key(k))
-        {
             if let Some(i) = endpoint_slot(key) {
                 slots.push(i);
                 values.push(EndpointSlot::default());
@@ -377,12 +371,7 @@ impl Dataplane {
                 n += 1;
                 if let Some(i) = endpoint_slot(key) {
                     slots.push(i);
-                    values.push(EndpointSlot {
-                        class: value.class,
-                        first_slot: value.first_slot,
-                        present: 1,
-                        pad: 0,
-                    });
+                    values.push(EndpointSlot::holding(value));
                 }
             }
         }

@@ -533,12 +533,12 @@ fn nft(link: &Link, list: usize) -> Result<Guard, String> {
     Ok(Box::new(undo))
 }
 
-/// xdp-filter (xdp-tools) in native mode, its IPv4 map filled with the
-/// list through bpftool (one xdp-filter call per address would take
-/// minutes).
 /// Where libxdp (xdp-filter's loader) pins its dispatchers.
 const LIBXDP_PINS: &str = "/sys/fs/bpf/xdp";
 
+/// xdp-filter (xdp-tools) in native mode, its IPv4 map filled with the
+/// list through bpftool (one xdp-filter call per address would take
+/// minutes).
 fn xdp_filter(link: &Link, list: usize) -> Result<Guard, String> {
     const MAP: &str = "/sys/fs/bpf/xdp-filter/filter_ipv4";
     const CAPACITY: usize = 10_000;
