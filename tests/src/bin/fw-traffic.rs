@@ -603,8 +603,9 @@ const PROBE_EVERY: Duration = Duration::from_micros(100);
 trait Apply {
     fn name(&self) -> &'static str;
     /// The tool's input for the change: made before the clock starts, as
-    /// an operator's file or rule set exists before it is applied.
-    fn prepare(&self, allow: bool) -> String;
+    /// an operator's file or rule set exists before it is applied. Asked
+    /// again for each change.
+    fn prepare(&mut self, allow: bool) -> String;
     /// Applies `input`; returns once the tool says it is applied.
     fn apply(&mut self, allow: bool, input: &str) -> Result<(), String>;
 }
@@ -622,7 +623,7 @@ struct UpdateRow {
 /// lets through, [`CHANGES`] times per tool and size.
 fn updates(link: &Link) -> Vec<UpdateRow> {
     println!("## Update latency: one rule's action flipped\n");
-    println!("A probe sends a UDP packet every {} µs; the last rule of the policy decides it. Each change turns that rule from Deny to Allow (and back, untimed): the time from the change (the policy file written and renamed into place, or the command started; the file's text or the rule set made beforehand) to the first probe that arrives, after {WARM_UP} untimed changes. This filter's agent runs with `--debounce {DEBOUNCE_MS}`; its time includes the debounce, the watcher, reading the file, parsing, typing and compiling what changed (the rest is taken over from the last load) and patching the inactive generation. {CHANGES} changes per row. The last row is a full reload: the change gives every other rule other sources and ports as it allows the probe, so nothing of the last load is taken over ({FULL_RELOADS} changes).\n", PROBE_EVERY.as_micros());
+    println!("A probe sends a UDP packet every {} µs; the last rule of the policy decides it. Each change turns that rule from Deny to Allow (and back, untimed): the time from the change (the policy file written and renamed into place, or the command started; the file's text or the rule set made beforehand) to the first probe that arrives, after {WARM_UP} untimed changes. This filter's agent runs with `--debounce {DEBOUNCE_MS}`; its time includes the debounce, the watcher, reading the file, parsing, typing and compiling what changed (the rest is taken over from the last load) and patching the inactive generation. {CHANGES} changes per row. The last row is a full reload: the change gives every other rule other sources and ports as it allows the probe, so nothing of the last load is taken over, and each change's are its own, so that neither generation holds them and every entry is written ({FULL_RELOADS} changes).\n", PROBE_EVERY.as_micros());
     println!("| tool | rules | CIDRs | median ms | p99 ms | max ms |");
     println!("|---|---:|---:|---:|---:|---:|");
     let probe = Probe::start(link);
@@ -699,11 +700,12 @@ fn time_changes(
     tool: &mut dyn Apply,
     changes: usize,
 ) -> Result<Vec<Duration>, String> {
-    let (allow, deny) = (tool.prepare(true), tool.prepare(false));
+    let deny = tool.prepare(false);
     tool.apply(false, &deny)?;
     probe.wait_silent(tool.name())?;
     // One change and its undoing; the change's time.
     let mut change = || -> Result<Duration, String> {
+        let allow = tool.prepare(true);
         let t0 = Instant::now();
         tool.apply(true, &allow)?;
         let took = probe.first_after(t0, tool.name())? - t0;
@@ -814,6 +816,11 @@ struct ThisFilter {
     cidrs: usize,
     /// Whether the change rewrites every rule, not only the probe's.
     everything: bool,
+    /// Full reloads prepared so far: each gives the rules sources and
+    /// ports of its own, so that neither generation holds any of them
+    /// (the inactive one holds the policy of two publishes ago) and the
+    /// reload writes every entry.
+    reloads: usize,
     dir: PolicyDir,
     agent: Agent,
 }
@@ -821,12 +828,13 @@ struct ThisFilter {
 impl ThisFilter {
     fn start(link: &Link, rules: usize, cidrs: usize) -> Result<ThisFilter, String> {
         let dir = PolicyDir::new("updates");
-        dir.write(&probe_policy(rules, cidrs, false, false));
+        dir.write(&probe_policy(rules, cidrs, false, None));
         let agent = start_agent(link, &dir, None, &[])?;
         Ok(ThisFilter {
             rules,
             cidrs,
             everything: false,
+            reloads: 0,
             dir,
             agent,
         })
@@ -838,8 +846,12 @@ impl Apply for ThisFilter {
         "this filter"
     }
 
-    fn prepare(&self, allow: bool) -> String {
-        probe_policy(self.rules, self.cidrs, allow, self.everything && allow)
+    fn prepare(&mut self, allow: bool) -> String {
+        let other = (self.everything && allow).then(|| {
+            self.reloads += 1;
+            self.reloads
+        });
+        probe_policy(self.rules, self.cidrs, allow, other)
     }
 
     fn apply(&mut self, allow: bool, input: &str) -> Result<(), String> {
@@ -856,13 +868,17 @@ impl Apply for ThisFilter {
 
 /// `rules` rules in a normal (not pre-DNAT) policy on the receiver, the
 /// last for the probe; `cidrs` sources spread over the others; `other`:
-/// every other rule with other sources and ports.
-fn probe_policy(rules: usize, cidrs: usize, allow: bool, other: bool) -> String {
+/// variant `v` (from 1) of the policy, whose every other rule has sources
+/// and a port of its own (sources from 10.0.0.0 + `v` << 20: up to a
+/// million a variant; a port shifted by `v`).
+fn probe_policy(rules: usize, cidrs: usize, allow: bool, other: Option<usize>) -> String {
     let mut y = host_endpoint();
     y += "---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {name: probe}\nspec:\n  selector: role == 'bench'\n  egress:\n  - action: Allow\n  ingress:\n";
     let fillers = rules - 1;
     let per = cidrs.checked_div(fillers).unwrap_or(0);
-    let (mut n, shift) = if other { (1 << 22, 1) } else { (0, 0) };
+    let v = other.unwrap_or(0);
+    assert!(v < 240 && cidrs < 1 << 20, "variant {v} leaves 10.0.0.0/8");
+    let (mut n, shift) = ((v as u32) << 20, v);
     for r in 0..fillers {
         let (src, port) = filler(r + shift);
         let nets = if per == 0 {
@@ -914,7 +930,7 @@ impl Apply for Netfilter {
         }
     }
 
-    fn prepare(&self, allow: bool) -> String {
+    fn prepare(&mut self, allow: bool) -> String {
         let mut t = String::from(if self.nft {
             "table ip fwbu\nflush table ip fwbu\ntable ip fwbu {\n  chain in {\n    type filter hook input priority filter; policy accept;\n"
         } else {
