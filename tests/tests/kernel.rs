@@ -417,6 +417,58 @@ fn endpoints_are_judged_whatever_their_interface_index() {
     );
 }
 
+/// A deny list of `n` host sources from 10.0.0.0 + `base` on, as one
+/// pre-DNAT rule on the test endpoint.
+fn deny_list(base: u32, n: u32) -> String {
+    let nets: Vec<String> = (base..base + n)
+        .map(|i| format!("{}/32", std::net::Ipv4Addr::from(0x0a00_0000 + i)))
+        .collect();
+    format!(
+        "{TEST_HEP}
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {{name: deny-list}}
+spec:
+  preDNAT: true
+  applyOnForward: true
+  selector: ibm.role=='worker_public'
+  ingress:
+  - action: Deny
+    source: {{nets: [{}]}}
+",
+        nets.join(", ")
+    )
+}
+
+/// A list replaced whole: the generation written held the old list, so
+/// the publish removes every old entry and writes every new one, each
+/// in two halves on two threads past a size (the agent's batched writes).
+/// Addresses of both halves of the new list are denied, of the old one
+/// passed.
+#[test]
+fn a_long_deny_list_replaced_whole_is_enforced_whole() {
+    if !privileged("a_long_deny_list_replaced_whole_is_enforced_whole") {
+        return;
+    }
+    const N: u32 = 40_000;
+    let source = |i: u32| (0x0a00_0000 + i).to_be_bytes();
+    let old = deny_list(0, N);
+    // Both generations hold the old list before the new one replaces it
+    // in one of them.
+    let mut k = Loaded::new(&old);
+    k.publish(&old);
+    for i in [0, N / 2 - 1, N / 2, N - 1] {
+        assert_eq!(k.run(&tcp4(source(i), WORKER, 7000)), XDP_DROP, "old {i}");
+    }
+    k.publish(&deny_list(N, N));
+    for i in [N, N + N / 4, N + N / 2, N + 3 * N / 4, 2 * N - 1] {
+        assert_eq!(k.run(&tcp4(source(i), WORKER, 7000)), XDP_DROP, "new {i}");
+    }
+    for i in [0, N / 4, N / 2, 3 * N / 4, N - 1] {
+        assert_eq!(k.run(&tcp4(source(i), WORKER, 7000)), XDP_PASS, "old {i}");
+    }
+}
+
 #[test]
 fn parser_reads_vlan_tags_options_and_extension_headers() {
     if !privileged("parser_reads_vlan_tags_options_and_extension_headers") {

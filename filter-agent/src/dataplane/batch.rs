@@ -41,7 +41,7 @@ struct BatchAttr {
 /// 0: insert or replace), a chunk per call. On failure, the error of the
 /// call that failed; entries before it are written (the caller's
 /// generation is inactive, and cleared again before its next use).
-pub(super) fn update<K: aya::Pod, V: aya::Pod>(
+pub(super) fn update<K: aya::Pod + Sync, V: aya::Pod>(
     ebpf: &Ebpf,
     name: &'static str,
     keys: &[K],
@@ -127,7 +127,7 @@ fn zero_keys(
 }
 
 /// [`update`] with the values as `value_len`-byte slots of `values`.
-fn update_bytes<K: aya::Pod>(
+fn update_bytes<K: aya::Pod + Sync>(
     ebpf: &Ebpf,
     name: &'static str,
     keys: &[K],
@@ -152,15 +152,12 @@ fn update_bytes<K: aya::Pod>(
         ));
     }
     let fd = map.fd().as_fd().as_raw_fd();
-    for (k, v) in keys.chunks(CHUNK).zip(values.chunks(CHUNK * value_len)) {
-        call(name, BPF_MAP_UPDATE_BATCH, fd, k, v.as_ptr())?;
-    }
-    Ok(())
+    calls(name, BPF_MAP_UPDATE_BATCH, fd, keys, values, value_len)
 }
 
 /// Deletes `keys` from the hash map `name`, a chunk per call. Every key
 /// must be there (the kernel stops at the first it does not find).
-pub(super) fn delete<K: aya::Pod>(
+pub(super) fn delete<K: aya::Pod + Sync>(
     ebpf: &Ebpf,
     name: &'static str,
     keys: &[K],
@@ -174,10 +171,44 @@ pub(super) fn delete<K: aya::Pod>(
         }));
     }
     let fd = map.fd().as_fd().as_raw_fd();
-    for k in keys.chunks(CHUNK) {
-        call(name, BPF_MAP_DELETE_BATCH, fd, k, std::ptr::null())?;
+    calls(name, BPF_MAP_DELETE_BATCH, fd, keys, &[], 0)
+}
+
+/// Entries from which [`calls`] splits a write over two threads.
+const PARALLEL_AT: usize = 2 * CHUNK;
+
+/// `cmd` on `keys` (and `values`, `value_len` bytes each; none for a
+/// delete) of map `fd`, a chunk per call: on this thread for a small
+/// write, else each half on a thread of its own
+/// ([`crate::on_two_threads`]). A full reload of 100,000 host addresses
+/// is 100,000 hash deletes and as many inserts, most of its write; the
+/// kernel locks a hash bucket, not the map, so two CPUs do them at once.
+/// On failure, the error of a call that failed (its half's entries before
+/// it are written; see [`update`]).
+fn calls<K: Sync>(
+    name: &'static str,
+    cmd: libc::c_long,
+    fd: std::os::fd::RawFd,
+    keys: &[K],
+    values: &[u8],
+    value_len: usize,
+) -> Result<(), Error> {
+    let run = |keys: &[K], values: &[u8]| {
+        keys.chunks(CHUNK).enumerate().try_for_each(|(i, k)| {
+            let v = match values.get(i * CHUNK * value_len..) {
+                Some(v) if value_len > 0 => v.as_ptr(),
+                _ => std::ptr::null(),
+            };
+            call(name, cmd, fd, k, v)
+        })
+    };
+    if keys.len() < PARALLEL_AT {
+        return run(keys, values);
     }
-    Ok(())
+    let (k1, k2) = keys.split_at(keys.len() / 2);
+    let (v1, v2) = values.split_at((keys.len() / 2) * value_len);
+    let (a, b) = crate::on_two_threads(|| run(k1, v1), || run(k2, v2));
+    a.and(b)
 }
 
 /// One batch command on `keys` (and `values`, or null) of map `fd`.

@@ -382,7 +382,7 @@ impl Dataplane {
     /// Patches one address or port map (an LPM trie, or the exact hash
     /// beside it, keyed alike) from each changed table's held entries to
     /// its wanted ones.
-    fn patch_entries<K: aya::Pod + Eq + Hash>(
+    fn patch_entries<K: aya::Pod + Eq + Hash + Sync>(
         &mut self,
         name: &'static str,
         trie: bool,

@@ -599,7 +599,7 @@ impl Dataplane {
 
     /// Removes the entries of an exact hash whose key `stale` picks, in
     /// batches (an LPM trie has no batch delete: [`Dataplane::clear_trie`]).
-    pub(super) fn clear_exact<K: aya::Pod>(
+    pub(super) fn clear_exact<K: aya::Pod + Sync>(
         &mut self,
         name: &'static str,
         stale: impl Fn(&K) -> bool,
