@@ -27,9 +27,10 @@
 //!   Classes are stored sparse because a field with thousands of classes
 //!   (one per distinct /32, say) would need gigabytes as dense bitmaps, and
 //!   most of their words are zero.
-//! * `FW_EP2`: hash, [`EndpointKey`] → [`EndpointValue`]: the class of the
-//!   rules whose policy selects the endpoint on that interface, and where
-//!   the table's rule metadata starts. No entry: no policy applies.
+//! * `FW_EP3`: hash, [`EndpointKey`] → [`EndpointValue`]: the class of the
+//!   rules whose policy selects the endpoint on that interface, where the
+//!   table's rule metadata starts, and the rule that decides every packet
+//!   when the first of them matches all. No entry: no policy applies.
 //! * `FW_SPORT1`: like `FW_PORT1`, keyed by the source port.
 //! * `FW_RULE3`: array, rule slot ([`EndpointValue::first_slot`] + rule) →
 //!   [`RuleMeta`]; `FW_RULE_CTR2` counts by the same slot.
@@ -337,6 +338,12 @@ pub struct EndpointValue {
     /// Rule slot of the table's rule 0: rule `r` is at `first_slot + r` in
     /// `FW_RULE3` and `FW_RULE_CTR2`.
     pub first_slot: u32,
+    /// 1 + rule `r` when the endpoint's first rule in the table is `r`,
+    /// an Allow or Deny that every packet matches (in every class of every
+    /// field): the verdict without a field's lookup or the scan (the
+    /// default deny of an endpoint without policy, an allow-all). 0: the
+    /// rules are searched.
+    pub decided: u32,
 }
 
 /// Value of the endpoint array (`FW_EPA1`): the endpoint map's entry for
@@ -349,8 +356,8 @@ pub struct EndpointSlot {
     pub first_slot: u32,
     /// 1 where the endpoint map has the entry, else 0.
     pub present: u32,
-    /// Zero.
-    pub pad: u32,
+    /// [`EndpointValue::decided`].
+    pub decided: u32,
 }
 
 impl EndpointSlot {
@@ -361,7 +368,7 @@ impl EndpointSlot {
             class: v.class,
             first_slot: v.first_slot,
             present: 1,
-            pad: 0,
+            decided: v.decided,
         }
     }
 
@@ -374,6 +381,7 @@ impl EndpointSlot {
         Some(EndpointValue {
             class: self.class,
             first_slot: self.first_slot,
+            decided: self.decided,
         })
     }
 }
@@ -804,7 +812,7 @@ pub mod names {
     /// The non-zero words of all class bitmaps.
     pub const MAP_CLASS_WORDS: &str = "FW_WORD1";
     /// Endpoint classes.
-    pub const MAP_ENDPOINT: &str = "FW_EP2";
+    pub const MAP_ENDPOINT: &str = "FW_EP3";
     /// The endpoint entries of interfaces with small indexes, again
     /// ([`crate::endpoint_slot`]).
     pub const MAP_ENDPOINT_SLOTS: &str = "FW_EPA1";
@@ -1330,7 +1338,7 @@ const _: () = assert!(
     SUMMARY_WORDS <= 32,
     "ClassHead::dense has a bit per summary word"
 );
-const _: () = assert!(core::mem::size_of::<EndpointValue>() == 8);
+const _: () = assert!(core::mem::size_of::<EndpointValue>() == 12);
 const _: () = assert!(core::mem::size_of::<TableHints>() == 4 * field::COUNT + 8);
 // The verdict scan's summary words cover every bitmap word exactly.
 const _: () = assert!(WORDS.is_multiple_of(64) && MAX_RULES.is_multiple_of(64));

@@ -140,10 +140,10 @@ static FW_CLASS2: Array<ClassHead> = Array::pinned(MAX_CLASSES, 0);
 #[map(name = "FW_WORD1")]
 static FW_WORD1: Array<u64> = Array::pinned(MAX_CLASS_WORDS, 0);
 
-#[map(name = "FW_EP2")]
-static FW_EP2: HashMap<EndpointKey, EndpointValue> = HashMap::pinned(MAX_ENDPOINT_ENTRIES, 0);
+#[map(name = "FW_EP3")]
+static FW_EP3: HashMap<EndpointKey, EndpointValue> = HashMap::pinned(MAX_ENDPOINT_ENTRIES, 0);
 
-/// `FW_EP2`'s entries of interfaces with small indexes, where an inlined
+/// `FW_EP3`'s entries of interfaces with small indexes, where an inlined
 /// array lookup finds them (`filter_common::endpoint_slot`).
 #[map(name = "FW_EPA1")]
 static FW_EPA1: Array<EndpointSlot> = Array::pinned(MAX_ENDPOINT_SLOTS, 0);
@@ -154,9 +154,9 @@ static FW_EPA1: Array<EndpointSlot> = Array::pinned(MAX_ENDPOINT_SLOTS, 0);
 fn endpoint(key: &EndpointKey) -> Option<EndpointValue> {
     match endpoint_slot(key) {
         Some(i) => FW_EPA1.get(i).and_then(EndpointSlot::value),
-        // SAFETY: values of FW_EP2 are only written by the agent into the
+        // SAFETY: values of FW_EP3 are only written by the agent into the
         // inactive generation, and copied out here at once.
-        None => unsafe { FW_EP2.get(key) }.copied(),
+        None => unsafe { FW_EP3.get(key) }.copied(),
     }
 }
 
@@ -232,6 +232,15 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
         Some(v) => v,
         None => return reason::PASS_NO_POLICY as u64,
     };
+    // The endpoint's first rule matches every packet: the search would
+    // find it whatever the fields hold.
+    if let Some(rule) = ep.decided.checked_sub(1) {
+        let slot = ep.first_slot + rule;
+        return match FW_RULE3.get(slot).map(|m| m.action) {
+            Some(a @ (action::ALLOW | action::DENY)) => ((a as u64) << 32) | slot as u64,
+            _ => reason::PASS_TABLE_ERROR as u64,
+        };
+    }
     let table_be = table.to_be_bytes();
     let (src, dst) = match pkt.family {
         Family::V4 => {

@@ -204,9 +204,14 @@ impl Contents {
             };
             c.hints.insert(table, entries.hints);
             c.tables.insert(table, entries);
-            for &(ifindex, class) in &plan.masks[&table] {
+            for &(ifindex, class, decided) in &plan.masks[&table] {
                 let key = EndpointKey { ifindex, table };
-                c.endpoints.insert(key, EndpointValue { class, first_slot });
+                let value = EndpointValue {
+                    class,
+                    first_slot,
+                    decided,
+                };
+                c.endpoints.insert(key, value);
                 // Which of the generation's tables have rules for it.
                 *summary.entry(ifindex).or_default() |= table_bit(t.stage, t.direction);
             }
@@ -219,6 +224,7 @@ impl Contents {
             let value = EndpointValue {
                 class: tables,
                 first_slot: 0,
+                decided: 0,
             };
             c.endpoints.insert(key, value);
         }

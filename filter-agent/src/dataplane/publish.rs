@@ -81,10 +81,54 @@ pub(super) struct Plan {
     pub(super) masks_layout: classes::Layout,
     /// The generation's first class.
     class_base: u32,
-    /// Per table id: (interface index, class of its mask).
-    pub(super) masks: BTreeMap<u32, Vec<(u32, u32)>>,
+    /// Per table id: (interface index, class of its mask, its
+    /// [`EndpointValue::decided`]).
+    pub(super) masks: BTreeMap<u32, Vec<(u32, u32, u32)>>,
     /// Rule slot of each table's first rule, in `Compiled::tables` order.
     pub(super) first_slots: Vec<u32>,
+}
+
+/// [`EndpointValue::decided`] of the endpoint whose rules in `t` are
+/// `mask`: 1 + its first rule when that rule allows or denies and every
+/// packet matches it, else 0. `everywhere` remembers, per rule, what
+/// [`matches_every_packet`] said (endpoints share their first rules).
+fn decided(
+    t: &Table,
+    classes: &[RuleSet],
+    mask: &RuleSet,
+    everywhere: &mut BTreeMap<usize, bool>,
+) -> u32 {
+    let Some(r) = mask.first_from(0) else {
+        return 0;
+    };
+    let verdict = t.rules.get(r).is_some_and(|rule| {
+        rule.action == filter_common::action::ALLOW || rule.action == filter_common::action::DENY
+    });
+    if verdict
+        && *everywhere
+            .entry(r)
+            .or_insert_with(|| matches_every_packet(t, classes, r))
+    {
+        r as u32 + 1
+    } else {
+        0
+    }
+}
+
+/// Whether rule `r` of `t` is in every class of every field: whatever a
+/// packet's fields, the classifier's search finds `r` among its rules. A
+/// field without entries gives a packet no class (the program reports the
+/// table broken): no.
+fn matches_every_packet(t: &Table, classes: &[RuleSet], r: usize) -> bool {
+    let holds = |c: u32| classes.get(c as usize).is_some_and(|set| set.contains(r));
+    let addresses = [&t.src_v4, &t.dst_v4, &t.src_v6, &t.dst_v6];
+    let ports = [&t.dports, &t.sports];
+    addresses
+        .iter()
+        .all(|f| !f.is_empty() && f.iter().all(|&(_, c)| holds(c)))
+        && ports
+            .iter()
+            .all(|f| !f.is_empty() && f.iter().all(|e| holds(e.class)))
 }
 
 impl Plan {
@@ -134,6 +178,7 @@ impl Plan {
         let mut masks = BTreeMap::new();
         for t in &compiled.tables {
             let mut eps = Vec::new();
+            let mut everywhere = BTreeMap::new();
             for (iface, mask) in &t.masks {
                 // Bound interfaces that do not exist yet are skipped (and
                 // written when they appear).
@@ -141,7 +186,8 @@ impl Plan {
                     continue;
                 };
                 let class = mask_class(mask)?;
-                eps.push((ifindex, class_base + class));
+                let decided = decided(t, &compiled.classes, mask, &mut everywhere);
+                eps.push((ifindex, class_base + class, decided));
             }
             masks.insert(table_id(generation, t.stage, t.direction), eps);
         }
@@ -684,6 +730,7 @@ mod tests {
 
     use super::*;
     use crate::{compile::Node, model::Store};
+    use filter_common::{action, direction, stage};
 
     #[test]
     fn port_keys_fix_as_many_bits_as_the_entry_says() {
@@ -744,8 +791,16 @@ mod tests {
                 )
             })
             .collect();
+        compiled_with(&format!(
+            "---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: p}}\nspec:\n  selector: role == 'pub'\n  types: [Ingress]\n  ingress:\n{rules}"
+        ))
+    }
+
+    /// `policies` (each document after a `---`) for the host endpoint of
+    /// interface eth1 on node n1, compiled.
+    fn compiled_with(policies: &str) -> Compiled {
         let yaml = format!(
-            "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {{name: w, labels: {{role: pub}}}}\nspec: {{node: n1, interfaceName: eth1}}\n---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: p}}\nspec:\n  selector: role == 'pub'\n  types: [Ingress]\n  ingress:\n{rules}"
+            "apiVersion: projectcalico.org/v3\nkind: HostEndpoint\nmetadata: {{name: w, labels: {{role: pub}}}}\nspec: {{node: n1, interfaceName: eth1}}\n{policies}"
         );
         let mut store = Store::default();
         let mut errors = Vec::new();
@@ -756,6 +811,51 @@ mod tests {
             ..Default::default()
         };
         crate::compile::compile(&store, &node).expect("compiles")
+    }
+
+    /// The action of the rule the endpoint's normal ingress entry says
+    /// decides every packet, if it says one does.
+    fn decided_ingress(policies: &str) -> Option<u32> {
+        let c = compiled_with(policies);
+        let ifaces: Interfaces = [("eth1".to_string(), 7)].into();
+        let plan = Plan::new(&c, &ifaces, 0, None).expect("fits");
+        let t = c
+            .tables
+            .iter()
+            .find(|t| t.stage == stage::NORMAL && t.direction == direction::INGRESS)
+            .expect("a normal ingress table");
+        let id = table_id(0, stage::NORMAL, direction::INGRESS);
+        let &(_, _, decided) = plan.masks[&id].iter().find(|e| e.0 == 7)?;
+        let rule = decided.checked_sub(1)?;
+        Some(t.rules[rule as usize].action)
+    }
+
+    #[test]
+    fn an_endpoint_whose_first_rule_matches_every_packet_is_decided_by_its_entry() {
+        let gnp = |rules: &str| {
+            format!("---\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: p}}\nspec:\n  selector: role == 'pub'\n  ingress:\n{rules}")
+        };
+        // No policy: the default deny, whatever the packet.
+        assert_eq!(decided_ingress(""), Some(action::DENY));
+        assert_eq!(
+            decided_ingress(&gnp("  - action: Allow\n")),
+            Some(action::ALLOW)
+        );
+        // A first rule that matches some packets only, or decides nothing,
+        // leaves the search to the program.
+        for first in [
+            "  - action: Allow\n    protocol: TCP\n",
+            "  - action: Allow\n    source: {nets: [0.0.0.0/0]}\n",
+            "  - action: Allow\n    destination: {ports: [80]}\n    protocol: UDP\n",
+            "  - action: Log\n",
+            "  - action: Pass\n",
+        ] {
+            let rules = format!("{first}  - action: Deny\n");
+            assert_eq!(decided_ingress(&gnp(&rules)), None, "{first}");
+        }
+        // Every IPv4 and every IPv6 source: every packet.
+        let any = "  - action: Deny\n    source: {nets: [0.0.0.0/0, ::/0]}\n  - action: Allow\n";
+        assert_eq!(decided_ingress(&gnp(any)), Some(action::DENY));
     }
 
     #[test]
@@ -786,7 +886,7 @@ mod tests {
             assert!(plan
                 .masks
                 .values()
-                .any(|eps| eps.iter().any(|&(i, _)| i == 7)));
+                .any(|eps| eps.iter().any(|&(i, _, _)| i == 7)));
             assert_eq!(plan.first_slots.len(), c.tables.len());
             assert!(plan
                 .first_slots
