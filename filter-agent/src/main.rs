@@ -5,9 +5,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use filter_agent::cli::{self, Cli, LogFormat};
 
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter =
