@@ -186,6 +186,11 @@ pub struct Table {
     /// Interface name → rules that concern its endpoint. Absent: nothing of
     /// this stage and direction applies.
     pub masks: BTreeMap<String, RuleSet>,
+    /// The rules in every class of every field: whatever a packet's
+    /// addresses and ports, the classifier's search finds them among its
+    /// rules. A field without entries gives a packet no class (the program
+    /// reports the table broken), so then none.
+    pub everywhere: RuleSet,
 }
 
 /// Everything one generation of the dataplane needs.

@@ -124,11 +124,18 @@ impl TableBuilder {
             });
         // Numbered into the compile's classes in field order, as the
         // fields come: taken over, or classified.
+        // The rules every packet matches: those each field has in every
+        // class.
+        let mut everywhere: Option<RuleSet> = None;
         let mut number = |n: usize, (mut local, classified): (Field, bool)| {
             if classified {
                 reuse.in_step = false;
             }
             let entries = local.entries_in(interner, &mut reuse.in_step);
+            match &mut everywhere {
+                Some(all) => all.intersect_with(&local.every),
+                None => everywhere = Some(local.every.clone()),
+            }
             reuse.next.insert(slot(n), local);
             entries
         };
@@ -139,6 +146,7 @@ impl TableBuilder {
         let dports = number(4, dports).ports();
         let sports = number(5, sports).ports();
         Table {
+            everywhere: everywhere.unwrap_or_default(),
             stage,
             direction,
             rules: self.rules,
@@ -340,6 +348,10 @@ struct Field {
     /// The entries, their classes numbered locally.
     entries: Entries,
     sets: Vec<RuleSet>,
+    /// The rules in the class of every entry, none where there is no
+    /// entry: whatever a packet's value of this field, its class has them.
+    /// Kept with the field when a compile takes it over.
+    every: RuleSet,
     /// The classes the local ones became, and how many classes there
     /// were before, when the field was last interned.
     global: Vec<u32>,
@@ -367,9 +379,14 @@ impl Field {
                 &mut local,
             ))),
         };
+        let used = match &entries {
+            Entries::Addr(e) => every_class(&local.classes, e.iter().map(|&(_, c)| c)),
+            Entries::Port(e) => every_class(&local.classes, e.iter().map(|e| e.class)),
+        };
         Field {
             key,
             entries,
+            every: used,
             sets: local.classes,
             global: Vec::new(),
             before: usize::MAX,
@@ -415,6 +432,30 @@ impl Field {
             })
             .clone()
     }
+}
+
+/// The rules in every one of `sets` that `classes` (the entries' local
+/// classes) use; none for no entries.
+fn every_class(sets: &[RuleSet], classes: impl Iterator<Item = u32>) -> RuleSet {
+    let mut used = vec![false; sets.len()];
+    for c in classes {
+        if let Some(u) = used.get_mut(c as usize) {
+            *u = true;
+        }
+    }
+    let mut them = sets.iter().zip(used).filter(|(_, u)| *u).map(|(s, _)| s);
+    let Some(first) = them.next() else {
+        return RuleSet::new();
+    };
+    let mut all = first.clone();
+    // Most fields' classes have no rule in common: the first few say so.
+    for s in them {
+        if all.is_empty() {
+            break;
+        }
+        all.intersect_with(s);
+    }
+    all
 }
 
 /// The fields of the last compile, by (stage, direction, field), for the

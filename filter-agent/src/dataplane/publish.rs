@@ -90,45 +90,19 @@ pub(super) struct Plan {
 
 /// [`EndpointValue::decided`] of the endpoint whose rules in `t` are
 /// `mask`: 1 + its first rule when that rule allows or denies and every
-/// packet matches it, else 0. `everywhere` remembers, per rule, what
-/// [`matches_every_packet`] said (endpoints share their first rules).
-fn decided(
-    t: &Table,
-    classes: &[RuleSet],
-    mask: &RuleSet,
-    everywhere: &mut BTreeMap<usize, bool>,
-) -> u32 {
+/// packet matches it (`Table::everywhere`), else 0.
+fn decided(t: &Table, mask: &RuleSet) -> u32 {
     let Some(r) = mask.first_from(0) else {
         return 0;
     };
     let verdict = t.rules.get(r).is_some_and(|rule| {
         rule.action == filter_common::action::ALLOW || rule.action == filter_common::action::DENY
     });
-    if verdict
-        && *everywhere
-            .entry(r)
-            .or_insert_with(|| matches_every_packet(t, classes, r))
-    {
+    if verdict && t.everywhere.contains(r) {
         r as u32 + 1
     } else {
         0
     }
-}
-
-/// Whether rule `r` of `t` is in every class of every field: whatever a
-/// packet's fields, the classifier's search finds `r` among its rules. A
-/// field without entries gives a packet no class (the program reports the
-/// table broken): no.
-fn matches_every_packet(t: &Table, classes: &[RuleSet], r: usize) -> bool {
-    let holds = |c: u32| classes.get(c as usize).is_some_and(|set| set.contains(r));
-    let addresses = [&t.src_v4, &t.dst_v4, &t.src_v6, &t.dst_v6];
-    let ports = [&t.dports, &t.sports];
-    addresses
-        .iter()
-        .all(|f| !f.is_empty() && f.iter().all(|&(_, c)| holds(c)))
-        && ports
-            .iter()
-            .all(|f| !f.is_empty() && f.iter().all(|e| holds(e.class)))
 }
 
 impl Plan {
@@ -178,7 +152,6 @@ impl Plan {
         let mut masks = BTreeMap::new();
         for t in &compiled.tables {
             let mut eps = Vec::new();
-            let mut everywhere = BTreeMap::new();
             for (iface, mask) in &t.masks {
                 // Bound interfaces that do not exist yet are skipped (and
                 // written when they appear).
@@ -186,7 +159,7 @@ impl Plan {
                     continue;
                 };
                 let class = mask_class(mask)?;
-                let decided = decided(t, &compiled.classes, mask, &mut everywhere);
+                let decided = decided(t, mask);
                 eps.push((ifindex, class_base + class, decided));
             }
             masks.insert(table_id(generation, t.stage, t.direction), eps);
