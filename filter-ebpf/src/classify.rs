@@ -19,7 +19,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
 };
 use filter_common::{
     action, direction, endpoint_slot, field, reason, stage, summary_table, table_bit, table_id,
@@ -548,15 +548,27 @@ fn probe_inline(f: &mut Find) -> Result<Option<u32>, u32> {
         f.next_word = WORDS;
         return Ok(None);
     }
+    // What the candidates' words need of each class's head, read once
+    // here for all of them: the heads looked up again per word were half
+    // the lookups of the worst case.
+    let at = FW_AT.get_ptr_mut(0).ok_or(reason::PASS_TABLE_ERROR)?;
+    // SAFETY: this CPU's entry, alive while the program runs; written and
+    // read within this call, which no other program on this CPU
+    // interrupts.
+    let at = unsafe { &mut *at };
     let mut c = u64::MAX << (f.next_word % 64);
-    for class in f.classes {
-        c &= head(class)?.summary[s];
+    for (i, class) in f.classes.into_iter().enumerate() {
+        let h = head(class)?;
+        c &= h.summary[s];
+        at[i] = Place {
+            summary: h.summary[s],
+            offset: h.offset[s],
+            dense: (h.dense >> s) & 1 != 0,
+        };
     }
     // Up to `WORDS_PER_PROBE` candidates of this summary word per call:
     // the callback and the summaries' AND are paid once for them (the
-    // worst case is a run of candidates whose AND is empty). The heads are
-    // looked up again per word (an array lookup, inlined): five pointers
-    // kept across the words would not fit the deepest call chain's stack.
+    // worst case is a run of candidates whose AND is empty).
     for _ in 0..WORDS_PER_PROBE {
         if c == 0 {
             f.next_word = (s as u32 + 1) * 64;
@@ -567,8 +579,8 @@ fn probe_inline(f: &mut Find) -> Result<Option<u32>, u32> {
         let w = s as u32 * 64 + b;
         f.next_word = w + 1;
         let mut hits = u64::MAX;
-        for class in f.classes {
-            hits &= word(head(class)?, s, b)?;
+        for place in at.iter() {
+            hits &= word(place, b)?;
         }
         if w == f.start / 64 {
             hits &= u64::MAX << (f.start % 64);
@@ -580,27 +592,44 @@ fn probe_inline(f: &mut Find) -> Result<Option<u32>, u32> {
     Ok(None)
 }
 
+/// Where one class's words of the summary word a [`probe`] looks at are.
+#[derive(Clone, Copy)]
+struct Place {
+    /// The class's summary word.
+    summary: u64,
+    /// Index in `FW_WORD1` of its first stored word.
+    offset: u32,
+    /// Stored dense (all 64 words) rather than only the non-zero ones.
+    dense: bool,
+}
+
+/// Per CPU, the five classes' [`Place`]s for one [`probe`] call: on the
+/// stack they took the deepest call chain (`fw_xdp`, `fw_classify`,
+/// `hop`, `probe`) past the verifier's 512 bytes.
+#[map]
+static FW_AT: PerCpuArray<[Place; 5]> = PerCpuArray::with_max_entries(1, 0);
+
 /// Candidate words one [`probe`] call may look at. The verifier walks the
 /// unrolled body once per candidate and per path into the classifier:
 /// more would cost it more than the callbacks they save.
 const WORDS_PER_PROBE: usize = 4;
 
-/// Bitmap word `64 * s + b` of a class whose summary has it (every
-/// candidate word is in all five summaries); `s` is bounds-checked by the
-/// caller.
+/// Bitmap word `64 * s + b` of a class whose summary word `s` has bit `b`
+/// (every candidate word is in all five summaries), `place` being that
+/// summary word's.
 #[inline(always)]
-fn word(h: &ClassHead, s: usize, b: u32) -> Result<u64, u32> {
+fn word(place: &Place, b: u32) -> Result<u64, u32> {
     // A dense summary word stores all its 64 words (rank `b`); a sparse one
     // only the non-zero words, where the rank is the number of bits set
     // below. (A branch costs the verifier little here: this runs once per
     // `probe`, not in a loop it must walk word by word.)
-    let rank = if (h.dense >> s) & 1 != 0 {
+    let rank = if place.dense {
         b
     } else {
-        popcount(h.summary[s] & ((1 << b) - 1))
+        popcount(place.summary & ((1 << b) - 1))
     };
     FW_WORD1
-        .get(h.offset[s] + rank)
+        .get(place.offset + rank)
         .copied()
         .ok_or(reason::PASS_TABLE_ERROR)
 }
