@@ -122,11 +122,11 @@ impl TableBuilder {
                     Err(key)
                 }
             });
-        // Numbered into the compile's classes in field order, as the
-        // fields come: taken over, or classified.
         // The rules every packet matches: those each field has in every
         // class.
         let mut everywhere: Option<RuleSet> = None;
+        // Numbered into the compile's classes in field order, as the
+        // fields come: taken over, or classified.
         let mut number = |n: usize, (mut local, classified): (Field, bool)| {
             if classified {
                 reuse.in_step = false;
@@ -379,14 +379,14 @@ impl Field {
                 &mut local,
             ))),
         };
-        let used = match &entries {
+        let every = match &entries {
             Entries::Addr(e) => every_class(&local.classes, e.iter().map(|&(_, c)| c)),
             Entries::Port(e) => every_class(&local.classes, e.iter().map(|e| e.class)),
         };
         Field {
             key,
             entries,
-            every: used,
+            every,
             sets: local.classes,
             global: Vec::new(),
             before: usize::MAX,
