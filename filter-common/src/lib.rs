@@ -853,10 +853,13 @@ pub mod names {
     pub const MAP_LOG_BUCKETS: &str = "FW_LOGTB1";
     /// Per-rule emitted / rate-limited / lost records (per CPU).
     pub const MAP_LOG_COUNTERS: &str = "FW_LOGCTR1";
+    /// The records the packet under way owes, per CPU, for its logger; a
+    /// map of each object's own until it was pinned.
+    pub const MAP_LOG_PENDING: &str = "FW_PENDING1";
 
     /// Every pinned map: the agent checks the loaded object has each, so a
     /// name changed on one side only fails at load, not at first use.
-    pub const MAPS: [&str; 35] = [
+    pub const MAPS: [&str; 36] = [
         MAP_GENERATION,
         MAP_SRC_V4,
         MAP_DST_V4,
@@ -888,6 +891,7 @@ pub mod names {
         MAP_LOG_CONFIG,
         MAP_LOG_BUCKETS,
         MAP_LOG_COUNTERS,
+        MAP_LOG_PENDING,
         MAP_TAIL_XDP,
         MAP_TAIL_TC,
         MAP_CT_SEEN,

@@ -67,9 +67,14 @@ struct Entry {
     kind: u8,
 }
 
-/// Scratch: per CPU, one packet at a time; not pinned.
-#[map]
-static FW_PENDING: PerCpuArray<Pending> = PerCpuArray::with_max_entries(1, 0);
+/// Scratch: per CPU, one packet at a time. Pinned, so that every loaded
+/// object shares it: the logger in the tail-call slot may be another
+/// object's than the program that filled it (an agent that takes over, or
+/// that swaps its programs for ones with larger class arrays, puts its
+/// loggers in the slots before its programs take over the links), and it
+/// returns the verdict written here.
+#[map(name = "FW_PENDING1")]
+static FW_PENDING: PerCpuArray<Pending> = PerCpuArray::pinned(1, 0);
 
 /// The XDP logger, at [`LOGGER`]; filled by the agent. A program array
 /// holds programs of one type: XDP and TC have one each.
