@@ -697,6 +697,11 @@ impl Agent {
         }
     }
 
+    /// Where the agent pins its programs, maps and links.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
     /// Kills the agent with SIGKILL, as a crash would, and leaves its pins
     /// (and so its attached programs) for the next agent.
     pub fn crash(mut self) {

@@ -15,7 +15,7 @@ use filter_agent::{
 };
 use filter_common::reason;
 use filter_tests::{
-    ipv4_fragments, ipv6_with_dest_options, privileged, unique, with_priority_tags, Rng,
+    ipv4_fragments, ipv6_with_dest_options, privileged, sh, unique, with_priority_tags, Rng,
 };
 
 #[path = "kernel/frames.rs"]
@@ -1915,4 +1915,114 @@ fn a_one_rule_change_writes_only_the_entries_that_differ() {
     assert_eq!(changed(&k), 1);
     assert_eq!(k.run(&probe), XDP_DROP);
     assert_eq!(k.run(&listed), XDP_DROP);
+}
+
+/// `max_entries` of the map pinned at `pin`, as bpftool reports it.
+fn pinned_entries(pin: &Path) -> u64 {
+    let out = sh(
+        "bpftool",
+        &["-j", "map", "show", "pinned", &pin.to_string_lossy()],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("bpftool's JSON");
+    v["max_entries"].as_u64().expect("max_entries")
+}
+
+/// A policy of `n` pre-DNAT rules, each denying TCP from a /24 of its own
+/// (10.i.j.0/24: none of the probes'), so each source is a class of its
+/// own; then a deny of port `denied`.
+fn many_classes(n: u32, denied: u16) -> String {
+    let mut text = format!(
+        "{TEST_HEP}
+apiVersion: projectcalico.org/v3
+kind: GlobalNetworkPolicy
+metadata: {{name: many}}
+spec:
+  preDNAT: true
+  applyOnForward: true
+  selector: ibm.role=='worker_public'
+  ingress:
+"
+    );
+    for i in 0..n {
+        let net = std::net::Ipv4Addr::from(0x0a00_0000 + (i << 8));
+        text += &format!("  - {{action: Deny, protocol: TCP, source: {{nets: [{net}/24]}}}}\n");
+    }
+    text += &format!("  - {{action: Deny, protocol: TCP, destination: {{ports: [{denied}]}}}}\n");
+    text
+}
+
+/// The class arrays follow the policy: loaded at their largest, the
+/// first small policy moves the programs to the least arrays; 2,000
+/// classes grow them past their room; a small policy after that keeps
+/// them (less than eight times too big). Each move loads new programs
+/// with new arrays, and each policy is enforced whole after it: the one
+/// before denied 7000, the next 7001, a source of the big list is denied.
+/// The pins name the arrays in use; none is left at a staging pin, and
+/// one left there by a resize that did not finish goes at the next load.
+/// An adopter keeps the arrays' size.
+#[test]
+fn the_class_arrays_follow_the_policy_up_and_down() {
+    if !privileged("the_class_arrays_follow_the_policy_up_and_down") {
+        return;
+    }
+    use filter_agent::dataplane::{ClassRoom, Options};
+    let largest = Options {
+        class_room: ClassRoom::MAX,
+        ..Options::default()
+    };
+    let mut k = Loaded::with_options(&many_classes(0, 7000), &largest);
+    let heads = |k: &Loaded| pinned_entries(&k.pin_dir.join(filter_common::names::MAP_CLASS));
+    let words = |k: &Loaded| pinned_entries(&k.pin_dir.join(filter_common::names::MAP_CLASS_WORDS));
+    let room = |k: &Loaded| k.dp.as_ref().expect("loaded").class_room();
+    assert_eq!(room(&k), ClassRoom::MIN, "shrunk at the first publish");
+    assert_eq!(heads(&k), 2 * u64::from(ClassRoom::MIN.heads));
+    assert_eq!(words(&k), 2 * u64::from(ClassRoom::MIN.words));
+    assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 7000)), XDP_DROP);
+    assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 7001)), XDP_PASS);
+
+    k.publish(&many_classes(2000, 7001));
+    let grown = room(&k);
+    assert_eq!(
+        grown.heads, 4096,
+        "2,000 classes and more: twice, rounded up"
+    );
+    assert_eq!(heads(&k), 2 * u64::from(grown.heads));
+    assert_eq!(words(&k), 2 * u64::from(grown.words));
+    assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 7000)), XDP_PASS);
+    assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 7001)), XDP_DROP);
+    assert_eq!(
+        k.run(&tcp4([10, 7, 207, 1], WORKER, 80)),
+        XDP_DROP,
+        "rule 1999's source"
+    );
+    assert_eq!(k.run(&tcp4([10, 7, 208, 1], WORKER, 80)), XDP_PASS);
+
+    k.publish(&many_classes(0, 7000));
+    assert_eq!(room(&k), grown, "not eight times too big: kept");
+    assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 7000)), XDP_DROP);
+    assert_eq!(k.run(&tcp4([10, 7, 207, 1], WORKER, 80)), XDP_PASS);
+
+    let staging: Vec<String> = std::fs::read_dir(&k.pin_dir)
+        .expect("pins")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("new_"))
+        .collect();
+    assert!(staging.is_empty(), "{staging:?}");
+    let left = k.pin_dir.join("new_FW_WORD1");
+    let made = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&left)
+        .args(["type", "array", "key", "4", "value", "8", "entries", "4"])
+        .args(["name", "FW_WORD1"])
+        .status()
+        .expect("run bpftool");
+    assert!(made.success(), "bpftool map create");
+    let adopter = Dataplane::load_with(&k.pin_dir, &Options::default()).expect("adopt");
+    assert_eq!(
+        adopter.class_room(),
+        grown,
+        "adopted arrays keep their size"
+    );
+    assert!(!left.exists(), "a staging pin is gone at load");
 }

@@ -467,3 +467,54 @@ fn an_assured_connection_survives_a_flood_of_new_flows() {
         .expect("the assured connection survives the flood");
     assert!(s.agent.stop().success());
 }
+
+/// A policy that outgrows the class arrays is enforced by new programs
+/// with arrays of its size, which take the links over: the agent says so,
+/// the new policy's verdicts hold on real connections, and a connection
+/// opened before goes on (conntrack is shared by both programs).
+#[test]
+fn a_policy_that_outgrows_the_class_arrays_moves_to_new_programs_keeping_connections() {
+    if !privileged(
+        "a_policy_that_outgrows_the_class_arrays_moves_to_new_programs_keeping_connections",
+    ) {
+        return;
+    }
+    let p = Pair::new("fwgrow");
+    let _echo = EchoServer::start(&p.worker, "0.0.0.0:7100".parse().expect("addr"));
+    let _s7000 = TcpServer::start(&p.worker, "0.0.0.0:7000".parse().expect("addr"), "7000");
+    let _s7001 = TcpServer::start(&p.worker, "0.0.0.0:7001".parse().expect("addr"), "7001");
+    let allow = gnp(
+        "allow-in",
+        "  types: [Ingress]\n  ingress:\n  - action: Allow\n",
+    );
+    let deny = |port: u16| {
+        gnp(
+            "deny",
+            &format!("  preDNAT: true\n  applyOnForward: true\n  ingress:\n  - action: Deny\n    protocol: TCP\n    destination: {{ports: [{port}]}}\n"),
+        )
+    };
+    // 2,000 sources of a class each (10.i.j.0/24, not the client's).
+    let mut many = String::from("  preDNAT: true\n  applyOnForward: true\n  ingress:\n");
+    for i in 0..2000u32 {
+        let net = std::net::Ipv4Addr::from(0x0a00_0000 + (i << 8));
+        many += &format!("  - {{action: Deny, protocol: TCP, source: {{nets: [{net}/24]}}}}\n");
+    }
+    let mut s = start(&p, &format!("{HEP}{allow}{}", deny(7000)));
+    let open = |port: u16| tcp_probe(&p.client, Pair::worker(port), T).is_ok();
+    assert!(!open(7000) && open(7001), "the small policy");
+    let mut conn = Conn::open(&p.client, Pair::worker(7100), T).expect("connect");
+    conn.echo("before").expect("echo before");
+
+    s.change(&format!("{HEP}{allow}{}{}", deny(7001), gnp("many", &many)));
+    let log = s.agent.log_text();
+    assert!(log.contains("class arrays sized to the policy"), "{log}");
+    assert!(open(7000) && !open(7001), "the big policy");
+    conn.echo("after").expect("the connection goes on");
+    let links = std::fs::read_dir(s.agent.pin_dir())
+        .expect("pins")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains('@'))
+        .count();
+    assert_eq!(links, 3, "the same three links");
+    assert!(s.agent.stop().success());
+}

@@ -30,8 +30,12 @@ mod publish;
 mod testrun;
 
 use attach::Attachment;
+pub use classes::ClassRoom;
 pub use counters::PinnedCounters;
-use pins::{ensure_bpffs, open_map_pin, remove_pins, remove_retired_map_pins};
+use pins::{
+    ensure_bpffs, open_map_pin, remove_pins, remove_retired_map_pins, remove_staging_pins,
+    staging_pin,
+};
 pub use publish::{class_storage, first_slots, preflight, PublishTimes};
 pub use testrun::TcRun;
 
@@ -58,10 +62,9 @@ use aya::{
 use filter_common::{
     endpoint_slot, failsafe_port_bit, field, names, summary_table, table_bit, table_id, AddrV4Key,
     AddrV6Key, EndpointKey, EndpointSlot, EndpointValue, FailsafeKey, HostKey, PortKey,
-    RuleCounter, RuleMeta, SvcKey, TableHints, CLASSES_PER_GEN, CLASS_WORDS_PER_GEN,
-    FAILSAFE_ADDR_OFFSET_BITS, FAILSAFE_PORT_BITS, GENERATIONS, MAX_PORT_ENTRIES, MAX_RULES,
-    PORT_KEY_ANY_PROTO_BITS, PORT_KEY_FLAG_BITS, RULE_SLOTS_PER_GEN, TABLES_PER_GEN,
-    TABLE_PREFIX_BITS,
+    RuleCounter, RuleMeta, SvcKey, TableHints, FAILSAFE_ADDR_OFFSET_BITS, FAILSAFE_PORT_BITS,
+    GENERATIONS, MAX_PORT_ENTRIES, MAX_RULES, PORT_KEY_ANY_PROTO_BITS, PORT_KEY_FLAG_BITS,
+    RULE_SLOTS_PER_GEN, TABLES_PER_GEN, TABLE_PREFIX_BITS,
 };
 
 use crate::compile::{prefix::Prefix, services::Frontend, Compiled, PortEntry, Table};
@@ -156,6 +159,13 @@ pub struct Dataplane {
     /// Entries of each address table, both generations together
     /// ([`Options::prefix_capacity`], or an adopted table's size).
     prefix_capacity: u32,
+    /// What each generation may hold of the class arrays, sized to the
+    /// policy ([`ClassRoom`]).
+    room: ClassRoom,
+    /// The object and options it was loaded from: a policy that outgrows
+    /// the class arrays gets new programs with larger ones.
+    object: &'static [u8],
+    options: Options,
     /// What the live generation holds, if this dataplane wrote it.
     live_contents: Option<patch::Contents>,
     /// What the inactive generation holds (the policy before the live
@@ -193,6 +203,10 @@ pub struct Options {
     /// allocate 16 bytes of buckets per entry up front; the tries nothing
     /// until used. Adopted tables keep their size.
     pub prefix_capacity: u32,
+    /// The class arrays' room at load ([`ClassRoom::MIN`] by default); a
+    /// publish sizes them to its policy ([`ClassRoom`]), an adopted pair
+    /// keeps its size until then.
+    pub class_room: ClassRoom,
 }
 
 /// The address tables [`Options::prefix_capacity`] sizes.
@@ -215,6 +229,7 @@ impl Default for Options {
             kernel_log: KernelLogLevel::Off,
             bench_skip: 0,
             prefix_capacity: filter_common::MAX_TRIE_ENTRIES,
+            class_room: ClassRoom::MIN,
         }
     }
 }
@@ -237,7 +252,7 @@ impl Dataplane {
     pub fn load_object(
         pin_dir: &Path,
         options: &Options,
-        object: &[u8],
+        object: &'static [u8],
     ) -> Result<Dataplane, Error> {
         if object.is_empty() {
             return Err(Error::NoObject);
@@ -258,87 +273,15 @@ impl Dataplane {
         })
     }
 
-    fn load_pinned(pin_dir: &Path, options: &Options, object: &[u8]) -> Result<Dataplane, Error> {
-        let conntrack = kept_size(pin_dir, names::MAP_CONNTRACK, options.conntrack_size);
-        let log_ring = kept_size(pin_dir, names::MAP_EVENTS, options.log_ring_bytes);
-        let mut loader = EbpfLoader::new();
-        let mut prefix_capacity = options.prefix_capacity;
-        for name in ADDRESS_MAPS {
-            let size = kept_size(pin_dir, name, options.prefix_capacity);
-            prefix_capacity = prefix_capacity.min(size);
-            loader.map_max_entries(name, size);
-        }
-        let mut ebpf = loader
-            .default_map_pin_directory(pin_dir)
-            .map_max_entries(names::MAP_CONNTRACK, conntrack)
-            .map_max_entries(names::MAP_CONNTRACK_ASSURED, conntrack)
-            .map_max_entries(names::MAP_EVENTS, log_ring)
-            .override_global(aya_log::LEVEL, &options.kernel_log.global(), true)
-            .override_global(filter_common::bench_skip::GLOBAL, &options.bench_skip, true)
-            .load(object)
-            .map_err(|e| Error::Load {
-                what: "kernel object".into(),
-                source: Box::new(e),
-            })?;
-        // The one vocabulary: every name the agent uses is in the object.
-        for name in names::MAPS {
-            if ebpf.map(name).is_none() {
-                return Err(Error::Load {
-                    what: "kernel object".into(),
-                    source: format!("map {name} (filter_common::names) missing from the object")
-                        .into(),
-                });
-            }
-        }
-        if let Some(name) = names::PROGRAMS
-            .into_iter()
-            .find(|n| ebpf.program(n).is_none())
-        {
-            return Err(Error::Load {
-                what: "kernel object".into(),
-                source: format!("program {name} (filter_common::names) missing from the object")
-                    .into(),
-            });
-        }
-        for name in [
-            names::PROG_XDP,
-            names::PROG_TC_INGRESS,
-            names::PROG_TC_EGRESS,
-        ] {
-            let prog = ebpf.program_mut(name).ok_or_else(|| Error::Load {
-                what: name.into(),
-                source: format!("program {name} missing from the object").into(),
-            })?;
-            let load = |e: aya::programs::ProgramError| Error::Load {
-                what: name.into(),
-                source: Box::new(e),
-            };
-            match prog {
-                aya::programs::Program::Xdp(p) => p.load().map_err(load)?,
-                aya::programs::Program::SchedClassifier(p) => p.load().map_err(load)?,
-                _ => {
-                    return Err(Error::Load {
-                        what: name.into(),
-                        source: "unexpected program type".into(),
-                    })
-                }
-            }
-            // A previous agent's program stays alive while its links hold it;
-            // its pin makes way for this one.
-            let pin = pin_dir.join(name);
-            if pin.exists() {
-                std::fs::remove_file(&pin).map_err(|source| Error::Fs {
-                    op: "unpin old",
-                    path: pin.clone(),
-                    source,
-                })?;
-            }
-            prog.pin(&pin).map_err(|e| Error::Load {
-                what: format!("pin {name}"),
-                source: Box::new(e),
-            })?;
-        }
-        load_loggers(&mut ebpf)?;
+    fn load_pinned(
+        pin_dir: &Path,
+        options: &Options,
+        object: &'static [u8],
+    ) -> Result<Dataplane, Error> {
+        // Pins of class arrays a resize left half-way: nothing uses them.
+        remove_staging_pins(pin_dir)?;
+        let (mut ebpf, loaded) = load_ebpf(pin_dir, options, object, None)?;
+        pin_programs(&mut ebpf, pin_dir)?;
         // The maps the object pins by name: the ones whose pin exists now.
         let pinned_maps = ebpf
             .maps()
@@ -351,7 +294,10 @@ impl Dataplane {
             attached: BTreeMap::new(),
             live: 0,
             pinned_maps,
-            prefix_capacity,
+            prefix_capacity: loaded.prefix_capacity,
+            room: loaded.room,
+            object,
+            options: *options,
             live_contents: None,
             inactive: None,
             zeroing: None,
@@ -367,6 +313,11 @@ impl Dataplane {
         // pins as they were.
         remove_retired_map_pins(pin_dir, &dp.ebpf)?;
         Ok(dp)
+    }
+
+    /// What each generation may hold of the class arrays now.
+    pub fn class_room(&self) -> ClassRoom {
+        self.room
     }
 
     /// Entries of each address table, both generations together (see
@@ -416,6 +367,152 @@ impl Dataplane {
             source: Box::new(e),
         })
     }
+}
+
+/// The sizes a loaded object's maps were created with.
+struct Loaded {
+    prefix_capacity: u32,
+    room: ClassRoom,
+}
+
+/// Loads `object`, its programs and its loggers. Its maps are the ones
+/// pinned under `pin_dir` where there are (adopted: conntrack, events,
+/// counters, the classifier's tables), new and pinned there where not. With
+/// `fresh`, the class arrays and the generation word are new whatever is
+/// pinned, the arrays of that room, pinned at their staging pins
+/// ([`staging_pin`]): for programs that replace the running ones only once
+/// a policy is written into them ([`Dataplane::publish`]).
+fn load_ebpf(
+    pin_dir: &Path,
+    options: &Options,
+    object: &'static [u8],
+    fresh: Option<ClassRoom>,
+) -> Result<(Ebpf, Loaded), Error> {
+    let conntrack = kept_size(pin_dir, names::MAP_CONNTRACK, options.conntrack_size);
+    let log_ring = kept_size(pin_dir, names::MAP_EVENTS, options.log_ring_bytes);
+    let mut loader = EbpfLoader::new();
+    let mut prefix_capacity = options.prefix_capacity;
+    for name in ADDRESS_MAPS {
+        let size = kept_size(pin_dir, name, options.prefix_capacity);
+        prefix_capacity = prefix_capacity.min(size);
+        loader.map_max_entries(name, size);
+    }
+    let room = match fresh {
+        Some(room) => {
+            for name in CLASS_MAPS {
+                loader.map_pin_path(name, staging_pin(pin_dir, name));
+            }
+            room
+        }
+        // Adopted arrays keep their size, silently: the next publish sizes
+        // them to its policy.
+        None => ClassRoom::of_arrays(
+            pinned_size(&pin_dir.join(names::MAP_CLASS))
+                .unwrap_or(options.class_room.heads * GENERATIONS),
+            pinned_size(&pin_dir.join(names::MAP_CLASS_WORDS))
+                .unwrap_or(options.class_room.words * GENERATIONS),
+        ),
+    };
+    let mut ebpf = loader
+        .default_map_pin_directory(pin_dir)
+        .map_max_entries(names::MAP_CLASS, room.heads * GENERATIONS)
+        .map_max_entries(names::MAP_CLASS_WORDS, room.words * GENERATIONS)
+        .map_max_entries(names::MAP_CONNTRACK, conntrack)
+        .map_max_entries(names::MAP_CONNTRACK_ASSURED, conntrack)
+        .map_max_entries(names::MAP_EVENTS, log_ring)
+        .override_global(aya_log::LEVEL, &options.kernel_log.global(), true)
+        .override_global(filter_common::bench_skip::GLOBAL, &options.bench_skip, true)
+        .load(object)
+        .map_err(|e| Error::Load {
+            what: "kernel object".into(),
+            source: Box::new(e),
+        })?;
+    // The one vocabulary: every name the agent uses is in the object.
+    for name in names::MAPS {
+        if ebpf.map(name).is_none() {
+            return Err(Error::Load {
+                what: "kernel object".into(),
+                source: format!("map {name} (filter_common::names) missing from the object").into(),
+            });
+        }
+    }
+    if let Some(name) = names::PROGRAMS
+        .into_iter()
+        .find(|n| ebpf.program(n).is_none())
+    {
+        return Err(Error::Load {
+            what: "kernel object".into(),
+            source: format!("program {name} (filter_common::names) missing from the object").into(),
+        });
+    }
+    for name in ATTACHED_PROGRAMS {
+        let prog = ebpf.program_mut(name).ok_or_else(|| Error::Load {
+            what: name.into(),
+            source: format!("program {name} missing from the object").into(),
+        })?;
+        let load = |e: aya::programs::ProgramError| Error::Load {
+            what: name.into(),
+            source: Box::new(e),
+        };
+        match prog {
+            aya::programs::Program::Xdp(p) => p.load().map_err(load)?,
+            aya::programs::Program::SchedClassifier(p) => p.load().map_err(load)?,
+            _ => {
+                return Err(Error::Load {
+                    what: name.into(),
+                    source: "unexpected program type".into(),
+                })
+            }
+        }
+    }
+    load_loggers(&mut ebpf)?;
+    Ok((
+        ebpf,
+        Loaded {
+            prefix_capacity,
+            room,
+        },
+    ))
+}
+
+/// The programs attached to interfaces.
+const ATTACHED_PROGRAMS: [&str; 3] = [
+    names::PROG_XDP,
+    names::PROG_TC_INGRESS,
+    names::PROG_TC_EGRESS,
+];
+
+/// The maps a policy's size picks the size of, and the generation word
+/// that says which half of them is live ([`load_ebpf`]'s `fresh`).
+const CLASS_MAPS: [&str; 3] = [
+    names::MAP_CLASS,
+    names::MAP_CLASS_WORDS,
+    names::MAP_GENERATION,
+];
+
+/// Pins the attached programs under `pin_dir` (where `live` and bpftool
+/// find them), in place of a previous agent's: its programs stay alive
+/// while links hold them.
+fn pin_programs(ebpf: &mut Ebpf, pin_dir: &Path) -> Result<(), Error> {
+    for name in ATTACHED_PROGRAMS {
+        let pin = pin_dir.join(name);
+        if pin.exists() {
+            std::fs::remove_file(&pin).map_err(|source| Error::Fs {
+                op: "unpin old",
+                path: pin.clone(),
+                source,
+            })?;
+        }
+        let prog = ebpf.program_mut(name).ok_or_else(|| Error::Load {
+            what: name.into(),
+            source: format!("program {name} missing from the object").into(),
+        })?;
+        prog.pin(&pin).map_err(|e| Error::Load {
+            what: format!("pin {name}"),
+            source: Box::new(e),
+        })?;
+    }
+    Ok(())
 }
 
 /// The size to create map `name` with: `asked`, unless a previous agent

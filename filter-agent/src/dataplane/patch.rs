@@ -314,11 +314,11 @@ impl Dataplane {
         let (same_heads, same_words) = have.same_classes(want);
         let (h, w) = (same_heads as usize, same_words as usize);
         let words = (have.class_words().skip(w), want.class_words().skip(w));
-        let (at, words) = changed(words, generation * CLASS_WORDS_PER_GEN + same_words);
+        let (at, words) = changed(words, generation * self.room.words + same_words);
         batch::update(&self.ebpf, names::MAP_CLASS_WORDS, &at, &words)?;
         n += at.len();
         let heads = (have.class_heads().skip(h), want.class_heads().skip(h));
-        let (at, heads) = changed(heads, generation * CLASSES_PER_GEN + same_heads);
+        let (at, heads) = changed(heads, generation * self.room.heads + same_heads);
         batch::update(&self.ebpf, names::MAP_CLASS, &at, &heads)?;
         n += at.len();
         // (What a generation held is from its own first slot on, or empty.)

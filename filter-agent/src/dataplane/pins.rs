@@ -37,6 +37,22 @@ pub(super) fn remove_retired_map_pins(pin_dir: &Path, ebpf: &Ebpf) -> Result<(),
     })
 }
 
+/// Where new programs' class arrays are pinned until their programs take
+/// the links over ([`super::Dataplane::publish`]), then renamed to `name`.
+pub(super) fn staging_pin(pin_dir: &Path, name: &str) -> PathBuf {
+    pin_dir.join(format!("{STAGING}{name}"))
+}
+
+const STAGING: &str = "new_";
+
+/// Unpins what a resize that did not finish left at its staging pins.
+pub(super) fn remove_staging_pins(pin_dir: &Path) -> Result<(), Error> {
+    unpin_where(pin_dir, "unpinning a class array a resize left", |path| {
+        path.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with(STAGING))
+    })
+}
+
 /// Unpins each pin of `pin_dir` that `stale` picks, logging `why`.
 pub(super) fn unpin_where(
     pin_dir: &Path,

@@ -36,7 +36,7 @@ pub fn first_slots(compiled: &Compiled, generation: u32) -> Vec<u32> {
 /// endpoint masks aside: (classes, stored 64-bit words), or the capacity
 /// it exceeds.
 pub fn class_storage(compiled: &Compiled) -> Result<(usize, usize), Error> {
-    let plan = Plan::new(compiled, &Interfaces::new(), 0, None)?;
+    let plan = Plan::new(compiled, &Interfaces::new(), 0, ClassRoom::MAX, None)?;
     let layout = &plan.base.layout;
     Ok((layout.heads.len(), layout.words.len()))
 }
@@ -57,7 +57,7 @@ pub fn preflight(compiled: &Compiled) -> Result<(), Error> {
         .enumerate()
         .map(|(i, name)| (name.clone(), i as u32 + 1))
         .collect();
-    Plan::new(compiled, &ifaces, 0, None).map(|_| ())
+    Plan::new(compiled, &ifaces, 0, ClassRoom::MAX, None).map(|_| ())
 }
 
 /// The compiler's classes as one generation stores them: compiler class
@@ -106,17 +106,19 @@ fn decided(t: &Table, mask: &RuleSet) -> u32 {
 }
 
 impl Plan {
-    /// The plan of `compiled` in `generation`, taking the class layout
-    /// over from `held` (what the generation holds) where it has the same
-    /// classes.
+    /// The plan of `compiled` in `generation` of class arrays of `room`,
+    /// taking the class layout over from `held` (what the generation
+    /// holds) where it has the same classes. It may need more room than
+    /// `room` ([`Plan::classes`]), never more than [`ClassRoom::MAX`].
     pub(super) fn new(
         compiled: &Compiled,
         ifaces: &Interfaces,
         generation: u32,
+        room: ClassRoom,
         held: Option<&Contents>,
     ) -> Result<Plan, Error> {
-        let word_base = generation * CLASS_WORDS_PER_GEN;
-        let class_base = generation * CLASSES_PER_GEN;
+        let word_base = generation * room.words;
+        let class_base = generation * room.heads;
         // Comparing the sets costs a pointer each where the compile took
         // them over (`compile::bits::RuleSet`).
         let held = held
@@ -171,6 +173,12 @@ impl Plan {
             masks,
             first_slots: first_slots(compiled, generation),
         })
+    }
+
+    /// The classes and words the generation needs, endpoint masks
+    /// included.
+    pub(super) fn classes(&self) -> (u32, u32) {
+        self.masks_layout.end()
     }
 
     /// The kernel's number for compiler class `c`.
@@ -407,6 +415,11 @@ impl Dataplane {
     /// attaches nothing. Returns the live generation. The inactive
     /// generation is patched from what it holds (`dataplane/patch.rs`):
     /// only the entries that differ are written.
+    ///
+    /// A policy that does not fit the class arrays, or needs less than an
+    /// eighth of them, is written into new programs with arrays of its size
+    /// ([`ClassRoom`]), which then take the links over
+    /// ([`Dataplane::resize`]).
     pub fn publish(&mut self, compiled: &Compiled, ifaces: &Interfaces) -> Result<u32, Error> {
         let started = Instant::now();
         let next = (self.live + 1) % GENERATIONS;
@@ -414,7 +427,18 @@ impl Dataplane {
         check_prefixes(compiled, self.prefix_capacity)?;
         // Everything that can exceed a capacity is laid out before the
         // first write, so a policy that does not fit changes nothing.
-        let plan = Plan::new(compiled, ifaces, next, self.inactive.as_ref())?;
+        let plan = Plan::new(compiled, ifaces, next, self.room, self.inactive.as_ref())?;
+        let (heads, words) = plan.classes();
+        match self.room.refit(heads, words) {
+            Some(room) => self.resize(room, compiled, ifaces),
+            None => self.write(compiled, plan, started),
+        }
+    }
+
+    /// Writes `compiled`, laid out as `plan`, into the inactive generation
+    /// and makes it live.
+    fn write(&mut self, compiled: &Compiled, plan: Plan, started: Instant) -> Result<u32, Error> {
+        let next = (self.live + 1) % GENERATIONS;
         let want = Contents::new(next, compiled, &plan, self.inactive.as_ref());
         // The inactive generation was live until the last flip: a packet
         // that read it then may still be running.
@@ -471,6 +495,113 @@ impl Dataplane {
             changed,
         };
         Ok(next)
+    }
+
+    /// Publishes `compiled` through new programs whose class arrays have
+    /// `room`: an array map cannot grow, and the programs hold theirs.
+    ///
+    /// The new object shares every other map with the running programs
+    /// (conntrack, events, counters, the tries and hashes: the pins), and
+    /// has a generation word of its own, set to the live generation. The
+    /// policy goes into the inactive generation, as any publish's does:
+    /// into the shared tables' half the running programs do not read and
+    /// into the new arrays; the new word flips. Then each link is updated
+    /// to the new programs, one atomic swap a hook: a packet meets the old
+    /// programs with the old policy or the new ones with the new. The
+    /// running programs never see the flip (their word is their own), and
+    /// their arrays go with them. A swap that fails puts the links back.
+    fn resize(
+        &mut self,
+        room: ClassRoom,
+        compiled: &Compiled,
+        ifaces: &Interfaces,
+    ) -> Result<u32, Error> {
+        let started = Instant::now();
+        tracing::info!(
+            from = ?self.room,
+            to = ?room,
+            "sizing the class arrays to the policy: loading programs with new arrays"
+        );
+        remove_staging_pins(&self.pin_dir)?;
+        let (ebpf, loaded) = load_ebpf(&self.pin_dir, &self.options, self.object, Some(room))
+            .inspect_err(|_| {
+                let _ = remove_staging_pins(&self.pin_dir);
+            })?;
+        let mut new = Dataplane {
+            ebpf,
+            pin_dir: self.pin_dir.clone(),
+            attached: BTreeMap::new(),
+            live: self.live,
+            pinned_maps: self.pinned_maps.clone(),
+            prefix_capacity: loaded.prefix_capacity,
+            room: loaded.room,
+            object: self.object,
+            options: self.options,
+            live_contents: None,
+            inactive: None,
+            // The retired generation's counters: the publish waits for
+            // them.
+            zeroing: self.zeroing.take(),
+            last_publish: self.last_publish,
+        };
+        // From here the shared tables' inactive half is being rewritten:
+        // what this dataplane knew of it no longer holds.
+        self.inactive = None;
+        let written = new.set_generation(self.live).and_then(|()| {
+            let plan = Plan::new(compiled, ifaces, (self.live + 1) % GENERATIONS, room, None)?;
+            new.write(compiled, plan, started)
+        });
+        let generation = match written {
+            Ok(g) => g,
+            Err(e) => {
+                drop(new);
+                let _ = remove_staging_pins(&self.pin_dir);
+                return Err(e);
+            }
+        };
+        // The links, one interface at a time; the pins name them.
+        let mut moved: Vec<(String, u32, attach::Role)> = Vec::new();
+        for (iface, a) in &self.attached {
+            if let Err(e) = new.attach(iface, a.ifindex, a.role) {
+                for (iface, ifindex, role) in &moved {
+                    if let Err(back) = self.attach(iface, *ifindex, *role) {
+                        tracing::error!(iface, error = %format!("{:#}", anyhow::Error::from(back)), "putting the running programs back on the links");
+                    }
+                }
+                drop(new);
+                let _ = remove_staging_pins(&self.pin_dir);
+                return Err(e);
+            }
+            if let Some(b) = new.attached.get_mut(iface) {
+                b.xdp_mode = a.xdp_mode;
+            }
+            moved.push((iface.clone(), a.ifindex, a.role));
+        }
+        // The new programs enforce: their pins and their arrays' take the
+        // places of the old ones (a rename replaces a pin in one step).
+        // Past the swap nothing is undone: a pin left behind costs a later
+        // agent's adoption a full write, not enforcement.
+        let mut pinned = pin_programs(&mut new.ebpf, &self.pin_dir);
+        for name in CLASS_MAPS {
+            let (from, to) = (staging_pin(&self.pin_dir, name), self.pin_dir.join(name));
+            pinned = pinned.and_then(|()| {
+                std::fs::rename(&from, &to).map_err(|source| Error::Fs {
+                    op: "rename",
+                    path: from,
+                    source,
+                })
+            });
+        }
+        if let Err(e) = pinned {
+            tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "pinning the new programs and class arrays");
+        }
+        tracing::info!(room = ?room, bytes = room.bytes(), "class arrays sized to the policy");
+        if self.options.kernel_log != KernelLogLevel::Off {
+            tracing::warn!("the new programs' diagnostics are read from the next start on");
+        }
+        // The old programs and their arrays go once nothing holds them.
+        *self = new;
+        Ok(generation)
     }
 
     /// When and how fast the last [`Dataplane::publish`] went.
@@ -791,7 +922,7 @@ mod tests {
     fn decided_ingress(policies: &str) -> Option<u32> {
         let c = compiled_with(policies);
         let ifaces: Interfaces = [("eth1".to_string(), 7)].into();
-        let plan = Plan::new(&c, &ifaces, 0, None).expect("fits");
+        let plan = Plan::new(&c, &ifaces, 0, ClassRoom::MAX, None).expect("fits");
         let t = c
             .tables
             .iter()
@@ -848,11 +979,12 @@ mod tests {
         let c = compiled(200);
         let ifaces: Interfaces = [("eth1".to_string(), 7)].into();
         for generation in 0..GENERATIONS {
-            let plan = Plan::new(&c, &ifaces, generation, None).expect("fits");
-            let base = generation * CLASSES_PER_GEN;
+            let plan = Plan::new(&c, &ifaces, generation, ClassRoom::MAX, None).expect("fits");
+            let per_gen = ClassRoom::MAX.heads;
+            let base = generation * per_gen;
             for i in 0..c.classes.len() as u32 {
                 let k = plan.class(i);
-                assert!((base..base + CLASSES_PER_GEN).contains(&k), "{k}");
+                assert!((base..base + per_gen).contains(&k), "{k}");
             }
             // The bound interface got its endpoint class in every table
             // that has rules for it.
@@ -872,18 +1004,18 @@ mod tests {
     fn a_plan_takes_the_class_layout_over_where_the_classes_are_the_same() {
         let ifaces: Interfaces = [("eth1".to_string(), 7)].into();
         let c = compiled(200);
-        let first = Plan::new(&c, &ifaces, 1, None).expect("fits");
+        let first = Plan::new(&c, &ifaces, 1, ClassRoom::MAX, None).expect("fits");
         let held = Contents::new(1, &c, &first, None);
         // A clone shares its sets, as a compile that took them over does.
-        let again = Plan::new(&c.clone(), &ifaces, 1, Some(&held)).expect("fits");
+        let again = Plan::new(&c.clone(), &ifaces, 1, ClassRoom::MAX, Some(&held)).expect("fits");
         assert!(Arc::ptr_eq(&first.base, &again.base));
         // The other generation's words are elsewhere.
-        let other = Plan::new(&c, &ifaces, 0, Some(&held)).expect("fits");
+        let other = Plan::new(&c, &ifaces, 0, ClassRoom::MAX, Some(&held)).expect("fits");
         assert!(!Arc::ptr_eq(&first.base, &other.base));
         // Other classes are laid out anew, each compiler class in its place.
         let d = compiled(201);
         assert_ne!(c.classes, d.classes);
-        let anew = Plan::new(&d, &ifaces, 1, Some(&held)).expect("fits");
+        let anew = Plan::new(&d, &ifaces, 1, ClassRoom::MAX, Some(&held)).expect("fits");
         assert!(!Arc::ptr_eq(&first.base, &anew.base));
         assert_eq!(anew.base.layout.heads.len(), d.classes.len());
     }
@@ -903,7 +1035,7 @@ mod tests {
         };
         // Single TCP ports, no nets: the port hash, nothing else.
         let c = compiled(200);
-        let plan = Plan::new(&c, &ifaces, 1, None).expect("fits");
+        let plan = Plan::new(&c, &ifaces, 1, ClassRoom::MAX, None).expect("fits");
         let t = normal_ingress(&c);
         let h = hints(&t, &plan);
         assert_eq!(h.exact, 1 << field::DPORT, "{h:?}");
@@ -936,7 +1068,7 @@ mod tests {
             ..Default::default()
         };
         let c = crate::compile::compile(&store, &node).expect("compiles");
-        let plan = Plan::new(&c, &ifaces, 0, None).expect("fits");
+        let plan = Plan::new(&c, &ifaces, 0, ClassRoom::MAX, None).expect("fits");
         let h = hints(&normal_ingress(&c), &plan);
         // (8000:8080 ends in the single port 8080.)
         assert_eq!(h.exact, 1 << field::SRC4 | 1 << field::DPORT, "{h:?}");

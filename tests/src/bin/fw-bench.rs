@@ -21,7 +21,7 @@ use std::{
 use etherparse::PacketBuilder;
 use filter_agent::{
     compile::{self, Node},
-    dataplane::{conntrack::Flow, Dataplane, Interfaces, Options, PublishTimes, TcRun},
+    dataplane::{conntrack::Flow, ClassRoom, Dataplane, Interfaces, Options, PublishTimes, TcRun},
     model::Store,
 };
 
@@ -123,14 +123,21 @@ fn main() {
     }
     let pins = Unpin::new();
     let pin_dir = pins.0.clone();
+    // The class arrays at their largest from the start: the grid's
+    // publish column times writing a policy, not loading programs with
+    // arrays of its size (`ClassRoom`).
     let options = Options {
         prefix_capacity: PREFIX_CAPACITY,
+        class_room: ClassRoom::MAX,
         ..Options::default()
     };
     let mut dp =
         Dataplane::load_with(&pin_dir.join("a"), &options).expect("load the kernel object");
     let mut base = baseline.map(|object| {
-        Dataplane::load_object(&pin_dir.join("b"), &options, &object)
+        // Loaded once, kept for the run (a dataplane keeps its object to
+        // load it again with other class arrays).
+        let object: &'static [u8] = Box::leak(object.into_boxed_slice());
+        Dataplane::load_object(&pin_dir.join("b"), &options, object)
             .expect("load the baseline object")
     });
     let d = &mut Pair {
@@ -295,6 +302,7 @@ fn profile(pin_dir: &Path) {
         .map(|(i, &(_, mask, _))| {
             let options = Options {
                 bench_skip: mask,
+                class_room: ClassRoom::MAX,
                 ..Options::default()
             };
             Dataplane::load_with(&pin_dir.join(format!("p{i}")), &options).expect("load")
