@@ -47,15 +47,17 @@ pub const WORDS: u32 = MAX_RULES / 64;
 pub const SUMMARY_WORDS: usize = (WORDS / 64) as usize;
 /// Policy generations kept side by side for atomic updates.
 pub const GENERATIONS: u32 = 2;
-/// Classes available to one generation. Class numbers of generation `g`
-/// are `g * CLASSES_PER_GEN ..`, so writing one never touches the other.
+/// The most classes one generation may have. The agent sizes the class
+/// array to the policy: with room for `r` a generation, class numbers of
+/// generation `g` are `g * r ..`, so writing one never touches the other;
+/// the programs read the numbers from the tables.
 pub const CLASSES_PER_GEN: u32 = 65_536;
-/// Size of the class array.
+/// The largest class array.
 pub const MAX_CLASSES: u32 = CLASSES_PER_GEN * GENERATIONS;
-/// Non-zero class words available to one generation (8 MiB), at
-/// `g * CLASS_WORDS_PER_GEN ..` in `FW_WORD1`.
+/// The most non-zero class words one generation may have (8 MiB); sized
+/// and placed in `FW_WORD1` as the classes are.
 pub const CLASS_WORDS_PER_GEN: u32 = 1 << 20;
-/// Size of the class word array.
+/// The largest class word array.
 pub const MAX_CLASS_WORDS: u32 = CLASS_WORDS_PER_GEN * GENERATIONS;
 /// Tables per generation: four stages × two directions.
 pub const TABLES_PER_GEN: u32 = 8;
@@ -69,8 +71,8 @@ pub const MAX_RULE_SLOTS: u32 = RULE_SLOTS_PER_GEN * GENERATIONS;
 pub const TABLE_PREFIX_BITS: u32 = 32;
 
 /// Entries in each LPM trie (shared by all tables and both generations),
-/// and the default of each address field's host-address hash (the agent's
-/// `--max-prefixes`).
+/// and the most each address field's host-address hash is sized to (the
+/// agent's `--max-prefixes`).
 pub const MAX_TRIE_ENTRIES: u32 = 262_144;
 /// Entries in each single-port hash (`FW_PORTX1`, `FW_SPORTX1`), all tables
 /// and both generations: a hash allocates 16 bytes of buckets per entry up

@@ -51,7 +51,9 @@ static FW_DST6_1: LpmTrie<AddrV6Key, u32> = LpmTrie::pinned(MAX_TRIE_ENTRIES, 0)
 /// (a policy's CIDR lists are mostly single addresses). An exact hit is the
 /// longest prefix there is; a miss asks the trie, which holds the rest.
 /// Keyed by the trie's own key (prefix length included), so one key on the
-/// stack serves both lookups. Allocated as entries come.
+/// stack serves both lookups. Entries are allocated as they come; the
+/// buckets up front, so the agent sizes these to the policy (it sets
+/// `max_entries` at load; this size is the largest).
 #[map(name = "FW_SRC4X1")]
 static FW_SRC4X1: HashMap<Key<AddrV4Key>, u32> =
     HashMap::pinned(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
@@ -134,6 +136,9 @@ static FW_PORTX1: HashMap<Key<PortKey>, u32> = HashMap::pinned(MAX_PORT_ENTRIES,
 static FW_SPORTX1: HashMap<Key<PortKey>, u32> =
     HashMap::pinned(MAX_PORT_ENTRIES, BPF_F_NO_PREALLOC);
 
+/// Class heads and their words: arrays, allocated whole, so the agent
+/// sizes them to the policy at load (these sizes are the largest) and
+/// places each generation's classes and words in them.
 #[map(name = "FW_CLASS2")]
 static FW_CLASS2: Array<ClassHead> = Array::pinned(MAX_CLASSES, 0);
 

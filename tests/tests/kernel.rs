@@ -1951,32 +1951,37 @@ spec:
     text
 }
 
-/// The class arrays follow the policy: loaded at their largest, the
-/// first small policy moves the programs to the least arrays; 2,000
-/// classes grow them past their room; a small policy after that keeps
-/// them (less than eight times too big). Each move loads new programs
-/// with new arrays, and each policy is enforced whole after it: the one
-/// before denied 7000, the next 7001, a source of the big list is denied.
-/// The pins name the arrays in use; none is left at a staging pin, and
-/// one left there by a resize that did not finish goes at the next load.
-/// An adopter keeps the arrays' size.
+/// The sized maps follow the policy: loaded at their largest, the first
+/// small policy moves the programs to the least maps; 2,000 classes grow
+/// the class arrays past their room; a small policy after that keeps them
+/// (less than eight times too big); 5,000 host sources grow the IPv4
+/// source hash and, as every move sizes every map to its policy, take
+/// the class arrays back to the least. Each move loads new programs with new maps, and each
+/// policy is enforced whole after it: the one before denied 7000, the
+/// next 7001, a source of the big list is denied. The pins name the maps
+/// in use; none is left at a staging pin, and one left there by a resize
+/// that did not finish goes at the next load. An adopter keeps the maps'
+/// size.
 #[test]
-fn the_class_arrays_follow_the_policy_up_and_down() {
-    if !privileged("the_class_arrays_follow_the_policy_up_and_down") {
+fn the_sized_maps_follow_the_policy_up_and_down() {
+    if !privileged("the_sized_maps_follow_the_policy_up_and_down") {
         return;
     }
-    use filter_agent::dataplane::{ClassRoom, Options};
+    use filter_agent::dataplane::{Options, Room};
     let largest = Options {
-        class_room: ClassRoom::MAX,
+        room: Room::MAX,
         ..Options::default()
     };
     let mut k = Loaded::with_options(&many_classes(0, 7000), &largest);
     let heads = |k: &Loaded| pinned_entries(&k.pin_dir.join(filter_common::names::MAP_CLASS));
     let words = |k: &Loaded| pinned_entries(&k.pin_dir.join(filter_common::names::MAP_CLASS_WORDS));
-    let room = |k: &Loaded| k.dp.as_ref().expect("loaded").class_room();
-    assert_eq!(room(&k), ClassRoom::MIN, "shrunk at the first publish");
-    assert_eq!(heads(&k), 2 * u64::from(ClassRoom::MIN.heads));
-    assert_eq!(words(&k), 2 * u64::from(ClassRoom::MIN.words));
+    let room = |k: &Loaded| k.dp.as_ref().expect("loaded").room();
+    let hosts =
+        |k: &Loaded| pinned_entries(&k.pin_dir.join(filter_common::names::MAP_SRC_V4_EXACT));
+    assert_eq!(room(&k), Room::MIN, "shrunk at the first publish");
+    assert_eq!(heads(&k), 2 * u64::from(Room::MIN.heads));
+    assert_eq!(words(&k), 2 * u64::from(Room::MIN.words));
+    assert_eq!(hosts(&k), 2 * u64::from(Room::MIN.hosts[0]));
     assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 7000)), XDP_DROP);
     assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 7001)), XDP_PASS);
 
@@ -2002,6 +2007,22 @@ fn the_class_arrays_follow_the_policy_up_and_down() {
     assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 7000)), XDP_DROP);
     assert_eq!(k.run(&tcp4([10, 7, 207, 1], WORKER, 80)), XDP_PASS);
 
+    // 5,000 host sources: the IPv4 source hash grows; a move sizes every
+    // map to the policy, so the class arrays go back to the least.
+    k.publish(&deny_list(0, 5000));
+    let listed = room(&k);
+    assert_eq!(listed.hosts, [16384, 1024, 1024, 1024]);
+    assert_eq!(
+        (listed.heads, listed.words),
+        (Room::MIN.heads, Room::MIN.words)
+    );
+    assert_eq!(heads(&k), 2 * u64::from(Room::MIN.heads));
+    assert_eq!(hosts(&k), 2 * 16384);
+    let source = |i: u32| (0x0a00_0000 + i).to_be_bytes();
+    assert_eq!(k.run(&tcp4(source(4999), WORKER, 80)), XDP_DROP);
+    assert_eq!(k.run(&tcp4(source(5000), WORKER, 80)), XDP_PASS);
+    assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 7000)), XDP_PASS);
+
     let staging: Vec<String> = std::fs::read_dir(&k.pin_dir)
         .expect("pins")
         .flatten()
@@ -2019,10 +2040,6 @@ fn the_class_arrays_follow_the_policy_up_and_down() {
         .expect("run bpftool");
     assert!(made.success(), "bpftool map create");
     let adopter = Dataplane::load_with(&k.pin_dir, &Options::default()).expect("adopt");
-    assert_eq!(
-        adopter.class_room(),
-        grown,
-        "adopted arrays keep their size"
-    );
+    assert_eq!(adopter.room(), listed, "adopted maps keep their size");
     assert!(!left.exists(), "a staging pin is gone at load");
 }

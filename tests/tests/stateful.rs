@@ -507,7 +507,7 @@ fn a_policy_that_outgrows_the_class_arrays_moves_to_new_programs_keeping_connect
 
     s.change(&format!("{HEP}{allow}{}{}", deny(7001), gnp("many", &many)));
     let log = s.agent.log_text();
-    assert!(log.contains("class arrays sized to the policy"), "{log}");
+    assert!(log.contains("classifier maps sized to the policy"), "{log}");
     assert!(open(7000) && !open(7001), "the big policy");
     conn.echo("after").expect("the connection goes on");
     let links = std::fs::read_dir(s.agent.pin_dir())

@@ -116,8 +116,8 @@ pub struct RunArgs {
     /// Entries of each address table (IPv4 and IPv6, source and
     /// destination; host addresses and other prefixes each have one),
     /// shared by the live policy and the next: a policy may use half. The
-    /// host-address tables take 16 bytes per entry up front; adopted tables
-    /// keep their size.
+    /// prefix tries allocate as entries come (adopted ones keep their
+    /// size); the host-address hashes are sized to the policy, up to this.
     #[arg(long, env = "FILTER_MAX_PREFIXES", default_value_t = filter_common::MAX_TRIE_ENTRIES, value_name = "ENTRIES", value_parser = clap::value_parser!(u32).range(2..))]
     pub max_prefixes: u32,
     /// How often the sweeper removes expired conntrack entries and reports

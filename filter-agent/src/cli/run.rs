@@ -50,7 +50,7 @@ pub fn config(args: &RunArgs) -> anyhow::Result<Config> {
             kernel_log: args.kernel_log_level,
             bench_skip: 0,
             prefix_capacity: args.max_prefixes,
-            class_room: dataplane::ClassRoom::MIN,
+            room: dataplane::Room::MIN,
         },
         limits: Limits {
             max_file_bytes: args.max_file_size,

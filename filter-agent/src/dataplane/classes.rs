@@ -14,75 +14,6 @@ use crate::compile::bits::{RuleSet, SetIndex};
 /// Non-zero words from which a summary word's 64 words are stored dense.
 const DENSE_FROM: u32 = 32;
 
-/// What each generation may hold of the class arrays (`FW_CLASS2` heads,
-/// `FW_WORD1` words): generation `g`'s classes and words start at `g`
-/// times these. The arrays are sized to the policy (an array map is
-/// allocated whole when it is created): twice what a generation needs,
-/// rounded up to a power of two, between [`ClassRoom::MIN`] and the most
-/// a generation can hold. A policy that outgrows them, or shrinks to an
-/// eighth, gets new arrays ([`super::Dataplane::publish`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClassRoom {
-    /// Class heads per generation.
-    pub heads: u32,
-    /// Class words per generation.
-    pub words: u32,
-}
-
-impl ClassRoom {
-    /// The least: 112 KiB of heads and 256 KiB of words for both
-    /// generations, room for a few hundred rules.
-    pub const MIN: ClassRoom = ClassRoom {
-        heads: 1 << 10,
-        words: 1 << 14,
-    };
-    /// The most a generation can hold.
-    pub const MAX: ClassRoom = ClassRoom {
-        heads: CLASSES_PER_GEN,
-        words: CLASS_WORDS_PER_GEN,
-    };
-
-    /// The room for a generation of `heads` classes and `words` words.
-    pub fn fitting(heads: u32, words: u32) -> ClassRoom {
-        let size = |need: u32, min: u32, max: u32| {
-            need.saturating_mul(2)
-                .checked_next_power_of_two()
-                .unwrap_or(max)
-                .clamp(min, max)
-        };
-        ClassRoom {
-            heads: size(heads, Self::MIN.heads, Self::MAX.heads),
-            words: size(words, Self::MIN.words, Self::MAX.words),
-        }
-    }
-
-    /// The room to move to for a generation of `heads` classes and
-    /// `words` words, if this one does not hold it or is more than eight
-    /// times what it needs (in bytes).
-    pub fn refit(self, heads: u32, words: u32) -> Option<ClassRoom> {
-        let fit = ClassRoom::fitting(heads, words);
-        let too_small = heads > self.heads || words > self.words;
-        let too_big = self.bytes() > fit.bytes() * 8;
-        (too_small || too_big).then_some(fit)
-    }
-
-    /// Bytes of both arrays, both generations.
-    pub fn bytes(self) -> u64 {
-        let per_gen = u64::from(self.heads) * std::mem::size_of::<ClassHead>() as u64
-            + u64::from(self.words) * 8;
-        per_gen * u64::from(filter_common::GENERATIONS)
-    }
-
-    /// The room of arrays of `heads` and `words` entries, both
-    /// generations.
-    pub fn of_arrays(heads: u32, words: u32) -> ClassRoom {
-        ClassRoom {
-            heads: heads / filter_common::GENERATIONS,
-            words: words / filter_common::GENERATIONS,
-        }
-    }
-}
-
 /// Classes of one generation as the kernel stores them: all of them, or
 /// those after another layout's ([`Layout::after`]).
 #[derive(Debug, Default)]
@@ -265,29 +196,6 @@ mod tests {
         assert_eq!(then.intern(&b, 100), Ok(1));
         assert_eq!(then.heads[0].offset[0], 102, "after the first's two words");
         assert_eq!(then.end(), (2, 3));
-    }
-
-    #[test]
-    fn the_class_arrays_grow_past_their_room_and_shrink_below_an_eighth() {
-        let room = ClassRoom::fitting(0, 0);
-        assert_eq!(room, ClassRoom::MIN);
-        assert_eq!(room.refit(100, 1000), None);
-        assert_eq!(room.refit(1024, 16384), None, "a full room is kept");
-        let grown = room.refit(1025, 10).expect("more classes than room");
-        assert_eq!(grown.heads, 4096, "twice the need, a power of two");
-        assert_eq!(grown.words, ClassRoom::MIN.words);
-        assert!(room.refit(10, 16385).is_some(), "more words than room");
-        let max = ClassRoom::fitting(u32::MAX, u32::MAX);
-        assert_eq!(max, ClassRoom::MAX);
-        assert_eq!(max.refit(CLASSES_PER_GEN, CLASS_WORDS_PER_GEN), None);
-        let big = ClassRoom::fitting(20_000, 300_000);
-        assert_eq!(big.refit(20_000, 300_000), None);
-        assert_eq!(big.refit(2_500, 37_500), None, "an eighth of the need");
-        assert_eq!(
-            big.refit(100, 1000),
-            Some(ClassRoom::MIN),
-            "far less than an eighth"
-        );
     }
 
     #[test]

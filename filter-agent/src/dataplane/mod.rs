@@ -27,16 +27,17 @@ pub mod live;
 mod patch;
 mod pins;
 mod publish;
+mod room;
 mod testrun;
 
 use attach::Attachment;
-pub use classes::ClassRoom;
 pub use counters::PinnedCounters;
 use pins::{
     ensure_bpffs, open_map_pin, remove_pins, remove_retired_map_pins, remove_staging_pins,
     staging_pin,
 };
 pub use publish::{class_storage, first_slots, preflight, PublishTimes};
+pub use room::Room;
 pub use testrun::TcRun;
 
 use std::{
@@ -159,11 +160,11 @@ pub struct Dataplane {
     /// Entries of each address table, both generations together
     /// ([`Options::prefix_capacity`], or an adopted table's size).
     prefix_capacity: u32,
-    /// What each generation may hold of the class arrays, sized to the
-    /// policy ([`ClassRoom`]).
-    room: ClassRoom,
+    /// What each generation may hold of the maps sized to the policy
+    /// ([`Room`]).
+    room: Room,
     /// The object and options it was loaded from: a policy that outgrows
-    /// the class arrays gets new programs with larger ones.
+    /// the sized maps gets new programs with larger ones.
     object: &'static [u8],
     options: Options,
     /// What the live generation holds, if this dataplane wrote it.
@@ -197,28 +198,24 @@ pub struct Options {
     /// (`filter_common::bench_skip`): for `cargo xtask bench`'s component
     /// profile only; 0 enforces policy.
     pub bench_skip: u32,
-    /// Entries of each address table: the trie and the host-address hash
-    /// of each of IPv4/IPv6 source/destination. The live policy and the
-    /// one being written share them, so a policy may use half. The hashes
-    /// allocate 16 bytes of buckets per entry up front; the tries nothing
-    /// until used. Adopted tables keep their size.
+    /// Entries of each address trie (IPv4/IPv6 source/destination), and
+    /// the most each host-address hash may be sized to. The live policy
+    /// and the one being written share them, so a policy may use half.
+    /// The tries allocate nothing until used. Adopted tries keep their
+    /// size.
     pub prefix_capacity: u32,
-    /// The class arrays' room at load ([`ClassRoom::MIN`] by default); a
-    /// publish sizes them to its policy ([`ClassRoom`]), an adopted pair
-    /// keeps its size until then.
-    pub class_room: ClassRoom,
+    /// The sized maps' room at load ([`Room::MIN`] by default), within
+    /// `prefix_capacity`; a publish sizes them to its policy ([`Room`]),
+    /// adopted ones keep their size until then.
+    pub room: Room,
 }
 
-/// The address tables [`Options::prefix_capacity`] sizes.
-const ADDRESS_MAPS: [&str; 8] = [
+/// The address tries [`Options::prefix_capacity`] sizes.
+const ADDRESS_TRIES: [&str; 4] = [
     names::MAP_SRC_V4,
     names::MAP_DST_V4,
     names::MAP_SRC_V6,
     names::MAP_DST_V6,
-    names::MAP_SRC_V4_EXACT,
-    names::MAP_DST_V4_EXACT,
-    names::MAP_SRC_V6_EXACT,
-    names::MAP_DST_V6_EXACT,
 ];
 
 impl Default for Options {
@@ -229,7 +226,7 @@ impl Default for Options {
             kernel_log: KernelLogLevel::Off,
             bench_skip: 0,
             prefix_capacity: filter_common::MAX_TRIE_ENTRIES,
-            class_room: ClassRoom::MIN,
+            room: Room::MIN,
         }
     }
 }
@@ -315,9 +312,15 @@ impl Dataplane {
         Ok(dp)
     }
 
-    /// What each generation may hold of the class arrays now.
-    pub fn class_room(&self) -> ClassRoom {
+    /// What each generation may hold of the sized maps now.
+    pub fn room(&self) -> Room {
         self.room
+    }
+
+    /// The most the sized maps may hold: the kernel tables' limits, and
+    /// half the address capacity in each host hash.
+    fn most_room(&self) -> Room {
+        most_room(self.prefix_capacity)
     }
 
     /// Entries of each address table, both generations together (see
@@ -372,47 +375,63 @@ impl Dataplane {
 /// The sizes a loaded object's maps were created with.
 struct Loaded {
     prefix_capacity: u32,
-    room: ClassRoom,
+    room: Room,
+}
+
+/// [`Dataplane::most_room`] for tries of `prefix_capacity`.
+fn most_room(prefix_capacity: u32) -> Room {
+    Room {
+        hosts: [prefix_capacity / GENERATIONS; 4],
+        ..Room::MAX
+    }
 }
 
 /// Loads `object`, its programs and its loggers. Its maps are the ones
 /// pinned under `pin_dir` where there are (adopted: conntrack, events,
 /// counters, the classifier's tables), new and pinned there where not. With
-/// `fresh`, the class arrays and the generation word are new whatever is
-/// pinned, the arrays of that room, pinned at their staging pins
+/// `fresh`, the sized maps and the generation word are new whatever is
+/// pinned, the maps of that room, pinned at their staging pins
 /// ([`staging_pin`]): for programs that replace the running ones only once
 /// a policy is written into them ([`Dataplane::publish`]).
 fn load_ebpf(
     pin_dir: &Path,
     options: &Options,
     object: &'static [u8],
-    fresh: Option<ClassRoom>,
+    fresh: Option<Room>,
 ) -> Result<(Ebpf, Loaded), Error> {
     let conntrack = kept_size(pin_dir, names::MAP_CONNTRACK, options.conntrack_size);
     let log_ring = kept_size(pin_dir, names::MAP_EVENTS, options.log_ring_bytes);
     let mut loader = EbpfLoader::new();
     let mut prefix_capacity = options.prefix_capacity;
-    for name in ADDRESS_MAPS {
+    for name in ADDRESS_TRIES {
         let size = kept_size(pin_dir, name, options.prefix_capacity);
         prefix_capacity = prefix_capacity.min(size);
         loader.map_max_entries(name, size);
     }
     let room = match fresh {
         Some(room) => {
-            for name in CLASS_MAPS {
+            for name in SIZED_MAPS {
                 loader.map_pin_path(name, staging_pin(pin_dir, name));
             }
             room
         }
-        // Adopted arrays keep their size, silently: the next publish sizes
+        // Adopted maps keep their size, silently: the next publish sizes
         // them to its policy.
-        None => ClassRoom::of_arrays(
-            pinned_size(&pin_dir.join(names::MAP_CLASS))
-                .unwrap_or(options.class_room.heads * GENERATIONS),
-            pinned_size(&pin_dir.join(names::MAP_CLASS_WORDS))
-                .unwrap_or(options.class_room.words * GENERATIONS),
-        ),
+        None => {
+            let asked = options.room.within(most_room(prefix_capacity));
+            let kept = |name: &str, asked: u32| {
+                pinned_size(&pin_dir.join(name)).map_or(asked, |n| n / GENERATIONS)
+            };
+            Room {
+                heads: kept(names::MAP_CLASS, asked.heads),
+                words: kept(names::MAP_CLASS_WORDS, asked.words),
+                hosts: std::array::from_fn(|i| kept(room::HOST_MAPS[i], asked.hosts[i])),
+            }
+        }
     };
+    for (name, hosts) in room::HOST_MAPS.into_iter().zip(room.hosts) {
+        loader.map_max_entries(name, hosts * GENERATIONS);
+    }
     let mut ebpf = loader
         .default_map_pin_directory(pin_dir)
         .map_max_entries(names::MAP_CLASS, room.heads * GENERATIONS)
@@ -482,11 +501,16 @@ const ATTACHED_PROGRAMS: [&str; 3] = [
     names::PROG_TC_EGRESS,
 ];
 
-/// The maps a policy's size picks the size of, and the generation word
-/// that says which half of them is live ([`load_ebpf`]'s `fresh`).
-const CLASS_MAPS: [&str; 3] = [
+/// The maps a policy's size picks the size of ([`Room`]), and the
+/// generation word that says which half of them is live ([`load_ebpf`]'s
+/// `fresh`).
+const SIZED_MAPS: [&str; 7] = [
     names::MAP_CLASS,
     names::MAP_CLASS_WORDS,
+    names::MAP_SRC_V4_EXACT,
+    names::MAP_DST_V4_EXACT,
+    names::MAP_SRC_V6_EXACT,
+    names::MAP_DST_V6_EXACT,
     names::MAP_GENERATION,
 ];
 

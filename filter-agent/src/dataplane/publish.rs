@@ -36,7 +36,7 @@ pub fn first_slots(compiled: &Compiled, generation: u32) -> Vec<u32> {
 /// endpoint masks aside: (classes, stored 64-bit words), or the capacity
 /// it exceeds.
 pub fn class_storage(compiled: &Compiled) -> Result<(usize, usize), Error> {
-    let plan = Plan::new(compiled, &Interfaces::new(), 0, ClassRoom::MAX, None)?;
+    let plan = Plan::new(compiled, &Interfaces::new(), 0, Room::MAX, None)?;
     let layout = &plan.base.layout;
     Ok((layout.heads.len(), layout.words.len()))
 }
@@ -57,7 +57,7 @@ pub fn preflight(compiled: &Compiled) -> Result<(), Error> {
         .enumerate()
         .map(|(i, name)| (name.clone(), i as u32 + 1))
         .collect();
-    Plan::new(compiled, &ifaces, 0, ClassRoom::MAX, None).map(|_| ())
+    Plan::new(compiled, &ifaces, 0, Room::MAX, None).map(|_| ())
 }
 
 /// The compiler's classes as one generation stores them: compiler class
@@ -109,12 +109,13 @@ impl Plan {
     /// The plan of `compiled` in `generation` of class arrays of `room`,
     /// taking the class layout over from `held` (what the generation
     /// holds) where it has the same classes. It may need more room than
-    /// `room` ([`Plan::classes`]), never more than [`ClassRoom::MAX`].
+    /// `room` ([`Plan::classes`]), never more than [`Room::MAX`]; only
+    /// its class parts count.
     pub(super) fn new(
         compiled: &Compiled,
         ifaces: &Interfaces,
         generation: u32,
-        room: ClassRoom,
+        room: Room,
         held: Option<&Contents>,
     ) -> Result<Plan, Error> {
         let word_base = generation * room.words;
@@ -284,13 +285,6 @@ pub(super) fn is_single_port(e: &PortEntry) -> bool {
 /// count apart. Likewise single ports, in half of `MAX_PORT_ENTRIES`.
 pub(super) fn check_prefixes(compiled: &Compiled, capacity: u32) -> Result<(), Error> {
     let half = (capacity / GENERATIONS) as usize;
-    type Field = fn(&Table) -> &Vec<(Prefix, u32)>;
-    let fields: [(&str, Field, u8); 4] = [
-        ("IPv4 source", |t| &t.src_v4, 32),
-        ("IPv4 destination", |t| &t.dst_v4, 32),
-        ("IPv6 source", |t| &t.src_v6, 128),
-        ("IPv6 destination", |t| &t.dst_v6, 128),
-    ];
     type Ports = fn(&Table) -> &Vec<PortEntry>;
     let singles: [(&str, Ports); 2] = [("destination", |t| &t.dports), ("source", |t| &t.sports)];
     for (what, entries) in singles {
@@ -306,14 +300,13 @@ pub(super) fn check_prefixes(compiled: &Compiled, capacity: u32) -> Result<(), E
             )));
         }
     }
-    for (what, entries, full) in fields {
-        let (mut hosts, mut nets) = (0, 0);
-        for t in &compiled.tables {
-            let e = entries(t);
-            let h = e.iter().filter(|(p, _)| p.len == full).count();
-            hosts += h;
-            nets += e.len() - h;
-        }
+    let what = [
+        "IPv4 source",
+        "IPv4 destination",
+        "IPv6 source",
+        "IPv6 destination",
+    ];
+    for (what, (hosts, nets)) in what.into_iter().zip(address_counts(compiled)) {
         for (n, kind) in [(hosts, "host addresses"), (nets, "other prefixes")] {
             if n > half {
                 return Err(Error::Capacity(format!(
@@ -323,6 +316,30 @@ pub(super) fn check_prefixes(compiled: &Compiled, capacity: u32) -> Result<(), E
         }
     }
     Ok(())
+}
+
+/// Per address field (IPv4 source, IPv4 destination, IPv6 source, IPv6
+/// destination: [`super::room::HOST_MAPS`]' order), the host addresses
+/// (for the exact hash) and the other prefixes (for the trie) of
+/// `compiled`, over all tables.
+pub(super) fn address_counts(compiled: &Compiled) -> [(usize, usize); 4] {
+    type Field = fn(&Table) -> &Vec<(Prefix, u32)>;
+    let fields: [(Field, u8); 4] = [
+        (|t| &t.src_v4, 32),
+        (|t| &t.dst_v4, 32),
+        (|t| &t.src_v6, 128),
+        (|t| &t.dst_v6, 128),
+    ];
+    fields.map(|(entries, full)| {
+        let (mut hosts, mut nets) = (0, 0);
+        for t in &compiled.tables {
+            let e = entries(t);
+            let h = e.iter().filter(|(p, _)| p.len == full).count();
+            hosts += h;
+            nets += e.len() - h;
+        }
+        (hosts, nets)
+    })
 }
 
 pub(super) fn port_key(table: [u8; 4], e: &PortEntry) -> Key<PortKey> {
@@ -416,9 +433,10 @@ impl Dataplane {
     /// generation is patched from what it holds (`dataplane/patch.rs`):
     /// only the entries that differ are written.
     ///
-    /// A policy that does not fit the class arrays, or needs less than an
-    /// eighth of them, is written into new programs with arrays of its size
-    /// ([`ClassRoom`]), which then take the links over
+    /// A policy that does not fit the class arrays or the host hashes, or
+    /// needs less than an eighth of them, is written into new programs with
+    /// maps of its size
+    /// ([`Room`]), which then take the links over
     /// ([`Dataplane::resize`]).
     pub fn publish(&mut self, compiled: &Compiled, ifaces: &Interfaces) -> Result<u32, Error> {
         let started = Instant::now();
@@ -429,7 +447,12 @@ impl Dataplane {
         // first write, so a policy that does not fit changes nothing.
         let plan = Plan::new(compiled, ifaces, next, self.room, self.inactive.as_ref())?;
         let (heads, words) = plan.classes();
-        match self.room.refit(heads, words) {
+        let need = Room {
+            heads,
+            words,
+            hosts: address_counts(compiled).map(|(hosts, _)| hosts as u32),
+        };
+        match self.room.refit(need, self.most_room()) {
             Some(room) => self.resize(room, compiled, ifaces),
             None => self.write(compiled, plan, started),
         }
@@ -497,22 +520,23 @@ impl Dataplane {
         Ok(next)
     }
 
-    /// Publishes `compiled` through new programs whose class arrays have
-    /// `room`: an array map cannot grow, and the programs hold theirs.
+    /// Publishes `compiled` through new programs whose sized maps have
+    /// `room`: a map cannot grow, and the programs hold theirs.
     ///
     /// The new object shares every other map with the running programs
-    /// (conntrack, events, counters, the tries and hashes: the pins), and
+    /// (conntrack, events, counters, the tries, the port and endpoint
+    /// tables: the pins), and
     /// has a generation word of its own, set to the live generation. The
     /// policy goes into the inactive generation, as any publish's does:
     /// into the shared tables' half the running programs do not read and
-    /// into the new arrays; the new word flips. Then each link is updated
+    /// into the new maps; the new word flips. Then each link is updated
     /// to the new programs, one atomic swap a hook: a packet meets the old
     /// programs with the old policy or the new ones with the new. The
     /// running programs never see the flip (their word is their own), and
     /// their arrays go with them. A swap that fails puts the links back.
     fn resize(
         &mut self,
-        room: ClassRoom,
+        room: Room,
         compiled: &Compiled,
         ifaces: &Interfaces,
     ) -> Result<u32, Error> {
@@ -520,7 +544,7 @@ impl Dataplane {
         tracing::info!(
             from = ?self.room,
             to = ?room,
-            "sizing the class arrays to the policy: loading programs with new arrays"
+            "sizing the classifier's maps to the policy: loading programs with new maps"
         );
         remove_staging_pins(&self.pin_dir)?;
         let (ebpf, loaded) = load_ebpf(&self.pin_dir, &self.options, self.object, Some(room))
@@ -577,12 +601,12 @@ impl Dataplane {
             }
             moved.push((iface.clone(), a.ifindex, a.role));
         }
-        // The new programs enforce: their pins and their arrays' take the
+        // The new programs enforce: their pins and their maps' take the
         // places of the old ones (a rename replaces a pin in one step).
         // Past the swap nothing is undone: a pin left behind costs a later
         // agent's adoption a full write, not enforcement.
         let mut pinned = pin_programs(&mut new.ebpf, &self.pin_dir);
-        for name in CLASS_MAPS {
+        for name in SIZED_MAPS {
             let (from, to) = (staging_pin(&self.pin_dir, name), self.pin_dir.join(name));
             pinned = pinned.and_then(|()| {
                 std::fs::rename(&from, &to).map_err(|source| Error::Fs {
@@ -595,11 +619,11 @@ impl Dataplane {
         if let Err(e) = pinned {
             tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "pinning the new programs and class arrays");
         }
-        tracing::info!(room = ?room, bytes = room.bytes(), "class arrays sized to the policy");
+        tracing::info!(room = ?room, bytes = room.bytes(), "classifier maps sized to the policy");
         if self.options.kernel_log != KernelLogLevel::Off {
             tracing::warn!("the new programs' diagnostics are read from the next start on");
         }
-        // The old programs and their arrays go once nothing holds them.
+        // The old programs and their maps go once nothing holds them.
         *self = new;
         Ok(generation)
     }
@@ -922,7 +946,7 @@ mod tests {
     fn decided_ingress(policies: &str) -> Option<u32> {
         let c = compiled_with(policies);
         let ifaces: Interfaces = [("eth1".to_string(), 7)].into();
-        let plan = Plan::new(&c, &ifaces, 0, ClassRoom::MAX, None).expect("fits");
+        let plan = Plan::new(&c, &ifaces, 0, Room::MAX, None).expect("fits");
         let t = c
             .tables
             .iter()
@@ -979,8 +1003,8 @@ mod tests {
         let c = compiled(200);
         let ifaces: Interfaces = [("eth1".to_string(), 7)].into();
         for generation in 0..GENERATIONS {
-            let plan = Plan::new(&c, &ifaces, generation, ClassRoom::MAX, None).expect("fits");
-            let per_gen = ClassRoom::MAX.heads;
+            let plan = Plan::new(&c, &ifaces, generation, Room::MAX, None).expect("fits");
+            let per_gen = Room::MAX.heads;
             let base = generation * per_gen;
             for i in 0..c.classes.len() as u32 {
                 let k = plan.class(i);
@@ -1004,18 +1028,18 @@ mod tests {
     fn a_plan_takes_the_class_layout_over_where_the_classes_are_the_same() {
         let ifaces: Interfaces = [("eth1".to_string(), 7)].into();
         let c = compiled(200);
-        let first = Plan::new(&c, &ifaces, 1, ClassRoom::MAX, None).expect("fits");
+        let first = Plan::new(&c, &ifaces, 1, Room::MAX, None).expect("fits");
         let held = Contents::new(1, &c, &first, None);
         // A clone shares its sets, as a compile that took them over does.
-        let again = Plan::new(&c.clone(), &ifaces, 1, ClassRoom::MAX, Some(&held)).expect("fits");
+        let again = Plan::new(&c.clone(), &ifaces, 1, Room::MAX, Some(&held)).expect("fits");
         assert!(Arc::ptr_eq(&first.base, &again.base));
         // The other generation's words are elsewhere.
-        let other = Plan::new(&c, &ifaces, 0, ClassRoom::MAX, Some(&held)).expect("fits");
+        let other = Plan::new(&c, &ifaces, 0, Room::MAX, Some(&held)).expect("fits");
         assert!(!Arc::ptr_eq(&first.base, &other.base));
         // Other classes are laid out anew, each compiler class in its place.
         let d = compiled(201);
         assert_ne!(c.classes, d.classes);
-        let anew = Plan::new(&d, &ifaces, 1, ClassRoom::MAX, Some(&held)).expect("fits");
+        let anew = Plan::new(&d, &ifaces, 1, Room::MAX, Some(&held)).expect("fits");
         assert!(!Arc::ptr_eq(&first.base, &anew.base));
         assert_eq!(anew.base.layout.heads.len(), d.classes.len());
     }
@@ -1035,7 +1059,7 @@ mod tests {
         };
         // Single TCP ports, no nets: the port hash, nothing else.
         let c = compiled(200);
-        let plan = Plan::new(&c, &ifaces, 1, ClassRoom::MAX, None).expect("fits");
+        let plan = Plan::new(&c, &ifaces, 1, Room::MAX, None).expect("fits");
         let t = normal_ingress(&c);
         let h = hints(&t, &plan);
         assert_eq!(h.exact, 1 << field::DPORT, "{h:?}");
@@ -1068,7 +1092,7 @@ mod tests {
             ..Default::default()
         };
         let c = crate::compile::compile(&store, &node).expect("compiles");
-        let plan = Plan::new(&c, &ifaces, 0, ClassRoom::MAX, None).expect("fits");
+        let plan = Plan::new(&c, &ifaces, 0, Room::MAX, None).expect("fits");
         let h = hints(&normal_ingress(&c), &plan);
         // (8000:8080 ends in the single port 8080.)
         assert_eq!(h.exact, 1 << field::SRC4 | 1 << field::DPORT, "{h:?}");

@@ -21,7 +21,7 @@ use std::{
 use etherparse::PacketBuilder;
 use filter_agent::{
     compile::{self, Node},
-    dataplane::{conntrack::Flow, ClassRoom, Dataplane, Interfaces, Options, PublishTimes, TcRun},
+    dataplane::{conntrack::Flow, Dataplane, Interfaces, Options, PublishTimes, Room, TcRun},
     model::Store,
 };
 
@@ -123,12 +123,12 @@ fn main() {
     }
     let pins = Unpin::new();
     let pin_dir = pins.0.clone();
-    // The class arrays at their largest from the start: the grid's
-    // publish column times writing a policy, not loading programs with
-    // arrays of its size (`ClassRoom`).
+    // The sized maps at their largest from the start: the grid's publish
+    // column times writing a policy, not loading programs with maps of
+    // its size (`Room`).
     let options = Options {
         prefix_capacity: PREFIX_CAPACITY,
-        class_room: ClassRoom::MAX,
+        room: Room::MAX,
         ..Options::default()
     };
     let mut dp =
@@ -302,7 +302,7 @@ fn profile(pin_dir: &Path) {
         .map(|(i, &(_, mask, _))| {
             let options = Options {
                 bench_skip: mask,
-                class_room: ClassRoom::MAX,
+                room: Room::MAX,
                 ..Options::default()
             };
             Dataplane::load_with(&pin_dir.join(format!("p{i}")), &options).expect("load")

@@ -56,11 +56,12 @@ fn main() {
         std::process::exit(2);
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (mut plots, mut only, mut updates_only) = (None, None, false);
+    let (mut plots, mut only, mut updates_only, mut memory_only) = (None, None, false, false);
     let mut rest = args.iter();
     while let Some(flag) = rest.next() {
         match flag.as_str() {
             "--updates" => updates_only = true,
+            "--memory" => memory_only = true,
             "--plots" | "--only" if rest.len() > 0 => {
                 let value = rest.next().cloned().unwrap_or_default();
                 if flag == "--plots" {
@@ -70,7 +71,9 @@ fn main() {
                 }
             }
             _ => {
-                eprintln!("usage: fw-traffic [--plots DIR] [--only 'FILTER LIST' | --updates]");
+                eprintln!(
+                    "usage: fw-traffic [--plots DIR] [--only 'FILTER LIST' | --updates | --memory]"
+                );
                 std::process::exit(2);
             }
         }
@@ -105,6 +108,10 @@ fn main() {
     if updates_only {
         // The update latency table alone.
         updates(&link);
+        return;
+    }
+    if memory_only {
+        memory(&link);
         return;
     }
     let traffic = traffic(&link, None);
@@ -1032,7 +1039,7 @@ fn run_in(ns: &Path, args: &[&str], input: &str) -> Result<(), String> {
 /// Agent memory and kernel map memory per policy size.
 fn memory(link: &Link) {
     println!("## Memory: the agent and its maps\n");
-    println!("The agent's resident set (VmRSS) once it has applied the policy, and the kernel memory of the maps it pinned (bpftool's `bytes_memlock`, each map once): conntrack's (`FW_CT*`, sized by `--conntrack-size`, the same whatever the policy) and the rest (the classifier, counters, events). Policies of pre-DNAT rules with 100,000 /32 sources spread over them, none for 0 rules; the agent's defaults (`--max-prefixes` 262,144, as in every row above but the million-source one, which needs {MAX_PREFIXES}).\n");
+    println!("The agent's resident set (VmRSS) once it has applied the policy, and the kernel memory of the maps it pinned (bpftool's `bytes_memlock`, each map once): conntrack's (`FW_CT*`, sized by `--conntrack-size`, the same whatever the policy) and the rest (the classifier, counters, events). Policies of pre-DNAT rules with 100,000 /32 sources spread over them, none for 0 rules; the agent's defaults (`--max-prefixes` 262,144, as in every row above but the million-source one, which needs {MAX_PREFIXES}). The class arrays and the host-address hashes are sized to the policy (twice what it needs, a power of two; docs/design.md, \"Maps sized to the policy\").\n");
     println!("| rules | CIDRs | agent RSS MiB | conntrack maps MiB | other maps MiB |");
     println!("|---:|---:|---:|---:|---:|");
     let mib = |b: u64| b as f64 / f64::from(1 << 20);

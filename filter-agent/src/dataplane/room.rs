@@ -1,0 +1,159 @@
+//! Sizing to the policy the maps the kernel allocates when they are
+//! created: the class arrays (an array map is allocated whole) and the
+//! host-address hashes (16 bytes of buckets per entry of capacity, up
+//! front; their elements come as they are written). The tries and the
+//! other hashes allocate as entries come, or are small.
+//!
+//! A map cannot be resized and the programs hold theirs, so a policy that
+//! does not fit, or needs less than an eighth, is written into new
+//! programs whose maps have its room ([`super::Dataplane::publish`]).
+
+use filter_common::{ClassHead, CLASSES_PER_GEN, CLASS_WORDS_PER_GEN, GENERATIONS};
+
+/// What each generation may hold of the sized maps: generation `g`'s
+/// classes and words start at `g` times `heads` and `words`; each host
+/// hash holds both generations, `hosts` entries each. Sized at twice what
+/// a generation needs, a power of two, between [`Room::MIN`] and the most
+/// the kernel's tables (and `--max-prefixes`) allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    /// Class heads (`FW_CLASS2`) per generation.
+    pub heads: u32,
+    /// Class words (`FW_WORD1`) per generation.
+    pub words: u32,
+    /// Host addresses per generation in each exact hash, in
+    /// [`HOST_MAPS`]' order.
+    pub hosts: [u32; 4],
+}
+
+/// The host-address hashes, in [`Room::hosts`]' order.
+pub const HOST_MAPS: [&str; 4] = [
+    filter_common::names::MAP_SRC_V4_EXACT,
+    filter_common::names::MAP_DST_V4_EXACT,
+    filter_common::names::MAP_SRC_V6_EXACT,
+    filter_common::names::MAP_DST_V6_EXACT,
+];
+
+/// Bytes of buckets a hash map allocates per entry of capacity.
+const BUCKET_BYTES: u64 = 16;
+
+impl Room {
+    /// The least: about 0.6 MiB for the class arrays and the four hashes,
+    /// both generations, room for a few hundred rules.
+    pub const MIN: Room = Room {
+        heads: 1 << 10,
+        words: 1 << 14,
+        hosts: [1 << 10; 4],
+    };
+    /// The most the kernel's tables hold; the hashes are held to
+    /// `--max-prefixes` besides ([`Room::within`]).
+    pub const MAX: Room = Room {
+        heads: CLASSES_PER_GEN,
+        words: CLASS_WORDS_PER_GEN,
+        hosts: [u32::MAX / GENERATIONS; 4],
+    };
+
+    /// This room, each part at most `most`'s.
+    pub fn within(self, most: Room) -> Room {
+        Room {
+            heads: self.heads.min(most.heads),
+            words: self.words.min(most.words),
+            hosts: std::array::from_fn(|i| self.hosts[i].min(most.hosts[i])),
+        }
+    }
+
+    /// The room for a generation that needs `need`, within `most`.
+    pub fn fitting(need: Room, most: Room) -> Room {
+        let size = |need: u32, min: u32| {
+            need.saturating_mul(2)
+                .checked_next_power_of_two()
+                .unwrap_or(u32::MAX)
+                .max(min)
+        };
+        Room {
+            heads: size(need.heads, Self::MIN.heads),
+            words: size(need.words, Self::MIN.words),
+            hosts: std::array::from_fn(|i| size(need.hosts[i], Self::MIN.hosts[i])),
+        }
+        .within(most)
+    }
+
+    /// The room to move to for a generation that needs `need`, if this one
+    /// does not hold it or is more than eight times what it needs (in
+    /// bytes).
+    pub fn refit(self, need: Room, most: Room) -> Option<Room> {
+        let fit = Room::fitting(need, most);
+        let too_small = need.heads > self.heads
+            || need.words > self.words
+            || (0..4).any(|i| need.hosts[i] > self.hosts[i]);
+        let too_big = self.bytes() > fit.bytes() * 8;
+        (too_small || too_big).then_some(fit)
+    }
+
+    /// Bytes the sized maps allocate up front, both generations.
+    pub fn bytes(self) -> u64 {
+        let heads = u64::from(self.heads) * std::mem::size_of::<ClassHead>() as u64;
+        let words = u64::from(self.words) * 8;
+        let hosts: u64 = self
+            .hosts
+            .iter()
+            .map(|&h| u64::from(h) * BUCKET_BYTES)
+            .sum();
+        (heads + words + hosts) * u64::from(GENERATIONS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn need(heads: u32, words: u32, hosts: u32) -> Room {
+        Room {
+            heads,
+            words,
+            hosts: [hosts, 0, 0, 0],
+        }
+    }
+
+    #[test]
+    fn the_sized_maps_grow_past_their_room_and_shrink_below_an_eighth() {
+        let most = Room::MAX;
+        let room = Room::fitting(need(0, 0, 0), most);
+        assert_eq!(room, Room::MIN);
+        assert_eq!(room.refit(need(100, 1000, 100), most), None);
+        assert_eq!(
+            room.refit(need(1024, 16384, 1024), most),
+            None,
+            "a full room is kept"
+        );
+        let grown = room.refit(need(1025, 10, 0), most).expect("more classes");
+        assert_eq!(grown.heads, 4096, "twice the need, a power of two");
+        assert_eq!(grown.words, Room::MIN.words);
+        assert!(room.refit(need(10, 16385, 0), most).is_some(), "more words");
+        let hosts = room.refit(need(10, 10, 5000), most).expect("more hosts");
+        assert_eq!(hosts.hosts, [16384, 1024, 1024, 1024]);
+        let full = Room::fitting(need(u32::MAX, u32::MAX, 0), most);
+        assert_eq!(
+            (full.heads, full.words),
+            (CLASSES_PER_GEN, CLASS_WORDS_PER_GEN)
+        );
+        let big = Room::fitting(need(20_000, 300_000, 0), most);
+        assert_eq!(big.refit(need(20_000, 300_000, 0), most), None);
+        assert_eq!(
+            big.refit(need(100, 1000, 0), most),
+            Some(Room::MIN),
+            "far less than an eighth"
+        );
+    }
+
+    #[test]
+    fn the_hashes_stay_within_max_prefixes() {
+        let most = Room {
+            hosts: [32; 4],
+            ..Room::MAX
+        };
+        assert_eq!(Room::fitting(need(0, 0, 0), most).hosts, [32; 4]);
+        assert_eq!(Room::fitting(need(0, 0, 30), most).hosts, [32; 4]);
+        assert_eq!(Room::MAX.within(most).hosts, [32; 4]);
+    }
+}
