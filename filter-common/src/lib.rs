@@ -74,9 +74,10 @@ pub const TABLE_PREFIX_BITS: u32 = 32;
 /// and the most each address field's host-address hash is sized to (the
 /// agent's `--max-prefixes`).
 pub const MAX_TRIE_ENTRIES: u32 = 262_144;
-/// Entries in each single-port hash (`FW_PORTX1`, `FW_SPORTX1`), all tables
-/// and both generations: a hash allocates 16 bytes of buckets per entry up
-/// front, and a policy names far fewer single ports than addresses.
+/// The most entries of each single-port hash (`FW_PORTX1`, `FW_SPORTX1`),
+/// all tables and both generations: a policy names far fewer single ports
+/// than addresses. The agent sizes them to the policy (a hash allocates 16
+/// bytes of buckets per entry up front).
 pub const MAX_PORT_ENTRIES: u32 = 65_536;
 /// Log and Pass rules one packet may meet in one stage before the program
 /// gives up on the stage (counted as `reason::PASS_TOO_MANY_HOPS`).

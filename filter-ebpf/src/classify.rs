@@ -128,7 +128,8 @@ fn hints(table: u32) -> Option<&'static TableHints> {
 static FW_PORT1: LpmTrie<PortKey, u32> = LpmTrie::pinned(MAX_TRIE_ENTRIES, 0);
 
 /// The single ports (`PORT_KEY_FULL_BITS`) of the port tries' tables,
-/// exact, as for addresses: most rules name ports one by one.
+/// exact, as for addresses: most rules name ports one by one. Sized to the
+/// policy by the agent, as the host-address hashes are.
 #[map(name = "FW_PORTX1")]
 static FW_PORTX1: HashMap<Key<PortKey>, u32> = HashMap::pinned(MAX_PORT_ENTRIES, BPF_F_NO_PREALLOC);
 

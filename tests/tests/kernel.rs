@@ -1956,7 +1956,8 @@ spec:
 /// the class arrays past their room; a small policy after that keeps them
 /// (less than eight times too big); 5,000 host sources grow the IPv4
 /// source hash and, as every move sizes every map to its policy, take
-/// the class arrays back to the least. Each move loads new programs with new maps, and each
+/// the class arrays back to the least; 300 single ports grow the port
+/// hash. Each move loads new programs with new maps, and each
 /// policy is enforced whole after it: the one before denied 7000, the
 /// next 7001, a source of the big list is denied. The pins name the maps
 /// in use; none is left at a staging pin, and one left there by a resize
@@ -2023,6 +2024,20 @@ fn the_sized_maps_follow_the_policy_up_and_down() {
     assert_eq!(k.run(&tcp4(source(5000), WORKER, 80)), XDP_PASS);
     assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 7000)), XDP_PASS);
 
+    // 300 single destination ports: the port hash grows.
+    let ports: Vec<String> = (1..=300).map(|p| p.to_string()).collect();
+    let policy = format!(
+        "{TEST_HEP}\napiVersion: projectcalico.org/v3\nkind: GlobalNetworkPolicy\nmetadata: {{name: ports}}\nspec:\n  preDNAT: true\n  applyOnForward: true\n  selector: ibm.role=='worker_public'\n  ingress:\n  - action: Deny\n    protocol: TCP\n    destination: {{ports: [{}]}}\n",
+        ports.join(", ")
+    );
+    k.publish(&policy);
+    let ported = room(&k);
+    assert_eq!(ported.ports, [1024, Room::MIN.ports[1]]);
+    let port_pin = k.pin_dir.join(filter_common::names::MAP_PORT_EXACT);
+    assert_eq!(pinned_entries(&port_pin), 2 * 1024);
+    assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 300)), XDP_DROP);
+    assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 301)), XDP_PASS);
+
     let staging: Vec<String> = std::fs::read_dir(&k.pin_dir)
         .expect("pins")
         .flatten()
@@ -2040,6 +2055,6 @@ fn the_sized_maps_follow_the_policy_up_and_down() {
         .expect("run bpftool");
     assert!(made.success(), "bpftool map create");
     let adopter = Dataplane::load_with(&k.pin_dir, &Options::default()).expect("adopt");
-    assert_eq!(adopter.room(), listed, "adopted maps keep their size");
+    assert_eq!(adopter.room(), ported, "adopted maps keep their size");
     assert!(!left.exists(), "a staging pin is gone at load");
 }

@@ -426,11 +426,13 @@ fn load_ebpf(
                 heads: kept(names::MAP_CLASS, asked.heads),
                 words: kept(names::MAP_CLASS_WORDS, asked.words),
                 hosts: std::array::from_fn(|i| kept(room::HOST_MAPS[i], asked.hosts[i])),
+                ports: std::array::from_fn(|i| kept(room::PORT_MAPS[i], asked.ports[i])),
             }
         }
     };
-    for (name, hosts) in room::HOST_MAPS.into_iter().zip(room.hosts) {
-        loader.map_max_entries(name, hosts * GENERATIONS);
+    let hashes = room::HOST_MAPS.into_iter().zip(room.hosts);
+    for (name, entries) in hashes.chain(room::PORT_MAPS.into_iter().zip(room.ports)) {
+        loader.map_max_entries(name, entries * GENERATIONS);
     }
     let mut ebpf = loader
         .default_map_pin_directory(pin_dir)
@@ -504,13 +506,15 @@ const ATTACHED_PROGRAMS: [&str; 3] = [
 /// The maps a policy's size picks the size of ([`Room`]), and the
 /// generation word that says which half of them is live ([`load_ebpf`]'s
 /// `fresh`).
-const SIZED_MAPS: [&str; 7] = [
+const SIZED_MAPS: [&str; 9] = [
     names::MAP_CLASS,
     names::MAP_CLASS_WORDS,
     names::MAP_SRC_V4_EXACT,
     names::MAP_DST_V4_EXACT,
     names::MAP_SRC_V6_EXACT,
     names::MAP_DST_V6_EXACT,
+    names::MAP_PORT_EXACT,
+    names::MAP_SPORT_EXACT,
     names::MAP_GENERATION,
 ];
 

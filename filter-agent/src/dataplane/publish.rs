@@ -285,14 +285,10 @@ pub(super) fn is_single_port(e: &PortEntry) -> bool {
 /// count apart. Likewise single ports, in half of `MAX_PORT_ENTRIES`.
 pub(super) fn check_prefixes(compiled: &Compiled, capacity: u32) -> Result<(), Error> {
     let half = (capacity / GENERATIONS) as usize;
-    type Ports = fn(&Table) -> &Vec<PortEntry>;
-    let singles: [(&str, Ports); 2] = [("destination", |t| &t.dports), ("source", |t| &t.sports)];
-    for (what, entries) in singles {
-        let n: usize = compiled
-            .tables
-            .iter()
-            .map(|t| entries(t).iter().filter(|e| is_single_port(e)).count())
-            .sum();
+    for (what, n) in ["destination", "source"]
+        .into_iter()
+        .zip(single_port_counts(compiled))
+    {
         let half = (MAX_PORT_ENTRIES / GENERATIONS) as usize;
         if n > half {
             return Err(Error::Capacity(format!(
@@ -339,6 +335,21 @@ pub(super) fn address_counts(compiled: &Compiled) -> [(usize, usize); 4] {
             nets += e.len() - h;
         }
         (hosts, nets)
+    })
+}
+
+/// The single ports (per protocol: [`is_single_port`], for the exact
+/// hash) of `compiled`'s destination and source port fields
+/// ([`super::room::PORT_MAPS`]' order), over all tables.
+pub(super) fn single_port_counts(compiled: &Compiled) -> [usize; 2] {
+    type Ports = fn(&Table) -> &Vec<PortEntry>;
+    let fields: [Ports; 2] = [|t| &t.dports, |t| &t.sports];
+    fields.map(|entries| {
+        compiled
+            .tables
+            .iter()
+            .map(|t| entries(t).iter().filter(|e| is_single_port(e)).count())
+            .sum()
     })
 }
 
@@ -451,6 +462,7 @@ impl Dataplane {
             heads,
             words,
             hosts: address_counts(compiled).map(|(hosts, _)| hosts as u32),
+            ports: single_port_counts(compiled).map(|n| n as u32),
         };
         match self.room.refit(need, self.most_room()) {
             Some(room) => self.resize(room, compiled, ifaces),

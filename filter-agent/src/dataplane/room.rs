@@ -1,18 +1,21 @@
 //! Sizing to the policy the maps the kernel allocates when they are
-//! created: the class arrays (an array map is allocated whole) and the
-//! host-address hashes (16 bytes of buckets per entry of capacity, up
-//! front; their elements come as they are written). The tries and the
-//! other hashes allocate as entries come, or are small.
+//! created: the class arrays (an array map is allocated whole), the
+//! host-address hashes and the single-port hashes (16 bytes of buckets per
+//! entry of capacity, up front; their elements come as they are written).
+//! The tries allocate as entries come.
 //!
 //! A map cannot be resized and the programs hold theirs, so a policy that
 //! does not fit, or needs less than an eighth, is written into new
 //! programs whose maps have its room ([`super::Dataplane::publish`]).
 
-use filter_common::{ClassHead, CLASSES_PER_GEN, CLASS_WORDS_PER_GEN, GENERATIONS};
+use filter_common::{
+    ClassHead, CLASSES_PER_GEN, CLASS_WORDS_PER_GEN, GENERATIONS, MAX_PORT_ENTRIES,
+};
 
 /// What each generation may hold of the sized maps: generation `g`'s
 /// classes and words start at `g` times `heads` and `words`; each host
-/// hash holds both generations, `hosts` entries each. Sized at twice what
+/// and port hash holds both generations, `hosts` or `ports` entries each.
+/// Sized at twice what
 /// a generation needs, a power of two, between [`Room::MIN`] and the most
 /// the kernel's tables (and `--max-prefixes`) allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +27,9 @@ pub struct Room {
     /// Host addresses per generation in each exact hash, in
     /// [`HOST_MAPS`]' order.
     pub hosts: [u32; 4],
+    /// Single ports (per protocol) per generation in each exact hash, in
+    /// [`PORT_MAPS`]' order.
+    pub ports: [u32; 2],
 }
 
 /// The host-address hashes, in [`Room::hosts`]' order.
@@ -34,23 +40,31 @@ pub const HOST_MAPS: [&str; 4] = [
     filter_common::names::MAP_DST_V6_EXACT,
 ];
 
+/// The single-port hashes, in [`Room::ports`]' order.
+pub const PORT_MAPS: [&str; 2] = [
+    filter_common::names::MAP_PORT_EXACT,
+    filter_common::names::MAP_SPORT_EXACT,
+];
+
 /// Bytes of buckets a hash map allocates per entry of capacity.
 const BUCKET_BYTES: u64 = 16;
 
 impl Room {
-    /// The least: about 0.6 MiB for the class arrays and the four hashes,
+    /// The least: half a MiB for the class arrays and the six hashes,
     /// both generations, room for a few hundred rules.
     pub const MIN: Room = Room {
         heads: 1 << 10,
         words: 1 << 14,
         hosts: [1 << 10; 4],
+        ports: [1 << 8; 2],
     };
-    /// The most the kernel's tables hold; the hashes are held to
+    /// The most the kernel's tables hold; the host hashes are held to
     /// `--max-prefixes` besides ([`Room::within`]).
     pub const MAX: Room = Room {
         heads: CLASSES_PER_GEN,
         words: CLASS_WORDS_PER_GEN,
         hosts: [u32::MAX / GENERATIONS; 4],
+        ports: [MAX_PORT_ENTRIES / GENERATIONS; 2],
     };
 
     /// This room, each part at most `most`'s.
@@ -59,6 +73,7 @@ impl Room {
             heads: self.heads.min(most.heads),
             words: self.words.min(most.words),
             hosts: std::array::from_fn(|i| self.hosts[i].min(most.hosts[i])),
+            ports: std::array::from_fn(|i| self.ports[i].min(most.ports[i])),
         }
     }
 
@@ -74,6 +89,7 @@ impl Room {
             heads: size(need.heads, Self::MIN.heads),
             words: size(need.words, Self::MIN.words),
             hosts: std::array::from_fn(|i| size(need.hosts[i], Self::MIN.hosts[i])),
+            ports: std::array::from_fn(|i| size(need.ports[i], Self::MIN.ports[i])),
         }
         .within(most)
     }
@@ -85,7 +101,8 @@ impl Room {
         let fit = Room::fitting(need, most);
         let too_small = need.heads > self.heads
             || need.words > self.words
-            || (0..4).any(|i| need.hosts[i] > self.hosts[i]);
+            || (0..4).any(|i| need.hosts[i] > self.hosts[i])
+            || (0..2).any(|i| need.ports[i] > self.ports[i]);
         let too_big = self.bytes() > fit.bytes() * 8;
         (too_small || too_big).then_some(fit)
     }
@@ -94,12 +111,10 @@ impl Room {
     pub fn bytes(self) -> u64 {
         let heads = u64::from(self.heads) * std::mem::size_of::<ClassHead>() as u64;
         let words = u64::from(self.words) * 8;
-        let hosts: u64 = self
-            .hosts
-            .iter()
-            .map(|&h| u64::from(h) * BUCKET_BYTES)
+        let hashes: u64 = (self.hosts.iter().chain(&self.ports))
+            .map(|&n| u64::from(n) * BUCKET_BYTES)
             .sum();
-        (heads + words + hosts) * u64::from(GENERATIONS)
+        (heads + words + hashes) * u64::from(GENERATIONS)
     }
 }
 
@@ -112,6 +127,7 @@ mod tests {
             heads,
             words,
             hosts: [hosts, 0, 0, 0],
+            ports: [0; 2],
         }
     }
 
@@ -132,6 +148,14 @@ mod tests {
         assert!(room.refit(need(10, 16385, 0), most).is_some(), "more words");
         let hosts = room.refit(need(10, 10, 5000), most).expect("more hosts");
         assert_eq!(hosts.hosts, [16384, 1024, 1024, 1024]);
+        let ports = Room {
+            ports: [0, 300],
+            ..need(10, 10, 0)
+        };
+        let ports = room.refit(ports, most).expect("more source ports");
+        assert_eq!(ports.ports, [256, 1024]);
+        let all = Room::fitting(Room::MAX, most);
+        assert_eq!(all.ports, [MAX_PORT_ENTRIES / GENERATIONS; 2]);
         let full = Room::fitting(need(u32::MAX, u32::MAX, 0), most);
         assert_eq!(
             (full.heads, full.words),
