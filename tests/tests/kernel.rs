@@ -1839,14 +1839,7 @@ fn pins_of_maps_of_an_earlier_layout_are_removed_at_load() {
     let mut k = Loaded::at(pin_dir.clone(), None);
     std::fs::create_dir_all(&pin_dir).expect("create the pin directory");
     let retired = pin_dir.join("FW_CTSEEN1");
-    let made = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&retired)
-        .args(["type", "array", "key", "4", "value", "1", "entries", "1"])
-        .args(["name", "FW_CTSEEN1"])
-        .status()
-        .expect("run bpftool");
-    assert!(made.success(), "bpftool map create");
+    pin_array(&retired, "FW_CTSEEN1", 1);
     assert!(retired.exists());
     k.dp = Some(Dataplane::load(&pin_dir).expect("load"));
     assert!(!retired.exists(), "the retired map's pin is gone");
@@ -1917,6 +1910,21 @@ fn a_one_rule_change_writes_only_the_entries_that_differ() {
     assert_eq!(k.run(&listed), XDP_DROP);
 }
 
+/// Pins at `pin` a new array map named `name` of four entries of
+/// `value_size` bytes, as another program (or an earlier agent) would
+/// leave one.
+fn pin_array(pin: &Path, name: &str, value_size: u32) {
+    let made = std::process::Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(pin)
+        .args(["type", "array", "key", "4", "value"])
+        .arg(value_size.to_string())
+        .args(["entries", "4", "name", name])
+        .status()
+        .expect("run bpftool");
+    assert!(made.success(), "bpftool map create {name}");
+}
+
 /// `max_entries` of the map pinned at `pin`, as bpftool reports it.
 fn pinned_entries(pin: &Path) -> u64 {
     let out = sh(
@@ -1951,35 +1959,32 @@ spec:
     text
 }
 
-/// The sized maps follow the policy: loaded at their largest, the first
-/// small policy moves the programs to the least maps; 2,000 classes grow
-/// the class arrays past their room; a small policy after that keeps them
-/// (less than eight times too big); 5,000 host sources grow the IPv4
-/// source hash and, as every move sizes every map to its policy, take
-/// the class arrays back to the least; 300 single ports grow the port
-/// hash. Each move loads new programs with new maps, and each
-/// policy is enforced whole after it: the one before denied 7000, the
-/// next 7001, a source of the big list is denied. The pins name the maps
-/// in use; none is left at a staging pin, and one left there by a resize
-/// that did not finish goes at the next load. An adopter keeps the maps'
-/// size.
+/// The sized maps follow the policy: loaded at the least room, a small
+/// policy keeps it; 2,000 classes grow the class arrays past their room;
+/// a small policy after that keeps them (less than eight times too big);
+/// 40,000 host sources grow the IPv4 source hash and, as every move sizes
+/// every map to its policy, take the class arrays back to the least; a
+/// small policy then shrinks the hash (more than eight times too big);
+/// 300 single ports grow the port hash. Each move loads new programs with
+/// new maps, and each policy is enforced whole after it: the one before
+/// denied 7000, the next 7001, a source of the big list is denied. The
+/// pins name the maps in use; none is left at a staging pin, and one left
+/// there by a resize that did not finish goes at the next load. An
+/// adopter keeps the maps' size. Loaded with the largest room asked for
+/// (as `fw-bench` is), a small policy keeps it.
 #[test]
 fn the_sized_maps_follow_the_policy_up_and_down() {
     if !privileged("the_sized_maps_follow_the_policy_up_and_down") {
         return;
     }
     use filter_agent::dataplane::{Options, Room};
-    let largest = Options {
-        room: Room::MAX,
-        ..Options::default()
-    };
-    let mut k = Loaded::with_options(&many_classes(0, 7000), &largest);
+    let mut k = Loaded::new(&many_classes(0, 7000));
     let heads = |k: &Loaded| pinned_entries(&k.pin_dir.join(filter_common::names::MAP_CLASS));
     let words = |k: &Loaded| pinned_entries(&k.pin_dir.join(filter_common::names::MAP_CLASS_WORDS));
     let room = |k: &Loaded| k.dp.as_ref().expect("loaded").room();
     let hosts =
         |k: &Loaded| pinned_entries(&k.pin_dir.join(filter_common::names::MAP_SRC_V4_EXACT));
-    assert_eq!(room(&k), Room::MIN, "shrunk at the first publish");
+    assert_eq!(room(&k), Room::MIN);
     assert_eq!(heads(&k), 2 * u64::from(Room::MIN.heads));
     assert_eq!(words(&k), 2 * u64::from(Room::MIN.words));
     assert_eq!(hosts(&k), 2 * u64::from(Room::MIN.hosts[0]));
@@ -2008,21 +2013,28 @@ fn the_sized_maps_follow_the_policy_up_and_down() {
     assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 7000)), XDP_DROP);
     assert_eq!(k.run(&tcp4([10, 7, 207, 1], WORKER, 80)), XDP_PASS);
 
-    // 5,000 host sources: the IPv4 source hash grows; a move sizes every
-    // map to the policy, so the class arrays go back to the least.
-    k.publish(&deny_list(0, 5000));
+    // 40,000 host sources: the IPv4 source hash grows (to half of
+    // --max-prefixes' default); a move sizes every map to the policy, so
+    // the class arrays go back to the least.
+    k.publish(&deny_list(0, 40_000));
     let listed = room(&k);
-    assert_eq!(listed.hosts, [16384, 1024, 1024, 1024]);
+    assert_eq!(listed.hosts, [131_072, 1024, 1024, 1024]);
     assert_eq!(
         (listed.heads, listed.words),
         (Room::MIN.heads, Room::MIN.words)
     );
     assert_eq!(heads(&k), 2 * u64::from(Room::MIN.heads));
-    assert_eq!(hosts(&k), 2 * 16384);
+    assert_eq!(hosts(&k), 2 * 131_072);
     let source = |i: u32| (0x0a00_0000 + i).to_be_bytes();
-    assert_eq!(k.run(&tcp4(source(4999), WORKER, 80)), XDP_DROP);
-    assert_eq!(k.run(&tcp4(source(5000), WORKER, 80)), XDP_PASS);
+    assert_eq!(k.run(&tcp4(source(39_999), WORKER, 80)), XDP_DROP);
+    assert_eq!(k.run(&tcp4(source(40_000), WORKER, 80)), XDP_PASS);
     assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 7000)), XDP_PASS);
+
+    k.publish(&many_classes(0, 7000));
+    assert_eq!(room(&k), Room::MIN, "more than eight times too big: shrunk");
+    assert_eq!(hosts(&k), 2 * u64::from(Room::MIN.hosts[0]));
+    assert_eq!(k.run(&tcp4(source(39_999), WORKER, 80)), XDP_PASS);
+    assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 7000)), XDP_DROP);
 
     // 300 single destination ports: the port hash grows.
     let ports: Vec<String> = (1..=300).map(|p| p.to_string()).collect();
@@ -2046,15 +2058,21 @@ fn the_sized_maps_follow_the_policy_up_and_down() {
         .collect();
     assert!(staging.is_empty(), "{staging:?}");
     let left = k.pin_dir.join("new_FW_WORD1");
-    let made = std::process::Command::new("bpftool")
-        .args(["map", "create"])
-        .arg(&left)
-        .args(["type", "array", "key", "4", "value", "8", "entries", "4"])
-        .args(["name", "FW_WORD1"])
-        .status()
-        .expect("run bpftool");
-    assert!(made.success(), "bpftool map create");
+    pin_array(&left, "FW_WORD1", 8);
     let adopter = Dataplane::load_with(&k.pin_dir, &Options::default()).expect("adopt");
     assert_eq!(adopter.room(), ported, "adopted maps keep their size");
     assert!(!left.exists(), "a staging pin is gone at load");
+    drop(adopter);
+    drop(k);
+
+    let largest = Options {
+        room: Room::MAX,
+        ..Options::default()
+    };
+    let k = Loaded::with_options(&many_classes(0, 7000), &largest);
+    let most = Room {
+        hosts: [filter_common::MAX_TRIE_ENTRIES / 2; 4],
+        ..Room::MAX
+    };
+    assert_eq!(room(&k), most, "the least asked for is kept");
 }

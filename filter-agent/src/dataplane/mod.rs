@@ -204,9 +204,10 @@ pub struct Options {
     /// The tries allocate nothing until used. Adopted tries keep their
     /// size.
     pub prefix_capacity: u32,
-    /// The sized maps' room at load ([`Room::MIN`] by default), within
-    /// `prefix_capacity`; a publish sizes them to its policy ([`Room`]),
-    /// adopted ones keep their size until then.
+    /// The least room of the sized maps ([`Room::MIN`] by default, within
+    /// `prefix_capacity`), and theirs at load; a publish sizes them to its
+    /// policy, never below this ([`Room`]). Adopted ones keep their size
+    /// until then. `Room::MAX` sizes them once for all.
     pub room: Room,
 }
 
@@ -321,6 +322,11 @@ impl Dataplane {
     /// half the address capacity in each host hash.
     fn most_room(&self) -> Room {
         most_room(self.prefix_capacity)
+    }
+
+    /// The least room the sized maps keep ([`Options::room`]).
+    fn least_room(&self) -> Room {
+        self.options.room.within(self.most_room())
     }
 
     /// Entries of each address table, both generations together (see

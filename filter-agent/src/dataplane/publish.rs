@@ -444,10 +444,9 @@ impl Dataplane {
     /// generation is patched from what it holds (`dataplane/patch.rs`):
     /// only the entries that differ are written.
     ///
-    /// A policy that does not fit the class arrays or the host hashes, or
-    /// needs less than an eighth of them, is written into new programs with
-    /// maps of its size
-    /// ([`Room`]), which then take the links over
+    /// A policy that does not fit the maps sized to the policy ([`Room`]),
+    /// or needs less than an eighth of them, is written into new programs
+    /// with maps of its size, which then take the links over
     /// ([`Dataplane::resize`]).
     pub fn publish(&mut self, compiled: &Compiled, ifaces: &Interfaces) -> Result<u32, Error> {
         let started = Instant::now();
@@ -464,7 +463,7 @@ impl Dataplane {
             hosts: address_counts(compiled).map(|(hosts, _)| hosts as u32),
             ports: single_port_counts(compiled).map(|n| n as u32),
         };
-        match self.room.refit(need, self.most_room()) {
+        match self.room.refit(need, self.least_room(), self.most_room()) {
             Some(room) => self.resize(room, compiled, ifaces),
             None => self.write(compiled, plan, started),
         }
@@ -536,16 +535,16 @@ impl Dataplane {
     /// `room`: a map cannot grow, and the programs hold theirs.
     ///
     /// The new object shares every other map with the running programs
-    /// (conntrack, events, counters, the tries, the port and endpoint
-    /// tables: the pins), and
-    /// has a generation word of its own, set to the live generation. The
-    /// policy goes into the inactive generation, as any publish's does:
-    /// into the shared tables' half the running programs do not read and
-    /// into the new maps; the new word flips. Then each link is updated
-    /// to the new programs, one atomic swap a hook: a packet meets the old
-    /// programs with the old policy or the new ones with the new. The
-    /// running programs never see the flip (their word is their own), and
-    /// their arrays go with them. A swap that fails puts the links back.
+    /// (conntrack, events, counters, the tries, the rule and endpoint
+    /// tables: the pins), and has a generation word of its own, set to the
+    /// live generation. The policy goes into the inactive generation, as
+    /// any publish's does: into the shared tables' half the running
+    /// programs do not read and into the new maps; the new word flips.
+    /// Then each link is updated to the new programs, one atomic swap a
+    /// hook: a packet meets the old programs with the old policy or the new
+    /// ones with the new. The running programs never see the flip (their
+    /// word is their own), and their maps go with them. A swap that fails
+    /// puts the links back.
     fn resize(
         &mut self,
         room: Room,

@@ -15,9 +15,9 @@ use filter_common::{
 /// What each generation may hold of the sized maps: generation `g`'s
 /// classes and words start at `g` times `heads` and `words`; each host
 /// and port hash holds both generations, `hosts` or `ports` entries each.
-/// Sized at twice what
-/// a generation needs, a power of two, between [`Room::MIN`] and the most
-/// the kernel's tables (and `--max-prefixes`) allow.
+/// Sized at twice what a generation needs, a power of two, between the
+/// least asked for ([`Room::MIN`] by default) and the most the kernel's
+/// tables (and `--max-prefixes`) allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Room {
     /// Class heads (`FW_CLASS2`) per generation.
@@ -50,8 +50,9 @@ pub const PORT_MAPS: [&str; 2] = [
 const BUCKET_BYTES: u64 = 16;
 
 impl Room {
-    /// The least: half a MiB for the class arrays and the six hashes,
-    /// both generations, room for a few hundred rules.
+    /// The agent's least ([`super::Options::room`]): half a MiB for the
+    /// class arrays and the six hashes, both generations, room for a few
+    /// hundred rules.
     pub const MIN: Room = Room {
         heads: 1 << 10,
         words: 1 << 14,
@@ -77,28 +78,39 @@ impl Room {
         }
     }
 
-    /// The room for a generation that needs `need`, within `most`.
-    pub fn fitting(need: Room, most: Room) -> Room {
-        let size = |need: u32, min: u32| {
+    /// This room, each part at least `least`'s.
+    pub fn at_least(self, least: Room) -> Room {
+        Room {
+            heads: self.heads.max(least.heads),
+            words: self.words.max(least.words),
+            hosts: std::array::from_fn(|i| self.hosts[i].max(least.hosts[i])),
+            ports: std::array::from_fn(|i| self.ports[i].max(least.ports[i])),
+        }
+    }
+
+    /// The room for a generation that needs `need`: twice it, a power of
+    /// two, at least `least` and at most `most`.
+    pub fn fitting(need: Room, least: Room, most: Room) -> Room {
+        let size = |need: u32| {
             need.saturating_mul(2)
                 .checked_next_power_of_two()
                 .unwrap_or(u32::MAX)
-                .max(min)
         };
         Room {
-            heads: size(need.heads, Self::MIN.heads),
-            words: size(need.words, Self::MIN.words),
-            hosts: std::array::from_fn(|i| size(need.hosts[i], Self::MIN.hosts[i])),
-            ports: std::array::from_fn(|i| size(need.ports[i], Self::MIN.ports[i])),
+            heads: size(need.heads),
+            words: size(need.words),
+            hosts: need.hosts.map(size),
+            ports: need.ports.map(size),
         }
+        .at_least(least)
         .within(most)
     }
 
-    /// The room to move to for a generation that needs `need`, if this one
-    /// does not hold it or is more than eight times what it needs (in
-    /// bytes).
-    pub fn refit(self, need: Room, most: Room) -> Option<Room> {
-        let fit = Room::fitting(need, most);
+    /// The room to move to for a generation that needs `need` (between
+    /// `least` and `most`), if this one does not hold it or is more than
+    /// eight times what it needs (in bytes).
+    pub fn refit(self, need: Room, least: Room, most: Room) -> Option<Room> {
+        let fit = Room::fitting(need, least, most);
         let too_small = need.heads > self.heads
             || need.words > self.words
             || (0..4).any(|i| need.hosts[i] > self.hosts[i])
@@ -134,40 +146,60 @@ mod tests {
     #[test]
     fn the_sized_maps_grow_past_their_room_and_shrink_below_an_eighth() {
         let most = Room::MAX;
-        let room = Room::fitting(need(0, 0, 0), most);
+        let room = Room::fitting(need(0, 0, 0), Room::MIN, most);
         assert_eq!(room, Room::MIN);
-        assert_eq!(room.refit(need(100, 1000, 100), most), None);
+        assert_eq!(room.refit(need(100, 1000, 100), Room::MIN, most), None);
         assert_eq!(
-            room.refit(need(1024, 16384, 1024), most),
+            room.refit(need(1024, 16384, 1024), Room::MIN, most),
             None,
             "a full room is kept"
         );
-        let grown = room.refit(need(1025, 10, 0), most).expect("more classes");
+        let grown = room
+            .refit(need(1025, 10, 0), Room::MIN, most)
+            .expect("more classes");
         assert_eq!(grown.heads, 4096, "twice the need, a power of two");
         assert_eq!(grown.words, Room::MIN.words);
-        assert!(room.refit(need(10, 16385, 0), most).is_some(), "more words");
-        let hosts = room.refit(need(10, 10, 5000), most).expect("more hosts");
+        assert!(
+            room.refit(need(10, 16385, 0), Room::MIN, most).is_some(),
+            "more words"
+        );
+        let hosts = room
+            .refit(need(10, 10, 5000), Room::MIN, most)
+            .expect("more hosts");
         assert_eq!(hosts.hosts, [16384, 1024, 1024, 1024]);
         let ports = Room {
             ports: [0, 300],
             ..need(10, 10, 0)
         };
-        let ports = room.refit(ports, most).expect("more source ports");
+        let ports = room
+            .refit(ports, Room::MIN, most)
+            .expect("more source ports");
         assert_eq!(ports.ports, [256, 1024]);
-        let all = Room::fitting(Room::MAX, most);
+        let all = Room::fitting(Room::MAX, Room::MIN, most);
         assert_eq!(all.ports, [MAX_PORT_ENTRIES / GENERATIONS; 2]);
-        let full = Room::fitting(need(u32::MAX, u32::MAX, 0), most);
+        let full = Room::fitting(need(u32::MAX, u32::MAX, 0), Room::MIN, most);
         assert_eq!(
             (full.heads, full.words),
             (CLASSES_PER_GEN, CLASS_WORDS_PER_GEN)
         );
-        let big = Room::fitting(need(20_000, 300_000, 0), most);
-        assert_eq!(big.refit(need(20_000, 300_000, 0), most), None);
+        let big = Room::fitting(need(20_000, 300_000, 0), Room::MIN, most);
+        assert_eq!(big.refit(need(20_000, 300_000, 0), Room::MIN, most), None);
         assert_eq!(
-            big.refit(need(100, 1000, 0), most),
+            big.refit(need(100, 1000, 0), Room::MIN, most),
             Some(Room::MIN),
             "far less than an eighth"
         );
+    }
+
+    #[test]
+    fn a_room_asked_for_is_the_least() {
+        let least = Room::MAX.within(Room {
+            hosts: [131_072; 4],
+            ..Room::MAX
+        });
+        let room = Room::fitting(need(0, 0, 0), least, Room::MAX);
+        assert_eq!(room, least);
+        assert_eq!(room.refit(need(1, 1, 1), least, Room::MAX), None, "kept");
     }
 
     #[test]
@@ -176,8 +208,11 @@ mod tests {
             hosts: [32; 4],
             ..Room::MAX
         };
-        assert_eq!(Room::fitting(need(0, 0, 0), most).hosts, [32; 4]);
-        assert_eq!(Room::fitting(need(0, 0, 30), most).hosts, [32; 4]);
+        assert_eq!(Room::fitting(need(0, 0, 0), Room::MIN, most).hosts, [32; 4]);
+        assert_eq!(
+            Room::fitting(need(0, 0, 30), Room::MIN, most).hosts,
+            [32; 4]
+        );
         assert_eq!(Room::MAX.within(most).hosts, [32; 4]);
     }
 }

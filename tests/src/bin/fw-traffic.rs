@@ -1039,7 +1039,7 @@ fn run_in(ns: &Path, args: &[&str], input: &str) -> Result<(), String> {
 /// Agent memory and kernel map memory per policy size.
 fn memory(link: &Link) {
     println!("## Memory: the agent and its maps\n");
-    println!("The agent's resident set (VmRSS) once it has applied the policy, and the kernel memory of the maps it pinned (bpftool's `bytes_memlock`, each map once): conntrack's (`FW_CT*`, sized by `--conntrack-size`, the same whatever the policy) and the rest (the classifier, counters, events). Policies of pre-DNAT rules with 100,000 /32 sources spread over them, none for 0 rules; the agent's defaults (`--max-prefixes` 262,144, as in every row above but the million-source one, which needs {MAX_PREFIXES}). The class arrays and the host-address hashes are sized to the policy (twice what it needs, a power of two; docs/design.md, \"Maps sized to the policy\").\n");
+    println!("The agent's resident set (VmRSS) once it has applied the policy, and the kernel memory of the maps it pinned (bpftool's `bytes_memlock`, each map once): conntrack's (`FW_CT*`, sized by `--conntrack-size`, the same whatever the policy) and the rest (the classifier, counters, events). Policies of pre-DNAT rules with 100,000 /32 sources spread over them, none for 0 rules; the agent's defaults (`--max-prefixes` 262,144, as in every row above but the million-source one, which needs {MAX_PREFIXES}). The class arrays and the host-address and port hashes are sized to the policy (twice what it needs, a power of two; docs/design.md, \"Maps sized to the policy\").\n");
     println!("| rules | CIDRs | agent RSS MiB | conntrack maps MiB | other maps MiB |");
     println!("|---:|---:|---:|---:|---:|");
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
