@@ -612,6 +612,12 @@ impl Dataplane {
             }
             moved.push((iface.clone(), a.ifindex, a.role));
         }
+        // The policy is enforced from the last swap, not from the flip
+        // (no packet met the new programs before): the next publish's
+        // grace, for packets still in the old programs, runs from here.
+        let enforced = Instant::now();
+        new.last_publish.enforced = enforced;
+        new.last_publish.to_enforce = enforced - started;
         // The new programs enforce: their pins and their maps' take the
         // places of the old ones (a rename replaces a pin in one step).
         // Past the swap nothing is undone: a pin left behind costs a later
