@@ -70,21 +70,21 @@ impl Room {
 
     /// This room, each part at most `most`'s.
     pub fn within(self, most: Room) -> Room {
-        Room {
-            heads: self.heads.min(most.heads),
-            words: self.words.min(most.words),
-            hosts: std::array::from_fn(|i| self.hosts[i].min(most.hosts[i])),
-            ports: std::array::from_fn(|i| self.ports[i].min(most.ports[i])),
-        }
+        self.each(most, u32::min)
     }
 
     /// This room, each part at least `least`'s.
     pub fn at_least(self, least: Room) -> Room {
+        self.each(least, u32::max)
+    }
+
+    /// `f` of each part of this room and the same part of `other`.
+    fn each(self, other: Room, f: fn(u32, u32) -> u32) -> Room {
         Room {
-            heads: self.heads.max(least.heads),
-            words: self.words.max(least.words),
-            hosts: std::array::from_fn(|i| self.hosts[i].max(least.hosts[i])),
-            ports: std::array::from_fn(|i| self.ports[i].max(least.ports[i])),
+            heads: f(self.heads, other.heads),
+            words: f(self.words, other.words),
+            hosts: std::array::from_fn(|i| f(self.hosts[i], other.hosts[i])),
+            ports: std::array::from_fn(|i| f(self.ports[i], other.ports[i])),
         }
     }
 
