@@ -18,11 +18,7 @@ pub(super) enum Role {
 impl Role {
     pub(super) fn programs(self) -> &'static [&'static str] {
         match self {
-            Role::Endpoint => &[
-                names::PROG_XDP,
-                names::PROG_TC_INGRESS,
-                names::PROG_TC_EGRESS,
-            ],
+            Role::Endpoint => &ATTACHED_PROGRAMS,
             Role::ForwardOnly => &[names::PROG_TC_EGRESS],
         }
     }

@@ -502,7 +502,8 @@ fn load_ebpf(
     ))
 }
 
-/// The programs attached to interfaces.
+/// The programs attached to interfaces (all three on a host endpoint,
+/// [`attach::Role`]), each pinned beside its links.
 const ATTACHED_PROGRAMS: [&str; 3] = [
     names::PROG_XDP,
     names::PROG_TC_INGRESS,

@@ -173,11 +173,7 @@ impl Dataplane {
                 restored.push(path);
             }
         }
-        for name in [
-            names::PROG_XDP,
-            names::PROG_TC_INGRESS,
-            names::PROG_TC_EGRESS,
-        ] {
+        for name in ATTACHED_PROGRAMS {
             let path = self.pin_dir.join(name);
             if path.exists() {
                 continue;
