@@ -56,12 +56,14 @@ fn main() {
         std::process::exit(2);
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (mut plots, mut only, mut updates_only, mut memory_only) = (None, None, false, false);
+    let (mut plots, mut only) = (None, None);
+    let (mut updates_only, mut memory_only, mut reload_only) = (false, false, false);
     let mut rest = args.iter();
     while let Some(flag) = rest.next() {
         match flag.as_str() {
             "--updates" => updates_only = true,
             "--memory" => memory_only = true,
+            "--full-reload" => reload_only = true,
             "--plots" | "--only" if rest.len() > 0 => {
                 let value = rest.next().cloned().unwrap_or_default();
                 if flag == "--plots" {
@@ -72,7 +74,7 @@ fn main() {
             }
             _ => {
                 eprintln!(
-                    "usage: fw-traffic [--plots DIR] [--only 'FILTER LIST' | --updates | --memory]"
+                    "usage: fw-traffic [--plots DIR] [--only 'FILTER LIST' | --updates | --full-reload | --memory]"
                 );
                 std::process::exit(2);
             }
@@ -112,6 +114,12 @@ fn main() {
     }
     if memory_only {
         memory(&link);
+        return;
+    }
+    if reload_only {
+        // The update table's last row alone: to compare builds, runs of
+        // each alternating.
+        print_update(&full_reload(&link, &Probe::start(&link)));
         return;
     }
     let traffic = traffic(&link, None);
@@ -665,23 +673,78 @@ fn updates(link: &Link) -> Vec<UpdateRow> {
             rows.push(row);
         }
     }
-    // A full reload: the change rewrites every rule (other sources, other
-    // ports), so nothing of the last load can be taken over.
-    let (rules, cidrs) = UPDATE_SIZES[UPDATE_SIZES.len() - 1];
-    let result = ThisFilter::start(link, rules, cidrs).and_then(|mut t| {
-        t.everything = true;
-        time_changes(&probe, &mut t, FULL_RELOADS)
-    });
-    let row = UpdateRow {
-        tool: "this filter, every rule changed",
-        rules,
-        cidrs,
-        result,
-    };
+    let row = full_reload(link, &probe);
     print_update(&row);
     rows.push(row);
     println!();
     rows
+}
+
+/// The update table's last row: the change rewrites every rule (other
+/// sources, other ports), so nothing of the last load can be taken over.
+/// Says where the agent's time went, from its log.
+fn full_reload(link: &Link, probe: &Probe) -> UpdateRow {
+    let (rules, cidrs) = UPDATE_SIZES[UPDATE_SIZES.len() - 1];
+    let result = ThisFilter::start(link, rules, cidrs).and_then(|mut t| {
+        t.everything = true;
+        let before = t.agent.count("policy applied");
+        let took = time_changes(probe, &mut t, FULL_RELOADS)?;
+        // The changes' publishes: their undoing writes what the inactive
+        // generation already holds (the policy of two publishes ago), so
+        // it changes next to nothing.
+        let log = t.agent.log_text();
+        let applied: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("policy applied"))
+            .skip(before)
+            .collect();
+        let most = applied
+            .iter()
+            .filter_map(|l| field(l, "changed"))
+            .fold(0.0, f64::max);
+        let full: Vec<&str> = applied
+            .into_iter()
+            .filter(|l| field(l, "changed").is_some_and(|c| c >= most / 2.0))
+            .collect();
+        let medians: String = [
+            "read_ms",
+            "model_ms",
+            "compile_ms",
+            "written_ms",
+            "enforced_after_ms",
+        ]
+        .iter()
+        .map(|k| {
+            format!(
+                " {k} {:.1}",
+                median(full.iter().filter_map(|l| field(l, k)).collect())
+            )
+        })
+        .collect();
+        eprintln!(
+            "the agent's log, medians over {} full reloads:{medians}",
+            full.len()
+        );
+        Ok(took)
+    });
+    UpdateRow {
+        tool: "this filter, every rule changed",
+        rules,
+        cidrs,
+        result,
+    }
+}
+
+/// The number logged as `key=` in `line`.
+fn field(line: &str, key: &str) -> Option<f64> {
+    let at = line.find(&format!(" {key}="))? + key.len() + 2;
+    line[at..].split([' ', ',']).next()?.parse().ok()
+}
+
+/// The median of `v` (NaN: empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 fn print_update(row: &UpdateRow) {
