@@ -793,13 +793,13 @@ pub mod names {
     /// IPv6 destination trie.
     pub const MAP_DST_V6: &str = "FW_DST6_1";
     /// IPv4 source host addresses (/32) of `MAP_SRC_V4`'s tables, exact.
-    pub const MAP_SRC_V4_EXACT: &str = "FW_SRC4X1";
+    pub const MAP_SRC_V4_EXACT: &str = "FW_SRC4X2";
     /// IPv4 destination host addresses, likewise.
-    pub const MAP_DST_V4_EXACT: &str = "FW_DST4X1";
+    pub const MAP_DST_V4_EXACT: &str = "FW_DST4X2";
     /// IPv6 source host addresses (/128), likewise.
-    pub const MAP_SRC_V6_EXACT: &str = "FW_SRC6X1";
+    pub const MAP_SRC_V6_EXACT: &str = "FW_SRC6X2";
     /// IPv6 destination host addresses, likewise.
-    pub const MAP_DST_V6_EXACT: &str = "FW_DST6X1";
+    pub const MAP_DST_V6_EXACT: &str = "FW_DST6X2";
     /// Protocol / destination port trie.
     pub const MAP_PORT: &str = "FW_PORT1";
     /// Protocol / source port trie.

@@ -51,24 +51,27 @@ static FW_DST6_1: LpmTrie<AddrV6Key, u32> = LpmTrie::pinned(MAX_TRIE_ENTRIES, 0)
 /// (a policy's CIDR lists are mostly single addresses). An exact hit is the
 /// longest prefix there is; a miss asks the trie, which holds the rest.
 /// Keyed by the trie's own key (prefix length included), so one key on the
-/// stack serves both lookups. Entries are allocated as they come; the
-/// buckets up front, so the agent sizes these to the policy (it sets
-/// `max_entries` at load; this size is the largest).
-#[map(name = "FW_SRC4X1")]
-static FW_SRC4X1: HashMap<Key<AddrV4Key>, u32> =
-    HashMap::pinned(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
+/// stack serves both lookups.
+///
+/// Preallocated: a full reload deletes and inserts every host of a
+/// generation, and with elements allocated as they come that took twice
+/// as long (the kernel's allocator, its frees deferred to irq work). A
+/// deleted element is reused at once, which a lookup tolerates (the
+/// buckets' nulls markers restart a walk that strayed) and which reuses
+/// only the inactive generation's entries, read by no packet after the
+/// grace. Everything is allocated up front, so the agent sizes these to
+/// the policy (it sets `max_entries` at load; this size is the largest).
+#[map(name = "FW_SRC4X2")]
+static FW_SRC4X2: HashMap<Key<AddrV4Key>, u32> = HashMap::pinned(MAX_TRIE_ENTRIES, 0);
 
-#[map(name = "FW_DST4X1")]
-static FW_DST4X1: HashMap<Key<AddrV4Key>, u32> =
-    HashMap::pinned(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
+#[map(name = "FW_DST4X2")]
+static FW_DST4X2: HashMap<Key<AddrV4Key>, u32> = HashMap::pinned(MAX_TRIE_ENTRIES, 0);
 
-#[map(name = "FW_SRC6X1")]
-static FW_SRC6X1: HashMap<Key<AddrV6Key>, u32> =
-    HashMap::pinned(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
+#[map(name = "FW_SRC6X2")]
+static FW_SRC6X2: HashMap<Key<AddrV6Key>, u32> = HashMap::pinned(MAX_TRIE_ENTRIES, 0);
 
-#[map(name = "FW_DST6X1")]
-static FW_DST6X1: HashMap<Key<AddrV6Key>, u32> =
-    HashMap::pinned(MAX_TRIE_ENTRIES, BPF_F_NO_PREALLOC);
+#[map(name = "FW_DST6X2")]
+static FW_DST6X2: HashMap<Key<AddrV6Key>, u32> = HashMap::pinned(MAX_TRIE_ENTRIES, 0);
 
 const BPF_F_NO_PREALLOC: u32 = aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 
@@ -256,7 +259,7 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
             d.copy_from_slice(&pkt.dst[..4]);
             (
                 class_of(
-                    &FW_SRC4X1,
+                    &FW_SRC4X2,
                     &FW_SRC4_1,
                     &Key::new(
                         TABLE_PREFIX_BITS + 32,
@@ -269,7 +272,7 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
                     field::SRC4,
                 ),
                 class_of(
-                    &FW_DST4X1,
+                    &FW_DST4X2,
                     &FW_DST4_1,
                     &Key::new(
                         TABLE_PREFIX_BITS + 32,
@@ -285,7 +288,7 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
         }
         Family::V6 => (
             class_of(
-                &FW_SRC6X1,
+                &FW_SRC6X2,
                 &FW_SRC6_1,
                 &Key::new(
                     TABLE_PREFIX_BITS + 128,
@@ -298,7 +301,7 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
                 field::SRC6,
             ),
             class_of(
-                &FW_DST6X1,
+                &FW_DST6X2,
                 &FW_DST6_1,
                 &Key::new(
                     TABLE_PREFIX_BITS + 128,

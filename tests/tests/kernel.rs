@@ -2076,3 +2076,97 @@ fn the_sized_maps_follow_the_policy_up_and_down() {
     };
     assert_eq!(room(&k), most, "the least asked for is kept");
 }
+
+/// The value of the one-entry `u32` array pinned at `pin` (the generation
+/// word), read by bpftool.
+fn pinned_word(pin: &Path) -> u32 {
+    let out = sh(
+        "bpftool",
+        &["-j", "map", "dump", "pinned", &pin.to_string_lossy()],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).expect("bpftool's JSON");
+    let bytes: Vec<u8> = v[0]["value"]
+        .as_array()
+        .expect("value bytes")
+        .iter()
+        .map(|b| {
+            let hex = b.as_str().expect("a hex byte");
+            u8::from_str_radix(hex.trim_start_matches("0x"), 16).expect("hex")
+        })
+        .collect();
+    u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"))
+}
+
+/// An upgrade whose object bumped a sized map's layout (its name's
+/// version): the running programs read a generation word of their own, so
+/// the new agent's first publish, into maps and a word of its own, leaves
+/// them their policy until its programs take the links; then its pins are
+/// in place, and the running programs' map of the earlier layout is
+/// unpinned.
+#[test]
+fn an_upgrade_that_bumps_a_sized_map_flips_nothing_under_the_running_programs() {
+    if !privileged("an_upgrade_that_bumps_a_sized_map_flips_nothing_under_the_running_programs") {
+        return;
+    }
+    // Its programs are attached to the namespace's `lo`.
+    let ns = filter_tests::Netns::new(&unique("fwkup"));
+    ns.ip(&["link", "set", "lo", "up"]);
+    ns.run(upgrade_that_bumps_a_sized_map);
+}
+
+fn upgrade_that_bumps_a_sized_map() {
+    use filter_agent::dataplane::Options;
+    use filter_common::names;
+    let mut old = Loaded::new(&many_classes(0, 7000));
+    let dir = old.pin_dir.clone();
+    let running = pinned_word(&dir.join(names::MAP_GENERATION));
+    // The running agent's object named its IPv4 source hash otherwise.
+    let earlier = dir.join("FW_SRC4X1");
+    std::fs::rename(dir.join(names::MAP_SRC_V4_EXACT), &earlier).expect("rename the pin");
+    let dp = Dataplane::load_with(&dir, &Options::default()).expect("adopt");
+    let mut new = Loaded::at(dir.clone(), Some(dp));
+    assert!(
+        !earlier.exists(),
+        "the map of the earlier layout is unpinned"
+    );
+    assert!(dir.join(format!("new_{}", names::MAP_GENERATION)).exists());
+    assert!(dir
+        .join(format!("new_{}", names::MAP_SRC_V4_EXACT))
+        .exists());
+
+    let source = [10, 0, 0, 1];
+    new.publish(&deny_list(0, 3));
+    assert_eq!(new.run(&tcp4(source, WORKER, 80)), XDP_DROP);
+    assert_eq!(new.run(&tcp4([192, 0, 2, 9], WORKER, 7000)), XDP_PASS);
+    assert_eq!(
+        old.run(&tcp4([192, 0, 2, 9], WORKER, 7000)),
+        XDP_DROP,
+        "the running programs keep their policy"
+    );
+    assert_eq!(old.run(&tcp4(source, WORKER, 80)), XDP_PASS);
+    assert_eq!(
+        pinned_word(&dir.join(names::MAP_GENERATION)),
+        running,
+        "the running programs' word is not flipped"
+    );
+
+    // Taking the links (the namespace's `lo`) puts the new pins in place.
+    let compiled = kernel_test_policy(&deny_list(0, 3));
+    let ifaces: Interfaces = [("lo".to_string(), LO)].into();
+    let dp = new.dp.as_mut().expect("loaded");
+    let live = dp.apply(&compiled, &ifaces).expect("apply");
+    let staging: Vec<String> = std::fs::read_dir(&dir)
+        .expect("pins")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("new_"))
+        .collect();
+    assert!(staging.is_empty(), "{staging:?}");
+    assert_eq!(pinned_word(&dir.join(names::MAP_GENERATION)), live);
+    let room = new.dp.as_ref().expect("loaded").room();
+    let adopter = Dataplane::load_with(&dir, &Options::default()).expect("adopt again");
+    assert_eq!(adopter.room(), room, "the next agent adopts the new maps");
+    drop(adopter);
+    drop(new);
+    drop(old);
+}

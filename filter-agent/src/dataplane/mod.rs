@@ -34,7 +34,7 @@ use attach::Attachment;
 pub use counters::PinnedCounters;
 use pins::{
     ensure_bpffs, open_map_pin, remove_pins, remove_retired_map_pins, remove_staging_pins,
-    staging_pin,
+    staging_pin, unstage_pins,
 };
 pub use publish::{class_storage, first_slots, preflight, PublishTimes};
 pub use room::Room;
@@ -178,6 +178,11 @@ pub struct Dataplane {
     /// the background (see [`Dataplane::publish`]).
     zeroing: Option<publish::Zeroing>,
     last_publish: PublishTimes,
+    /// Whether its sized maps are still at their staging pins: loaded
+    /// beside programs whose sized maps are of an earlier layout, whose
+    /// pins stay in place until this dataplane's programs take the links
+    /// ([`Dataplane::apply`]).
+    staged: bool,
 }
 
 /// Interface name → index, resolved by the caller in the agent's namespace.
@@ -278,7 +283,18 @@ impl Dataplane {
     ) -> Result<Dataplane, Error> {
         // Pins of class arrays a resize left half-way: nothing uses them.
         remove_staging_pins(pin_dir)?;
-        let (mut ebpf, loaded) = load_ebpf(pin_dir, options, object, None)?;
+        // Programs whose sized maps are of an earlier layout (an upgrade
+        // that bumped one's version) read a generation word this agent
+        // must not flip under them: as a resize does, this one gets its
+        // own word and sized maps, and takes the links over once its first
+        // policy is written.
+        let running = pin_dir.join(names::MAP_GENERATION);
+        let staged = running.exists() && SIZED_MAPS.iter().any(|name| !pin_dir.join(name).exists());
+        let fresh = staged.then(|| options.room.within(most_room(options.prefix_capacity)));
+        if staged {
+            tracing::info!("the running programs' sized maps are of an earlier layout: new ones, taking the links over at the first publish");
+        }
+        let (mut ebpf, loaded) = load_ebpf(pin_dir, options, object, fresh)?;
         pin_programs(&mut ebpf, pin_dir)?;
         // The maps the object pins by name: the ones whose pin exists now.
         let pinned_maps = ebpf
@@ -304,7 +320,17 @@ impl Dataplane {
                 to_enforce: Duration::ZERO,
                 changed: 0,
             },
+            staged,
         };
+        if staged {
+            // The running programs' live generation: this publish writes
+            // the other half of the tables they share.
+            let word = aya::maps::Map::Array(open_map_pin(pin_dir, names::MAP_GENERATION)?);
+            let live = Array::<_, u32>::try_from(word)
+                .and_then(|a| a.get(&0, 0))
+                .map_err(map_error(names::MAP_GENERATION, "read the running word"))?;
+            dp.set_generation(live)?;
+        }
         dp.live = dp.generation()?;
         dp.start_presence_filter()?;
         // Last, so an agent that fails to load leaves a previous one's
@@ -341,7 +367,20 @@ impl Dataplane {
     /// from it are skipped (and retried by the caller when they appear).
     pub fn apply(&mut self, compiled: &Compiled, ifaces: &Interfaces) -> Result<u32, Error> {
         let generation = self.publish(compiled, ifaces)?;
-        self.sync_attachments(compiled, ifaces)?;
+        let attached = self.sync_attachments(compiled, ifaces);
+        if std::mem::take(&mut self.staged) {
+            // This dataplane's programs may be on links now: its maps'
+            // pins are the ones a later agent must adopt.
+            match unstage_pins(&self.pin_dir) {
+                Ok(()) => self
+                    .pinned_maps
+                    .extend(SIZED_MAPS.iter().map(|&name| name.to_owned())),
+                Err(e) => {
+                    tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "pinning the sized maps in place")
+                }
+            }
+        }
+        attached?;
         Ok(generation)
     }
 

@@ -45,6 +45,20 @@ pub(super) fn staging_pin(pin_dir: &Path, name: &str) -> PathBuf {
 
 const STAGING: &str = "new_";
 
+/// Renames the sized maps' staging pins into place, each replacing the
+/// pin of the same name in one step.
+pub(super) fn unstage_pins(pin_dir: &Path) -> Result<(), Error> {
+    for name in SIZED_MAPS {
+        let (from, to) = (staging_pin(pin_dir, name), pin_dir.join(name));
+        std::fs::rename(&from, &to).map_err(|source| Error::Fs {
+            op: "rename",
+            path: from,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
 /// Unpins what a resize that did not finish left at its staging pins.
 pub(super) fn remove_staging_pins(pin_dir: &Path) -> Result<(), Error> {
     unpin_where(pin_dir, "unpinning a class array a resize left", |path| {

@@ -578,6 +578,7 @@ impl Dataplane {
             // them.
             zeroing: self.zeroing.take(),
             last_publish: self.last_publish,
+            staged: false,
         };
         // From here the shared tables' inactive half is being rewritten:
         // what this dataplane knew of it no longer holds.
@@ -622,17 +623,8 @@ impl Dataplane {
         // places of the old ones (a rename replaces a pin in one step).
         // Past the swap nothing is undone: a pin left behind costs a later
         // agent's adoption a full write, not enforcement.
-        let mut pinned = pin_programs(&mut new.ebpf, &self.pin_dir);
-        for name in SIZED_MAPS {
-            let (from, to) = (staging_pin(&self.pin_dir, name), self.pin_dir.join(name));
-            pinned = pinned.and_then(|()| {
-                std::fs::rename(&from, &to).map_err(|source| Error::Fs {
-                    op: "rename",
-                    path: from,
-                    source,
-                })
-            });
-        }
+        let pinned =
+            pin_programs(&mut new.ebpf, &self.pin_dir).and_then(|()| unstage_pins(&self.pin_dir));
         if let Err(e) = pinned {
             tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "pinning the new programs and class arrays");
         }

@@ -1,8 +1,9 @@
 //! Sizing to the policy the maps the kernel allocates when they are
 //! created: the class arrays (an array map is allocated whole), the
-//! host-address hashes and the single-port hashes (16 bytes of buckets per
-//! entry of capacity, up front; their elements come as they are written).
-//! The tries allocate as entries come.
+//! host-address hashes (preallocated: element and bucket, per entry of
+//! capacity) and the single-port hashes (16 bytes of buckets per entry of
+//! capacity, up front; their elements come as they are written). The
+//! tries allocate as entries come.
 //!
 //! A map cannot be resized and the programs hold theirs, so a policy that
 //! does not fit, or needs less than an eighth, is written into new
@@ -49,8 +50,19 @@ pub const PORT_MAPS: [&str; 2] = [
 /// Bytes of buckets a hash map allocates per entry of capacity.
 const BUCKET_BYTES: u64 = 16;
 
+/// Bytes a preallocated host hash takes per entry of capacity, in
+/// [`HOST_MAPS`]' order: its bucket and its element (the kernel's 48-byte
+/// `htab_elem` header, the key and the value each rounded up to 8 bytes:
+/// a 12-byte key for IPv4, 24 for IPv6, a 4-byte value).
+const HOST_ENTRY_BYTES: [u64; 4] = [
+    BUCKET_BYTES + 48 + 16 + 8,
+    BUCKET_BYTES + 48 + 16 + 8,
+    BUCKET_BYTES + 48 + 24 + 8,
+    BUCKET_BYTES + 48 + 24 + 8,
+];
+
 impl Room {
-    /// The agent's least ([`super::Options::room`]): half a MiB for the
+    /// The agent's least ([`super::Options::room`]): about a MiB for the
     /// class arrays and the six hashes, both generations, room for a few
     /// hundred rules.
     pub const MIN: Room = Room {
@@ -123,10 +135,15 @@ impl Room {
     pub fn bytes(self) -> u64 {
         let heads = u64::from(self.heads) * std::mem::size_of::<ClassHead>() as u64;
         let words = u64::from(self.words) * 8;
-        let hashes: u64 = (self.hosts.iter().chain(&self.ports))
+        let hosts: u64 = (self.hosts.iter().zip(HOST_ENTRY_BYTES))
+            .map(|(&n, bytes)| u64::from(n) * bytes)
+            .sum();
+        let ports: u64 = self
+            .ports
+            .iter()
             .map(|&n| u64::from(n) * BUCKET_BYTES)
             .sum();
-        (heads + words + hashes) * u64::from(GENERATIONS)
+        (heads + words + hosts + ports) * u64::from(GENERATIONS)
     }
 }
 
