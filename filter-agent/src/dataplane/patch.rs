@@ -61,6 +61,10 @@ pub(super) struct Contents {
     /// (`publish::first_slots`): a vector from `first_slot` on.
     rules: Vec<RuleMeta>,
     first_slot: u32,
+    /// The generation's first class head and first class word: where its
+    /// half of the class arrays starts ([`Plan`]).
+    first_class: u32,
+    first_word: u32,
     /// Table id → its hints (`FW_TABLE1`), for every table of the
     /// generation.
     hints: BTreeMap<u32, TableHints>,
@@ -175,6 +179,8 @@ impl Contents {
     ) -> Contents {
         let mut c = Contents {
             first_slot: generation * RULE_SLOTS_PER_GEN,
+            first_class: plan.class(0),
+            first_word: plan.base.word_base,
             base: Some(plan.base.clone()),
             mask_heads: plan.masks_layout.heads.clone(),
             mask_words: plan.masks_layout.words.clone(),
@@ -301,24 +307,20 @@ fn changed<T: PartialEq>(
 }
 
 impl Dataplane {
-    /// Turns generation `generation` from `have` into `want`, writing only
+    /// Turns a generation from `have` into `want` (what [`Contents::new`]
+    /// made for it, which knows where its halves start), writing only
     /// what differs; returns how many entries it wrote or removed. Stale
     /// entries go first, so no table holds more than the larger of the two.
-    pub(super) fn patch(
-        &mut self,
-        generation: u32,
-        have: &Contents,
-        want: &Contents,
-    ) -> Result<usize, Error> {
+    pub(super) fn patch(&mut self, have: &Contents, want: &Contents) -> Result<usize, Error> {
         let mut n = 0;
         let (same_heads, same_words) = have.same_classes(want);
         let (h, w) = (same_heads as usize, same_words as usize);
         let words = (have.class_words().skip(w), want.class_words().skip(w));
-        let (at, words) = changed(words, generation * self.room.words + same_words);
+        let (at, words) = changed(words, want.first_word + same_words);
         batch::update(&self.ebpf, names::MAP_CLASS_WORDS, &at, &words)?;
         n += at.len();
         let heads = (have.class_heads().skip(h), want.class_heads().skip(h));
-        let (at, heads) = changed(heads, generation * self.room.heads + same_heads);
+        let (at, heads) = changed(heads, want.first_class + same_heads);
         batch::update(&self.ebpf, names::MAP_CLASS, &at, &heads)?;
         n += at.len();
         // (What a generation held is from its own first slot on, or empty.)

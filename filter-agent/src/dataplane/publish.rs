@@ -68,7 +68,7 @@ pub(super) struct ClassBase {
     /// The compiler's classes it was laid out from.
     sets: Vec<RuleSet>,
     /// The generation's first word, which the heads' offsets include.
-    word_base: u32,
+    pub(super) word_base: u32,
     pub(super) layout: classes::Layout,
 }
 
@@ -491,7 +491,7 @@ impl Dataplane {
         };
         self.write_failsafe(&compiled.failsafe)?;
         self.write_frontends(&compiled.frontends)?;
-        let changed = self.patch(next, &have, &want)?;
+        let changed = self.patch(&have, &want)?;
         let zeroed = self.zeroed(next);
         let slots: Vec<u32> = want
             .slots()
