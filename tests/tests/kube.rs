@@ -393,6 +393,9 @@ fn kubeconfig_problems_are_clear_errors() {
     drop(api);
 }
 
+/// A rolling update, the old pod running this build's agent or, with
+/// `FILTER_UPGRADE_FROM` set, the agent binary it names (an earlier
+/// release: an upgrade across a bumped map layout).
 #[test]
 fn a_rolling_update_hands_over_without_a_gap() {
     if !privileged("a_rolling_update_hands_over_without_a_gap") {
@@ -412,13 +415,8 @@ fn a_rolling_update_hands_over_without_a_gap() {
     api.write_kubeconfig(&kubeconfig);
     let kc = kubeconfig.to_str().expect("utf-8");
     // The old pod: as the DaemonSet runs it, without --detach-on-exit.
-    let mut old = Agent::start_args(
-        &agent_binary(),
-        &p.worker,
-        NODE,
-        &pins,
-        &["--kubeconfig", kc],
-    );
+    let from = std::env::var_os("FILTER_UPGRADE_FROM").map_or_else(agent_binary, PathBuf::from);
+    let mut old = Agent::start_args(&from, &p.worker, NODE, &pins, &["--kubeconfig", kc]);
     applied(&mut old, 0);
     assert!(!open(&p, 7000) && open(&p, 7001));
     // SIGTERM: the old agent leaves; the node stays enforced meanwhile.
