@@ -2114,17 +2114,20 @@ fn an_upgrade_that_bumps_a_sized_map_flips_nothing_under_the_running_programs() 
     ns.run(upgrade_that_bumps_a_sized_map);
 }
 
-fn upgrade_that_bumps_a_sized_map() {
+/// A dataplane with [`many_classes`]`(0, 7000)` published whose IPv4
+/// source hash is pinned under an earlier layout's name, and one loaded
+/// beside it; and the running programs' generation.
+fn staged_pair() -> (Loaded, Loaded, u32) {
     use filter_agent::dataplane::Options;
     use filter_common::names;
-    let mut old = Loaded::new(&many_classes(0, 7000));
+    let old = Loaded::new(&many_classes(0, 7000));
     let dir = old.pin_dir.clone();
     let running = pinned_word(&dir.join(names::MAP_GENERATION));
     // The running agent's object named its IPv4 source hash otherwise.
     let earlier = dir.join("FW_SRC4X1");
     std::fs::rename(dir.join(names::MAP_SRC_V4_EXACT), &earlier).expect("rename the pin");
     let dp = Dataplane::load_with(&dir, &Options::default()).expect("adopt");
-    let mut new = Loaded::at(dir.clone(), Some(dp));
+    let new = Loaded::at(dir.clone(), Some(dp));
     assert!(
         !earlier.exists(),
         "the map of the earlier layout is unpinned"
@@ -2133,7 +2136,24 @@ fn upgrade_that_bumps_a_sized_map() {
     assert!(dir
         .join(format!("new_{}", names::MAP_SRC_V4_EXACT))
         .exists());
+    (old, new, running)
+}
 
+/// The names of `dir`'s staging pins.
+fn staging_pins(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .expect("pins")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("new_"))
+        .collect()
+}
+
+fn upgrade_that_bumps_a_sized_map() {
+    use filter_agent::dataplane::Options;
+    use filter_common::names;
+    let (mut old, mut new, running) = staged_pair();
+    let dir = old.pin_dir.clone();
     let source = [10, 0, 0, 1];
     new.publish(&deny_list(0, 3));
     assert_eq!(new.run(&tcp4(source, WORKER, 80)), XDP_DROP);
@@ -2155,18 +2175,33 @@ fn upgrade_that_bumps_a_sized_map() {
     let ifaces: Interfaces = [("lo".to_string(), LO)].into();
     let dp = new.dp.as_mut().expect("loaded");
     let live = dp.apply(&compiled, &ifaces).expect("apply");
-    let staging: Vec<String> = std::fs::read_dir(&dir)
-        .expect("pins")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("new_"))
-        .collect();
-    assert!(staging.is_empty(), "{staging:?}");
+    assert!(staging_pins(&dir).is_empty(), "{:?}", staging_pins(&dir));
     assert_eq!(pinned_word(&dir.join(names::MAP_GENERATION)), live);
     let room = new.dp.as_ref().expect("loaded").room();
     let adopter = Dataplane::load_with(&dir, &Options::default()).expect("adopt again");
     assert_eq!(adopter.room(), room, "the next agent adopts the new maps");
     drop(adopter);
+    drop(new);
+    drop(old);
+
+    // A first policy that outgrows the least room: the staged programs
+    // give way to a resize's, which again leave the running ones theirs.
+    let (mut old, mut new, _) = staged_pair();
+    new.publish(&many_classes(2000, 7001));
+    assert_eq!(new.run(&tcp4([192, 0, 2, 9], WORKER, 7001)), XDP_DROP);
+    assert_eq!(new.run(&tcp4([192, 0, 2, 9], WORKER, 7000)), XDP_PASS);
+    assert_eq!(
+        old.run(&tcp4([192, 0, 2, 9], WORKER, 7000)),
+        XDP_DROP,
+        "the running programs keep their policy through the resize"
+    );
+    assert_eq!(old.run(&tcp4([192, 0, 2, 9], WORKER, 7001)), XDP_PASS);
+    let dir = new.pin_dir.clone();
+    assert!(staging_pins(&dir).is_empty(), "{:?}", staging_pins(&dir));
+    assert_eq!(
+        pinned_entries(&dir.join(names::MAP_CLASS)),
+        2 * u64::from(new.dp.as_ref().expect("loaded").room().heads)
+    );
     drop(new);
     drop(old);
 }
