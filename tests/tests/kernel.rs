@@ -2050,12 +2050,7 @@ fn the_sized_maps_follow_the_policy_up_and_down() {
     assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 300)), XDP_DROP);
     assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 301)), XDP_PASS);
 
-    let staging: Vec<String> = std::fs::read_dir(&k.pin_dir)
-        .expect("pins")
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("new_"))
-        .collect();
+    let staging = staging_pins(&k.pin_dir);
     assert!(staging.is_empty(), "{staging:?}");
     let left = k.pin_dir.join("new_FW_WORD1");
     pin_array(&left, "FW_WORD1", 8);
