@@ -2145,7 +2145,7 @@ fn staging_pins(dir: &Path) -> Vec<String> {
 }
 
 fn upgrade_that_bumps_a_sized_map() {
-    use filter_agent::dataplane::Options;
+    use filter_agent::dataplane::{Options, Room};
     use filter_common::names;
     let (mut old, mut new, running) = staged_pair();
     let dir = old.pin_dir.clone();
@@ -2181,8 +2181,13 @@ fn upgrade_that_bumps_a_sized_map() {
 
     // A first policy that outgrows the least room: the staged programs
     // give way to a resize's, which again leave the running ones theirs.
+    // A previous agent's link is pinned (a stand-in: a map under a link's
+    // name), so the pins move only once `apply` has moved the links.
     let (mut old, mut new, _) = staged_pair();
-    new.publish(&many_classes(2000, 7001));
+    let dir = new.pin_dir.clone();
+    pin_array(&dir.join("fw_xdp@gone0@99"), "fake_link", 4);
+    let big = many_classes(2000, 7001);
+    new.publish(&big);
     assert_eq!(new.run(&tcp4([192, 0, 2, 9], WORKER, 7001)), XDP_DROP);
     assert_eq!(new.run(&tcp4([192, 0, 2, 9], WORKER, 7000)), XDP_PASS);
     assert_eq!(
@@ -2191,11 +2196,23 @@ fn upgrade_that_bumps_a_sized_map() {
         "the running programs keep their policy through the resize"
     );
     assert_eq!(old.run(&tcp4([192, 0, 2, 9], WORKER, 7001)), XDP_PASS);
-    let dir = new.pin_dir.clone();
+    let grown = new.dp.as_ref().expect("loaded").room();
+    assert!(grown.heads > Room::MIN.heads);
+    assert!(
+        !staging_pins(&dir).is_empty(),
+        "the pins wait for the links"
+    );
+    assert_eq!(
+        pinned_entries(&dir.join(names::MAP_CLASS)),
+        2 * u64::from(Room::MIN.heads)
+    );
+    let ifaces: Interfaces = [("lo".to_string(), LO)].into();
+    let dp = new.dp.as_mut().expect("loaded");
+    dp.apply(&kernel_test_policy(&big), &ifaces).expect("apply");
     assert!(staging_pins(&dir).is_empty(), "{:?}", staging_pins(&dir));
     assert_eq!(
         pinned_entries(&dir.join(names::MAP_CLASS)),
-        2 * u64::from(new.dp.as_ref().expect("loaded").room().heads)
+        2 * u64::from(grown.heads)
     );
     drop(new);
     drop(old);

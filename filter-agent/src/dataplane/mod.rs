@@ -33,8 +33,8 @@ mod testrun;
 use attach::Attachment;
 pub use counters::PinnedCounters;
 use pins::{
-    ensure_bpffs, open_map_pin, remove_pins, remove_retired_map_pins, remove_staging_pins,
-    staging_pin, unstage_pins,
+    ensure_bpffs, has_link_pins, open_map_pin, remove_pins, remove_retired_map_pins,
+    remove_staging_pins, staging_pin, unstage_pins,
 };
 pub use publish::{class_storage, first_slots, preflight, PublishTimes};
 pub use room::Room;
@@ -178,10 +178,11 @@ pub struct Dataplane {
     /// the background (see [`Dataplane::publish`]).
     zeroing: Option<publish::Zeroing>,
     last_publish: PublishTimes,
-    /// Whether its sized maps are still at their staging pins: loaded
-    /// beside programs whose sized maps are of an earlier layout, whose
-    /// pins stay in place until this dataplane's programs take the links
-    /// ([`Dataplane::apply`]).
+    /// Whether its sized maps are still at their staging pins: the
+    /// programs on the links a previous agent pinned read the pinned ones
+    /// (of an earlier layout, or of another size: a resize at the first
+    /// publish), which stay in place until [`Dataplane::apply`] moves
+    /// the links to this dataplane's programs.
     staged: bool,
 }
 
@@ -372,9 +373,13 @@ impl Dataplane {
             // This dataplane's programs may be on links now: its maps'
             // pins are the ones a later agent must adopt.
             match unstage_pins(&self.pin_dir) {
-                Ok(()) => self
-                    .pinned_maps
-                    .extend(SIZED_MAPS.iter().map(|&name| name.to_owned())),
+                Ok(()) => {
+                    for name in SIZED_MAPS {
+                        if !self.pinned_maps.iter().any(|n| n == name) {
+                            self.pinned_maps.push(name.to_owned());
+                        }
+                    }
+                }
                 Err(e) => {
                     tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "pinning the sized maps in place")
                 }

@@ -98,6 +98,13 @@ pub(super) fn is_link_pin(path: &Path) -> bool {
         .is_some_and(|n| n.to_string_lossy().contains('@'))
 }
 
+/// Whether `pin_dir` holds a link's pin.
+pub(super) fn has_link_pins(pin_dir: &Path) -> bool {
+    std::fs::read_dir(pin_dir)
+        .map(|entries| entries.flatten().any(|e| is_link_pin(&e.path())))
+        .unwrap_or(false)
+}
+
 /// Mounts bpffs on /sys/fs/bpf when the pin directory lives there and it is
 /// not mounted (a fresh VM, or a container without the host's bpffs).
 pub(super) fn ensure_bpffs(pin_dir: &Path) -> Result<(), Error> {

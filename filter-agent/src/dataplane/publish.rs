@@ -623,8 +623,20 @@ impl Dataplane {
         // places of the old ones (a rename replaces a pin in one step).
         // Past the swap nothing is undone: a pin left behind costs a later
         // agent's adoption a full write, not enforcement.
-        let pinned =
-            pin_programs(&mut new.ebpf, &self.pin_dir).and_then(|()| unstage_pins(&self.pin_dir));
+        // Links a previous agent pinned that this dataplane has not taken
+        // yet (its first publish, before `apply` attaches): their programs
+        // read the pinned maps and word until they move, so the pins move
+        // after them ([`Dataplane::apply`]), or an agent that died between
+        // would leave the next one pins that disagree with the links.
+        let unmoved = self.attached.is_empty() && has_link_pins(&self.pin_dir);
+        new.staged = unmoved;
+        let pinned = pin_programs(&mut new.ebpf, &self.pin_dir).and_then(|()| {
+            if unmoved {
+                Ok(())
+            } else {
+                unstage_pins(&self.pin_dir)
+            }
+        });
         if let Err(e) = pinned {
             tracing::error!(error = %format!("{:#}", anyhow::Error::from(e)), "pinning the new programs and class arrays");
         }
