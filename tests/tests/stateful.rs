@@ -483,29 +483,14 @@ fn a_policy_that_outgrows_the_class_arrays_moves_to_new_programs_keeping_connect
     let _echo = EchoServer::start(&p.worker, "0.0.0.0:7100".parse().expect("addr"));
     let _s7000 = TcpServer::start(&p.worker, "0.0.0.0:7000".parse().expect("addr"), "7000");
     let _s7001 = TcpServer::start(&p.worker, "0.0.0.0:7001".parse().expect("addr"), "7001");
-    let allow = gnp(
-        "allow-in",
-        "  types: [Ingress]\n  ingress:\n  - action: Allow\n",
-    );
-    let deny = |port: u16| {
-        gnp(
-            "deny",
-            &format!("  preDNAT: true\n  applyOnForward: true\n  ingress:\n  - action: Deny\n    protocol: TCP\n    destination: {{ports: [{port}]}}\n"),
-        )
-    };
-    // 2,000 sources of a class each (10.i.j.0/24, not the client's).
-    let mut many = String::from("  preDNAT: true\n  applyOnForward: true\n  ingress:\n");
-    for i in 0..2000u32 {
-        let net = std::net::Ipv4Addr::from(0x0a00_0000 + (i << 8));
-        many += &format!("  - {{action: Deny, protocol: TCP, source: {{nets: [{net}/24]}}}}\n");
-    }
+    let (allow, deny, many) = (allow_in(), deny_port, many_classes());
     let mut s = start(&p, &format!("{HEP}{allow}{}", deny(7000)));
     let open = |port: u16| tcp_probe(&p.client, Pair::worker(port), T).is_ok();
     assert!(!open(7000) && open(7001), "the small policy");
     let mut conn = Conn::open(&p.client, Pair::worker(7100), T).expect("connect");
     conn.echo("before").expect("echo before");
 
-    s.change(&format!("{HEP}{allow}{}{}", deny(7001), gnp("many", &many)));
+    s.change(&format!("{HEP}{allow}{}{many}", deny(7001)));
     let log = s.agent.log_text();
     assert!(log.contains("classifier maps sized to the policy"), "{log}");
     assert!(open(7000) && !open(7001), "the big policy");
@@ -516,5 +501,57 @@ fn a_policy_that_outgrows_the_class_arrays_moves_to_new_programs_keeping_connect
         .filter(|e| e.file_name().to_string_lossy().contains('@'))
         .count();
     assert_eq!(links, 3, "the same three links");
+    assert!(s.agent.stop().success());
+}
+
+/// A policy allowing every ingress packet (the normal stage).
+fn allow_in() -> String {
+    gnp(
+        "allow-in",
+        "  types: [Ingress]\n  ingress:\n  - action: Allow\n",
+    )
+}
+
+/// A pre-DNAT policy denying TCP to `port`.
+fn deny_port(port: u16) -> String {
+    gnp(
+        "deny",
+        &format!("  preDNAT: true\n  applyOnForward: true\n  ingress:\n  - action: Deny\n    protocol: TCP\n    destination: {{ports: [{port}]}}\n"),
+    )
+}
+
+/// A pre-DNAT policy of 2,000 sources of a class each (10.i.j.0/24, not
+/// the client's): more classes than the least room holds.
+fn many_classes() -> String {
+    let mut many = String::from("  preDNAT: true\n  applyOnForward: true\n  ingress:\n");
+    for i in 0..2000u32 {
+        let net = std::net::Ipv4Addr::from(0x0a00_0000 + (i << 8));
+        many += &format!("  - {{action: Deny, protocol: TCP, source: {{nets: [{net}/24]}}}}\n");
+    }
+    gnp("many", &many)
+}
+
+/// A first start whose policy outgrows the least room sizes the maps
+/// before it loads the programs: it loads them once, and enforces.
+#[test]
+fn a_first_start_loads_its_programs_once_at_its_policy_s_size() {
+    if !privileged("a_first_start_loads_its_programs_once_at_its_policy_s_size") {
+        return;
+    }
+    let p = Pair::new("fwfirst");
+    let _s7000 = TcpServer::start(&p.worker, "0.0.0.0:7000".parse().expect("addr"), "7000");
+    let _s7001 = TcpServer::start(&p.worker, "0.0.0.0:7001".parse().expect("addr"), "7001");
+    let s = start(
+        &p,
+        &format!("{HEP}{}{}{}", allow_in(), deny_port(7001), many_classes()),
+    );
+    let log = s.agent.log_text();
+    assert!(
+        log.contains("classifier maps sized to the policy before loading the programs"),
+        "{log}"
+    );
+    assert!(!log.contains("loading programs with new maps"), "{log}");
+    let open = |port: u16| tcp_probe(&p.client, Pair::worker(port), T).is_ok();
+    assert!(open(7000) && !open(7001), "the policy is enforced");
     assert!(s.agent.stop().success());
 }

@@ -15,7 +15,7 @@ use std::{
     collections::BTreeSet,
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -156,6 +156,35 @@ impl Status {
 }
 
 /// Runs the agent until `shutdown` turns true (or its sender goes).
+/// The room for the sized maps of the policy in the policy directory, if
+/// it loads: a first start whose policy outgrows the least room then
+/// loads its programs once, not again at its first publish (seconds, the
+/// verifier's). The Kubernetes API's resources come later, and a policy
+/// that does not load is the first reload's to report.
+async fn start_room(config: &Config, memo: &Arc<Mutex<load::Memo>>) -> Option<dataplane::Room> {
+    let inputs = Inputs {
+        dir: Some(config.policy_dir.clone()?),
+        node_name: config.node_name.clone(),
+        limits: config.limits,
+        kube: None,
+        memo: memo.clone(),
+    };
+    let task = tokio::task::spawn_blocking(move || load(&inputs, &Texts::new(), None));
+    let Ok(Ok(Outcome::Loaded(l))) = tokio::time::timeout(config.parse_timeout, task).await else {
+        return None;
+    };
+    let ifaces: dataplane::Interfaces = l.seen.iter().map(|(n, (i, _))| (n.clone(), *i)).collect();
+    let room = dataplane::room_for(&l.compiled, &ifaces, &config.dataplane).ok()?;
+    (room != config.dataplane.room).then(|| {
+        tracing::info!(
+            ?room,
+            bytes = room.bytes(),
+            "classifier maps sized to the policy before loading the programs"
+        );
+        room
+    })
+}
+
 pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     tracing::info!(node = %config.node_name, policy_dir = ?config.policy_dir, kube = ?config.kube, pin_dir = %config.pin_dir.display(), "starting");
     // A kubeconfig that cannot be used stops the agent before it touches
@@ -168,8 +197,14 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         .pin_dir
         .join(filter_common::names::MAP_GENERATION)
         .exists();
-    let mut dp = Dataplane::load_with(&config.pin_dir, &config.dataplane)
-        .context("load the kernel programs")?;
+    // The first load's work, which its first reload takes over.
+    let memo: Arc<Mutex<load::Memo>> = Default::default();
+    let mut options = config.dataplane;
+    if !adopting {
+        options.start_room = start_room(&config, &memo).await;
+    }
+    let mut dp =
+        Dataplane::load_with(&config.pin_dir, &options).context("load the kernel programs")?;
     if !adopting {
         seed_conntrack(&mut dp);
     }
@@ -242,7 +277,7 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
             node_name: config.node_name.clone(),
             limits: config.limits,
             kube: None,
-            memo: Default::default(),
+            memo,
         },
         kube,
         kube_options: kube::Options {

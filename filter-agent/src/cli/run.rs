@@ -51,6 +51,8 @@ pub fn config(args: &RunArgs) -> anyhow::Result<Config> {
             bench_skip: 0,
             prefix_capacity: args.max_prefixes,
             room: dataplane::Room::MIN,
+            // Worked out from the policy before the programs load.
+            start_room: None,
         },
         limits: Limits {
             max_file_bytes: args.max_file_size,

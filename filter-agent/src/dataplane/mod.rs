@@ -36,7 +36,7 @@ use pins::{
     ensure_bpffs, has_link_pins, open_map_pin, remove_pins, remove_retired_map_pins,
     remove_staging_pins, staging_pin, unstage_pins,
 };
-pub use publish::{class_storage, first_slots, preflight, PublishTimes};
+pub use publish::{class_storage, first_slots, preflight, room_for, PublishTimes};
 pub use room::Room;
 pub use testrun::TcRun;
 
@@ -215,6 +215,10 @@ pub struct Options {
     /// policy, never below this ([`Room`]). Adopted ones keep their size
     /// until then. `Room::MAX` sizes them once for all.
     pub room: Room,
+    /// The room new sized maps are created with, if more than `room`:
+    /// the room of the policy a first start is about to publish
+    /// ([`room_for`]), so that it loads its programs once. Not a floor.
+    pub start_room: Option<Room>,
 }
 
 /// The address tries [`Options::prefix_capacity`] sizes.
@@ -234,6 +238,7 @@ impl Default for Options {
             bench_skip: 0,
             prefix_capacity: filter_common::MAX_TRIE_ENTRIES,
             room: Room::MIN,
+            start_room: None,
         }
     }
 }
@@ -468,7 +473,9 @@ fn load_ebpf(
         // Adopted maps keep their size, silently: the next publish sizes
         // them to its policy.
         None => {
-            let asked = options.room.within(most_room(prefix_capacity));
+            let asked = (options.start_room.unwrap_or(options.room))
+                .at_least(options.room)
+                .within(most_room(prefix_capacity));
             let kept = |name: &str, asked: u32| {
                 pinned_size(&pin_dir.join(name)).map_or(asked, |n| n / GENERATIONS)
             };

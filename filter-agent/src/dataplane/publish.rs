@@ -41,6 +41,36 @@ pub fn class_storage(compiled: &Compiled) -> Result<(usize, usize), Error> {
     Ok((layout.heads.len(), layout.words.len()))
 }
 
+/// What a generation of `compiled`, laid out as `plan`, needs of the
+/// sized maps.
+fn need(compiled: &Compiled, plan: &Plan) -> Room {
+    let (heads, words) = plan.classes();
+    Room {
+        heads,
+        words,
+        hosts: address_counts(compiled).map(|(hosts, _)| hosts as u32),
+        ports: single_port_counts(compiled).map(|n| n as u32),
+    }
+}
+
+/// The room the sized maps of a dataplane loaded with `options` would be
+/// given by its first publish of `compiled` on `ifaces`: for
+/// [`Options::start_room`], so that a first start whose policy outgrows
+/// the least room loads its programs once, at the policy's size.
+pub fn room_for(
+    compiled: &Compiled,
+    ifaces: &Interfaces,
+    options: &Options,
+) -> Result<Room, Error> {
+    let plan = Plan::new(compiled, ifaces, 0, Room::MAX, None)?;
+    let most = super::most_room(options.prefix_capacity);
+    Ok(Room::fitting(
+        need(compiled, &plan),
+        options.room.within(most),
+        most,
+    ))
+}
+
 /// Everything `publish` would refuse about `compiled` before writing a
 /// map, as if every interface it binds existed: the capacity of the rule
 /// tables and of the class storage. `filter-agent check` runs it, so it
@@ -456,13 +486,7 @@ impl Dataplane {
         // Everything that can exceed a capacity is laid out before the
         // first write, so a policy that does not fit changes nothing.
         let plan = Plan::new(compiled, ifaces, next, self.room, self.inactive.as_ref())?;
-        let (heads, words) = plan.classes();
-        let need = Room {
-            heads,
-            words,
-            hosts: address_counts(compiled).map(|(hosts, _)| hosts as u32),
-            ports: single_port_counts(compiled).map(|n| n as u32),
-        };
+        let need = need(compiled, &plan);
         match self.room.refit(need, self.least_room(), self.most_room()) {
             Some(room) => self.resize(room, compiled, ifaces),
             None => self.write(compiled, plan, started),
