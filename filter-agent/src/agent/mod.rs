@@ -155,7 +155,6 @@ impl Status {
     }
 }
 
-/// Runs the agent until `shutdown` turns true (or its sender goes).
 /// The room for the sized maps of the policy in the policy directory, if
 /// it loads: a first start whose policy outgrows the least room then
 /// loads its programs once, not again at its first publish (seconds, the
@@ -173,8 +172,7 @@ async fn start_room(config: &Config, memo: &Arc<Mutex<load::Memo>>) -> Option<da
     let Ok(Ok(Outcome::Loaded(l))) = tokio::time::timeout(config.parse_timeout, task).await else {
         return None;
     };
-    let ifaces: dataplane::Interfaces = l.seen.iter().map(|(n, (i, _))| (n.clone(), *i)).collect();
-    let room = dataplane::room_for(&l.compiled, &ifaces, &config.dataplane).ok()?;
+    let room = dataplane::room_for(&l.compiled, &indexes(&l.seen), &config.dataplane).ok()?;
     (room != config.dataplane.room).then(|| {
         tracing::info!(
             ?room,
@@ -185,6 +183,7 @@ async fn start_room(config: &Config, memo: &Arc<Mutex<load::Memo>>) -> Option<da
     })
 }
 
+/// Runs the agent until `shutdown` turns true (or its sender goes).
 pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     tracing::info!(node = %config.node_name, policy_dir = ?config.policy_dir, kube = ?config.kube, pin_dir = %config.pin_dir.display(), "starting");
     // A kubeconfig that cannot be used stops the agent before it touches
@@ -362,6 +361,12 @@ fn seed_conntrack(dp: &mut Dataplane) {
             tracing::warn!(error = %format!("{:#}", anyhow::Error::from(e)), "seeding conntrack failed; connections open before this start are judged as new")
         }
     }
+}
+
+/// The node's interfaces by name, as the dataplane takes them: their
+/// indexes.
+fn indexes(ifaces: &NodeInterfaces) -> dataplane::Interfaces {
+    ifaces.iter().map(|(n, (i, _))| (n.clone(), *i)).collect()
 }
 
 /// Every address of the node's interfaces.
@@ -595,7 +600,7 @@ impl Agent {
         // Before the tables: a host endpoint's first enforcement must know
         // which packets are for the node.
         self.sync_host_addresses(addresses(&seen));
-        let ifaces = seen.iter().map(|(n, (i, _))| (n.clone(), *i)).collect();
+        let ifaces = indexes(&seen);
         match self.dp.apply(&compiled, &ifaces) {
             Ok(generation) => {
                 // Enforced from the flip; attaching new interfaces comes

@@ -296,7 +296,7 @@ impl Dataplane {
         // policy is written.
         let running = pin_dir.join(names::MAP_GENERATION);
         let staged = running.exists() && SIZED_MAPS.iter().any(|name| !pin_dir.join(name).exists());
-        let fresh = staged.then(|| options.room.within(most_room(options.prefix_capacity)));
+        let fresh = staged.then(|| new_room(options, options.prefix_capacity));
         if staged {
             tracing::info!("the running programs' sized maps are of an earlier layout: new ones, taking the links over at the first publish");
         }
@@ -358,7 +358,7 @@ impl Dataplane {
 
     /// The least room the sized maps keep ([`Options::room`]).
     fn least_room(&self) -> Room {
-        self.options.room.within(self.most_room())
+        least_room(&self.options, self.prefix_capacity)
     }
 
     /// Entries of each address table, both generations together (see
@@ -441,6 +441,21 @@ fn most_room(prefix_capacity: u32) -> Room {
     }
 }
 
+/// The least room of sized maps loaded with `options` beside tries of
+/// `prefix_capacity` ([`Options::room`], within [`most_room`]).
+fn least_room(options: &Options, prefix_capacity: u32) -> Room {
+    options.room.within(most_room(prefix_capacity))
+}
+
+/// The room new sized maps are created with: [`Options::start_room`]
+/// where it is more than the least.
+fn new_room(options: &Options, prefix_capacity: u32) -> Room {
+    let least = least_room(options, prefix_capacity);
+    (options.start_room.unwrap_or(least))
+        .at_least(least)
+        .within(most_room(prefix_capacity))
+}
+
 /// Loads `object`, its programs and its loggers. Its maps are the ones
 /// pinned under `pin_dir` where there are (adopted: conntrack, events,
 /// counters, the classifier's tables), new and pinned there where not. With
@@ -473,9 +488,7 @@ fn load_ebpf(
         // Adopted maps keep their size, silently: the next publish sizes
         // them to its policy.
         None => {
-            let asked = (options.start_room.unwrap_or(options.room))
-                .at_least(options.room)
-                .within(most_room(prefix_capacity));
+            let asked = new_room(options, prefix_capacity);
             let kept = |name: &str, asked: u32| {
                 pinned_size(&pin_dir.join(name)).map_or(asked, |n| n / GENERATIONS)
             };

@@ -63,11 +63,11 @@ pub fn room_for(
     options: &Options,
 ) -> Result<Room, Error> {
     let plan = Plan::new(compiled, ifaces, 0, Room::MAX, None)?;
-    let most = super::most_room(options.prefix_capacity);
+    let capacity = options.prefix_capacity;
     Ok(Room::fitting(
         need(compiled, &plan),
-        options.room.within(most),
-        most,
+        super::least_room(options, capacity),
+        super::most_room(capacity),
     ))
 }
 
