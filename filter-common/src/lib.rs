@@ -265,8 +265,13 @@ pub struct ClassHead {
     pub offset: [u32; SUMMARY_WORDS],
     /// Bit `s`: summary word `s` is stored dense.
     pub dense: u32,
-    /// Zero.
-    pub pad: u32,
+    /// 1 + the class's lowest rule; 0 for an empty class or where unknown
+    /// (a head written before this field was, when it was padding). No
+    /// rule below the highest of a packet's five classes' lowest rules can
+    /// be in all five, so the search starts there, and where that rule is
+    /// in all five it decides without the scan (`filter-ebpf`'s
+    /// `classify`). 0 is always a safe answer: the search starts at rule 0.
+    pub first: u32,
 }
 
 /// Lookups a table does not need, worked out by the agent from what it

@@ -8,9 +8,13 @@
 //! `endpoint & src & dst & dport & sport` is the rule that decides
 //! (docs/design.md, "The classifier"). Classes are stored sparse, with a
 //! summary of their non-zero words; the scan ANDs the summaries and visits
-//! only the words where all five have rules. The cost does not depend on
-//! the number of CIDRs, and grows with rules only by the summary words and
-//! the candidate words that turn out empty.
+//! only the words where all five have rules. It starts at the highest of
+//! the five classes' lowest rules (no rule below it can be in all five),
+//! and where that rule is in all five and allows or denies, it decides
+//! without the scan: the usual case of a rule that names one field's
+//! values (a deny list) or several fields no earlier rule shares. The cost
+//! does not depend on the number of CIDRs, and grows with rules only by
+//! the summary words and the candidate words that turn out empty.
 //!
 //! Invariant kept by the agent: every table it publishes has a `/0` entry in
 //! each address trie and an any-protocol entry in the port trie, so a lookup
@@ -347,10 +351,27 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
     if crate::skipped(filter_common::bench_skip::SCAN) {
         return reason::PASS_NO_VERDICT as u64;
     }
+    let classes = [ep.class, src, dst, dport, sport];
+    let (start, in_all) = match lower_bound(&classes) {
+        Ok(found) => found,
+        Err(why) => return why as u64,
+    };
+    // The first rule that can match is in all five classes: where it
+    // allows or denies, it decides without the scan's callbacks (a deny
+    // list's source, the last of many rules each with its own port). A Log
+    // or Pass rule is left to the scan, which notes it and goes on.
+    if in_all {
+        let slot = ep.first_slot + start;
+        match FW_RULE3.get(slot).map(|m| m.action) {
+            Some(a @ (action::ALLOW | action::DENY)) => return ((a as u64) << 32) | slot as u64,
+            Some(_) => {}
+            None => return reason::PASS_TABLE_ERROR as u64,
+        }
+    }
     let mut scan = Scan {
-        classes: [ep.class, src, dst, dport, sport],
+        classes,
         first_slot: ep.first_slot,
-        start: 0,
+        start,
         action: (stage << STAGE_SHIFT) | (direction << DIRECTION_SHIFT),
         slot: 0,
         reason: reason::PASS_TOO_MANY_HOPS,
@@ -376,6 +397,39 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
         action::ALLOW | action::DENY => ((decided as u64) << 32) | scan.slot as u64,
         _ => scan.reason as u64,
     }
+}
+
+/// The first rule a search of `classes` need look at: the highest of
+/// their lowest rules (`ClassHead::first`), since no rule below a class's
+/// lowest is in it, and so in all five; and whether that rule is in all
+/// five. Heads that do not know their lowest rule say 0, and the search
+/// starts at rule 0.
+#[inline(always)]
+fn lower_bound(classes: &[u32; 5]) -> Result<(u32, bool), u32> {
+    let mut low = 0;
+    for &class in classes {
+        low = low.max(head(class)?.first.saturating_sub(1));
+    }
+    // A 64-bit index, compared and used in the same register (as in
+    // `probe_inline`). Past the last summary word (a broken head) the
+    // search finds nothing.
+    let s = (low / (64 * 64)) as usize;
+    if s >= SUMMARY_WORDS {
+        return Ok((low, false));
+    }
+    let b = (low / 64) % 64;
+    for &class in classes {
+        let h = head(class)?;
+        let place = Place {
+            summary: h.summary[s],
+            offset: h.offset[s],
+            dense: (h.dense >> s) & 1 != 0,
+        };
+        if place.summary & (1 << b) == 0 || word(&place, b)? & (1 << (low % 64)) == 0 {
+            return Ok((low, false));
+        }
+    }
+    Ok((low, true))
 }
 
 /// Whether `ifindex` is a host endpoint: every endpoint has a normal-stage

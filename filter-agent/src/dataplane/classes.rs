@@ -87,7 +87,7 @@ impl Layout {
             summary: [0; SUMMARY_WORDS],
             offset: [0; SUMMARY_WORDS],
             dense: 0,
-            pad: 0,
+            first: set.first_from(0).map_or(0, |r| r as u32 + 1),
         };
         for (s, chunk) in set.words().chunks(64).enumerate() {
             head.offset[s] = word_base + self.end().1;
@@ -147,10 +147,18 @@ mod tests {
             let ids: Vec<u32> = sets.iter().map(|s| layout.intern(s, 0).unwrap()).collect();
             for (set, id) in sets.iter().zip(ids) {
                 let head = &layout.heads[id as usize];
+                let mut lowest = None;
                 for w in 0..WORDS as usize {
                     let want = set.words().get(w).copied().unwrap_or(0);
-                    prop_assert_eq!(word(head, &layout.words, w), want, "word {}", w);
+                    let got = word(head, &layout.words, w);
+                    prop_assert_eq!(got, want, "word {}", w);
+                    if lowest.is_none() && got != 0 {
+                        lowest = Some(w as u32 * 64 + got.trailing_zeros());
+                    }
                 }
+                // The kernel starts its search at the highest of the
+                // classes' `first`: the lowest rule read back, plus one.
+                prop_assert_eq!(head.first, lowest.map_or(0, |r| r + 1));
             }
         }
     }
