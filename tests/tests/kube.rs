@@ -445,3 +445,51 @@ fn a_rolling_update_hands_over_without_a_gap() {
     );
     assert!(new.stop().success());
 }
+
+/// A pre-DNAT policy of 2,000 sources of a class each (10.i.j.0/24, not
+/// the client's): more classes than the least room holds.
+fn many_classes() -> Value {
+    let rules: Vec<Value> = (0..2000u32)
+        .map(|i| {
+            let net = std::net::Ipv4Addr::from(0x0a00_0000 + (i << 8));
+            json!({"action": "Deny", "protocol": "TCP", "source": {"nets": [format!("{net}/24")]}})
+        })
+        .collect();
+    json!({"metadata": {"name": "many"},
+           "spec": {"preDNAT": true, "applyOnForward": true, "ingress": rules}})
+}
+
+/// A first start from the API whose first list outgrows the least room
+/// waits for that list and sizes the maps to it before it loads the
+/// programs: it loads them once, and enforces.
+#[test]
+fn a_first_start_sizes_its_maps_to_the_api_s_first_list() {
+    if !privileged("a_first_start_sizes_its_maps_to_the_api_s_first_list") {
+        return;
+    }
+    let p = Pair::new("fwkf");
+    let _s7000 = TcpServer::start(&p.worker, "0.0.0.0:7000".parse().expect("addr"), "7000");
+    let _s7001 = TcpServer::start(&p.worker, "0.0.0.0:7001".parse().expect("addr"), "7001");
+    let api = KubeApi::start_in(&p.worker, API_PORT);
+    api.apply("HostEndpoint", hep());
+    api.apply("GlobalNetworkPolicy", allow_in());
+    api.apply("GlobalNetworkPolicy", deny(7001));
+    api.apply("GlobalNetworkPolicy", many_classes());
+    api.apply("Node", node());
+    let dir = demo::TempDir::new(&unique("fwkfd"));
+    let pins = Path::new("/sys/fs/bpf").join(unique("fwkf"));
+    let _cleanup = filter_tests::PinsGuard(pins.clone());
+    let mut agent = start_agent(&p, &dir.0, &api, &pins, &[]);
+    applied(&mut agent, 0);
+    let log = agent.log_text();
+    assert!(
+        log.contains("classifier maps sized to the policy before loading the programs"),
+        "{log}"
+    );
+    assert!(!log.contains("loading programs with new maps"), "{log}");
+    assert!(
+        open(&p, 7000) && !open(&p, 7001),
+        "the API's policy is enforced"
+    );
+    assert!(agent.stop().success());
+}

@@ -155,21 +155,49 @@ impl Status {
     }
 }
 
-/// The room for the sized maps of the policy in the policy directory, if
-/// it loads: a first start whose policy outgrows the least room then
-/// loads its programs once, not again at its first publish (seconds, the
-/// verifier's). The Kubernetes API's resources come later, and a policy
-/// that does not load is the first reload's to report.
-async fn start_room(config: &Config, memo: &Arc<Mutex<load::Memo>>) -> Option<dataplane::Room> {
+/// The room for the sized maps of the first policy, if it loads within
+/// `--parse-timeout`: a first start whose policy outgrows the least room
+/// then loads its programs once, not again at its first publish (seconds,
+/// the verifier's). With the Kubernetes API as a source, that policy is
+/// the policy directory's and the API's first list of every kind, waited
+/// for within the same time: until it is complete the agent publishes
+/// nothing anyway (`Agent::reload`), so loading the programs later costs
+/// no enforcement. A policy that does not load, or a list that does not
+/// come in time, leaves the least room, and the first reload to report or
+/// to move the maps.
+async fn start_room(
+    config: &Config,
+    memo: &Arc<Mutex<load::Memo>>,
+    kube: Option<(&Kube, &mut Changes)>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<dataplane::Room> {
+    let deadline = tokio::time::Instant::now() + config.parse_timeout;
+    let resources = match kube {
+        Some((kube, changes)) => {
+            let objects = first_list(kube, changes, deadline, shutdown).await?;
+            let options = kube::Options {
+                node: config.node_name.clone(),
+                auto_host_endpoints: config.auto_host_endpoints,
+            };
+            Some((
+                kube::to_resources(&objects, &options),
+                kube::namespaces(&objects),
+            ))
+        }
+        None => None,
+    };
+    if config.policy_dir.is_none() && resources.is_none() {
+        return None;
+    }
     let inputs = Inputs {
-        dir: Some(config.policy_dir.clone()?),
+        dir: config.policy_dir.clone(),
         node_name: config.node_name.clone(),
         limits: config.limits,
-        kube: None,
+        kube: resources,
         memo: memo.clone(),
     };
     let task = tokio::task::spawn_blocking(move || load(&inputs, &Texts::new(), None));
-    let Ok(Ok(Outcome::Loaded(l))) = tokio::time::timeout(config.parse_timeout, task).await else {
+    let Ok(Ok(Outcome::Loaded(l))) = tokio::time::timeout_at(deadline, task).await else {
         return None;
     };
     let room = dataplane::room_for(&l.compiled, &indexes(&l.seen), &config.dataplane).ok()?;
@@ -181,6 +209,33 @@ async fn start_room(config: &Config, memo: &Arc<Mutex<load::Memo>>) -> Option<da
         );
         room
     })
+}
+
+/// The wake-ups of the agent's loop: every source sends `()` on a change.
+type Changes = tokio::sync::mpsc::UnboundedReceiver<()>;
+
+/// The Kubernetes API's first list of every kind, if it comes before
+/// `deadline` (and no stop is asked for). Consumes the wake-ups on the way:
+/// the first reload reads the watches' state whatever they said.
+async fn first_list(
+    kube: &Kube,
+    changes: &mut Changes,
+    deadline: tokio::time::Instant,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Vec<kube::Object>> {
+    loop {
+        if let Some(objects) = kube.snapshot() {
+            return Some(objects);
+        }
+        tokio::select! {
+            woke = changes.recv() => woke?,
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!("no first list from the Kubernetes API within --parse-timeout: the programs load with the least room, and the first policy may move their maps");
+                return None;
+            }
+            _ = shutdown.changed() => return None,
+        }
+    }
 }
 
 /// Runs the agent until `shutdown` turns true (or its sender goes).
@@ -198,9 +253,15 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         .exists();
     // The first load's work, which its first reload takes over.
     let memo: Arc<Mutex<load::Memo>> = Default::default();
+    // Every source wakes the loop through one channel. The watches start
+    // before the programs load: a first start sizes the maps to their
+    // first list.
+    let (changed, mut changes) = tokio::sync::mpsc::unbounded_channel();
+    let kube = client.map(|c| Kube::start(c, &config.node_name, changed.clone()));
     let mut options = config.dataplane;
     if !adopting {
-        options.start_room = start_room(&config, &memo).await;
+        let kube = kube.as_ref().map(|k| (k, &mut changes));
+        options.start_room = start_room(&config, &memo, kube, &mut shutdown).await;
     }
     let mut dp =
         Dataplane::load_with(&config.pin_dir, &options).context("load the kernel programs")?;
@@ -256,8 +317,6 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
             }
         });
     }
-    // Every source wakes the loop through one channel.
-    let (changed, mut changes) = tokio::sync::mpsc::unbounded_channel();
     let mut watch = match &config.policy_dir {
         Some(dir) => Some(
             crate::source::watch(dir, changed.clone())
@@ -265,7 +324,6 @@ pub async fn run(config: Config, mut shutdown: watch::Receiver<bool>) -> anyhow:
         ),
         None => None,
     };
-    let kube = client.map(|c| Kube::start(c, &config.node_name, changed.clone()));
     drop(changed);
     let mut poll = tokio::time::interval(config.interface_poll.max(Duration::from_millis(100)));
     let mut sweep = tokio::time::interval(config.conntrack_sweep.max(Duration::from_secs(1)));
