@@ -797,10 +797,11 @@ pub mod names {
     pub const MAP_SRC_V6: &str = "FW_SRC6_1";
     /// IPv6 destination trie.
     pub const MAP_DST_V6: &str = "FW_DST6_1";
-    /// IPv4 source host addresses (/32) of `MAP_SRC_V4`'s tables, exact.
-    pub const MAP_SRC_V4_EXACT: &str = "FW_SRC4X2";
+    /// IPv4 source host addresses (/32) of `MAP_SRC_V4`'s tables, exact
+    /// ([`crate::hosts4`]).
+    pub const MAP_SRC_V4_EXACT: &str = "FW_SRC4H1";
     /// IPv4 destination host addresses, likewise.
-    pub const MAP_DST_V4_EXACT: &str = "FW_DST4X2";
+    pub const MAP_DST_V4_EXACT: &str = "FW_DST4H1";
     /// IPv6 source host addresses (/128), likewise.
     pub const MAP_SRC_V6_EXACT: &str = "FW_SRC6X2";
     /// IPv6 destination host addresses, likewise.
@@ -936,6 +937,126 @@ pub struct XdpMeta {
 
 /// Identifies an [`XdpMeta`] of this layout (`"fw"` + layout version 1).
 pub const XDP_META_MAGIC: u32 = 0x6677_0001;
+
+/// The IPv4 host addresses (/32s) of the address tries' tables, exact:
+/// an open-addressed table in an array map of 64-byte buckets, one cache
+/// line, where a hash map took a bucket and an element in two (a list of a
+/// million sources leaves the cache, and each packet paid both misses).
+/// The agent writes it through a shared mapping of the array
+/// (`BPF_F_MMAPABLE`), one aligned 8-byte store a slot, and is its only
+/// writer; the programs read it.
+///
+/// A bucket is [`Bucket`]: word 0 the farthest, in buckets, that an entry
+/// whose home is this bucket lies from it (0: all in the home bucket), then
+/// [`BUCKET_SLOTS`] slots. A slot is 0 when empty, else [`slot`]: the
+/// address, 1 + the table id and the class, so one compare matches both
+/// the table and the address. A lookup reads the home bucket ([`home`])
+/// and, as far as its word 0 says, the ones after it, at most
+/// [`PROBE_BUCKETS`] in all; the agent places an entry in the first free
+/// slot within that reach and refuses one it cannot place (the table is
+/// sized at under 60 % full, so that does not happen by chance).
+///
+/// Both generations share the table. A slot of the generation being
+/// written matches no packet's table until it goes live, so each slot and
+/// word 0 can change one store at a time under the readers.
+pub mod hosts4 {
+    /// One bucket: the reach word, then the slots.
+    pub type Bucket = [u64; 8];
+    /// Slots a bucket holds.
+    pub const BUCKET_SLOTS: usize = 7;
+    /// The most buckets a lookup reads: the home bucket and the next seven.
+    pub const PROBE_BUCKETS: u32 = 8;
+    /// The fewest buckets a table has, so that a reach never wraps round
+    /// onto the home bucket.
+    pub const MIN_BUCKETS: u32 = PROBE_BUCKETS;
+    /// The class bits of a slot. Classes are below `MAX_CLASSES` (2^17).
+    pub const CLASS_BITS: u32 = 24;
+    const CLASS_MASK: u64 = (1 << CLASS_BITS) - 1;
+    // A slot's table byte holds 1 + the table id, 0 meaning empty.
+    const _: () = assert!(super::MAX_TABLES < 0xff);
+    const _: () = assert!(super::MAX_CLASSES <= 1 << CLASS_BITS);
+
+    /// The slot bits that name the table and address (`slot` without its
+    /// class): what a lookup compares.
+    #[inline(always)]
+    pub const fn key(table: u32, addr: [u8; 4]) -> u64 {
+        ((u32::from_be_bytes(addr) as u64) << 32) | (((table + 1) as u64) << CLASS_BITS)
+    }
+
+    /// The slot holding `class` for `table` and `addr`.
+    #[inline(always)]
+    pub const fn slot(table: u32, addr: [u8; 4], class: u32) -> u64 {
+        key(table, addr) | (class as u64 & CLASS_MASK)
+    }
+
+    /// The class a slot holds if it holds `key`'s.
+    #[inline(always)]
+    pub const fn class_if(slot: u64, key: u64) -> Option<u32> {
+        if slot & !CLASS_MASK == key {
+            Some((slot & CLASS_MASK) as u32)
+        } else {
+            None
+        }
+    }
+
+    /// The table id of a full slot.
+    #[inline(always)]
+    pub const fn table_of(slot: u64) -> u32 {
+        (((slot >> CLASS_BITS) & 0xff) as u32).wrapping_sub(1)
+    }
+
+    /// The home bucket of `key` in a table of `mask + 1` buckets: the
+    /// middle bits of a multiplicative (Fibonacci) hash, which spreads
+    /// runs of addresses, the usual shape of a list, evenly.
+    #[inline(always)]
+    pub const fn home(key: u64, mask: u32) -> u32 {
+        ((key.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as u32) & mask
+    }
+
+    /// The programs' globals holding the source and destination tables'
+    /// bucket masks (buckets − 1), set when the agent loads them with the
+    /// maps' size.
+    pub const MASK_GLOBALS: [&str; 2] = ["FW_SRC4H_MASK", "FW_DST4H_MASK"];
+
+    /// The class of `key`'s entry in a table of `mask + 1` buckets, where
+    /// `bucket(b)` reads bucket `b`: the home bucket, then as many after
+    /// it as its reach word says. The programs' lookup, and the agent's
+    /// tests' model of it.
+    #[inline(always)]
+    pub fn lookup<'a>(
+        bucket: impl Fn(u32) -> Option<&'a Bucket>,
+        mask: u32,
+        key: u64,
+    ) -> Option<u32> {
+        let home = home(key, mask);
+        let reach = bucket(home)?[0];
+        for d in 0..PROBE_BUCKETS {
+            if d as u64 > reach {
+                break;
+            }
+            let b = bucket(home.wrapping_add(d) & mask)?;
+            let mut w = 1;
+            while w < 8 {
+                if let Some(class) = class_if(b[w], key) {
+                    return Some(class);
+                }
+                w += 1;
+            }
+        }
+        None
+    }
+
+    /// Buckets for `entries` entries over both generations: a power of
+    /// two with 1.75 slots an entry or more (at most 4/7 full).
+    pub const fn buckets(entries: u32) -> u32 {
+        let b = (entries / 4).next_power_of_two();
+        if b < MIN_BUCKETS {
+            MIN_BUCKETS
+        } else {
+            b
+        }
+    }
+}
 
 /// `cargo xtask bench`'s component profile: parts of `fw_xdp` and
 /// `fw_tc_in` a benchmark load switches off, as bits of the read-only

@@ -26,9 +26,9 @@ use aya_ebpf::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, PerCpuArray},
 };
 use filter_common::{
-    action, direction, endpoint_slot, field, reason, stage, summary_table, table_bit, table_id,
-    AddrV4Key, AddrV6Key, ClassHead, EndpointKey, EndpointSlot, EndpointValue, PortKey, RuleMeta,
-    TableHints, GENERATIONS, MAX_CLASSES, MAX_CLASS_WORDS, MAX_ENDPOINT_ENTRIES,
+    action, direction, endpoint_slot, field, hosts4, reason, stage, summary_table, table_bit,
+    table_id, AddrV4Key, AddrV6Key, ClassHead, EndpointKey, EndpointSlot, EndpointValue, PortKey,
+    RuleMeta, TableHints, GENERATIONS, MAX_CLASSES, MAX_CLASS_WORDS, MAX_ENDPOINT_ENTRIES,
     MAX_ENDPOINT_SLOTS, MAX_HOPS, MAX_PORT_ENTRIES, MAX_RULE_SLOTS, MAX_TABLES, MAX_TRIE_ENTRIES,
     PORT_KEY_FULL_BITS, SUMMARY_WORDS, TABLE_PREFIX_BITS, WORDS,
 };
@@ -50,27 +50,43 @@ static FW_SRC6_1: LpmTrie<AddrV6Key, u32> = LpmTrie::pinned(MAX_TRIE_ENTRIES, 0)
 #[map(name = "FW_DST6_1")]
 static FW_DST6_1: LpmTrie<AddrV6Key, u32> = LpmTrie::pinned(MAX_TRIE_ENTRIES, 0);
 
-/// The host addresses (/32, /128) of each address trie's tables, exact:
-/// one hash lookup instead of a walk down a trie that would hold them all
-/// (a policy's CIDR lists are mostly single addresses). An exact hit is the
-/// longest prefix there is; a miss asks the trie, which holds the rest.
-/// Keyed by the trie's own key (prefix length included), so one key on the
-/// stack serves both lookups.
+/// The IPv4 host addresses (/32s) of each address trie's tables, exact
+/// (`filter_common::hosts4`): one bucket, a cache line, read instead of a
+/// walk down a trie that would hold them all (a policy's CIDR lists are
+/// mostly single addresses). An exact hit is the longest prefix there is;
+/// a miss asks the trie, which holds the rest. Sized by the agent at load
+/// (`max_entries`, and the mask globals below); this size is the largest.
+#[map(name = "FW_SRC4H1")]
+static FW_SRC4H1: Array<hosts4::Bucket> = Array::pinned(MAX_HOST4_BUCKETS, BPF_F_MMAPABLE);
+
+#[map(name = "FW_DST4H1")]
+static FW_DST4H1: Array<hosts4::Bucket> = Array::pinned(MAX_HOST4_BUCKETS, BPF_F_MMAPABLE);
+
+/// Buckets − 1 of `FW_SRC4H1` and `FW_DST4H1` (`hosts4::MASK_GLOBALS`):
+/// read-only data the loader sets with the maps' size.
+#[unsafe(no_mangle)]
+static FW_SRC4H_MASK: aya_ebpf::Global<u32> = aya_ebpf::Global::new(0);
+#[unsafe(no_mangle)]
+static FW_DST4H_MASK: aya_ebpf::Global<u32> = aya_ebpf::Global::new(0);
+
+/// The largest IPv4 host tables: `MAX_TRIE_ENTRIES` entries of each
+/// generation.
+const MAX_HOST4_BUCKETS: u32 = hosts4::buckets(MAX_TRIE_ENTRIES * GENERATIONS);
+
+const BPF_F_MMAPABLE: u32 = aya_ebpf::bindings::BPF_F_MMAPABLE;
+
+/// The IPv6 host addresses (/128s), exact, in hashes keyed by the trie's
+/// own key (prefix length included), so one key on the stack serves both
+/// lookups.
 ///
 /// Preallocated: a full reload deletes and inserts every host of a
-/// generation, and with elements allocated as they come that took twice
+/// generation, and with elements allocated as they came that took twice
 /// as long (the kernel's allocator, its frees deferred to irq work). A
 /// deleted element is reused at once, which a lookup tolerates (the
 /// buckets' nulls markers restart a walk that strayed) and which reuses
 /// only the inactive generation's entries, read by no packet after the
 /// grace. Everything is allocated up front, so the agent sizes these to
 /// the policy (it sets `max_entries` at load; this size is the largest).
-#[map(name = "FW_SRC4X2")]
-static FW_SRC4X2: HashMap<Key<AddrV4Key>, u32> = HashMap::pinned(MAX_TRIE_ENTRIES, 0);
-
-#[map(name = "FW_DST4X2")]
-static FW_DST4X2: HashMap<Key<AddrV4Key>, u32> = HashMap::pinned(MAX_TRIE_ENTRIES, 0);
-
 #[map(name = "FW_SRC6X2")]
 static FW_SRC6X2: HashMap<Key<AddrV6Key>, u32> = HashMap::pinned(MAX_TRIE_ENTRIES, 0);
 
@@ -103,6 +119,31 @@ fn class_of<K>(
         }
     }
     field_class(trie, key, table, f)
+}
+
+/// [`class_of`] for an IPv4 address: its exact entry is in `exact`, a
+/// `hosts4` table of `mask + 1` buckets.
+#[inline(always)]
+fn class_of_v4(
+    exact: &Array<hosts4::Bucket>,
+    mask: u32,
+    trie: &LpmTrie<AddrV4Key, u32>,
+    key: &Key<AddrV4Key>,
+    table: u32,
+    f: usize,
+) -> u32 {
+    if hints(table).is_none_or(|h| h.exact & (1 << f) != 0) {
+        if let Some(class) = host4_class(exact, mask, table, key.data.addr) {
+            return class;
+        }
+    }
+    field_class(trie, key, table, f)
+}
+
+/// The class of `addr`'s exact entry for `table`, if it has one.
+#[inline(always)]
+fn host4_class(map: &Array<hosts4::Bucket>, mask: u32, table: u32, addr: [u8; 4]) -> Option<u32> {
+    hosts4::lookup(|b| map.get(b), mask, hosts4::key(table, addr))
 }
 
 /// The class of field `f` from its trie, unless `table`'s hints know it;
@@ -262,8 +303,9 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
             let mut d = [0u8; 4];
             d.copy_from_slice(&pkt.dst[..4]);
             (
-                class_of(
-                    &FW_SRC4X2,
+                class_of_v4(
+                    &FW_SRC4H1,
+                    FW_SRC4H_MASK.load(),
                     &FW_SRC4_1,
                     &Key::new(
                         TABLE_PREFIX_BITS + 32,
@@ -275,8 +317,9 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
                     table,
                     field::SRC4,
                 ),
-                class_of(
-                    &FW_DST4X2,
+                class_of_v4(
+                    &FW_DST4H1,
+                    FW_DST4H_MASK.load(),
                     &FW_DST4_1,
                     &Key::new(
                         TABLE_PREFIX_BITS + 32,

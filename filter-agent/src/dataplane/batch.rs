@@ -286,47 +286,74 @@ pub(super) fn store_bytes_in(
     byte: u8,
 ) -> Result<(), Error> {
     use std::sync::atomic::{AtomicU8, Ordering};
-    let info = map.info().map_err(map_error(name, "info"))?;
-    let len = info.max_entries() as usize * info.value_size().next_multiple_of(8) as usize;
-    if let Some(&index) = offsets.iter().find(|&&at| at as usize >= len) {
-        return Err(map_error(name, "store")(MapError::OutOfBounds {
-            index,
-            max_entries: len as u32,
-        }));
-    }
     if offsets.is_empty() {
         return Ok(());
     }
-    let fd = map.fd().as_fd().as_raw_fd();
-    // SAFETY: a new shared mapping of the map's `len` bytes of values
-    // (offset 0 of an mmapable array's file), unmapped below; nothing
-    // else of this process refers to it.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            fd,
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return Err(map_error(name, "map into memory")(MapError::SyscallError(
-            SyscallError {
-                call: "mmap",
-                io_error: std::io::Error::last_os_error(),
-            },
-        )));
+    let mapping = Mapping::new(map, name)?;
+    let bytes = mapping.atomics::<AtomicU8>();
+    if let Some(&index) = offsets.iter().find(|&&at| at as usize >= bytes.len()) {
+        return Err(map_error(name, "store")(MapError::OutOfBounds {
+            index,
+            max_entries: bytes.len() as u32,
+        }));
     }
-    let bytes = base.cast::<AtomicU8>();
     for &at in offsets {
-        // SAFETY: within the mapping (checked above); `AtomicU8` has
-        // `u8`'s layout, and an atomic store is the byte store the
-        // programs do too.
-        unsafe { (*bytes.add(at as usize)).store(byte, Ordering::Relaxed) };
+        // An atomic store is the byte store the programs do too.
+        bytes[at as usize].store(byte, Ordering::Relaxed);
     }
-    // SAFETY: the mapping made above, no longer used.
-    unsafe { libc::munmap(base, len) };
     Ok(())
+}
+
+/// A shared mapping of the values of an array map created
+/// `BPF_F_MMAPABLE`, unmapped when dropped. The programs read and write
+/// the same memory meanwhile, so it is handed out only as atomics.
+pub(super) struct Mapping {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    pub(super) fn new(map: &MapData, name: &'static str) -> Result<Mapping, Error> {
+        let info = map.info().map_err(map_error(name, "info"))?;
+        let len = info.max_entries() as usize * info.value_size().next_multiple_of(8) as usize;
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: a new shared mapping of the map's `len` bytes of values
+        // (offset 0 of an mmapable array's file), unmapped on drop.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(map_error(name, "map into memory")(MapError::SyscallError(
+                SyscallError {
+                    call: "mmap",
+                    io_error: std::io::Error::last_os_error(),
+                },
+            )));
+        }
+        Ok(Mapping { base, len })
+    }
+
+    /// The mapping as atomics of type `A` (`AtomicU8`, `AtomicU64`).
+    pub(super) fn atomics<A>(&self) -> &[A] {
+        // SAFETY: the mapping is page-aligned and `len` bytes long, and
+        // lives as long as the slice; atomics may alias the programs'
+        // accesses, which are single loads and stores of their size.
+        unsafe {
+            std::slice::from_raw_parts(self.base.cast::<A>(), self.len / std::mem::size_of::<A>())
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, no longer borrowed.
+        unsafe { libc::munmap(self.base, self.len) };
+    }
 }

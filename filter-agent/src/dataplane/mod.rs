@@ -22,6 +22,7 @@ mod counters;
 mod diag;
 pub use diag::KernelLogLevel;
 mod events;
+mod hosts4;
 pub use events::{ring_bytes, Rate};
 pub mod live;
 mod patch;
@@ -37,7 +38,7 @@ use pins::{
     remove_staging_pins, staging_pin, unstage_pins,
 };
 pub use publish::{class_storage, first_slots, preflight, room_for, PublishTimes};
-pub use room::Room;
+pub use room::{host_map_entries, Room};
 pub use testrun::TcRun;
 
 use std::{
@@ -492,17 +493,29 @@ fn load_ebpf(
             let kept = |name: &str, asked: u32| {
                 pinned_size(&pin_dir.join(name)).map_or(asked, |n| n / GENERATIONS)
             };
+            let kept_hosts = |i: usize| {
+                pinned_size(&pin_dir.join(room::HOST_MAPS[i]))
+                    .map_or(asked.hosts[i], |n| room::hosts_of_map(i, n))
+            };
             Room {
                 heads: kept(names::MAP_CLASS, asked.heads),
                 words: kept(names::MAP_CLASS_WORDS, asked.words),
-                hosts: std::array::from_fn(|i| kept(room::HOST_MAPS[i], asked.hosts[i])),
+                hosts: std::array::from_fn(kept_hosts),
                 ports: std::array::from_fn(|i| kept(room::PORT_MAPS[i], asked.ports[i])),
             }
         }
     };
-    let hashes = room::HOST_MAPS.into_iter().zip(room.hosts);
-    for (name, entries) in hashes.chain(room::PORT_MAPS.into_iter().zip(room.ports)) {
+    for (i, name) in room::HOST_MAPS.into_iter().enumerate() {
+        loader.map_max_entries(name, room::host_map_entries(i, room.hosts[i]));
+    }
+    for (name, entries) in room::PORT_MAPS.into_iter().zip(room.ports) {
         loader.map_max_entries(name, entries * GENERATIONS);
+    }
+    // The IPv4 host tables' bucket masks, which the programs cannot ask
+    // their maps for.
+    let masks = [0, 1].map(|i| room::host_map_entries(i, room.hosts[i]) - 1);
+    for (global, mask) in filter_common::hosts4::MASK_GLOBALS.into_iter().zip(&masks) {
+        loader.override_global(global, mask, true);
     }
     let mut ebpf = loader
         .default_map_pin_directory(pin_dir)

@@ -332,7 +332,11 @@ impl Dataplane {
         let tables = have.changed_tables(want);
         for i in 0..4 {
             let pairs: Vec<_> = tables.iter().map(|(h, w)| (&h.v4[i], &w.v4[i])).collect();
-            n += self.patch_entries(V4_MAPS[i], i < EXACT, &pairs)?;
+            n += if i < EXACT {
+                self.patch_entries(V4_MAPS[i], true, &pairs)?
+            } else {
+                self.patch_hosts4(V4_MAPS[i], &pairs)?
+            };
             let pairs: Vec<_> = tables.iter().map(|(h, w)| (&h.v6[i], &w.v6[i])).collect();
             n += self.patch_entries(V6_MAPS[i], i < EXACT, &pairs)?;
             let pairs: Vec<_> = tables
@@ -384,6 +388,30 @@ impl Dataplane {
             }
         }
         batch::update(&self.ebpf, names::MAP_ENDPOINT_SLOTS, &slots, &values)?;
+        Ok(n)
+    }
+
+    /// Patches one IPv4 host table (`hosts4`) from each changed table's
+    /// held entries to its wanted ones: stale slots emptied first.
+    fn patch_hosts4(
+        &mut self,
+        name: &'static str,
+        tables: &[(&Entries<AddrV4Key>, &Entries<AddrV4Key>)],
+    ) -> Result<usize, Error> {
+        let t = self.hosts4(name)?;
+        let mut n = 0;
+        for (have, want) in tables {
+            for (_, k) in have.keys().filter(|k| !want.contains_key(k)) {
+                t.remove(u32::from_be_bytes(k.table), k.addr);
+                n += 1;
+            }
+        }
+        for (have, want) in tables {
+            for ((_, k), class) in want.iter().filter(|&(k, c)| have.get(k) != Some(c)) {
+                t.insert(u32::from_be_bytes(k.table), k.addr, *class)?;
+                n += 1;
+            }
+        }
         Ok(n)
     }
 

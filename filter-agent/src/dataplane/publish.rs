@@ -765,8 +765,9 @@ impl Dataplane {
         self.clear_trie::<AddrV4Key>(names::MAP_DST_V4, |k| in_gen(k.table))?;
         self.clear_trie::<AddrV6Key>(names::MAP_SRC_V6, |k| in_gen(k.table))?;
         self.clear_trie::<AddrV6Key>(names::MAP_DST_V6, |k| in_gen(k.table))?;
-        self.clear_exact::<AddrV4Key>(names::MAP_SRC_V4_EXACT, |k| in_gen(k.table))?;
-        self.clear_exact::<AddrV4Key>(names::MAP_DST_V4_EXACT, |k| in_gen(k.table))?;
+        for name in [names::MAP_SRC_V4_EXACT, names::MAP_DST_V4_EXACT] {
+            self.hosts4(name)?.clear(|t| tables.contains(&t));
+        }
         self.clear_exact::<AddrV6Key>(names::MAP_SRC_V6_EXACT, |k| in_gen(k.table))?;
         self.clear_exact::<AddrV6Key>(names::MAP_DST_V6_EXACT, |k| in_gen(k.table))?;
         self.clear_trie::<PortKey>(names::MAP_PORT, |k| in_gen(k.table))?;
@@ -830,6 +831,16 @@ impl Dataplane {
             .filter(|k| stale(&k.data()))
             .collect();
         batch::delete(&self.ebpf, name, &keys)
+    }
+
+    /// IPv4 host table `name`, mapped for writing.
+    pub(super) fn hosts4(&self, name: &'static str) -> Result<super::hosts4::Hosts4, Error> {
+        match self.ebpf.map(name) {
+            Some(aya::maps::Map::Array(data)) => super::hosts4::Hosts4::open(data, name),
+            _ => Err(map_error(name, "find")(aya::maps::MapError::InvalidName {
+                name: name.into(),
+            })),
+        }
     }
 
     pub(super) fn set_generation(&mut self, generation: u32) -> Result<(), Error> {

@@ -33,7 +33,8 @@ pub struct Room {
     pub ports: [u32; 2],
 }
 
-/// The host-address hashes, in [`Room::hosts`]' order.
+/// The host-address maps (IPv4 tables, IPv6 hashes), in [`Room::hosts`]'
+/// order.
 pub const HOST_MAPS: [&str; 4] = [
     filter_common::names::MAP_SRC_V4_EXACT,
     filter_common::names::MAP_DST_V4_EXACT,
@@ -50,16 +51,39 @@ pub const PORT_MAPS: [&str; 2] = [
 /// Bytes of buckets a hash map allocates per entry of capacity.
 const BUCKET_BYTES: u64 = 16;
 
-/// Bytes a preallocated host hash takes per entry of capacity, in
-/// [`HOST_MAPS`]' order: its bucket and its element (the kernel's 48-byte
-/// `htab_elem` header, the key and the value each rounded up to 8 bytes:
-/// a 12-byte key for IPv4, 24 for IPv6, a 4-byte value).
+/// Bytes a host map takes per entry of capacity, in [`HOST_MAPS`]' order:
+/// for IPv4 its share of a table's buckets (64 bytes for 4 entries,
+/// `filter_common::hosts4::buckets`); for IPv6, preallocated hashes, its
+/// bucket and its element (the kernel's 48-byte `htab_elem` header, the
+/// 24-byte key and the 4-byte value each rounded up to 8 bytes).
 const HOST_ENTRY_BYTES: [u64; 4] = [
-    BUCKET_BYTES + 48 + 16 + 8,
-    BUCKET_BYTES + 48 + 16 + 8,
+    16,
+    16,
     BUCKET_BYTES + 48 + 24 + 8,
     BUCKET_BYTES + 48 + 24 + 8,
 ];
+
+/// `max_entries` of host map `i` ([`HOST_MAPS`]' order) with room for
+/// `hosts` a generation: buckets for the IPv4 tables, entries for the
+/// IPv6 hashes.
+pub fn host_map_entries(i: usize, hosts: u32) -> u32 {
+    let entries = hosts.saturating_mul(GENERATIONS);
+    if i < 2 {
+        filter_common::hosts4::buckets(entries)
+    } else {
+        entries
+    }
+}
+
+/// The room a generation has in host map `i` of `max_entries` entries
+/// (the inverse of [`host_map_entries`]).
+pub fn hosts_of_map(i: usize, max_entries: u32) -> u32 {
+    if i < 2 {
+        max_entries.saturating_mul(4) / GENERATIONS
+    } else {
+        max_entries / GENERATIONS
+    }
+}
 
 impl Room {
     /// The agent's least ([`super::Options::room`]): about a MiB for the
