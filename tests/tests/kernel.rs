@@ -2004,9 +2004,11 @@ spec:
 /// The sized maps follow the policy: loaded at the least room, a small
 /// policy keeps it; 2,000 classes grow the class arrays past their room;
 /// a small policy after that keeps them (less than eight times too big);
-/// 40,000 host sources grow the IPv4 source hash and, as every move sizes
+/// 40,000 host sources grow the IPv4 source table and, as every move sizes
 /// every map to its policy, take the class arrays back to the least; a
-/// small policy then shrinks the hash (more than eight times too big);
+/// small policy keeps it (16 bytes an entry); 40,000 IPv6 sources grow
+/// their hash and a small policy then shrinks it (more than eight times
+/// too big);
 /// 300 single ports grow the port hash. Each move loads new programs with
 /// new maps, and each policy is enforced whole after it: the one before
 /// denied 7000, the next 7001, a source of the big list is denied. The
@@ -2019,7 +2021,7 @@ fn the_sized_maps_follow_the_policy_up_and_down() {
     if !privileged("the_sized_maps_follow_the_policy_up_and_down") {
         return;
     }
-    use filter_agent::dataplane::{Options, Room};
+    use filter_agent::dataplane::{host_map_entries, Options, Room};
     let mut k = Loaded::new(&many_classes(0, 7000));
     let heads = |k: &Loaded| pinned_entries(&k.pin_dir.join(filter_common::names::MAP_CLASS));
     let words = |k: &Loaded| pinned_entries(&k.pin_dir.join(filter_common::names::MAP_CLASS_WORDS));
@@ -2029,7 +2031,9 @@ fn the_sized_maps_follow_the_policy_up_and_down() {
     assert_eq!(room(&k), Room::MIN);
     assert_eq!(heads(&k), 2 * u64::from(Room::MIN.heads));
     assert_eq!(words(&k), 2 * u64::from(Room::MIN.words));
-    assert_eq!(hosts(&k), 2 * u64::from(Room::MIN.hosts[0]));
+    // (The IPv4 host table's entries are buckets of seven.)
+    let buckets = |hosts: u32| u64::from(host_map_entries(0, hosts));
+    assert_eq!(hosts(&k), buckets(Room::MIN.hosts[0]));
     assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 7000)), XDP_DROP);
     assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 7001)), XDP_PASS);
 
@@ -2055,7 +2059,7 @@ fn the_sized_maps_follow_the_policy_up_and_down() {
     assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 7000)), XDP_DROP);
     assert_eq!(k.run(&tcp4([10, 7, 207, 1], WORKER, 80)), XDP_PASS);
 
-    // 40,000 host sources: the IPv4 source hash grows (to half of
+    // 40,000 host sources: the IPv4 source table grows (to half of
     // --max-prefixes' default); a move sizes every map to the policy, so
     // the class arrays go back to the least.
     k.publish(&deny_list(0, 40_000));
@@ -2066,16 +2070,33 @@ fn the_sized_maps_follow_the_policy_up_and_down() {
         (Room::MIN.heads, Room::MIN.words)
     );
     assert_eq!(heads(&k), 2 * u64::from(Room::MIN.heads));
-    assert_eq!(hosts(&k), 2 * 131_072);
+    assert_eq!(hosts(&k), buckets(131_072));
     let source = |i: u32| (0x0a00_0000 + i).to_be_bytes();
     assert_eq!(k.run(&tcp4(source(39_999), WORKER, 80)), XDP_DROP);
     assert_eq!(k.run(&tcp4(source(40_000), WORKER, 80)), XDP_PASS);
     assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 7000)), XDP_PASS);
 
+    // The IPv4 host table takes 16 bytes an entry (4 MiB here): not
+    // eight times the least room, so kept.
+    k.publish(&many_classes(0, 7000));
+    assert_eq!(room(&k), listed, "not eight times too big: kept");
+    assert_eq!(k.run(&tcp4(source(39_999), WORKER, 80)), XDP_PASS);
+    assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 7000)), XDP_DROP);
+
+    // 40,000 IPv6 host sources, 104 bytes an entry in their hash: grown,
+    // then shrunk by the small policy.
+    let nets6: Vec<String> = std::iter::once(std::net::Ipv6Addr::from(CLIENT6))
+        .chain((1..40_000u128).map(|i| std::net::Ipv6Addr::from((0x2001_0db8_0009u128 << 80) + i)))
+        .map(|a| format!("{a}/128"))
+        .collect();
+    let list6 = deny_list(0, 0).replace("nets: []", &format!("nets: [{}]", nets6.join(", ")));
+    k.publish(&list6);
+    assert_eq!(room(&k).hosts[2], 131_072);
+    assert_eq!(k.run(&tcp6(80)), XDP_DROP);
     k.publish(&many_classes(0, 7000));
     assert_eq!(room(&k), Room::MIN, "more than eight times too big: shrunk");
-    assert_eq!(hosts(&k), 2 * u64::from(Room::MIN.hosts[0]));
-    assert_eq!(k.run(&tcp4(source(39_999), WORKER, 80)), XDP_PASS);
+    assert_eq!(hosts(&k), buckets(Room::MIN.hosts[0]));
+    assert_eq!(k.run(&tcp6(80)), XDP_PASS);
     assert_eq!(k.run(&tcp4([192, 0, 2, 9], WORKER, 7000)), XDP_DROP);
 
     // 300 single destination ports: the port hash grows.
