@@ -117,9 +117,9 @@ pub struct RunArgs {
     /// destination; host addresses and other prefixes each have one),
     /// shared by the live policy and the next: a policy may use half. The
     /// prefix tries allocate as entries come (adopted ones keep their
-    /// size); the host-address hashes are sized to the policy, up to this,
-    /// and preallocated (88 bytes per entry of capacity for IPv4, 96 for
-    /// IPv6, kernel memory charged to the agent's cgroup).
+    /// size); the host-address maps are sized to the policy, up to this,
+    /// and allocated whole (16 bytes per entry of capacity for IPv4, 96
+    /// for IPv6, kernel memory charged to the agent's cgroup).
     #[arg(long, env = "FILTER_MAX_PREFIXES", default_value_t = filter_common::MAX_TRIE_ENTRIES, value_name = "ENTRIES", value_parser = clap::value_parser!(u32).range(2..))]
     pub max_prefixes: u32,
     /// How often the sweeper removes expired conntrack entries and reports

@@ -86,9 +86,9 @@ pub fn hosts_of_map(i: usize, max_entries: u32) -> u32 {
 }
 
 impl Room {
-    /// The agent's least ([`super::Options::room`]): about a MiB for the
-    /// class arrays and the six hashes, both generations, room for a few
-    /// hundred rules.
+    /// The agent's least ([`super::Options::room`]): under a MiB for the
+    /// class arrays, the two IPv4 host tables and the four hashes, both
+    /// generations, room for a few hundred rules.
     pub const MIN: Room = Room {
         heads: 1 << 10,
         words: 1 << 14,
