@@ -446,7 +446,9 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
 /// their lowest rules (`ClassHead::first`), since no rule below a class's
 /// lowest is in it, and so in all five; and whether that rule is in all
 /// five. Heads that do not know their lowest rule say 0, and the search
-/// starts at rule 0.
+/// starts at rule 0. A class whose lowest rule is that rule holds it: its
+/// word is not read (a deny list's classes all start at its rule, so it
+/// decides without a word read).
 #[inline(always)]
 fn lower_bound(classes: &[u32; 5]) -> Result<(u32, bool), u32> {
     let mut low = 0;
@@ -463,6 +465,10 @@ fn lower_bound(classes: &[u32; 5]) -> Result<(u32, bool), u32> {
     let b = (low / 64) % 64;
     for &class in classes {
         let h = head(class)?;
+        // `first` is 1 + the lowest rule, so 0 (not known) never matches.
+        if h.first == low + 1 {
+            continue;
+        }
         let place = Place {
             summary: h.summary[s],
             offset: h.offset[s],

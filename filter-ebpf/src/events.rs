@@ -167,13 +167,20 @@ fn push(e: Entry) {
     }
 }
 
-/// With `--log-denied`: a record for the packet `slot` dropped. A call of
-/// its own, to keep its locals out of the program's frame.
-#[inline(never)]
+/// With `--log-denied`: a record for the packet `slot` dropped. The
+/// setting is read here, inlined: without it, as by default, a drop pays
+/// no call.
+#[inline(always)]
 pub fn denied(pkt: &crate::parse::Packet, slot: u32, stage: u32, direction: u32) {
-    if !FW_LOGCFG1.get(0).is_some_and(|c| c.log_denied != 0) {
-        return;
+    if FW_LOGCFG1.get(0).is_some_and(|c| c.log_denied != 0) {
+        push_denied(pkt, slot, stage, direction);
     }
+}
+
+/// [`denied`]'s record: a call of its own, to keep its locals out of the
+/// program's frame.
+#[inline(never)]
+fn push_denied(pkt: &crate::parse::Packet, slot: u32, stage: u32, direction: u32) {
     pkt.add_log_pending(1);
     push(Entry {
         slot,
