@@ -101,46 +101,34 @@ const BPF_F_NO_PREALLOC: u32 = aya_ebpf::bindings::BPF_F_NO_PREALLOC;
 static FW_TABLE1: Array<TableHints> = Array::pinned(MAX_TABLES, 0);
 
 /// The class of the value in `key` (field `f` of `table`): its exact
-/// entry if the table has any (host addresses, single ports), else the
-/// catch-all's class if the table has no other prefix, else the trie's
-/// longest prefix.
+/// entry (`exact`: host addresses, single ports) if the table has any,
+/// else the catch-all's class if the table has no other prefix, else the
+/// trie's longest prefix.
 #[inline(always)]
 fn class_of<K>(
-    exact: &HashMap<Key<K>, u32>,
+    exact: impl FnOnce() -> Option<u32>,
     trie: &LpmTrie<K, u32>,
     key: &Key<K>,
     table: u32,
     f: usize,
 ) -> u32 {
     if hints(table).is_none_or(|h| h.exact & (1 << f) != 0) {
-        if let Some(v) = exact.get_ptr(key) {
-            // SAFETY: a plain integer in a live map entry, copied at once.
-            return unsafe { *v };
-        }
-    }
-    field_class(trie, key, table, f)
-}
-
-/// [`class_of`] for an IPv4 address: its exact entry is in `exact`, a
-/// `hosts4` table of `mask + 1` buckets.
-#[inline(always)]
-fn class_of_v4(
-    exact: &Array<hosts4::Bucket>,
-    mask: u32,
-    trie: &LpmTrie<AddrV4Key, u32>,
-    key: &Key<AddrV4Key>,
-    table: u32,
-    f: usize,
-) -> u32 {
-    if hints(table).is_none_or(|h| h.exact & (1 << f) != 0) {
-        if let Some(class) = host4_class(exact, mask, table, key.data.addr) {
+        if let Some(class) = exact() {
             return class;
         }
     }
     field_class(trie, key, table, f)
 }
 
-/// The class of `addr`'s exact entry for `table`, if it has one.
+/// The class of `key`'s entry in an exact hash, if it has one.
+#[inline(always)]
+fn exact_class<K>(map: &HashMap<Key<K>, u32>, key: &Key<K>) -> Option<u32> {
+    // SAFETY: a plain integer in a live map entry, copied at once.
+    map.get_ptr(key).map(|v| unsafe { *v })
+}
+
+/// The class of `addr`'s exact entry for `table` in a `hosts4` table of
+/// `mask + 1` buckets, if it has one.
 #[inline(always)]
 fn host4_class(map: &Array<hosts4::Bucket>, mask: u32, table: u32, addr: [u8; 4]) -> Option<u32> {
     hosts4::lookup(|b| map.get(b), mask, hosts4::key(table, addr))
@@ -302,65 +290,62 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
             s.copy_from_slice(&pkt.src[..4]);
             let mut d = [0u8; 4];
             d.copy_from_slice(&pkt.dst[..4]);
+            let v4 = |addr| {
+                Key::new(
+                    TABLE_PREFIX_BITS + 32,
+                    AddrV4Key {
+                        table: table_be,
+                        addr,
+                    },
+                )
+            };
             (
-                class_of_v4(
-                    &FW_SRC4H1,
-                    FW_SRC4H_MASK.load(),
+                class_of(
+                    || host4_class(&FW_SRC4H1, FW_SRC4H_MASK.load(), table, s),
                     &FW_SRC4_1,
-                    &Key::new(
-                        TABLE_PREFIX_BITS + 32,
-                        AddrV4Key {
-                            table: table_be,
-                            addr: s,
-                        },
-                    ),
+                    &v4(s),
                     table,
                     field::SRC4,
                 ),
-                class_of_v4(
-                    &FW_DST4H1,
-                    FW_DST4H_MASK.load(),
+                class_of(
+                    || host4_class(&FW_DST4H1, FW_DST4H_MASK.load(), table, d),
                     &FW_DST4_1,
-                    &Key::new(
-                        TABLE_PREFIX_BITS + 32,
-                        AddrV4Key {
-                            table: table_be,
-                            addr: d,
-                        },
-                    ),
+                    &v4(d),
                     table,
                     field::DST4,
                 ),
             )
         }
-        Family::V6 => (
-            class_of(
-                &FW_SRC6X2,
-                &FW_SRC6_1,
-                &Key::new(
+        Family::V6 => {
+            let v6 = |addr| {
+                Key::new(
                     TABLE_PREFIX_BITS + 128,
                     AddrV6Key {
                         table: table_be,
-                        addr: pkt.src,
+                        addr,
                     },
-                ),
+                )
+            };
+            // Each key made where it is used: the two at once would take
+            // stack on the deepest call chain.
+            let s = v6(pkt.src);
+            let src = class_of(
+                || exact_class(&FW_SRC6X2, &s),
+                &FW_SRC6_1,
+                &s,
                 table,
                 field::SRC6,
-            ),
-            class_of(
-                &FW_DST6X2,
+            );
+            let d = v6(pkt.dst);
+            let dst = class_of(
+                || exact_class(&FW_DST6X2, &d),
                 &FW_DST6_1,
-                &Key::new(
-                    TABLE_PREFIX_BITS + 128,
-                    AddrV6Key {
-                        table: table_be,
-                        addr: pkt.dst,
-                    },
-                ),
+                &d,
                 table,
                 field::DST6,
-            ),
-        ),
+            );
+            (src, dst)
+        }
     };
     let port_key = |known: bool, port: u16| PortKey {
         table: table_be,
@@ -368,23 +353,25 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
         has_ports: known as u8,
         port: if known { port.to_be_bytes() } else { [0; 2] },
     };
+    let dport = Key::new(PORT_KEY_FULL_BITS, port_key(pkt.has_ports, pkt.dport));
     let dport = class_of(
-        &FW_PORTX1,
+        || exact_class(&FW_PORTX1, &dport),
         &FW_PORT1,
-        &Key::new(PORT_KEY_FULL_BITS, port_key(pkt.has_ports, pkt.dport)),
+        &dport,
         table,
         field::DPORT,
     );
     // ICMP type and code ride in the destination port; there is no source
     // port, so its source key says "no ports" like a fragment's.
     let icmp = pkt.proto == IPPROTO_ICMP || pkt.proto == IPPROTO_ICMPV6;
+    let sport = Key::new(
+        PORT_KEY_FULL_BITS,
+        port_key(pkt.has_ports && !icmp, pkt.sport),
+    );
     let sport = class_of(
-        &FW_SPORTX1,
+        || exact_class(&FW_SPORTX1, &sport),
         &FW_SPORT1,
-        &Key::new(
-            PORT_KEY_FULL_BITS,
-            port_key(pkt.has_ports && !icmp, pkt.sport),
-        ),
+        &sport,
         table,
         field::SPORT,
     );
