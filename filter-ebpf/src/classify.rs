@@ -326,24 +326,29 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
                     },
                 )
             };
-            // Each key made where it is used: the two at once would take
-            // stack on the deepest call chain.
-            let s = v6(pkt.src);
-            let src = class_of(
-                || exact_class(&FW_SRC6X2, &s),
-                &FW_SRC6_1,
-                &s,
-                table,
-                field::SRC6,
-            );
-            let d = v6(pkt.dst);
-            let dst = class_of(
-                || exact_class(&FW_DST6X2, &d),
-                &FW_DST6_1,
-                &d,
-                table,
-                field::DST6,
-            );
+            // Each key in a block of its own, so that its stack slot is free
+            // before the next: two at once would take stack on the deepest
+            // call chain (as temporaries in the call, they were not).
+            let src = {
+                let k = v6(pkt.src);
+                class_of(
+                    || exact_class(&FW_SRC6X2, &k),
+                    &FW_SRC6_1,
+                    &k,
+                    table,
+                    field::SRC6,
+                )
+            };
+            let dst = {
+                let k = v6(pkt.dst);
+                class_of(
+                    || exact_class(&FW_DST6X2, &k),
+                    &FW_DST6_1,
+                    &k,
+                    table,
+                    field::DST6,
+                )
+            };
             (src, dst)
         }
     };
@@ -353,28 +358,33 @@ fn classify_inline(stage: u32, direction: u32, ifindex: u32, pkt: &Packet) -> u6
         has_ports: known as u8,
         port: if known { port.to_be_bytes() } else { [0; 2] },
     };
-    let dport = Key::new(PORT_KEY_FULL_BITS, port_key(pkt.has_ports, pkt.dport));
-    let dport = class_of(
-        || exact_class(&FW_PORTX1, &dport),
-        &FW_PORT1,
-        &dport,
-        table,
-        field::DPORT,
-    );
+    // In blocks, as the IPv6 keys are.
+    let dport = {
+        let k = Key::new(PORT_KEY_FULL_BITS, port_key(pkt.has_ports, pkt.dport));
+        class_of(
+            || exact_class(&FW_PORTX1, &k),
+            &FW_PORT1,
+            &k,
+            table,
+            field::DPORT,
+        )
+    };
     // ICMP type and code ride in the destination port; there is no source
     // port, so its source key says "no ports" like a fragment's.
     let icmp = pkt.proto == IPPROTO_ICMP || pkt.proto == IPPROTO_ICMPV6;
-    let sport = Key::new(
-        PORT_KEY_FULL_BITS,
-        port_key(pkt.has_ports && !icmp, pkt.sport),
-    );
-    let sport = class_of(
-        || exact_class(&FW_SPORTX1, &sport),
-        &FW_SPORT1,
-        &sport,
-        table,
-        field::SPORT,
-    );
+    let sport = {
+        let k = Key::new(
+            PORT_KEY_FULL_BITS,
+            port_key(pkt.has_ports && !icmp, pkt.sport),
+        );
+        class_of(
+            || exact_class(&FW_SPORTX1, &k),
+            &FW_SPORT1,
+            &k,
+            table,
+            field::SPORT,
+        )
+    };
     if src == NO_CLASS || dst == NO_CLASS || dport == NO_CLASS || sport == NO_CLASS {
         return reason::PASS_TABLE_ERROR as u64;
     }
